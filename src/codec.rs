@@ -1,0 +1,592 @@
+//! The one datagram codec.
+//!
+//! Every datagram is a fixed-layout [`Header`] (hand-coded, big-endian, frozen at protocol
+//! version 1) followed by a payload. The payload of a `Request` or `Response` datagram is one
+//! fragment of a message body; the payload of an `Ack` is an [`AckBody`]; a `Probe` has none.
+//! Message bodies ([`crate::message::Request`], [`crate::message::Response`]) are serde types
+//! encoded with bincode 2 in serde mode with an explicit configuration and a size limit. This
+//! module is the only place that names bincode.
+//!
+//! Header layout (60 bytes):
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 4 | magic `TRIR` |
+//! | 4 | 1 | protocol version (1) |
+//! | 5 | 1 | kind: 1 request, 2 response, 3 ack, 4 probe |
+//! | 6 | 2 | flags |
+//! | 8 | 8 | sender incarnation (random per process start) |
+//! | 16 | 8 | request id (the same for every retransmission: the dedup key) |
+//! | 24 | 4 | transmission number (new on every send) |
+//! | 28 | 4 | echo: the peer's transmission number this datagram answers (0: none) |
+//! | 32 | 4 | fragment index |
+//! | 36 | 4 | fragment count |
+//! | 40 | 4 | message length (bytes of the whole reassembled body) |
+//! | 44 | 16 | MAC (zero unless [`FLAG_MAC`] is set) |
+//!
+//! Decoding never panics on arbitrary bytes; errors tell [`DecodeError::Truncated`] (too
+//! short) from [`DecodeError::Malformed`] (the bytes are there but wrong).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+/// The four bytes every trireme datagram starts with.
+pub const MAGIC: [u8; 4] = *b"TRIR";
+/// The protocol version this codec speaks.
+pub const VERSION: u8 = 1;
+/// Size of the fixed header in bytes.
+pub const HEADER_LEN: usize = 60;
+/// Size of the reserved MAC slot in bytes.
+pub const MAC_LEN: usize = 16;
+/// The largest message body (after reassembly) anyone will encode or accept: a 1 MiB value
+/// plus its key and framing fits with room to spare; rebalance batches stay below it.
+pub const MAX_MESSAGE: usize = 8 << 20;
+
+/// Header flag: the MAC slot holds a MAC over header and payload (cluster key in use).
+pub const FLAG_MAC: u16 = 0x0001;
+/// Header flag on an `Ack`: it acknowledges fragments of a response (else of a request).
+pub const FLAG_ACK_RESPONSE: u16 = 0x0002;
+
+/// What a datagram carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// One fragment of a request message.
+    Request = 1,
+    /// One fragment of a response message.
+    Response = 2,
+    /// A selective acknowledgement of fragments (payload: [`AckBody`]).
+    Ack = 3,
+    /// A requester asking what became of a fully delivered request (no payload).
+    Probe = 4,
+}
+
+impl Kind {
+    /// Maps the wire byte to a kind, or `None` for an unknown value.
+    pub fn from_byte(byte: u8) -> Option<Kind> {
+        match byte {
+            1 => Some(Kind::Request),
+            2 => Some(Kind::Response),
+            3 => Some(Kind::Ack),
+            4 => Some(Kind::Probe),
+            _ => None,
+        }
+    }
+
+    /// A short lowercase name for logs and traces.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Request => "request",
+            Kind::Response => "response",
+            Kind::Ack => "ack",
+            Kind::Probe => "probe",
+        }
+    }
+}
+
+/// The fixed header at the start of every datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// What the payload is.
+    pub kind: Kind,
+    /// Bit flags ([`FLAG_MAC`], [`FLAG_ACK_RESPONSE`]); unknown bits are preserved.
+    pub flags: u16,
+    /// The sender's incarnation: random per process start, so restarts never collide.
+    pub incarnation: u64,
+    /// The request this datagram belongs to, in the requester's id space.
+    pub request_id: u64,
+    /// The sender's transmission number: unique per send, so RTT samples are unambiguous.
+    pub transmission: u32,
+    /// The peer transmission this datagram answers (0 when it answers none).
+    pub echo: u32,
+    /// Index of this fragment within its message.
+    pub frag_index: u32,
+    /// Number of fragments of the message (at least 1).
+    pub frag_count: u32,
+    /// Length in bytes of the whole message body.
+    pub message_len: u32,
+    /// The MAC slot: all zero unless [`FLAG_MAC`] is set.
+    pub mac: [u8; MAC_LEN],
+}
+
+/// Why a datagram or body could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DecodeError {
+    /// The input ended before the structure did.
+    #[error("truncated: needed {needed} bytes, got {got}")]
+    Truncated {
+        /// Bytes required to go on decoding.
+        needed: usize,
+        /// Bytes available.
+        got: usize,
+    },
+    /// The bytes are present but do not form a valid structure.
+    #[error("malformed: {0}")]
+    Malformed(String),
+}
+
+/// Why a body could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EncodeError {
+    /// The encoded body would exceed [`MAX_MESSAGE`].
+    #[error("message of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// Size the body would have had (at least).
+        size: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The value could not be represented (a serde error).
+    #[error("cannot encode: {0}")]
+    Unencodable(String),
+}
+
+impl Header {
+    /// Builds a header with no flags, no echo, a single fragment and an empty MAC slot.
+    pub fn new(kind: Kind, incarnation: u64, request_id: u64, transmission: u32) -> Header {
+        Header {
+            kind,
+            flags: 0,
+            incarnation,
+            request_id,
+            transmission,
+            echo: 0,
+            frag_index: 0,
+            frag_count: 1,
+            message_len: 0,
+            mac: [0; MAC_LEN],
+        }
+    }
+
+    /// Appends the 60-byte wire form of this header to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        out.extend_from_slice(&self.incarnation.to_be_bytes());
+        out.extend_from_slice(&self.request_id.to_be_bytes());
+        out.extend_from_slice(&self.transmission.to_be_bytes());
+        out.extend_from_slice(&self.echo.to_be_bytes());
+        out.extend_from_slice(&self.frag_index.to_be_bytes());
+        out.extend_from_slice(&self.frag_count.to_be_bytes());
+        out.extend_from_slice(&self.message_len.to_be_bytes());
+        out.extend_from_slice(&self.mac);
+    }
+
+    /// Decodes the header at the start of `datagram` and returns it with the payload.
+    /// Checks magic, version, kind, and that the fragment fields are consistent.
+    pub fn decode(datagram: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
+        if datagram.len() < HEADER_LEN {
+            // A datagram that does not even carry our magic is malformed, not truncated.
+            let prefix = datagram.len().min(MAGIC.len());
+            if datagram[..prefix] != MAGIC[..prefix] {
+                return Err(DecodeError::Malformed("bad magic".into()));
+            }
+            return Err(DecodeError::Truncated {
+                needed: HEADER_LEN,
+                got: datagram.len(),
+            });
+        }
+        let mut r = Reader {
+            bytes: datagram,
+            pos: 0,
+        };
+        if r.take(4)? != MAGIC {
+            return Err(DecodeError::Malformed("bad magic".into()));
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(DecodeError::Malformed(format!(
+                "unsupported protocol version {version}"
+            )));
+        }
+        let kind_byte = r.u8()?;
+        let kind = Kind::from_byte(kind_byte)
+            .ok_or_else(|| DecodeError::Malformed(format!("unknown kind {kind_byte}")))?;
+        let header = Header {
+            kind,
+            flags: r.u16()?,
+            incarnation: r.u64()?,
+            request_id: r.u64()?,
+            transmission: r.u32()?,
+            echo: r.u32()?,
+            frag_index: r.u32()?,
+            frag_count: r.u32()?,
+            message_len: r.u32()?,
+            mac: r
+                .take(MAC_LEN)?
+                .try_into()
+                .map_err(|_| DecodeError::Malformed("mac".into()))?,
+        };
+        if header.frag_count == 0 || header.frag_index >= header.frag_count {
+            return Err(DecodeError::Malformed(format!(
+                "fragment {} of {}",
+                header.frag_index, header.frag_count
+            )));
+        }
+        if header.message_len as usize > MAX_MESSAGE {
+            return Err(DecodeError::Malformed(format!(
+                "message length {} exceeds {MAX_MESSAGE}",
+                header.message_len
+            )));
+        }
+        Ok((header, &datagram[HEADER_LEN..]))
+    }
+}
+
+/// Builds a whole datagram: `header` followed by `payload`.
+pub fn encode_datagram(header: &Header, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    header.encode_into(&mut out);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The byte range of fragment `index` in a message of `message_len` bytes cut into `count`
+/// fragments. Every fragment but the last is `ceil(message_len / count)` bytes long, so the
+/// receiver can place any fragment without knowing the sender's datagram size.
+pub fn fragment_range(message_len: usize, count: u32, index: u32) -> std::ops::Range<usize> {
+    let count = count.max(1) as usize;
+    let size = message_len.div_ceil(count);
+    let start = (index as usize * size).min(message_len);
+    let end = (start + size).min(message_len);
+    start..end
+}
+
+/// The number of fragments a message of `message_len` bytes needs when each fragment may
+/// carry at most `max_payload` bytes (at least one, even for an empty message).
+pub fn fragment_count(message_len: usize, max_payload: usize) -> u32 {
+    message_len.div_ceil(max_payload.max(1)).max(1) as u32
+}
+
+/// The payload of an `Ack` datagram: which fragments of a message the receiver holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AckBody {
+    /// The whole message was received and handed to the application.
+    pub complete: bool,
+    /// The receiver has no record of the request (it must be sent again from scratch).
+    pub unknown: bool,
+    /// Received fragment ranges `[start, end)`, ascending and disjoint.
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// Bit in the ack flags byte: message complete.
+const ACK_COMPLETE: u8 = 0x01;
+/// Bit in the ack flags byte: request unknown.
+const ACK_UNKNOWN: u8 = 0x02;
+/// The most ranges one ack may carry (keeps an ack well inside one datagram).
+pub const MAX_ACK_RANGES: usize = 128;
+
+impl AckBody {
+    /// Encodes the ack payload: flags byte, range count (u16), then (start, end) u32 pairs.
+    pub fn encode(&self) -> Vec<u8> {
+        let ranges = &self.ranges[..self.ranges.len().min(MAX_ACK_RANGES)];
+        let mut out = Vec::with_capacity(3 + 8 * ranges.len());
+        let mut flags = 0;
+        if self.complete {
+            flags |= ACK_COMPLETE;
+        }
+        if self.unknown {
+            flags |= ACK_UNKNOWN;
+        }
+        out.push(flags);
+        out.extend_from_slice(&(ranges.len() as u16).to_be_bytes());
+        for &(start, end) in ranges {
+            out.extend_from_slice(&start.to_be_bytes());
+            out.extend_from_slice(&end.to_be_bytes());
+        }
+        out
+    }
+
+    /// Decodes an ack payload, checking that ranges are non-empty, ascending and disjoint.
+    pub fn decode(payload: &[u8]) -> Result<AckBody, DecodeError> {
+        let mut r = Reader {
+            bytes: payload,
+            pos: 0,
+        };
+        let flags = r.u8()?;
+        if flags & !(ACK_COMPLETE | ACK_UNKNOWN) != 0 {
+            return Err(DecodeError::Malformed(format!(
+                "unknown ack flags {flags:#x}"
+            )));
+        }
+        let n = r.u16()? as usize;
+        if n > MAX_ACK_RANGES {
+            return Err(DecodeError::Malformed(format!("{n} ack ranges")));
+        }
+        let mut ranges = Vec::with_capacity(n);
+        let mut previous_end = 0;
+        for _ in 0..n {
+            let (start, end) = (r.u32()?, r.u32()?);
+            if start >= end || start < previous_end {
+                return Err(DecodeError::Malformed(format!(
+                    "bad ack range {start}..{end}"
+                )));
+            }
+            previous_end = end;
+            ranges.push((start, end));
+        }
+        if r.pos != payload.len() {
+            return Err(DecodeError::Malformed("trailing bytes after ack".into()));
+        }
+        Ok(AckBody {
+            complete: flags & ACK_COMPLETE != 0,
+            unknown: flags & ACK_UNKNOWN != 0,
+            ranges,
+        })
+    }
+}
+
+/// The bincode configuration of every message body: variable-length integers, little
+/// endian, and a hard limit so a hostile length prefix cannot make us allocate much.
+fn body_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding()
+        .with_limit::<MAX_MESSAGE>()
+}
+
+/// Encodes a message body with the project's one bincode configuration.
+pub fn encode_body<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    let bytes = bincode::serde::encode_to_vec(value, body_config()).map_err(|e| match e {
+        bincode::error::EncodeError::UnexpectedEnd => EncodeError::TooLarge {
+            size: MAX_MESSAGE + 1,
+            limit: MAX_MESSAGE,
+        },
+        other => EncodeError::Unencodable(other.to_string()),
+    })?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(EncodeError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a whole message body; trailing bytes are malformed, a short input is truncated.
+pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    match bincode::serde::decode_from_slice::<T, _>(bytes, body_config()) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok((_, used)) => Err(DecodeError::Malformed(format!(
+            "{} trailing bytes after the body",
+            bytes.len() - used
+        ))),
+        Err(bincode::error::DecodeError::UnexpectedEnd { additional }) => {
+            Err(DecodeError::Truncated {
+                needed: bytes.len() + additional,
+                got: bytes.len(),
+            })
+        }
+        Err(other) => Err(DecodeError::Malformed(other.to_string())),
+    }
+}
+
+/// A cursor over a byte slice that turns running out of bytes into `Truncated`.
+struct Reader<'a> {
+    /// The bytes being read.
+    bytes: &'a [u8],
+    /// The next unread position.
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// Takes the next `n` bytes.
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or(DecodeError::Truncated {
+                needed: self.pos + n,
+                got: self.bytes.len(),
+            })?;
+        let slice = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+
+    /// Reads one byte.
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// Reads a big-endian u16.
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// Reads a big-endian u32.
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Reads a big-endian u64.
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(b);
+        Ok(u64::from_be_bytes(word))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Builds a header with every field set to a distinct non-default value.
+    fn sample_header(kind: Kind) -> Header {
+        Header {
+            kind,
+            flags: FLAG_ACK_RESPONSE,
+            incarnation: 0x0102_0304_0506_0708,
+            request_id: 99,
+            transmission: 7,
+            echo: 5,
+            frag_index: 2,
+            frag_count: 3,
+            message_len: 4000,
+            mac: [0; MAC_LEN],
+        }
+    }
+
+    #[test]
+    fn header_round_trips_for_every_kind() {
+        for kind in [Kind::Request, Kind::Response, Kind::Ack, Kind::Probe] {
+            let header = sample_header(kind);
+            let bytes = encode_datagram(&header, b"payload");
+            assert_eq!(bytes.len(), HEADER_LEN + 7);
+            let (decoded, payload) = Header::decode(&bytes).unwrap();
+            assert_eq!(decoded, header);
+            assert_eq!(payload, b"payload");
+        }
+    }
+
+    #[test]
+    fn header_layout_is_frozen() {
+        let bytes = encode_datagram(&sample_header(Kind::Ack), b"");
+        assert_eq!(&bytes[0..4], b"TRIR");
+        assert_eq!(bytes[4], 1, "version");
+        assert_eq!(bytes[5], 3, "kind");
+        assert_eq!(&bytes[6..8], &[0, 2], "flags");
+        assert_eq!(&bytes[8..16], &[1, 2, 3, 4, 5, 6, 7, 8], "incarnation");
+        assert_eq!(&bytes[16..24], &99u64.to_be_bytes(), "request id");
+        assert_eq!(&bytes[24..28], &7u32.to_be_bytes(), "transmission");
+        assert_eq!(&bytes[28..32], &5u32.to_be_bytes(), "echo");
+        assert_eq!(&bytes[32..36], &2u32.to_be_bytes(), "fragment index");
+        assert_eq!(&bytes[36..40], &3u32.to_be_bytes(), "fragment count");
+        assert_eq!(&bytes[40..44], &4000u32.to_be_bytes(), "message length");
+        assert_eq!(&bytes[44..60], &[0; 16], "mac");
+    }
+
+    #[test]
+    fn short_input_is_truncated_and_wrong_input_is_malformed() {
+        let bytes = encode_datagram(&sample_header(Kind::Request), b"");
+        assert!(matches!(
+            Header::decode(&bytes[..30]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Header::decode(b"GET / HTTP/1.1"),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut bad_version = bytes.clone();
+        bad_version[4] = 9;
+        assert!(matches!(
+            Header::decode(&bad_version),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut bad_kind = bytes.clone();
+        bad_kind[5] = 0;
+        assert!(matches!(
+            Header::decode(&bad_kind),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut bad_fragment = bytes;
+        bad_fragment[32..36].copy_from_slice(&3u32.to_be_bytes());
+        assert!(matches!(
+            Header::decode(&bad_fragment),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn ack_body_round_trips_and_rejects_bad_ranges() {
+        let ack = AckBody {
+            complete: true,
+            unknown: false,
+            ranges: vec![(0, 3), (5, 9)],
+        };
+        assert_eq!(AckBody::decode(&ack.encode()).unwrap(), ack);
+        let overlapping = AckBody {
+            complete: false,
+            unknown: false,
+            ranges: vec![(0, 5), (3, 9)],
+        };
+        assert!(matches!(
+            AckBody::decode(&overlapping.encode()),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            AckBody::decode(&[0, 0, 1, 0]),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn fragments_tile_the_message_exactly() {
+        for len in [0usize, 1, 1339, 1340, 1341, 1 << 20] {
+            let count = fragment_count(len, 1340);
+            let mut next = 0;
+            for index in 0..count {
+                let range = fragment_range(len, count, index);
+                assert_eq!(range.start, next);
+                assert!(range.len() <= 1340);
+                next = range.end;
+            }
+            assert_eq!(next, len, "message of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn body_limit_is_enforced_on_decode() {
+        // A length prefix claiming a 4 GiB string must not allocate; it is refused.
+        let hostile = [0xfc, 0xff, 0xff, 0xff, 0xff, 0x00];
+        assert!(decode_body::<String>(&hostile).is_err());
+        let bytes = encode_body(&"hello".to_string()).unwrap();
+        assert_eq!(decode_body::<String>(&bytes).unwrap(), "hello");
+        assert!(matches!(
+            decode_body::<String>(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Truncated { .. })
+        ));
+        let mut trailing = bytes;
+        trailing.push(0);
+        assert!(matches!(
+            decode_body::<String>(&trailing),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_header_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Header::decode(&bytes);
+            let _ = AckBody::decode(&bytes);
+        }
+
+        #[test]
+        fn any_mutation_of_a_valid_header_decodes_or_errors(index in 0usize..HEADER_LEN, value in any::<u8>()) {
+            let mut bytes = encode_datagram(&sample_header(Kind::Request), b"xyz");
+            bytes[index] = value;
+            if let Ok((header, payload)) = Header::decode(&bytes) {
+                prop_assert!(header.frag_index < header.frag_count);
+                prop_assert_eq!(payload, b"xyz");
+            }
+        }
+    }
+}

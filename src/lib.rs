@@ -1,0 +1,42 @@
+//! trireme: a replicated key-value store whose three programs talk only over UDP.
+//!
+//! # Layout
+//!
+//! The protocol logic is *sans-IO*: state machines that never touch a socket or read the
+//! clock. They take `handle_*(now, ...)` inputs and hand back datagrams, timers and events.
+//! Thin drivers own the sockets and the clock; the binaries in `src/bin/` only parse
+//! arguments and call into this library.
+//!
+//! - [`codec`]: the one datagram codec: a hand-coded fixed header, acknowledgement bodies, and
+//!   bincode-encoded message bodies. Everyone (the three programs, the tests, the trace tool)
+//!   encodes and decodes through it.
+//! - [`message`]: the request and response types every program exchanges.
+//! - [`reliable`]: the reliable request layer (sans-IO): retransmission with an adaptive RTO,
+//!   at-most-once execution through a response cache, fragmentation with selective acks.
+//! - [`faults`]: parsing of `--faults` specs and the seeded fault injector on the send path.
+//! - [`net`]: the driver thread that runs a [`reliable::Endpoint`] on a real UDP socket, and
+//!   the [`net::Handle`] applications use to talk through it.
+//! - [`viewleader`]: membership (heartbeats, epochs, views) and the lock service.
+//! - [`server`]: one storage node: its bucket and its heartbeats.
+//! - [`client`]: the command-line client's operations, one function per command.
+//! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
+//! - [`view`], [`rng`]: small shared vocabulary: ids, epochs, views; the seeded RNG.
+//!
+//! Data flow of a request: an application calls [`net::Handle::call`]; the driver thread
+//! hands the body to its [`reliable::Endpoint`], which fragments it into datagrams (encoded by
+//! [`codec`]), retransmits them until answered, and delivers the answer back over a channel.
+//! On the receiving side the endpoint reassembles and deduplicates the request and raises it
+//! as an event; the node's state machine ([`viewleader::ViewLeader`], [`server::Server`])
+//! computes a response, which the endpoint caches and sends.
+
+pub mod cli;
+pub mod client;
+pub mod codec;
+pub mod faults;
+pub mod message;
+pub mod net;
+pub mod reliable;
+pub mod rng;
+pub mod server;
+pub mod view;
+pub mod viewleader;

@@ -1,0 +1,392 @@
+//! The messages the three programs exchange, as serde types.
+//!
+//! Every request any node can receive is a variant of [`Request`]; every answer is a
+//! [`Response`]. They are encoded only through [`crate::codec`], so the trace tool and the
+//! tests decode exactly what the programs send. New variants go at the end of each enum, so
+//! that older traces keep decoding.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, DecodeError, EncodeError};
+use crate::view::{ServerId, View};
+
+/// The longest key the store accepts, in bytes (contract: 1..=1024).
+pub const MAX_KEY_LEN: usize = 1024;
+/// The longest value the store accepts, in bytes (contract: 0..=1 MiB).
+pub const MAX_VALUE_LEN: usize = 1 << 20;
+/// The longest `print` text accepted, in bytes.
+pub const MAX_PRINT_LEN: usize = 64 << 10;
+/// The longest lock or requester name accepted, in bytes.
+pub const MAX_LOCK_NAME_LEN: usize = 1024;
+
+/// A request, to the view leader or to a server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// A server's periodic liveness report to the view leader.
+    Heartbeat {
+        /// The server's current id.
+        id: ServerId,
+        /// The address the server is reached at.
+        addr: SocketAddr,
+    },
+    /// Asks the view leader for the current view.
+    QueryServers,
+    /// Asks for a lock (also the renewal of a waiting request).
+    LockGet {
+        /// The lock's name.
+        lock: String,
+        /// Who asks.
+        requester: String,
+    },
+    /// Releases a held lock.
+    LockRelease {
+        /// The lock's name.
+        lock: String,
+        /// Who releases.
+        requester: String,
+    },
+    /// Withdraws a waiting request (and releases the lock if a grant raced the withdrawal).
+    LockWithdraw {
+        /// The lock's name.
+        lock: String,
+        /// Who withdraws.
+        requester: String,
+    },
+    /// Asks a server to log a text.
+    Print {
+        /// The text to log.
+        text: String,
+    },
+    /// A raw local write into one server's bucket.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// A raw local read from one server's bucket.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Asks a server for the keys committed in its bucket.
+    QueryAllKeys,
+}
+
+impl Request {
+    /// A short name of the request's kind, for logs and traces.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Heartbeat { .. } => "heartbeat",
+            Request::QueryServers => "query_servers",
+            Request::LockGet { .. } => "lock_get",
+            Request::LockRelease { .. } => "lock_release",
+            Request::LockWithdraw { .. } => "lock_withdraw",
+            Request::Print { .. } => "print",
+            Request::Set { .. } => "set",
+            Request::Get { .. } => "get",
+            Request::QueryAllKeys => "query_all_keys",
+        }
+    }
+
+    /// Encodes the request as a message body.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        codec::encode_body(self)
+    }
+
+    /// Decodes a message body as a request.
+    pub fn decode(bytes: &[u8]) -> Result<Request, DecodeError> {
+        codec::decode_body(bytes)
+    }
+}
+
+/// An answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The heartbeat was accepted; here is the current view.
+    HeartbeatAck {
+        /// The current view (its epoch included).
+        view: View,
+    },
+    /// The heartbeat came from a server already declared dead: it must empty its bucket
+    /// and rejoin under a fresh id.
+    HeartbeatRefused {
+        /// The current view, for the log line.
+        view: View,
+    },
+    /// The current view and its rebalancing status.
+    Servers {
+        /// The current view.
+        view: View,
+        /// True from a view change until every server finished rebalancing for it.
+        rebalancing: bool,
+        /// Servers that have not yet finished the current epoch.
+        pending: Vec<ServerId>,
+    },
+    /// The lock is granted to the requester.
+    LockGranted,
+    /// The request waits; the requester must renew it until granted.
+    LockWaiting {
+        /// The current holder.
+        holder: String,
+        /// Place in the queue (1 = next).
+        position: u32,
+    },
+    /// The lock was released or the request withdrawn.
+    LockReleased,
+    /// The operation was done; nothing to report.
+    Done,
+    /// The value of a key.
+    Value {
+        /// The value.
+        value: String,
+    },
+    /// The keys of a bucket, sorted.
+    Keys {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// The request failed.
+    Error(RemoteError),
+}
+
+impl Response {
+    /// Encodes the response as a message body.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        codec::encode_body(self)
+    }
+
+    /// Decodes a message body as a response.
+    pub fn decode(bytes: &[u8]) -> Result<Response, DecodeError> {
+        codec::decode_body(bytes)
+    }
+
+    /// Builds an error response of `kind` with a human explanation.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error(RemoteError {
+            kind,
+            message: message.into(),
+            cycle: Vec::new(),
+        })
+    }
+}
+
+/// A failure reported by a peer, or by the client itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// The contract's error kind.
+    pub kind: ErrorKind,
+    /// A human explanation.
+    pub message: String,
+    /// For `deadlock`: requesters and locks in wait order; empty otherwise.
+    pub cycle: Vec<String>,
+}
+
+/// The contract's error kinds; their `as_str` names are what users and scripts see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The key is not stored where it was looked for.
+    NotFound,
+    /// A distributed commit was aborted, or the peer refused the operation.
+    Aborted,
+    /// The view is rebalancing; replicated operations are refused.
+    Rebalancing,
+    /// There are no servers in the view.
+    NoServers,
+    /// No answer within the time bound, or an outcome left unknown.
+    Timeout,
+    /// The operating system reported the peer unreachable.
+    Unreachable,
+    /// The input is invalid (too large, malformed, not meant for this node).
+    BadInput,
+    /// The requester does not hold the lock.
+    NotHolder,
+    /// Waiting would close a cycle in the wait-for graph.
+    Deadlock,
+}
+
+impl ErrorKind {
+    /// The contract's snake_case name of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Aborted => "aborted",
+            ErrorKind::Rebalancing => "rebalancing",
+            ErrorKind::NoServers => "no_servers",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::BadInput => "bad_input",
+            ErrorKind::NotHolder => "not_holder",
+            ErrorKind::Deadlock => "deadlock",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    /// Writes the contract's name of the kind.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Checks a key against the contract (UTF-8 is given by `&str`; 1..=1024 bytes).
+pub fn check_key(key: &str) -> Result<(), RemoteError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(RemoteError {
+            kind: ErrorKind::BadInput,
+            message: format!("a key is 1..={MAX_KEY_LEN} bytes, got {}", key.len()),
+            cycle: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a value against the contract (0..=1 MiB bytes).
+pub fn check_value(value: &str) -> Result<(), RemoteError> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(RemoteError {
+            kind: ErrorKind::BadInput,
+            message: format!(
+                "a value is at most {MAX_VALUE_LEN} bytes, got {}",
+                value.len()
+            ),
+            cycle: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a lock or requester name (1..=1024 bytes).
+pub fn check_lock_name(what: &str, name: &str) -> Result<(), RemoteError> {
+    if name.is_empty() || name.len() > MAX_LOCK_NAME_LEN {
+        return Err(RemoteError {
+            kind: ErrorKind::BadInput,
+            message: format!(
+                "a {what} is 1..={MAX_LOCK_NAME_LEN} bytes, got {}",
+                name.len()
+            ),
+            cycle: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::view::{Epoch, Member};
+
+    /// One instance of every request variant.
+    fn every_request() -> Vec<Request> {
+        vec![
+            Request::Heartbeat {
+                id: ServerId(7),
+                addr: "127.0.0.1:38000".parse().unwrap(),
+            },
+            Request::QueryServers,
+            Request::LockGet {
+                lock: "L".into(),
+                requester: "alice".into(),
+            },
+            Request::LockRelease {
+                lock: "L".into(),
+                requester: "alice".into(),
+            },
+            Request::LockWithdraw {
+                lock: "L".into(),
+                requester: "alice".into(),
+            },
+            Request::Print {
+                text: "hello world".into(),
+            },
+            Request::Set {
+                key: "k".into(),
+                value: "v".repeat(3000),
+            },
+            Request::Get { key: "k".into() },
+            Request::QueryAllKeys,
+        ]
+    }
+
+    /// One instance of every response variant.
+    fn every_response() -> Vec<Response> {
+        let view = View {
+            epoch: Epoch(3),
+            members: vec![Member {
+                id: ServerId(1),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            }],
+            replicas: 3,
+            vnodes: 64,
+        };
+        vec![
+            Response::HeartbeatAck { view: view.clone() },
+            Response::HeartbeatRefused { view: view.clone() },
+            Response::Servers {
+                view,
+                rebalancing: true,
+                pending: vec![ServerId(1)],
+            },
+            Response::LockGranted,
+            Response::LockWaiting {
+                holder: "bob".into(),
+                position: 2,
+            },
+            Response::LockReleased,
+            Response::Done,
+            Response::Value { value: "v".into() },
+            Response::Keys {
+                keys: vec!["a".into(), "b".into()],
+            },
+            Response::Error(RemoteError {
+                kind: ErrorKind::Deadlock,
+                message: "cycle".into(),
+                cycle: vec!["a".into(), "B".into()],
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for request in every_request() {
+            let bytes = request.encode().unwrap();
+            assert_eq!(Request::decode(&bytes).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips() {
+        for response in every_response() {
+            let bytes = response.encode().unwrap();
+            assert_eq!(Response::decode(&bytes).unwrap(), response);
+        }
+    }
+
+    #[test]
+    fn key_and_value_limits_follow_the_contract() {
+        assert!(check_key("").is_err());
+        assert!(check_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(check_key(&"k".repeat(MAX_KEY_LEN + 1)).is_err());
+        assert!(check_value("").is_ok());
+        assert!(check_value(&"v".repeat(MAX_VALUE_LEN + 1)).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Request::decode(&bytes);
+            let _ = Response::decode(&bytes);
+        }
+
+        #[test]
+        fn set_requests_round_trip(key in "\\PC{1,40}", value in "\\PC{0,200}") {
+            let request = Request::Set { key, value };
+            prop_assert_eq!(Request::decode(&request.encode().unwrap()).unwrap(), request);
+        }
+    }
+}

@@ -1,0 +1,1260 @@
+//! The reliable request layer, sans-IO.
+//!
+//! An [`Endpoint`] turns unreliable datagrams into request/response exchanges with
+//! at-most-once execution. It owns no socket and reads no clock.
+//!
+//! # Calling contract
+//!
+//! - Feed it inputs: [`Endpoint::handle_datagram`] for every datagram received,
+//!   [`Endpoint::handle_unreachable`] when the OS reports a peer unreachable,
+//!   [`Endpoint::handle_timeout`] once the instant from [`Endpoint::poll_timeout`] has come.
+//! - Give it work: [`Endpoint::request`] to send a request, [`Endpoint::respond`] to answer a
+//!   request it raised, [`Endpoint::cancel`] to abandon one.
+//! - After every call, drain [`Endpoint::poll_transmit`] (datagrams to send) and
+//!   [`Endpoint::poll_event`] (requests to execute, responses to deliver), then re-read
+//!   [`Endpoint::poll_timeout`].
+//! - `now` must never go backwards between calls.
+//!
+//! # Protocol
+//!
+//! A message (request or response body) is cut into fragments that fit one datagram. A
+//! single-fragment request is retransmitted by the requester until the response (or an ack
+//! saying "complete, executing") arrives; the response itself is not acknowledged but is
+//! cached, so a retransmitted request is answered from the cache and never executed twice.
+//! A message of several fragments is sent by its sender with a window of fragments in flight;
+//! the receiver answers with selective acks, and the sender resends only fragments that are
+//! reported missing (three later fragments acknowledged) or that outlived the retransmission
+//! timeout. Once a multi-fragment request is fully acknowledged the requester sends small
+//! probes until the response comes. The retransmission timeout adapts per peer from
+//! unambiguous RTT samples: every datagram carries a fresh transmission number and answers
+//! echo the number they answer.
+
+mod reassembly;
+mod rtt;
+mod transfer;
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::debug;
+use thiserror::Error;
+
+use crate::codec::{self, AckBody, FLAG_ACK_RESPONSE, HEADER_LEN, Header, Kind};
+use crate::rng::Rng;
+
+use self::reassembly::{Insert, Reassembly};
+use self::rtt::RttEstimator;
+use self::transfer::Transfer;
+
+/// Tunables of the reliable layer.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Largest datagram sent, header included.
+    pub max_datagram: usize,
+    /// Retransmission timeout before any RTT sample.
+    pub initial_rto: Duration,
+    /// Floor of the retransmission timeout.
+    pub min_rto: Duration,
+    /// Ceiling of the retransmission timeout, backoff included.
+    pub max_rto: Duration,
+    /// Consecutive timeouts without progress after which a request fails with `Timeout`.
+    pub max_attempts: u32,
+    /// Fragments of one message in flight at once.
+    pub window: u32,
+    /// Largest message accepted or sent.
+    pub max_message: usize,
+    /// How long an answered request stays in the response cache.
+    pub dedup_ttl: Duration,
+    /// Most entries in the response cache (requests being executed included).
+    pub dedup_max_entries: usize,
+    /// Most bytes of cached responses.
+    pub dedup_max_bytes: usize,
+    /// Most bytes of partly reassembled messages from one peer.
+    pub reassembly_per_peer: usize,
+    /// Most bytes of partly reassembled messages in total.
+    pub reassembly_total: usize,
+    /// A partly reassembled message with no new fragment for this long is dropped.
+    pub reassembly_timeout: Duration,
+}
+
+impl Default for Config {
+    /// Defaults suited to a LAN or loopback: 1400-byte datagrams, RTO 100 ms initially and
+    /// between 20 ms and 2 s, 64-fragment window.
+    fn default() -> Config {
+        Config {
+            max_datagram: 1400,
+            initial_rto: Duration::from_millis(100),
+            min_rto: Duration::from_millis(20),
+            max_rto: Duration::from_secs(2),
+            max_attempts: 10,
+            window: 64,
+            max_message: codec::MAX_MESSAGE,
+            dedup_ttl: Duration::from_secs(60),
+            dedup_max_entries: 100_000,
+            dedup_max_bytes: 64 << 20,
+            reassembly_per_peer: 16 << 20,
+            reassembly_total: 64 << 20,
+            reassembly_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The requester's handle on a request it sent.
+pub type RequestId = u64;
+
+/// Identifies a request received from a peer: the peer's incarnation and its request id.
+/// This pair is the deduplication key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IncomingId {
+    /// The requester's incarnation.
+    pub incarnation: u64,
+    /// The requester's request id.
+    pub request: u64,
+}
+
+/// A datagram to put on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub dst: SocketAddr,
+    /// The whole datagram, header included.
+    pub payload: Vec<u8>,
+}
+
+/// Something the application must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A new request to execute; answer it with [`Endpoint::respond`].
+    Request {
+        /// Who sent it.
+        from: SocketAddr,
+        /// The handle to respond with.
+        id: IncomingId,
+        /// The request body.
+        body: Vec<u8>,
+    },
+    /// The outcome of a request sent with [`Endpoint::request`].
+    Response {
+        /// The request it answers.
+        id: RequestId,
+        /// The response body, or why none came.
+        result: Result<Vec<u8>, RequestError>,
+    },
+}
+
+/// Why a request got no response.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum RequestError {
+    /// Retransmissions were exhausted, or the deadline passed.
+    #[error("no answer from {peer}")]
+    Timeout {
+        /// The peer that did not answer.
+        peer: SocketAddr,
+    },
+    /// The operating system reported the peer unreachable.
+    #[error("{peer} is unreachable")]
+    Unreachable {
+        /// The unreachable peer.
+        peer: SocketAddr,
+    },
+    /// The message exceeds the size limit.
+    #[error("message of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// The message size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Counters describing what the endpoint did; they only grow.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams handed to the wire.
+    pub datagrams_sent: u64,
+    /// Datagrams received (valid or not).
+    pub datagrams_received: u64,
+    /// Datagrams dropped because they did not decode or did not fit any state.
+    pub bad_datagrams: u64,
+    /// Requests started.
+    pub requests_sent: u64,
+    /// Requests raised to the application for execution.
+    pub requests_executed: u64,
+    /// Request or response fragments sent again.
+    pub retransmissions: u64,
+    /// Probes sent for a fully delivered request.
+    pub probes_sent: u64,
+    /// Acks sent.
+    pub acks_sent: u64,
+    /// Retransmitted request datagrams that were not executed again.
+    pub duplicates_suppressed: u64,
+    /// Responses re-sent from the cache.
+    pub responses_from_cache: u64,
+    /// Requests or fragments refused because a memory bound was reached.
+    pub refused_over_limit: u64,
+    /// Requests that failed with `Timeout`.
+    pub timeouts: u64,
+}
+
+/// Where a request we sent stands.
+#[derive(Debug)]
+enum OutPhase {
+    /// Request fragments are going out.
+    Sending,
+    /// The request is fully delivered; waiting for the response, probing now and then.
+    Awaiting {
+        /// Consecutive probes without a sign of life.
+        stalls: u32,
+        /// Backoff exponent of the probe interval.
+        backoff: u32,
+        /// Transmission number of the last probe (for RTT samples).
+        probe_tx: u32,
+        /// When the last probe went out.
+        probe_sent: Option<Instant>,
+    },
+    /// Response fragments are arriving.
+    Receiving(Reassembly),
+}
+
+/// A request we sent and have no final answer to.
+#[derive(Debug)]
+struct Outgoing {
+    /// The peer it goes to.
+    dst: SocketAddr,
+    /// The request body and its fragment state.
+    transfer: Transfer,
+    /// Where it stands.
+    phase: OutPhase,
+    /// Give up at this instant, if set.
+    deadline: Option<Instant>,
+    /// The peer's latest transmission number seen (echoed in our acks).
+    last_rx_tx: u32,
+    /// The instant the timer is armed for (stale heap entries are ignored).
+    timer_at: Option<Instant>,
+}
+
+/// Where a request we received stands.
+#[derive(Debug)]
+enum InPhase {
+    /// Its fragments are arriving.
+    Receiving(Reassembly),
+    /// The application is executing it.
+    Executing,
+    /// Answered; the response is cached (and, if fragmented, still being sent).
+    Responded(Transfer),
+    /// Answered, and the requester acknowledged the whole fragmented response.
+    Delivered,
+}
+
+/// A request we received: the response cache entry and its transfer state.
+#[derive(Debug)]
+struct Incoming {
+    /// The requester's address.
+    peer: SocketAddr,
+    /// Where it stands.
+    phase: InPhase,
+    /// The requester's latest transmission number seen (echoed in our answers).
+    last_rx_tx: u32,
+    /// When it was answered (its place in the expiry queue).
+    responded_at: Option<Instant>,
+    /// The instant the timer is armed for (stale heap entries are ignored).
+    timer_at: Option<Instant>,
+}
+
+/// What a heap entry's timer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    /// A request we sent.
+    Out(RequestId),
+    /// A request we received.
+    In(IncomingId),
+}
+
+/// The datagram-producing half of the endpoint, split off so it can be borrowed while a
+/// request's state is borrowed too.
+#[derive(Debug)]
+struct Wire {
+    /// Our incarnation, stamped on every datagram.
+    incarnation: u64,
+    /// The last transmission number used.
+    last_tx: u32,
+    /// Datagrams waiting for [`Endpoint::poll_transmit`].
+    queue: VecDeque<Transmit>,
+    /// Counters.
+    stats: Stats,
+}
+
+impl Wire {
+    /// Draws the next transmission number (never 0, which means "none" in `echo`).
+    fn next_tx(&mut self) -> u32 {
+        self.last_tx = self.last_tx.wrapping_add(1).max(1);
+        self.last_tx
+    }
+
+    /// Queues a datagram with `header` (whose transmission number is filled in here).
+    fn send(&mut self, dst: SocketAddr, mut header: Header, payload: &[u8]) -> u32 {
+        header.transmission = self.next_tx();
+        self.queue.push_back(Transmit {
+            dst,
+            payload: codec::encode_datagram(&header, payload),
+        });
+        self.stats.datagrams_sent += 1;
+        header.transmission
+    }
+
+    /// Queues an ack about request `request_id` answering transmission `echo`.
+    fn send_ack(&mut self, dst: SocketAddr, request_id: u64, flags: u16, echo: u32, ack: &AckBody) {
+        let mut header = Header::new(Kind::Ack, self.incarnation, request_id, 0);
+        header.flags = flags;
+        header.echo = echo;
+        self.stats.acks_sent += 1;
+        self.send(dst, header, &ack.encode());
+    }
+
+    /// Sends every fragment of `transfer` its window allows, as datagrams of `kind` about
+    /// request `request_id`, answering `echo`.
+    #[allow(clippy::too_many_arguments)]
+    fn pump(
+        &mut self,
+        now: Instant,
+        dst: SocketAddr,
+        kind: Kind,
+        request_id: u64,
+        echo: u32,
+        transfer: &mut Transfer,
+        window: u32,
+    ) {
+        while let Some(index) = transfer.next_to_send(window) {
+            let mut header = Header::new(kind, self.incarnation, request_id, 0);
+            header.echo = echo;
+            header.frag_index = index;
+            header.frag_count = transfer.count();
+            header.message_len = transfer.body_len() as u32;
+            let tx = self.send(dst, header, transfer.fragment(index));
+            if transfer.on_sent(index, tx, now) {
+                self.stats.retransmissions += 1;
+            }
+        }
+    }
+}
+
+/// One node's reliable request layer. See the module documentation for the calling contract.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Tunables.
+    config: Config,
+    /// The datagram output half.
+    wire: Wire,
+    /// The last request id used.
+    last_request: RequestId,
+    /// Requests we sent, by id.
+    outgoing: HashMap<RequestId, Outgoing>,
+    /// Requests we received: the response cache.
+    incoming: HashMap<IncomingId, Incoming>,
+    /// Answered requests in the order they were answered, for expiry and eviction.
+    expiry: VecDeque<(IncomingId, Instant)>,
+    /// Bytes of response bodies held in the cache.
+    cached_bytes: usize,
+    /// Bytes of partly reassembled messages, per peer.
+    reassembly_bytes: HashMap<SocketAddr, usize>,
+    /// Round-trip estimators, per peer.
+    rtt: HashMap<SocketAddr, RttEstimator>,
+    /// Timer deadlines (lazily invalidated: an entry counts only if its owner still has it).
+    timers: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+    /// Events waiting for [`Endpoint::poll_event`].
+    events: VecDeque<Event>,
+}
+
+impl Endpoint {
+    /// Creates an endpoint whose incarnation is drawn from `rng`.
+    pub fn new(config: Config, rng: &mut Rng) -> Endpoint {
+        let incarnation = rng.next_u64();
+        Endpoint {
+            config,
+            wire: Wire {
+                incarnation,
+                last_tx: 0,
+                queue: VecDeque::new(),
+                stats: Stats::default(),
+            },
+            last_request: 0,
+            outgoing: HashMap::new(),
+            incoming: HashMap::new(),
+            expiry: VecDeque::new(),
+            cached_bytes: 0,
+            reassembly_bytes: HashMap::new(),
+            rtt: HashMap::new(),
+            timers: BinaryHeap::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// This endpoint's incarnation id (random per process start).
+    pub fn incarnation(&self) -> u64 {
+        self.wire.incarnation
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.wire.stats
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The current retransmission timeout towards `peer` (no backoff).
+    pub fn rto(&self, peer: SocketAddr) -> Duration {
+        self.rtt
+            .get(&peer)
+            .map_or(self.config.initial_rto, |r| r.rto(0))
+    }
+
+    /// The smoothed round-trip time towards `peer`, once measured.
+    pub fn srtt(&self, peer: SocketAddr) -> Option<Duration> {
+        self.rtt.get(&peer).and_then(RttEstimator::srtt)
+    }
+
+    /// Number of requests sent and not yet answered.
+    pub fn outstanding(&self) -> usize {
+        self.outgoing.len()
+    }
+
+    /// Number of entries in the response cache (executing requests included).
+    pub fn cached_entries(&self) -> usize {
+        self.incoming.len()
+    }
+
+    /// Starts a request to `dst`; its outcome arrives as [`Event::Response`]. `deadline`
+    /// bounds the whole exchange (retransmissions are bounded by `max_attempts` anyway).
+    pub fn request(
+        &mut self,
+        now: Instant,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<RequestId, RequestError> {
+        if body.len() > self.config.max_message {
+            return Err(RequestError::TooLarge {
+                size: body.len(),
+                limit: self.config.max_message,
+            });
+        }
+        self.last_request += 1;
+        let id = self.last_request;
+        let transfer = Transfer::new(body, self.max_payload());
+        self.outgoing.insert(
+            id,
+            Outgoing {
+                dst,
+                transfer,
+                phase: OutPhase::Sending,
+                deadline,
+                last_rx_tx: 0,
+                timer_at: None,
+            },
+        );
+        self.wire.stats.requests_sent += 1;
+        self.pump_out(now, id);
+        Ok(id)
+    }
+
+    /// Abandons request `id`: no event will be raised for it.
+    pub fn cancel(&mut self, id: RequestId) {
+        if let Some(out) = self.outgoing.remove(&id) {
+            if let OutPhase::Receiving(r) = &out.phase {
+                self.release_reassembly(out.dst, r.footprint());
+            }
+        }
+    }
+
+    /// Answers request `id` (raised as [`Event::Request`]) with `body`. The response is cached
+    /// so retransmissions of the request are answered without executing it again. Answering
+    /// an unknown or already answered request does nothing.
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        id: IncomingId,
+        body: Vec<u8>,
+    ) -> Result<(), RequestError> {
+        if body.len() > self.config.max_message {
+            return Err(RequestError::TooLarge {
+                size: body.len(),
+                limit: self.config.max_message,
+            });
+        }
+        let max_payload = self.max_payload();
+        let Some(entry) = self.incoming.get_mut(&id) else {
+            debug!("respond: request {id:?} is no longer known (evicted?)");
+            return Ok(());
+        };
+        if !matches!(entry.phase, InPhase::Executing) {
+            debug!("respond: request {id:?} was already answered");
+            return Ok(());
+        }
+        self.cached_bytes += body.len();
+        entry.phase = InPhase::Responded(Transfer::new(body, max_payload));
+        entry.responded_at = Some(now);
+        self.expiry.push_back((id, now));
+        self.pump_in(now, id);
+        self.enforce_cache_bounds();
+        Ok(())
+    }
+
+    /// Handles one datagram received from `from` at `now`. Anything malformed or unexpected
+    /// is counted and dropped; nothing a peer sends can make this panic.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.wire.stats.datagrams_received += 1;
+        let (header, payload) = match Header::decode(datagram) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                self.wire.stats.bad_datagrams += 1;
+                debug!(
+                    "dropping a bad datagram of {} bytes from {from}: {e}",
+                    datagram.len()
+                );
+                return;
+            }
+        };
+        match header.kind {
+            Kind::Request => self.on_request_fragment(now, from, &header, payload),
+            Kind::Response => self.on_response_fragment(now, from, &header, payload),
+            Kind::Ack => match AckBody::decode(payload) {
+                Ok(ack) if header.flags & FLAG_ACK_RESPONSE != 0 => {
+                    self.on_response_ack(now, from, &header, &ack)
+                }
+                Ok(ack) => self.on_request_ack(now, from, &header, &ack),
+                Err(e) => {
+                    self.wire.stats.bad_datagrams += 1;
+                    debug!("dropping a bad ack from {from}: {e}");
+                }
+            },
+            Kind::Probe => self.on_probe(from, &header),
+        }
+    }
+
+    /// The OS reported `peer` unreachable (e.g. ICMP port unreachable): every request to it
+    /// fails with `Unreachable`, and responses being sent to it are abandoned.
+    pub fn handle_unreachable(&mut self, _now: Instant, peer: SocketAddr) {
+        let failed: Vec<RequestId> = self
+            .outgoing
+            .iter()
+            .filter(|(_, o)| o.dst == peer)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in failed {
+            self.fail(id, RequestError::Unreachable { peer });
+        }
+        for entry in self.incoming.values_mut() {
+            if entry.peer == peer {
+                if let InPhase::Responded(t) = &entry.phase {
+                    if t.count() > 1 {
+                        self.cached_bytes -= t.body_len();
+                        entry.phase = InPhase::Delivered;
+                        entry.timer_at = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest instant at which [`Endpoint::handle_timeout`] has work, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let expiry = self
+            .expiry
+            .front()
+            .map(|&(_, at)| at + self.config.dedup_ttl);
+        match (timer, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs every timer due at `now`: retransmissions, probes, deadlines, cache expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match key {
+                TimerKey::Out(id) => {
+                    if self
+                        .outgoing
+                        .get(&id)
+                        .is_some_and(|o| o.timer_at == Some(at))
+                    {
+                        self.on_out_timer(now, id);
+                    }
+                }
+                TimerKey::In(id) => {
+                    if self
+                        .incoming
+                        .get(&id)
+                        .is_some_and(|e| e.timer_at == Some(at))
+                    {
+                        self.on_in_timer(now, id);
+                    }
+                }
+            }
+        }
+        while let Some(&(id, at)) = self.expiry.front() {
+            if at + self.config.dedup_ttl > now {
+                break;
+            }
+            self.expiry.pop_front();
+            self.evict(id, at);
+        }
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.wire.queue.pop_front()
+    }
+
+    /// The next event for the application, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Payload bytes one datagram can carry.
+    fn max_payload(&self) -> usize {
+        self.config.max_datagram.saturating_sub(HEADER_LEN).max(1)
+    }
+
+    /// The RTT estimator for `peer`, created on first use.
+    fn rtt_of(&mut self, peer: SocketAddr) -> &mut RttEstimator {
+        let (initial, min, max) = (
+            self.config.initial_rto,
+            self.config.min_rto,
+            self.config.max_rto,
+        );
+        self.rtt
+            .entry(peer)
+            .or_insert_with(|| RttEstimator::new(initial, min, max))
+    }
+
+    /// Arms the timer of `key` for `at` (replacing any earlier arming).
+    fn arm(&mut self, key: TimerKey, at: Option<Instant>) {
+        match key {
+            TimerKey::Out(id) => {
+                if let Some(out) = self.outgoing.get_mut(&id) {
+                    out.timer_at = at;
+                }
+            }
+            TimerKey::In(id) => {
+                if let Some(entry) = self.incoming.get_mut(&id) {
+                    entry.timer_at = at;
+                }
+            }
+        }
+        if let Some(at) = at {
+            self.timers.push(Reverse((at, key)));
+        }
+    }
+
+    /// Sends what request `id`'s window allows and re-arms its timer.
+    fn pump_out(&mut self, now: Instant, id: RequestId) {
+        let window = self.config.window;
+        let Some(out) = self.outgoing.get_mut(&id) else {
+            return;
+        };
+        if !matches!(out.phase, OutPhase::Sending) {
+            return;
+        }
+        let echo = out.last_rx_tx;
+        self.wire.pump(
+            now,
+            out.dst,
+            Kind::Request,
+            id,
+            echo,
+            &mut out.transfer,
+            window,
+        );
+        let (dst, backoff, deadline) = (out.dst, out.transfer.backoff, out.deadline);
+        let rto = self.rtt_of(dst).rto(backoff);
+        let out = &self.outgoing[&id];
+        let at = earliest(out.transfer.deadline(rto), deadline);
+        self.arm(TimerKey::Out(id), at);
+    }
+
+    /// Sends what the response transfer of `id` allows and re-arms its timer.
+    fn pump_in(&mut self, now: Instant, id: IncomingId) {
+        let window = self.config.window;
+        let Some(entry) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        let InPhase::Responded(transfer) = &mut entry.phase else {
+            return;
+        };
+        let (peer, echo) = (entry.peer, entry.last_rx_tx);
+        self.wire.pump(
+            now,
+            peer,
+            Kind::Response,
+            id.request,
+            echo,
+            transfer,
+            window,
+        );
+        // A one-fragment response is never acknowledged: it just sits in the cache.
+        let timer = if transfer.count() > 1 {
+            let backoff = transfer.backoff;
+            let rto = self.rtt_of(peer).rto(backoff);
+            match &self.incoming[&id].phase {
+                InPhase::Responded(t) => t.deadline(rto),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        self.arm(TimerKey::In(id), timer);
+    }
+
+    /// Handles one fragment of a request from `from`.
+    fn on_request_fragment(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        header: &Header,
+        payload: &[u8],
+    ) {
+        let id = IncomingId {
+            incarnation: header.incarnation,
+            request: header.request_id,
+        };
+        let Some(entry) = self.incoming.get_mut(&id) else {
+            self.on_new_request(now, from, id, header, payload);
+            return;
+        };
+        entry.last_rx_tx = header.transmission;
+        match &mut entry.phase {
+            InPhase::Receiving(r) => {
+                let (insert, ack_now) = r.insert(header, payload, now);
+                if insert == Insert::Invalid {
+                    self.wire.stats.bad_datagrams += 1;
+                    return;
+                }
+                if ack_now {
+                    let ack = r.ack();
+                    self.wire
+                        .send_ack(from, id.request, 0, header.transmission, &ack);
+                }
+                if r.is_complete() {
+                    let InPhase::Receiving(r) =
+                        std::mem::replace(&mut entry.phase, InPhase::Executing)
+                    else {
+                        return;
+                    };
+                    entry.timer_at = None;
+                    let peer = entry.peer;
+                    self.release_reassembly(peer, r.footprint());
+                    self.deliver_request(from, id, r.into_message());
+                }
+            }
+            InPhase::Executing => {
+                // Still working on it: say so, which also stops the fragment resends.
+                self.wire.stats.duplicates_suppressed += 1;
+                let ack = AckBody {
+                    complete: true,
+                    unknown: false,
+                    ranges: Vec::new(),
+                };
+                self.wire
+                    .send_ack(from, id.request, 0, header.transmission, &ack);
+            }
+            InPhase::Responded(transfer) => {
+                self.wire.stats.duplicates_suppressed += 1;
+                if transfer.count() == 1 {
+                    self.resend_cached(from, id, header.transmission);
+                }
+            }
+            InPhase::Delivered => self.wire.stats.duplicates_suppressed += 1,
+        }
+    }
+
+    /// Handles the first datagram of a request not seen before.
+    fn on_new_request(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: IncomingId,
+        header: &Header,
+        payload: &[u8],
+    ) {
+        if self.incoming.len() >= self.config.dedup_max_entries && !self.evict_oldest() {
+            self.wire.stats.refused_over_limit += 1;
+            debug!(
+                "refusing a request from {from}: the response cache is full of executing requests"
+            );
+            return;
+        }
+        if header.frag_count == 1 {
+            if payload.len() != header.message_len as usize {
+                self.wire.stats.bad_datagrams += 1;
+                return;
+            }
+            self.incoming.insert(
+                id,
+                Incoming {
+                    peer: from,
+                    phase: InPhase::Executing,
+                    last_rx_tx: header.transmission,
+                    responded_at: None,
+                    timer_at: None,
+                },
+            );
+            self.deliver_request(from, id, payload.to_vec());
+            return;
+        }
+        let size = header.message_len as usize;
+        if size > self.config.max_message || !self.reserve_reassembly(from, size) {
+            self.wire.stats.refused_over_limit += 1;
+            debug!("refusing a {size}-byte request from {from}: reassembly memory bound reached");
+            return;
+        }
+        let mut r = Reassembly::new(header, now);
+        let (insert, ack_now) = r.insert(header, payload, now);
+        if insert == Insert::Invalid {
+            self.release_reassembly(from, r.footprint());
+            self.wire.stats.bad_datagrams += 1;
+            return;
+        }
+        if ack_now {
+            let ack = r.ack();
+            self.wire
+                .send_ack(from, id.request, 0, header.transmission, &ack);
+        }
+        self.incoming.insert(
+            id,
+            Incoming {
+                peer: from,
+                phase: InPhase::Receiving(r),
+                last_rx_tx: header.transmission,
+                responded_at: None,
+                timer_at: None,
+            },
+        );
+        self.arm(TimerKey::In(id), Some(now + self.config.reassembly_timeout));
+    }
+
+    /// Raises a complete request to the application.
+    fn deliver_request(&mut self, from: SocketAddr, id: IncomingId, body: Vec<u8>) {
+        self.wire.stats.requests_executed += 1;
+        self.events.push_back(Event::Request { from, id, body });
+    }
+
+    /// Sends the cached one-fragment response of `id` again, answering transmission `echo`.
+    fn resend_cached(&mut self, to: SocketAddr, id: IncomingId, echo: u32) {
+        let Some(Incoming {
+            phase: InPhase::Responded(t),
+            ..
+        }) = self.incoming.get(&id)
+        else {
+            return;
+        };
+        let mut header = Header::new(Kind::Response, self.wire.incarnation, id.request, 0);
+        header.echo = echo;
+        header.message_len = t.body_len() as u32;
+        let body = t.body().to_vec();
+        self.wire.stats.responses_from_cache += 1;
+        self.wire.send(to, header, &body);
+    }
+
+    /// Handles one fragment of a response to a request we sent.
+    fn on_response_fragment(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        header: &Header,
+        payload: &[u8],
+    ) {
+        let id = header.request_id;
+        let Some(out) = self.outgoing.get_mut(&id).filter(|o| o.dst == from) else {
+            // A late copy of an answer we already have: make a fragmented sender stop.
+            if header.frag_count > 1 {
+                let ack = AckBody {
+                    complete: true,
+                    unknown: false,
+                    ranges: Vec::new(),
+                };
+                self.wire
+                    .send_ack(from, id, FLAG_ACK_RESPONSE, header.transmission, &ack);
+            }
+            return;
+        };
+        out.last_rx_tx = header.transmission;
+        if let Some(sample) = echo_sample(out, header.echo, now) {
+            self.rtt_of(from).sample(sample);
+        }
+        let Some(out) = self.outgoing.get_mut(&id) else {
+            return;
+        };
+        if header.frag_count == 1 {
+            if payload.len() != header.message_len as usize {
+                self.wire.stats.bad_datagrams += 1;
+                return;
+            }
+            self.complete(id, Ok(payload.to_vec()));
+            return;
+        }
+        if !matches!(out.phase, OutPhase::Receiving(_)) {
+            let size = header.message_len as usize;
+            out.transfer.mark_all_acked();
+            if !self.reserve_reassembly(from, size) {
+                self.wire.stats.refused_over_limit += 1;
+                return;
+            }
+            let out = self.outgoing.get_mut(&id).expect("checked above");
+            out.phase = OutPhase::Receiving(Reassembly::new(header, now));
+        }
+        let out = self.outgoing.get_mut(&id).expect("checked above");
+        let OutPhase::Receiving(r) = &mut out.phase else {
+            return;
+        };
+        let (insert, ack_now) = r.insert(header, payload, now);
+        if insert == Insert::Invalid {
+            self.wire.stats.bad_datagrams += 1;
+            return;
+        }
+        if ack_now {
+            let ack = r.ack();
+            self.wire
+                .send_ack(from, id, FLAG_ACK_RESPONSE, header.transmission, &ack);
+        }
+        if r.is_complete() {
+            let OutPhase::Receiving(r) = std::mem::replace(&mut out.phase, OutPhase::Sending)
+            else {
+                return;
+            };
+            self.release_reassembly(from, r.footprint());
+            self.complete(id, Ok(r.into_message()));
+        } else {
+            // While the responder drives the transfer, only its silence can time us out.
+            let idle = now + self.config.max_rto * 2;
+            let at = earliest(Some(idle), out.deadline);
+            self.arm(TimerKey::Out(id), at);
+        }
+    }
+
+    /// Handles an ack about fragments of a request we sent.
+    fn on_request_ack(&mut self, now: Instant, from: SocketAddr, header: &Header, ack: &AckBody) {
+        let id = header.request_id;
+        let Some(out) = self.outgoing.get_mut(&id).filter(|o| o.dst == from) else {
+            return;
+        };
+        out.last_rx_tx = header.transmission;
+        if ack.unknown {
+            // The responder has no record of this request (it restarted, or evicted it):
+            // send it again from scratch.
+            debug!("request {id} unknown at {from}; sending it again");
+            out.transfer.restart();
+            out.phase = OutPhase::Sending;
+            self.pump_out(now, id);
+            return;
+        }
+        match &mut out.phase {
+            OutPhase::Sending => {
+                let outcome = out.transfer.on_ack(ack, header.echo, now);
+                if let Some(sample) = outcome.rtt_sample {
+                    self.rtt_of(from).sample(sample);
+                }
+                let out = self.outgoing.get_mut(&id).expect("checked above");
+                if out.transfer.is_complete() {
+                    out.phase = OutPhase::Awaiting {
+                        stalls: 0,
+                        backoff: 0,
+                        probe_tx: 0,
+                        probe_sent: None,
+                    };
+                    let rto = self.rtt_of(from).rto(0);
+                    let deadline = self.outgoing[&id].deadline;
+                    self.arm(TimerKey::Out(id), earliest(Some(now + rto), deadline));
+                } else {
+                    self.pump_out(now, id);
+                }
+            }
+            OutPhase::Awaiting {
+                stalls,
+                probe_tx,
+                probe_sent,
+                ..
+            } => {
+                // The responder is alive and executing: keep waiting, however long it takes
+                // (the deadline still bounds it).
+                *stalls = 0;
+                if header.echo != 0 && header.echo == *probe_tx {
+                    if let Some(sent) = probe_sent.take() {
+                        let sample = now.saturating_duration_since(sent);
+                        self.rtt_of(from).sample(sample);
+                    }
+                }
+            }
+            OutPhase::Receiving(_) => {}
+        }
+    }
+
+    /// Handles an ack about fragments of a response we are sending.
+    fn on_response_ack(&mut self, now: Instant, from: SocketAddr, header: &Header, ack: &AckBody) {
+        let id = IncomingId {
+            incarnation: header.incarnation,
+            request: header.request_id,
+        };
+        let Some(entry) = self.incoming.get_mut(&id).filter(|e| e.peer == from) else {
+            return;
+        };
+        let InPhase::Responded(transfer) = &mut entry.phase else {
+            return;
+        };
+        let outcome = transfer.on_ack(ack, header.echo, now);
+        if transfer.is_complete() {
+            self.cached_bytes -= transfer.body_len();
+            entry.phase = InPhase::Delivered;
+            entry.timer_at = None;
+        }
+        if let Some(sample) = outcome.rtt_sample {
+            self.rtt_of(from).sample(sample);
+        }
+        self.pump_in(now, id);
+    }
+
+    /// Handles a probe: a requester asking what became of a request it fully delivered.
+    fn on_probe(&mut self, from: SocketAddr, header: &Header) {
+        let id = IncomingId {
+            incarnation: header.incarnation,
+            request: header.request_id,
+        };
+        let echo = header.transmission;
+        let ack = match self.incoming.get_mut(&id).map(|e| &mut e.phase) {
+            None => AckBody {
+                complete: false,
+                unknown: true,
+                ranges: Vec::new(),
+            },
+            Some(InPhase::Receiving(r)) => r.ack(),
+            Some(InPhase::Executing) => AckBody {
+                complete: true,
+                unknown: false,
+                ranges: Vec::new(),
+            },
+            Some(InPhase::Responded(t)) => {
+                if t.count() == 1 {
+                    self.resend_cached(from, id, echo);
+                }
+                return;
+            }
+            Some(InPhase::Delivered) => return,
+        };
+        self.wire.send_ack(from, id.request, 0, echo, &ack);
+    }
+
+    /// Runs the timer of request `id` that we sent.
+    fn on_out_timer(&mut self, now: Instant, id: RequestId) {
+        let max_attempts = self.config.max_attempts;
+        let Some(out) = self.outgoing.get_mut(&id) else {
+            return;
+        };
+        let peer = out.dst;
+        if out.deadline.is_some_and(|d| d <= now) {
+            self.fail(id, RequestError::Timeout { peer });
+            return;
+        }
+        match &mut out.phase {
+            OutPhase::Sending => {
+                let backoff = out.transfer.backoff;
+                let rto = self.rtt_of(peer).rto(backoff);
+                let out = self.outgoing.get_mut(&id).expect("checked above");
+                out.transfer.on_timeout(now, rto);
+                if out.transfer.backoff > max_attempts {
+                    self.fail(id, RequestError::Timeout { peer });
+                    return;
+                }
+                self.pump_out(now, id);
+            }
+            OutPhase::Awaiting {
+                stalls,
+                backoff,
+                probe_tx,
+                probe_sent,
+            } => {
+                *stalls += 1;
+                if *stalls > max_attempts {
+                    self.fail(id, RequestError::Timeout { peer });
+                    return;
+                }
+                *backoff += 1;
+                let header = Header::new(Kind::Probe, self.wire.incarnation, id, 0);
+                *probe_tx = self.wire.send(peer, header, &[]);
+                *probe_sent = Some(now);
+                self.wire.stats.probes_sent += 1;
+                let backoff = *backoff;
+                let deadline = out.deadline;
+                let rto = self.rtt_of(peer).rto(backoff);
+                self.arm(TimerKey::Out(id), earliest(Some(now + rto), deadline));
+            }
+            OutPhase::Receiving(r) => {
+                let idle_since = r.last_activity;
+                let deadline = out.deadline;
+                if idle_since + self.config.max_rto * 2 <= now {
+                    self.fail(id, RequestError::Timeout { peer });
+                } else {
+                    let at = earliest(Some(idle_since + self.config.max_rto * 2), deadline);
+                    self.arm(TimerKey::Out(id), at);
+                }
+            }
+        }
+    }
+
+    /// Runs the timer of request `id` that we received (reassembly or response transfer).
+    fn on_in_timer(&mut self, now: Instant, id: IncomingId) {
+        let max_attempts = self.config.max_attempts;
+        let Some(entry) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        let peer = entry.peer;
+        match &mut entry.phase {
+            InPhase::Receiving(r) => {
+                let idle_until = r.last_activity + self.config.reassembly_timeout;
+                if idle_until <= now {
+                    debug!("abandoning a partly received request from {peer}");
+                    let footprint = r.footprint();
+                    self.incoming.remove(&id);
+                    self.release_reassembly(peer, footprint);
+                } else {
+                    self.arm(TimerKey::In(id), Some(idle_until));
+                }
+            }
+            InPhase::Responded(transfer) => {
+                let rto = match self.rtt.get(&peer) {
+                    Some(r) => r.rto(transfer.backoff),
+                    None => self.config.initial_rto,
+                };
+                transfer.on_timeout(now, rto);
+                if transfer.backoff > max_attempts {
+                    debug!("giving up sending a response to {peer}");
+                    self.cached_bytes -= transfer.body_len();
+                    entry.phase = InPhase::Delivered;
+                    entry.timer_at = None;
+                    return;
+                }
+                self.pump_in(now, id);
+            }
+            InPhase::Executing | InPhase::Delivered => {}
+        }
+    }
+
+    /// Ends request `id` with `result`, raising the event.
+    fn complete(&mut self, id: RequestId, result: Result<Vec<u8>, RequestError>) {
+        if self.outgoing.remove(&id).is_some() {
+            if matches!(result, Err(RequestError::Timeout { .. })) {
+                self.wire.stats.timeouts += 1;
+            }
+            self.events.push_back(Event::Response { id, result });
+        }
+    }
+
+    /// Fails request `id` with `error`, releasing any reassembly memory it held.
+    fn fail(&mut self, id: RequestId, error: RequestError) {
+        if let Some(out) = self.outgoing.get(&id) {
+            if let OutPhase::Receiving(r) = &out.phase {
+                let (dst, footprint) = (out.dst, r.footprint());
+                self.release_reassembly(dst, footprint);
+            }
+        }
+        self.complete(id, Err(error));
+    }
+
+    /// Tries to charge `size` bytes of reassembly memory to `peer`; false if a bound forbids.
+    fn reserve_reassembly(&mut self, peer: SocketAddr, size: usize) -> bool {
+        let total: usize = self.reassembly_bytes.values().sum();
+        let mine = self.reassembly_bytes.get(&peer).copied().unwrap_or(0);
+        if mine + size > self.config.reassembly_per_peer
+            || total + size > self.config.reassembly_total
+        {
+            return false;
+        }
+        *self.reassembly_bytes.entry(peer).or_insert(0) += size;
+        true
+    }
+
+    /// Returns `footprint` bytes of reassembly memory charged to `peer`.
+    fn release_reassembly(&mut self, peer: SocketAddr, footprint: usize) {
+        if let Some(bytes) = self.reassembly_bytes.get_mut(&peer) {
+            // The charge was the message length; the footprint adds the bitmap.
+            *bytes = bytes.saturating_sub(footprint.min(*bytes));
+            if *bytes == 0 {
+                self.reassembly_bytes.remove(&peer);
+            }
+        }
+    }
+
+    /// Removes answered entry `id` if it is still the one answered at `stamp`.
+    fn evict(&mut self, id: IncomingId, stamp: Instant) {
+        let current = self
+            .incoming
+            .get(&id)
+            .is_some_and(|e| e.responded_at == Some(stamp));
+        if current {
+            if let Some(Incoming {
+                phase: InPhase::Responded(t),
+                ..
+            }) = self.incoming.remove(&id)
+            {
+                self.cached_bytes -= t.body_len();
+            }
+        }
+    }
+
+    /// Evicts the oldest answered entry; false if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((id, stamp)) = self.expiry.pop_front() {
+            let before = self.incoming.len();
+            self.evict(id, stamp);
+            if self.incoming.len() < before {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Evicts the oldest answered entries while the cache holds too many bytes.
+    fn enforce_cache_bounds(&mut self) {
+        while self.cached_bytes > self.config.dedup_max_bytes && self.evict_oldest() {}
+    }
+}
+
+/// An RTT sample from a response echoing transmission `echo` of request `out`, if it does.
+fn echo_sample(out: &Outgoing, echo: u32, now: Instant) -> Option<Duration> {
+    if echo == 0 {
+        return None;
+    }
+    if let OutPhase::Awaiting {
+        probe_tx,
+        probe_sent: Some(sent),
+        ..
+    } = out.phase
+    {
+        if probe_tx == echo {
+            return Some(now.saturating_duration_since(sent));
+        }
+    }
+    out.transfer
+        .sent_at_of(echo)
+        .map(|sent| now.saturating_duration_since(sent))
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}

@@ -1,0 +1,176 @@
+//! Reassembly of one fragmented message on the receiving side.
+
+use std::time::Instant;
+
+use crate::codec::{self, AckBody, Header, MAX_ACK_RANGES};
+
+/// What became of a fragment handed to [`Reassembly::insert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    /// A fragment not seen before, stored.
+    New,
+    /// A fragment already held (a retransmission or a duplicate).
+    Duplicate,
+    /// The fragment does not fit the message (wrong count, length or size).
+    Invalid,
+}
+
+/// The fragments received so far of one message.
+#[derive(Debug)]
+pub struct Reassembly {
+    /// Number of fragments of the message.
+    count: u32,
+    /// The message buffer, allocated at its full length on the first fragment.
+    buffer: Vec<u8>,
+    /// Which fragments have arrived.
+    received: Vec<bool>,
+    /// How many fragments have arrived.
+    received_count: u32,
+    /// New fragments since the last acknowledgement was sent.
+    unacked: u32,
+    /// The highest fragment index received so far (to spot gaps).
+    highest: Option<u32>,
+    /// When the last fragment arrived (for abandoning stalled messages).
+    pub last_activity: Instant,
+}
+
+impl Reassembly {
+    /// Starts reassembling the message described by `header` (count and length).
+    pub fn new(header: &Header, now: Instant) -> Reassembly {
+        Reassembly {
+            count: header.frag_count,
+            buffer: vec![0; header.message_len as usize],
+            received: vec![false; header.frag_count as usize],
+            received_count: 0,
+            unacked: 0,
+            highest: None,
+            last_activity: now,
+        }
+    }
+
+    /// The memory this reassembly holds, in bytes (what the bounds are charged with).
+    pub fn footprint(&self) -> usize {
+        self.buffer.len() + self.received.len()
+    }
+
+    /// Stores one fragment, checking it against the message's count and length.
+    /// Returns whether it was new; also says whether an ack should go out now.
+    pub fn insert(&mut self, header: &Header, payload: &[u8], now: Instant) -> (Insert, bool) {
+        if header.frag_count != self.count || header.message_len as usize != self.buffer.len() {
+            return (Insert::Invalid, false);
+        }
+        let range = codec::fragment_range(self.buffer.len(), self.count, header.frag_index);
+        if range.len() != payload.len() {
+            return (Insert::Invalid, false);
+        }
+        self.last_activity = now;
+        let index = header.frag_index as usize;
+        if self.received[index] {
+            // A duplicate means the sender has not seen our acks: answer at once.
+            return (Insert::Duplicate, true);
+        }
+        self.buffer[range].copy_from_slice(payload);
+        self.received[index] = true;
+        self.received_count += 1;
+        self.unacked += 1;
+        let in_order = self.highest.is_none_or(|h| header.frag_index == h + 1);
+        let gap_filled = self.highest.is_some_and(|h| header.frag_index < h);
+        self.highest = Some(
+            self.highest
+                .map_or(header.frag_index, |h| h.max(header.frag_index)),
+        );
+        // Ack every second fragment, and at once on any reordering or completion, so the
+        // sender's window keeps moving and losses are reported within one round trip.
+        let ack_now = self.is_complete() || self.unacked >= 2 || !in_order || gap_filled;
+        (Insert::New, ack_now)
+    }
+
+    /// True when every fragment has arrived.
+    pub fn is_complete(&self) -> bool {
+        self.received_count == self.count
+    }
+
+    /// Builds the selective acknowledgement of what has arrived and resets the ack counter.
+    pub fn ack(&mut self) -> AckBody {
+        self.unacked = 0;
+        let mut ranges = Vec::new();
+        let mut start = None;
+        for (index, &got) in self.received.iter().enumerate() {
+            match (got, start) {
+                (true, None) => start = Some(index as u32),
+                (false, Some(s)) => {
+                    ranges.push((s, index as u32));
+                    start = None;
+                    if ranges.len() == MAX_ACK_RANGES {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            if ranges.len() < MAX_ACK_RANGES {
+                ranges.push((s, self.count));
+            }
+        }
+        AckBody {
+            complete: self.is_complete(),
+            unknown: false,
+            ranges,
+        }
+    }
+
+    /// Takes the reassembled message out (call only once complete).
+    pub fn into_message(self) -> Vec<u8> {
+        self.buffer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Kind;
+
+    /// A header for fragment `index` of a `count`-fragment, `len`-byte message.
+    fn header(index: u32, count: u32, len: u32) -> Header {
+        let mut h = Header::new(Kind::Request, 1, 1, index + 1);
+        h.frag_index = index;
+        h.frag_count = count;
+        h.message_len = len;
+        h
+    }
+
+    #[test]
+    fn reassembles_out_of_order_and_reports_ranges() {
+        let message: Vec<u8> = (0..25u8).collect();
+        let now = Instant::now();
+        let mut r = Reassembly::new(&header(0, 3, 25), now);
+        let part = |i: u32| &message[codec::fragment_range(25, 3, i)];
+        assert_eq!(r.insert(&header(2, 3, 25), part(2), now).0, Insert::New);
+        assert_eq!(r.ack().ranges, vec![(2, 3)]);
+        assert_eq!(
+            r.insert(&header(2, 3, 25), part(2), now),
+            (Insert::Duplicate, true)
+        );
+        assert_eq!(r.insert(&header(0, 3, 25), part(0), now).0, Insert::New);
+        assert_eq!(r.ack().ranges, vec![(0, 1), (2, 3)]);
+        assert!(!r.is_complete());
+        assert_eq!(
+            r.insert(&header(1, 3, 25), part(1), now),
+            (Insert::New, true)
+        );
+        assert!(r.is_complete());
+        assert!(r.ack().complete);
+        assert_eq!(r.into_message(), message);
+    }
+
+    #[test]
+    fn rejects_fragments_that_do_not_fit() {
+        let now = Instant::now();
+        let mut r = Reassembly::new(&header(0, 3, 25), now);
+        assert_eq!(r.insert(&header(0, 4, 25), &[0; 7], now).0, Insert::Invalid);
+        assert_eq!(r.insert(&header(0, 3, 26), &[0; 9], now).0, Insert::Invalid);
+        assert_eq!(r.insert(&header(0, 3, 25), &[0; 8], now).0, Insert::Invalid);
+        assert_eq!(r.insert(&header(0, 3, 25), &[0; 9], now).0, Insert::New);
+    }
+}

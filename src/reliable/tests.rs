@@ -1,0 +1,574 @@
+//! Tests of the reliable layer in virtual time: endpoints wired through a simulated network
+//! that delays, drops, duplicates and reorders datagrams. No sockets, no wall clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::codec::{Header, Kind};
+use crate::rng::Rng;
+
+/// Decides, for a datagram about to enter the network, whether it is dropped.
+type DropRule = Box<dyn FnMut(&Header, SocketAddr, SocketAddr) -> bool>;
+
+/// A datagram travelling through the simulated network.
+struct InFlight {
+    /// Sender.
+    from: SocketAddr,
+    /// Receiver.
+    to: SocketAddr,
+    /// The bytes.
+    payload: Vec<u8>,
+}
+
+/// Endpoints connected by a simulated network, with an application on each that answers
+/// every request with a function of its body after an optional execution delay.
+struct Sim {
+    /// Virtual now.
+    now: Instant,
+    /// The endpoints by address.
+    nodes: BTreeMap<SocketAddr, Endpoint>,
+    /// Datagrams in the network, by (delivery time, sequence).
+    wire: BTreeMap<(Instant, u64), InFlight>,
+    /// Sequence numbers keep same-instant deliveries in send order.
+    seq: u64,
+    /// One-way latency.
+    latency: Duration,
+    /// Probability a datagram is dropped.
+    loss: f64,
+    /// Probability a datagram is duplicated.
+    dup: f64,
+    /// Probability a datagram is held back so later ones overtake it.
+    reorder: f64,
+    /// An extra drop rule (for dropping specific kinds).
+    rule: Option<DropRule>,
+    /// Random source of the network.
+    rng: Rng,
+    /// How long the applications take to execute a request.
+    exec_delay: Duration,
+    /// Requests waiting for their execution to finish: (due, node, id, body).
+    executing: Vec<(Instant, SocketAddr, IncomingId, Vec<u8>)>,
+    /// Bodies of every request each node executed.
+    executed: HashMap<SocketAddr, Vec<Vec<u8>>>,
+    /// Responses delivered to requesters, by (requester, request id).
+    responses: HashMap<(SocketAddr, RequestId), Result<Vec<u8>, RequestError>>,
+    /// Datagrams dropped by the network, by kind.
+    dropped: HashMap<Kind, u64>,
+    /// Datagrams delivered, by kind.
+    delivered: HashMap<Kind, u64>,
+}
+
+/// The address of simulated node `n`.
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, n], 4000))
+}
+
+impl Sim {
+    /// A network of `n` endpoints with `config`, 1 ms latency and no faults.
+    fn new(n: u8, config: Config, seed: u64) -> Sim {
+        let mut rng = Rng::seeded(seed);
+        let nodes = (1..=n)
+            .map(|i| (addr(i), Endpoint::new(config.clone(), &mut rng)))
+            .collect();
+        Sim {
+            now: Instant::now(),
+            nodes,
+            wire: BTreeMap::new(),
+            seq: 0,
+            latency: Duration::from_millis(1),
+            loss: 0.0,
+            dup: 0.0,
+            reorder: 0.0,
+            rule: None,
+            rng,
+            exec_delay: Duration::ZERO,
+            executing: Vec::new(),
+            executed: HashMap::new(),
+            responses: HashMap::new(),
+            dropped: HashMap::new(),
+            delivered: HashMap::new(),
+        }
+    }
+
+    /// The endpoint at `at`.
+    fn node(&mut self, at: SocketAddr) -> &mut Endpoint {
+        self.nodes.get_mut(&at).expect("no such node")
+    }
+
+    /// Starts a request from `from` to `to` and returns its handle.
+    fn request(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        body: Vec<u8>,
+    ) -> (SocketAddr, RequestId) {
+        let now = self.now;
+        let id = self
+            .node(from)
+            .request(now, to, body, None)
+            .expect("request");
+        self.flush();
+        (from, id)
+    }
+
+    /// Moves every queued datagram into the network and every event to the applications.
+    fn flush(&mut self) {
+        let addrs: Vec<SocketAddr> = self.nodes.keys().copied().collect();
+        for at in addrs {
+            while let Some(t) = self.node(at).poll_transmit() {
+                self.send(at, t);
+            }
+            while let Some(event) = self.node(at).poll_event() {
+                match event {
+                    Event::Request { id, body, .. } => {
+                        self.executed.entry(at).or_default().push(body.clone());
+                        self.executing
+                            .push((self.now + self.exec_delay, at, id, body));
+                    }
+                    Event::Response { id, result } => {
+                        let twice = self.responses.insert((at, id), result).is_some();
+                        assert!(!twice, "two outcomes for request {id} of {at}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the network's faults to one datagram and schedules its delivery.
+    fn send(&mut self, from: SocketAddr, t: Transmit) {
+        let header = Header::decode(&t.payload)
+            .expect("endpoints send valid datagrams")
+            .0;
+        let ruled_out = self
+            .rule
+            .as_mut()
+            .is_some_and(|rule| rule(&header, from, t.dst));
+        if ruled_out || self.rng.chance(self.loss) {
+            *self.dropped.entry(header.kind).or_default() += 1;
+            return;
+        }
+        let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
+        for _ in 0..copies {
+            let mut at = self.now + self.latency;
+            if self.rng.chance(self.reorder) {
+                at += Duration::from_micros(self.rng.below(5_000));
+            }
+            self.seq += 1;
+            let payload = t.payload.clone();
+            self.wire.insert(
+                (at, self.seq),
+                InFlight {
+                    from,
+                    to: t.dst,
+                    payload,
+                },
+            );
+        }
+    }
+
+    /// The next instant anything happens.
+    fn next_instant(&self) -> Option<Instant> {
+        let delivery = self.wire.keys().next().map(|&(at, _)| at);
+        let timers = self.nodes.values().filter_map(Endpoint::poll_timeout).min();
+        let execution = self.executing.iter().map(|&(at, ..)| at).min();
+        [delivery, timers, execution].into_iter().flatten().min()
+    }
+
+    /// Runs until `done` holds or `limit` of virtual time passes; returns whether `done` held.
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.now + limit;
+        while !done(self) {
+            let Some(next) = self.next_instant() else {
+                return false;
+            };
+            if next > end {
+                return false;
+            }
+            self.now = self.now.max(next);
+            let now = self.now;
+            while let Some(entry) = self.wire.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let d = entry.remove();
+                if let Ok((h, _)) = Header::decode(&d.payload) {
+                    *self.delivered.entry(h.kind).or_default() += 1;
+                }
+                self.node(d.to).handle_datagram(now, d.from, &d.payload);
+            }
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.executing.drain(..).partition(|&(at, ..)| at <= now);
+            self.executing = later;
+            for (_, at, id, body) in due {
+                let answer = answer_for(&body);
+                self.node(at).respond(now, id, answer).expect("respond");
+            }
+            for endpoint in self.nodes.values_mut() {
+                if endpoint.poll_timeout().is_some_and(|t| t <= now) {
+                    endpoint.handle_timeout(now);
+                }
+            }
+            self.flush();
+        }
+        true
+    }
+
+    /// Runs until request `id` has an outcome (at most a virtual minute) and returns it.
+    fn outcome(&mut self, id: (SocketAddr, RequestId)) -> Result<Vec<u8>, RequestError> {
+        assert!(self.run_until(Duration::from_secs(60), |s| s.responses.contains_key(&id)));
+        self.responses.remove(&id).expect("outcome present")
+    }
+
+    /// How many requests node `at` executed.
+    fn executions(&self, at: SocketAddr) -> usize {
+        self.executed.get(&at).map_or(0, Vec::len)
+    }
+}
+
+/// The simulated application's answer to a request: the body reversed, or, for a body
+/// starting with `big:`, a 1 MiB response.
+fn answer_for(body: &[u8]) -> Vec<u8> {
+    if body.starts_with(b"big:") {
+        (0..(1 << 20)).map(|i: u32| (i % 251) as u8).collect()
+    } else {
+        body.iter().rev().copied().collect()
+    }
+}
+
+/// A body of `len` bytes with a recognisable pattern.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 239) as u8).collect()
+}
+
+#[test]
+fn a_small_request_costs_two_datagrams() {
+    let mut sim = Sim::new(2, Config::default(), 1);
+    let id = sim.request(addr(1), addr(2), b"hello".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"olleh");
+    assert_eq!(sim.node(addr(1)).stats().datagrams_sent, 1);
+    assert_eq!(sim.node(addr(2)).stats().datagrams_sent, 1);
+    assert_eq!(sim.executions(addr(2)), 1);
+}
+
+#[test]
+fn a_lost_request_is_retransmitted_and_executed_once() {
+    let mut sim = Sim::new(2, Config::default(), 2);
+    let mut first = true;
+    sim.rule = Some(Box::new(move |h, _, _| {
+        h.kind == Kind::Request && std::mem::take(&mut first)
+    }));
+    let id = sim.request(addr(1), addr(2), b"abc".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"cba");
+    assert_eq!(sim.dropped[&Kind::Request], 1);
+    assert_eq!(sim.node(addr(1)).stats().retransmissions, 1);
+    assert_eq!(sim.executions(addr(2)), 1);
+}
+
+#[test]
+fn a_lost_response_is_answered_from_the_cache_without_executing_again() {
+    let mut sim = Sim::new(2, Config::default(), 3);
+    let mut first = true;
+    sim.rule = Some(Box::new(move |h, _, _| {
+        h.kind == Kind::Response && std::mem::take(&mut first)
+    }));
+    let id = sim.request(addr(1), addr(2), b"abc".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"cba");
+    assert_eq!(sim.executions(addr(2)), 1);
+    let stats = sim.node(addr(2)).stats().clone();
+    assert_eq!(stats.responses_from_cache, 1);
+    assert_eq!(stats.duplicates_suppressed, 1);
+}
+
+#[test]
+fn a_request_retransmitted_many_times_while_executing_runs_once() {
+    let mut sim = Sim::new(2, Config::default(), 4);
+    // The application takes 3 s; meanwhile every retransmission must be suppressed, and the
+    // "still executing" acks must keep the requester from giving up.
+    sim.exec_delay = Duration::from_secs(3);
+    let id = sim.request(addr(1), addr(2), b"slow".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"wols");
+    assert_eq!(sim.executions(addr(2)), 1);
+    let requester = sim.node(addr(1)).stats().clone();
+    let responder = sim.node(addr(2)).stats().clone();
+    assert!(
+        requester.retransmissions + requester.probes_sent >= 3,
+        "{requester:?}"
+    );
+    assert!(responder.duplicates_suppressed >= 1, "{responder:?}");
+}
+
+#[test]
+fn every_datagram_kind_can_be_lost_and_a_fragmented_exchange_still_completes() {
+    for lost_kind in [Kind::Request, Kind::Response, Kind::Ack, Kind::Probe] {
+        let mut sim = Sim::new(2, Config::default(), 5);
+        sim.exec_delay = Duration::from_millis(300); // long enough for probes to be sent
+        let mut budget = 3;
+        sim.rule = Some(Box::new(move |h, _, _| {
+            if h.kind == lost_kind && budget > 0 {
+                budget -= 1;
+                return true;
+            }
+            false
+        }));
+        let mut body = b"big:".to_vec();
+        body.extend(pattern(20_000));
+        let id = sim.request(addr(1), addr(2), body);
+        let response = sim
+            .outcome(id)
+            .unwrap_or_else(|e| panic!("losing {lost_kind:?}: {e}"));
+        assert_eq!(response, answer_for(b"big:"), "losing {lost_kind:?}");
+        assert_eq!(sim.executions(addr(2)), 1, "losing {lost_kind:?}");
+        assert_eq!(
+            sim.dropped.get(&lost_kind),
+            Some(&3),
+            "three {lost_kind:?} datagrams lost"
+        );
+    }
+}
+
+#[test]
+fn duplicated_and_reordered_datagrams_never_execute_twice() {
+    let mut sim = Sim::new(3, Config::default(), 6);
+    sim.dup = 0.5;
+    sim.reorder = 0.5;
+    let mut ids = Vec::new();
+    for i in 0..50u8 {
+        let body = if i % 10 == 0 {
+            pattern(10_000 + usize::from(i))
+        } else {
+            vec![i; 10]
+        };
+        ids.push((sim.request(addr(1), addr(2), body.clone()), body.clone()));
+        ids.push((sim.request(addr(3), addr(2), body.clone()), body));
+    }
+    for (id, body) in ids {
+        assert_eq!(sim.outcome(id).unwrap(), answer_for(&body));
+    }
+    assert_eq!(sim.executions(addr(2)), 100);
+    assert!(sim.node(addr(2)).stats().duplicates_suppressed > 0);
+}
+
+#[test]
+fn a_megabyte_completes_under_20_percent_loss_resending_only_missing_fragments() {
+    let mut sim = Sim::new(2, Config::default(), 7);
+    // Drop 20% of the request's data fragments; acks get through, so every resend must be
+    // of a fragment that really was lost.
+    let mut rng = Rng::seeded(99);
+    sim.rule = Some(Box::new(move |h, _, _| {
+        h.kind == Kind::Request && rng.chance(0.2)
+    }));
+    let body = pattern(1 << 20);
+    let id = sim.request(addr(1), addr(2), body.clone());
+    assert_eq!(sim.outcome(id).unwrap(), answer_for(&body));
+    let lost = sim.dropped[&Kind::Request];
+    let stats = sim.node(addr(1)).stats().clone();
+    assert!(lost > 100, "the test must actually lose fragments: {lost}");
+    assert_eq!(
+        stats.retransmissions, lost,
+        "resent exactly the lost fragments"
+    );
+    assert_eq!(sim.executions(addr(2)), 1);
+}
+
+#[test]
+fn a_megabyte_each_way_completes_under_20_percent_loss_in_both_directions() {
+    let mut sim = Sim::new(2, Config::default(), 8);
+    sim.loss = 0.2;
+    let mut body = b"big:".to_vec();
+    body.extend(pattern(1 << 20));
+    let id = sim.request(addr(1), addr(2), body);
+    assert_eq!(sim.outcome(id).unwrap(), answer_for(b"big:"));
+    assert_eq!(sim.executions(addr(2)), 1);
+    // Resends stay proportionate: fewer than the fragments sent in all.
+    let fragments = (1u64 << 20) / 1340;
+    let resent =
+        sim.node(addr(1)).stats().retransmissions + sim.node(addr(2)).stats().retransmissions;
+    assert!(
+        resent < fragments,
+        "{resent} resends for {fragments} fragments each way"
+    );
+}
+
+#[test]
+fn rto_adapts_to_the_measured_round_trip() {
+    let mut sim = Sim::new(2, Config::default(), 9);
+    sim.latency = Duration::from_millis(60);
+    for _ in 0..20 {
+        let id = sim.request(addr(1), addr(2), b"x".to_vec());
+        sim.outcome(id).unwrap();
+    }
+    let srtt = sim.node(addr(1)).srtt(addr(2)).expect("measured");
+    assert!(
+        srtt >= Duration::from_millis(115) && srtt <= Duration::from_millis(125),
+        "{srtt:?}"
+    );
+    assert!(sim.node(addr(1)).rto(addr(2)) >= Duration::from_millis(120));
+    sim.latency = Duration::from_millis(1);
+    for _ in 0..60 {
+        let id = sim.request(addr(1), addr(2), b"x".to_vec());
+        sim.outcome(id).unwrap();
+    }
+    let rto = sim.node(addr(1)).rto(addr(2));
+    assert!(rto <= Duration::from_millis(30), "RTO came down to {rto:?}");
+    // Only the very first request, sent with the initial 100 ms RTO before any sample on a
+    // 120 ms path, is resent; once measured, nothing is resent spuriously.
+    assert_eq!(
+        sim.node(addr(1)).stats().retransmissions,
+        1,
+        "no spurious resends"
+    );
+}
+
+#[test]
+fn a_silent_peer_times_out_after_bounded_attempts() {
+    let mut sim = Sim::new(2, Config::default(), 10);
+    sim.loss = 1.0;
+    let id = sim.request(addr(1), addr(2), b"anyone?".to_vec());
+    let started = sim.now;
+    assert_eq!(
+        sim.outcome(id),
+        Err(RequestError::Timeout { peer: addr(2) })
+    );
+    let config = Config::default();
+    assert_eq!(
+        sim.node(addr(1)).stats().retransmissions,
+        u64::from(config.max_attempts)
+    );
+    assert!(sim.now - started <= config.max_rto * (config.max_attempts + 1));
+    assert_eq!(sim.node(addr(1)).outstanding(), 0);
+}
+
+#[test]
+fn a_deadline_bounds_the_request() {
+    let mut sim = Sim::new(2, Config::default(), 11);
+    sim.loss = 1.0;
+    let now = sim.now;
+    let deadline = now + Duration::from_millis(250);
+    let id = (
+        addr(1),
+        sim.node(addr(1))
+            .request(now, addr(2), b"x".to_vec(), Some(deadline))
+            .unwrap(),
+    );
+    sim.flush();
+    assert!(matches!(sim.outcome(id), Err(RequestError::Timeout { .. })));
+    assert!(
+        sim.now <= deadline + Duration::from_millis(1),
+        "gave up at the deadline"
+    );
+}
+
+#[test]
+fn unreachable_fails_every_request_to_that_peer() {
+    let mut sim = Sim::new(3, Config::default(), 12);
+    sim.loss = 1.0;
+    let a = sim.request(addr(1), addr(2), b"a".to_vec());
+    let b = sim.request(addr(1), addr(3), b"b".to_vec());
+    let now = sim.now;
+    sim.node(addr(1)).handle_unreachable(now, addr(2));
+    sim.flush();
+    assert_eq!(
+        sim.responses.remove(&a),
+        Some(Err(RequestError::Unreachable { peer: addr(2) }))
+    );
+    assert!(!sim.responses.contains_key(&b));
+}
+
+#[test]
+fn a_restarted_responder_gets_the_request_again() {
+    let mut sim = Sim::new(2, Config::default(), 13);
+    sim.exec_delay = Duration::from_millis(200);
+    let id = sim.request(addr(1), addr(2), pattern(5_000));
+    // Let the request arrive and start executing, then "restart" the responder.
+    sim.run_until(Duration::from_millis(20), |_| false);
+    let mut rng = Rng::seeded(77);
+    sim.nodes
+        .insert(addr(2), Endpoint::new(Config::default(), &mut rng));
+    sim.executing.clear();
+    assert_eq!(sim.outcome(id).unwrap(), answer_for(&pattern(5_000)));
+    assert_eq!(
+        sim.executions(addr(2)),
+        2,
+        "once per incarnation of the responder"
+    );
+}
+
+#[test]
+fn answered_requests_expire_from_the_cache() {
+    let config = Config {
+        dedup_ttl: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(2, config, 14);
+    for i in 0..10u8 {
+        let id = sim.request(addr(1), addr(2), vec![i]);
+        sim.outcome(id).unwrap();
+    }
+    assert_eq!(sim.node(addr(2)).cached_entries(), 10);
+    sim.run_until(Duration::from_secs(6), |_| false);
+    assert_eq!(sim.node(addr(2)).cached_entries(), 0);
+}
+
+#[test]
+fn the_response_cache_is_bounded_in_entries() {
+    let config = Config {
+        dedup_max_entries: 8,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(2, config, 15);
+    for i in 0..30u8 {
+        let id = sim.request(addr(1), addr(2), vec![i]);
+        sim.outcome(id).unwrap();
+    }
+    assert!(sim.node(addr(2)).cached_entries() <= 8);
+}
+
+#[test]
+fn fragment_floods_are_bounded_and_abandoned() {
+    let config = Config {
+        reassembly_per_peer: 100_000,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(2, config, 16);
+    let now = sim.now;
+    let attacker = addr(9);
+    // 1000 "first fragments" of 50 KB messages that never finish, each from a new incarnation.
+    for i in 0..1000u64 {
+        let mut h = Header::new(Kind::Request, 1000 + i, 1, 1);
+        h.frag_count = 40;
+        h.message_len = 50_000;
+        let payload = vec![0u8; codec::fragment_range(50_000, 40, 0).len()];
+        sim.node(addr(2))
+            .handle_datagram(now, attacker, &codec::encode_datagram(&h, &payload));
+    }
+    let stats = sim.node(addr(2)).stats().clone();
+    assert_eq!(
+        stats.refused_over_limit, 998,
+        "only two 50 KB messages fit in 100 KB"
+    );
+    assert_eq!(sim.node(addr(2)).cached_entries(), 2);
+    sim.run_until(Duration::from_secs(11), |_| false);
+    assert_eq!(
+        sim.node(addr(2)).cached_entries(),
+        0,
+        "stalled reassemblies are dropped"
+    );
+    // And the node still serves.
+    let id = sim.request(addr(1), addr(2), b"ok".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"ko");
+}
+
+#[test]
+fn junk_datagrams_are_counted_and_dropped() {
+    let mut sim = Sim::new(2, Config::default(), 17);
+    let now = sim.now;
+    let mut rng = Rng::seeded(5);
+    for len in 0..500usize {
+        let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        sim.node(addr(2)).handle_datagram(now, addr(1), &junk);
+    }
+    assert_eq!(sim.node(addr(2)).stats().bad_datagrams, 500);
+    let id = sim.request(addr(1), addr(2), b"still here".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"ereh llits");
+}

@@ -1,0 +1,939 @@
+//! The view leader's lock service: a sans-IO table of named locks.
+//!
+//! This module owns every lock's holder, its FIFO queue of waiting requests, the renewal and
+//! confirmation timeouts, withdrawal of abandoned requests, release of a departed server's
+//! locks, and deadlock detection over the wait-for graph. It never reads the clock: every
+//! input carries the current [`Instant`], and [`LockTable::poll_timeout`] tells the driver
+//! when [`LockTable::handle_timeout`] next has work.
+//!
+//! Protocol in brief: a `get` on a free lock (or by its holder) is granted at once; otherwise
+//! the requester is queued and renews its request by repeating the `get`. When the holder
+//! releases, the head waiter becomes the holder at once but *unconfirmed*; its next renewal
+//! returns [`LockGetOutcome::Granted`] and confirms the grant. Waiting requests not renewed,
+//! and grants not confirmed, within [`LockConfig::renew_timeout`] are dropped (a revoked grant
+//! passes on to the next waiter). A confirmed holder keeps the lock until it releases it.
+//!
+//! Every operation on a lock first applies that lock's due timeouts, so the outcome does not
+//! depend on how promptly the driver calls [`LockTable::handle_timeout`].
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+
+/// Tuning and bounds of a [`LockTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockConfig {
+    /// How long a waiting request lives without a renewal, and how long a grant made to a
+    /// waiter stays unconfirmed before it is revoked.
+    pub renew_timeout: Duration,
+    /// The most distinct locks the table holds at once; a `get` that would add one more
+    /// returns [`LockGetOutcome::Busy`].
+    pub max_locks: usize,
+    /// The most waiting requests one lock queues; a `get` that would queue one more returns
+    /// [`LockGetOutcome::Busy`].
+    pub max_waiters_per_lock: usize,
+}
+
+impl Default for LockConfig {
+    /// The contract's values: a 1 s renewal timeout, 100 000 locks, 10 000 waiters per lock.
+    fn default() -> LockConfig {
+        LockConfig {
+            renew_timeout: Duration::from_secs(1),
+            max_locks: 100_000,
+            max_waiters_per_lock: 10_000,
+        }
+    }
+}
+
+/// The answer to a `lock_get` (a first request or a renewal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockGetOutcome {
+    /// The requester holds the lock: it was free, already held by this requester, or granted
+    /// while the requester waited (this renewal confirms that grant).
+    Granted,
+    /// The request is queued (or its renewal was recorded) behind the current holder.
+    Waiting {
+        /// The requester currently holding the lock.
+        holder: String,
+        /// The request's place in the queue; 1 means next in line.
+        position: usize,
+    },
+    /// Waiting would close a cycle in the wait-for graph. The request was not queued (a
+    /// renewal's existing wait is removed); locks already held stay held.
+    Deadlock {
+        /// The cycle in wait order, starting with the requester:
+        /// `[requester, lock, holder, lock2, holder2, ..., lock_k]`, where `lock_k` is held by
+        /// the requester.
+        cycle: Vec<String>,
+    },
+    /// A bound was reached: the lock would be one more than [`LockConfig::max_locks`], or its
+    /// queue one longer than [`LockConfig::max_waiters_per_lock`]. Nothing changed; the
+    /// client may retry later.
+    Busy,
+}
+
+/// The answer to a `lock_release`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockReleaseOutcome {
+    /// The requester held the lock; it passed to the next waiter or became free.
+    Released,
+    /// The requester does not hold the lock (it may be free, held by another, or the
+    /// requester may only be waiting for it). Nothing changed.
+    NotHolder,
+}
+
+/// The requester holding a lock.
+#[derive(Debug, Clone)]
+struct Holder {
+    /// The requester's name.
+    name: String,
+    /// False for a grant made to a waiter that has not yet renewed to learn of it.
+    confirmed: bool,
+    /// When the lock was granted to this holder; an unconfirmed grant expires
+    /// `renew_timeout` later.
+    granted_at: Instant,
+}
+
+/// One queued request.
+#[derive(Debug, Clone)]
+struct Waiter {
+    /// The requester's name.
+    name: String,
+    /// When the request was made or last renewed; it expires `renew_timeout` later.
+    renewed_at: Instant,
+}
+
+/// One lock in the table. A lock with no holder is removed from the table, so every entry
+/// has a holder (and a lock with waiters therefore always has one to wait for).
+#[derive(Debug, Clone)]
+struct LockState {
+    /// The current holder.
+    holder: Holder,
+    /// Waiting requests in FIFO order; each name appears at most once.
+    waiters: VecDeque<Waiter>,
+}
+
+impl LockState {
+    /// Returns the 0-based queue index of `requester`'s waiting request, if it has one.
+    fn queue_index(&self, requester: &str) -> Option<usize> {
+        self.waiters.iter().position(|w| w.name == requester)
+    }
+}
+
+/// The wait-for graph's requester-to-lock edges: for each requester name, the locks it is
+/// queued for (several clients may share a name). Kept in step with every queue change.
+#[derive(Debug, Default)]
+struct WaitIndex {
+    /// Requester name to the names of the locks it waits for; never holds an empty set.
+    by_requester: HashMap<String, BTreeSet<String>>,
+}
+
+impl WaitIndex {
+    /// Records that `requester` waits for `lock`.
+    fn add(&mut self, requester: &str, lock: &str) {
+        self.by_requester
+            .entry(requester.to_owned())
+            .or_default()
+            .insert(lock.to_owned());
+    }
+
+    /// Forgets that `requester` waits for `lock` (no-op if it did not).
+    fn remove(&mut self, requester: &str, lock: &str) {
+        if let Some(locks) = self.by_requester.get_mut(requester) {
+            locks.remove(lock);
+            if locks.is_empty() {
+                self.by_requester.remove(requester);
+            }
+        }
+    }
+
+    /// Returns the locks `requester` waits for, in name order (empty if none).
+    fn locks_of<'a>(&'a self, requester: &str) -> impl Iterator<Item = &'a str> + 'a {
+        self.by_requester
+            .get(requester)
+            .into_iter()
+            .flat_map(|locks| locks.iter().map(String::as_str))
+    }
+}
+
+/// The lock table: every lock with a holder, its waiters, and the wait-for index.
+#[derive(Debug)]
+pub struct LockTable {
+    /// Timeouts and bounds.
+    config: LockConfig,
+    /// Lock name to its state; only locks with a holder are present.
+    locks: HashMap<String, LockState>,
+    /// Which locks each requester waits for (for the deadlock walk).
+    waits: WaitIndex,
+}
+
+impl LockTable {
+    /// Builds an empty table with the given timeouts and bounds.
+    pub fn new(config: LockConfig) -> LockTable {
+        LockTable {
+            config,
+            locks: HashMap::new(),
+            waits: WaitIndex::default(),
+        }
+    }
+
+    /// Handles `lock_get lock requester` at `now`: a first request or a renewal. Grants a
+    /// free lock (or confirms a pending grant), queues or renews a wait, or refuses the wait
+    /// with `Deadlock` or `Busy`; see [`LockGetOutcome`].
+    pub fn get(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
+        self.expire(now, lock);
+        let holder = match self.locks.get_mut(lock) {
+            None => return self.grant_free(now, lock, requester),
+            Some(state) if state.holder.name == requester => {
+                if !state.holder.confirmed {
+                    state.holder.confirmed = true;
+                    info!("lock {lock}: grant to {requester} confirmed");
+                }
+                return LockGetOutcome::Granted;
+            }
+            Some(state) => state.holder.name.clone(),
+        };
+        // A renewal is checked too: grants passed on since the wait began can close a cycle
+        // when several clients share a requester name.
+        if let Some(cycle) = self.find_cycle(lock, requester, &holder) {
+            self.remove_waiter(lock, requester);
+            info!("lock {lock}: {requester} refused, deadlock {cycle:?}");
+            return LockGetOutcome::Deadlock { cycle };
+        }
+        self.enqueue_or_renew(now, lock, requester, holder)
+    }
+
+    /// Handles `lock_release lock requester` at `now`: if `requester` holds the lock
+    /// (confirmed or not), passes it on and returns `Released`; otherwise `NotHolder`.
+    pub fn release(&mut self, now: Instant, lock: &str, requester: &str) -> LockReleaseOutcome {
+        self.expire(now, lock);
+        if self.holder(lock) != Some(requester) {
+            return LockReleaseOutcome::NotHolder;
+        }
+        info!("lock {lock}: released by {requester}");
+        self.pass_on(now, lock);
+        LockReleaseOutcome::Released
+    }
+
+    /// Withdraws `requester`'s interest in `lock` at `now` (its `lock_get` gave up): removes
+    /// its waiting request, or, if a grant raced the withdrawal, releases the lock to the next
+    /// waiter. Returns true if a wait or a hold of `requester` was removed.
+    pub fn withdraw(&mut self, now: Instant, lock: &str, requester: &str) -> bool {
+        self.expire(now, lock);
+        if self.remove_waiter(lock, requester) {
+            debug!("lock {lock}: {requester} withdrew its request");
+            return true;
+        }
+        if self.holder(lock) == Some(requester) {
+            info!("lock {lock}: {requester} withdrew after being granted; releasing");
+            self.pass_on(now, lock);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets departed servers at `now`: removes every waiting request of `requesters` and
+    /// releases every lock they hold (passing it on). Returns the released locks' names,
+    /// sorted.
+    pub fn release_all_of(&mut self, now: Instant, requesters: &[&str]) -> Vec<String> {
+        for &name in requesters {
+            let Some(waited) = self.waits.by_requester.remove(name) else {
+                continue;
+            };
+            for lock in waited {
+                if let Some(state) = self.locks.get_mut(&lock) {
+                    state.waiters.retain(|w| w.name != name);
+                    debug!("lock {lock}: request of departed {name} removed");
+                }
+            }
+        }
+        let gone: HashSet<&str> = requesters.iter().copied().collect();
+        let mut held: Vec<String> = self
+            .locks
+            .iter()
+            .filter(|(_, state)| gone.contains(state.holder.name.as_str()))
+            .map(|(lock, _)| lock.clone())
+            .collect();
+        held.sort();
+        for lock in &held {
+            info!("lock {lock}: released, its holder left the view");
+            self.pass_on(now, lock);
+        }
+        held
+    }
+
+    /// Applies every due timeout at `now`: drops waiting requests not renewed within
+    /// `renew_timeout`, and revokes unconfirmed grants older than that (passing them on).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let timeout = self.config.renew_timeout;
+        let waits = &mut self.waits;
+        self.locks
+            .retain(|lock, state| expire_state(lock, state, waits, now, timeout));
+    }
+
+    /// Returns the earliest instant at which [`LockTable::handle_timeout`] has work (a
+    /// waiter's renewal or an unconfirmed grant's confirmation falls due), or None.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        // A plain scan of every lock and waiter: tables are small, and a scan cannot drift
+        // out of step the way a separate timer index could.
+        let timeout = self.config.renew_timeout;
+        self.locks
+            .values()
+            .flat_map(|state| {
+                let grant = (!state.holder.confirmed).then_some(state.holder.granted_at);
+                grant
+                    .into_iter()
+                    .chain(state.waiters.iter().map(|w| w.renewed_at))
+            })
+            .filter_map(|since| since.checked_add(timeout))
+            .min()
+    }
+
+    /// Returns the name of `lock`'s holder (confirmed or not), or None if it is free.
+    pub fn holder(&self, lock: &str) -> Option<&str> {
+        self.locks.get(lock).map(|state| state.holder.name.as_str())
+    }
+
+    /// Returns the number of locks in the table (held locks; free ones are not kept).
+    pub fn len(&self) -> usize {
+        self.locks.len()
+    }
+
+    /// Returns true if no lock is held.
+    pub fn is_empty(&self) -> bool {
+        self.locks.is_empty()
+    }
+
+    /// Grants the absent (free) `lock` to `requester` at `now`, confirmed, unless the table
+    /// is full (`Busy`).
+    fn grant_free(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
+        if self.locks.len() >= self.config.max_locks {
+            debug!("lock {lock}: {requester} refused, table full");
+            return LockGetOutcome::Busy;
+        }
+        let holder = Holder {
+            name: requester.to_owned(),
+            confirmed: true,
+            granted_at: now,
+        };
+        self.locks.insert(
+            lock.to_owned(),
+            LockState {
+                holder,
+                waiters: VecDeque::new(),
+            },
+        );
+        debug!("lock {lock}: granted to {requester}");
+        LockGetOutcome::Granted
+    }
+
+    /// Renews `requester`'s existing wait for `lock` at `now`, or queues a new one unless the
+    /// queue is full (`Busy`). `holder` is the lock's current holder, for the answer.
+    fn enqueue_or_renew(
+        &mut self,
+        now: Instant,
+        lock: &str,
+        requester: &str,
+        holder: String,
+    ) -> LockGetOutcome {
+        let Some(state) = self.locks.get_mut(lock) else {
+            // Not reachable (the caller saw a holder), but a missing lock is simply free.
+            return self.grant_free(now, lock, requester);
+        };
+        if let Some(index) = state.queue_index(requester) {
+            if let Some(waiter) = state.waiters.get_mut(index) {
+                waiter.renewed_at = now;
+            }
+            return LockGetOutcome::Waiting {
+                holder,
+                position: index + 1,
+            };
+        }
+        if state.waiters.len() >= self.config.max_waiters_per_lock {
+            debug!("lock {lock}: {requester} refused, queue full");
+            return LockGetOutcome::Busy;
+        }
+        state.waiters.push_back(Waiter {
+            name: requester.to_owned(),
+            renewed_at: now,
+        });
+        let position = state.waiters.len();
+        self.waits.add(requester, lock);
+        debug!("lock {lock}: {requester} waits behind {holder} at position {position}");
+        LockGetOutcome::Waiting { holder, position }
+    }
+
+    /// Removes `requester`'s waiting request for `lock`; returns true if there was one.
+    fn remove_waiter(&mut self, lock: &str, requester: &str) -> bool {
+        let Some(state) = self.locks.get_mut(lock) else {
+            return false;
+        };
+        let Some(index) = state.queue_index(requester) else {
+            return false;
+        };
+        state.waiters.remove(index);
+        self.waits.remove(requester, lock);
+        true
+    }
+
+    /// Takes `lock` from its holder at `now` and grants it (unconfirmed) to the first waiter
+    /// still live, or removes the lock from the table if none is.
+    fn pass_on(&mut self, now: Instant, lock: &str) {
+        let timeout = self.config.renew_timeout;
+        let Some(state) = self.locks.get_mut(lock) else {
+            return;
+        };
+        match next_holder(lock, &mut state.waiters, &mut self.waits, now, timeout) {
+            Some(holder) => state.holder = holder,
+            None => {
+                self.locks.remove(lock);
+                debug!("lock {lock}: now free");
+            }
+        }
+    }
+
+    /// Applies `lock`'s due timeouts at `now` (see [`expire_state`]), removing it if it
+    /// became free.
+    fn expire(&mut self, now: Instant, lock: &str) {
+        let timeout = self.config.renew_timeout;
+        let Some(state) = self.locks.get_mut(lock) else {
+            return;
+        };
+        if !expire_state(lock, state, &mut self.waits, now, timeout) {
+            self.locks.remove(lock);
+        }
+    }
+
+    /// Looks for a wait-for cycle that `requester` waiting for `lock` (held by `holder`)
+    /// would close. Walks depth-first from `holder` through the locks each requester waits
+    /// for and their holders, visiting each requester once. Returns the cycle in wait order
+    /// (see [`LockGetOutcome::Deadlock`]) or None.
+    fn find_cycle<'a>(
+        &'a self,
+        lock: &'a str,
+        requester: &'a str,
+        holder: &'a str,
+    ) -> Option<Vec<String>> {
+        // For each requester reached: (the lock it holds that led here, the waiter on it).
+        let mut parent: HashMap<&str, (&str, &str)> = HashMap::new();
+        let mut visited: HashSet<&str> = HashSet::from([holder]);
+        let mut stack = vec![holder];
+        while let Some(current) = stack.pop() {
+            // The locks `current` waits for, in name order, each with its holder.
+            let edges: Vec<(&str, &str)> = self
+                .waits
+                .locks_of(current)
+                .filter_map(|waited| Some((waited, self.locks.get(waited)?.holder.name.as_str())))
+                .collect();
+            if let Some(&(waited, _)) = edges.iter().find(|&&(_, next)| next == requester) {
+                return Some(trace_cycle(
+                    &parent, lock, requester, holder, waited, current,
+                ));
+            }
+            // Pushed in reverse so that the walk explores them in name order.
+            for &(waited, next) in edges.iter().rev() {
+                if visited.insert(next) {
+                    parent.insert(next, (waited, current));
+                    stack.push(next);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Builds the cycle found by [`LockTable::find_cycle`]: `requester` waits for `lock` held by
+/// `holder`, ..., `last_waiter` waits for `last_lock` held by `requester`. Follows `parent`
+/// back from `last_waiter` to `holder` and returns `[requester, lock, holder, ..., last_lock]`.
+fn trace_cycle(
+    parent: &HashMap<&str, (&str, &str)>,
+    lock: &str,
+    requester: &str,
+    holder: &str,
+    last_lock: &str,
+    last_waiter: &str,
+) -> Vec<String> {
+    let mut reversed = vec![last_lock, last_waiter];
+    let mut at = last_waiter;
+    while at != holder {
+        let Some(&(held, waiter)) = parent.get(at) else {
+            break;
+        };
+        reversed.push(held);
+        reversed.push(waiter);
+        at = waiter;
+    }
+    reversed.push(lock);
+    reversed.push(requester);
+    reversed.into_iter().rev().map(str::to_owned).collect()
+}
+
+/// Applies `lock`'s due timeouts at `now`: drops waiters not renewed within `timeout` and
+/// revokes an unconfirmed grant older than `timeout`, passing it on. Keeps `waits` in step.
+/// Returns false if the lock became free (the caller removes it from the table).
+fn expire_state(
+    lock: &str,
+    state: &mut LockState,
+    waits: &mut WaitIndex,
+    now: Instant,
+    timeout: Duration,
+) -> bool {
+    state.waiters.retain(|w| {
+        if !expired(w.renewed_at, timeout, now) {
+            return true;
+        }
+        info!("lock {lock}: request of {} dropped, not renewed", w.name);
+        waits.remove(&w.name, lock);
+        false
+    });
+    let holder = &state.holder;
+    if holder.confirmed || !expired(holder.granted_at, timeout, now) {
+        return true;
+    }
+    info!("lock {lock}: unconfirmed grant to {} revoked", holder.name);
+    match next_holder(lock, &mut state.waiters, waits, now, timeout) {
+        Some(next) => {
+            state.holder = next;
+            true
+        }
+        None => {
+            debug!("lock {lock}: now free");
+            false
+        }
+    }
+}
+
+/// Pops `lock`'s waiters (keeping `waits` in step) until one still live at `now` is found,
+/// and returns it as the new, unconfirmed holder granted at `now`; None if no live waiter.
+fn next_holder(
+    lock: &str,
+    waiters: &mut VecDeque<Waiter>,
+    waits: &mut WaitIndex,
+    now: Instant,
+    timeout: Duration,
+) -> Option<Holder> {
+    while let Some(waiter) = waiters.pop_front() {
+        waits.remove(&waiter.name, lock);
+        if expired(waiter.renewed_at, timeout, now) {
+            info!(
+                "lock {lock}: request of {} dropped, not renewed",
+                waiter.name
+            );
+            continue;
+        }
+        info!(
+            "lock {lock}: granted to waiter {} (unconfirmed)",
+            waiter.name
+        );
+        return Some(Holder {
+            name: waiter.name,
+            confirmed: false,
+            granted_at: now,
+        });
+    }
+    None
+}
+
+/// Returns true if something stamped at `since` has lived `timeout` or more at `now`. A
+/// deadline beyond the range of [`Instant`] never expires.
+fn expired(since: Instant, timeout: Duration, now: Instant) -> bool {
+    since
+        .checked_add(timeout)
+        .is_some_and(|deadline| now >= deadline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns a table with the default configuration (1 s renewal timeout).
+    fn table() -> LockTable {
+        LockTable::new(LockConfig::default())
+    }
+
+    /// Returns the instant `ms` milliseconds after `base` (virtual time).
+    fn at(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    /// Builds the `Waiting` outcome for `holder` and `position`.
+    fn waiting(holder: &str, position: usize) -> LockGetOutcome {
+        LockGetOutcome::Waiting {
+            holder: holder.to_owned(),
+            position,
+        }
+    }
+
+    /// Returns the names queued for `lock`, in order (empty if the lock is absent).
+    fn queue(table: &LockTable, lock: &str) -> Vec<String> {
+        table
+            .locks
+            .get(lock)
+            .map(|s| s.waiters.iter().map(|w| w.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Returns whether `lock`'s current grant is confirmed (None if the lock is free).
+    fn confirmed(table: &LockTable, lock: &str) -> Option<bool> {
+        table.locks.get(lock).map(|s| s.holder.confirmed)
+    }
+
+    /// Builds a `Deadlock` outcome from the cycle's names.
+    fn deadlock(cycle: &[&str]) -> LockGetOutcome {
+        LockGetOutcome::Deadlock {
+            cycle: cycle.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn free_lock_is_granted_at_once() {
+        let t0 = Instant::now();
+        let mut t = table();
+        assert!(t.is_empty());
+        assert_eq!(t.get(t0, "L", "a"), LockGetOutcome::Granted);
+        assert_eq!(t.holder("L"), Some("a"));
+        assert_eq!(confirmed(&t, "L"), Some(true));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn holder_getting_its_lock_again_is_granted() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        assert_eq!(t.get(at(t0, 5_000), "L", "a"), LockGetOutcome::Granted);
+        assert_eq!(t.holder("L"), Some("a"));
+        assert!(queue(&t, "L").is_empty());
+    }
+
+    #[test]
+    fn second_requester_waits_with_holder_and_position() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        assert_eq!(t.get(t0, "L", "b"), waiting("a", 1));
+        assert_eq!(t.get(t0, "L", "c"), waiting("a", 2));
+        // A renewal keeps the place in line.
+        assert_eq!(t.get(at(t0, 250), "L", "b"), waiting("a", 1));
+        assert_eq!(queue(&t, "L"), ["b", "c"]);
+    }
+
+    #[test]
+    fn release_grants_waiters_in_fifo_order_each_confirmed_by_renewal() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "h");
+        t.get(t0, "L", "w1");
+        t.get(t0, "L", "w2");
+        t.get(t0, "L", "w3");
+        let mut now = t0;
+        let mut previous = "h";
+        for (i, next) in ["w1", "w2", "w3"].into_iter().enumerate() {
+            now += Duration::from_millis(200);
+            // Everyone still waiting renews, so nobody is dropped.
+            for w in ["w1", "w2", "w3"].iter().skip(i) {
+                t.get(now, "L", w);
+            }
+            assert_eq!(t.release(now, "L", previous), LockReleaseOutcome::Released);
+            assert_eq!(t.holder("L"), Some(next));
+            assert_eq!(confirmed(&t, "L"), Some(false));
+            assert_eq!(t.get(now, "L", next), LockGetOutcome::Granted);
+            assert_eq!(confirmed(&t, "L"), Some(true));
+            previous = next;
+        }
+        assert_eq!(t.release(now, "L", "w3"), LockReleaseOutcome::Released);
+        assert_eq!(t.holder("L"), None);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn release_by_non_holder_or_by_waiter_is_not_holder() {
+        let t0 = Instant::now();
+        let mut t = table();
+        assert_eq!(t.release(t0, "L", "a"), LockReleaseOutcome::NotHolder);
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        assert_eq!(t.release(t0, "L", "x"), LockReleaseOutcome::NotHolder);
+        assert_eq!(t.release(t0, "L", "b"), LockReleaseOutcome::NotHolder);
+        assert_eq!(t.holder("L"), Some("a"));
+        assert_eq!(queue(&t, "L"), ["b"]);
+    }
+
+    #[test]
+    fn unrenewed_waiter_is_dropped_and_renewed_waiter_kept() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "stale");
+        t.get(t0, "L", "live");
+        t.get(at(t0, 300), "L", "live");
+        t.get(at(t0, 600), "L", "live");
+        t.handle_timeout(at(t0, 999));
+        assert_eq!(queue(&t, "L"), ["stale", "live"]);
+        t.handle_timeout(at(t0, 1_000));
+        assert_eq!(queue(&t, "L"), ["live"]);
+        assert!(t.waits.locks_of("stale").next().is_none());
+        assert_eq!(t.get(at(t0, 1_100), "L", "live"), waiting("a", 1));
+        assert_eq!(t.holder("L"), Some("a"));
+    }
+
+    #[test]
+    fn unconfirmed_grant_revoked_after_renew_timeout_passes_to_next_waiter() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        t.get(t0, "L", "c");
+        t.get(at(t0, 500), "L", "b");
+        t.get(at(t0, 500), "L", "c");
+        t.release(at(t0, 500), "L", "a");
+        assert_eq!(t.holder("L"), Some("b"));
+        // c keeps renewing; b never confirms.
+        t.get(at(t0, 900), "L", "c");
+        t.get(at(t0, 1_400), "L", "c");
+        t.handle_timeout(at(t0, 1_499));
+        assert_eq!(t.holder("L"), Some("b"));
+        t.handle_timeout(at(t0, 1_500));
+        assert_eq!(t.holder("L"), Some("c"));
+        assert_eq!(confirmed(&t, "L"), Some(false));
+        assert_eq!(t.get(at(t0, 1_600), "L", "c"), LockGetOutcome::Granted);
+        // The revoked requester is only a newcomer now.
+        assert_eq!(t.get(at(t0, 1_700), "L", "b"), waiting("c", 1));
+    }
+
+    #[test]
+    fn revoked_grant_with_no_live_waiter_frees_the_lock() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        t.release(at(t0, 100), "L", "a");
+        t.handle_timeout(at(t0, 1_100));
+        assert_eq!(t.holder("L"), None);
+        assert!(t.is_empty());
+        assert!(t.waits.by_requester.is_empty());
+    }
+
+    #[test]
+    fn confirmed_holder_never_expires() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        t.release(t0, "L", "a");
+        t.get(at(t0, 100), "L", "b");
+        t.handle_timeout(at(t0, 3_600_000));
+        assert_eq!(t.holder("L"), Some("b"));
+    }
+
+    #[test]
+    fn withdraw_removes_a_waiter() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        t.get(t0, "L", "c");
+        assert!(t.withdraw(t0, "L", "b"));
+        assert_eq!(queue(&t, "L"), ["c"]);
+        assert_eq!(t.holder("L"), Some("a"));
+        assert!(!t.withdraw(t0, "L", "b"));
+        assert!(!t.withdraw(t0, "M", "b"));
+        assert_eq!(t.get(t0, "L", "c"), waiting("a", 1));
+    }
+
+    #[test]
+    fn withdraw_after_raced_grant_releases_to_next_waiter() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        t.get(t0, "L", "c");
+        t.release(at(t0, 100), "L", "a");
+        assert_eq!(t.holder("L"), Some("b"));
+        assert!(t.withdraw(at(t0, 150), "L", "b"));
+        assert_eq!(t.holder("L"), Some("c"));
+        assert!(queue(&t, "L").is_empty());
+        assert!(t.withdraw(at(t0, 200), "L", "c"));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn release_all_of_releases_held_locks_and_removes_waits() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "A", "s1");
+        t.get(t0, "B", "s1");
+        t.get(t0, "C", "s2");
+        t.get(t0, "A", "x");
+        t.get(t0, "C", "s1");
+        t.get(t0, "C", "y");
+        t.get(t0, "D", "z");
+        t.get(t0, "D", "s2");
+        let released = t.release_all_of(at(t0, 10), &["s1", "s2"]);
+        assert_eq!(released, ["A", "B", "C"]);
+        assert_eq!(t.holder("A"), Some("x"));
+        assert_eq!(t.holder("B"), None);
+        assert_eq!(t.holder("C"), Some("y"));
+        assert_eq!(t.holder("D"), Some("z"));
+        assert!(queue(&t, "D").is_empty());
+        assert_eq!(t.len(), 3);
+        assert!(t.waits.by_requester.is_empty());
+    }
+
+    #[test]
+    fn two_party_deadlock_reports_cycle_and_changes_nothing() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "A", "a");
+        t.get(t0, "B", "b");
+        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        assert_eq!(t.get(t0, "B", "a"), deadlock(&["a", "B", "b", "A"]));
+        assert_eq!(t.holder("A"), Some("a"));
+        assert_eq!(t.holder("B"), Some("b"));
+        assert!(queue(&t, "B").is_empty());
+        assert_eq!(queue(&t, "A"), ["b"]);
+    }
+
+    #[test]
+    fn three_party_deadlock_is_detected() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "A", "a");
+        t.get(t0, "B", "b");
+        t.get(t0, "C", "c");
+        assert_eq!(t.get(t0, "C", "b"), waiting("c", 1));
+        assert_eq!(t.get(t0, "A", "c"), waiting("a", 1));
+        assert_eq!(
+            t.get(t0, "B", "a"),
+            deadlock(&["a", "B", "b", "C", "c", "A"])
+        );
+        assert!(queue(&t, "B").is_empty());
+    }
+
+    #[test]
+    fn chain_not_returning_to_requester_is_not_a_deadlock() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "A", "a");
+        t.get(t0, "B", "b");
+        t.get(t0, "C", "c");
+        t.get(t0, "E", "e");
+        t.get(t0, "B", "a");
+        t.get(t0, "C", "b");
+        t.get(t0, "C", "e");
+        // A diamond: a (a name shared by two clients) waits for B and E, whose holders both
+        // wait for C, held by c.
+        assert_eq!(t.get(t0, "E", "a"), waiting("e", 1));
+        // d holds nothing, so the walk a -> {b, e} -> c never comes back to d.
+        assert_eq!(t.get(t0, "A", "d"), waiting("a", 1));
+        // c holds C: its wait on A closes c -> A -> a -> B -> b -> C.
+        assert_eq!(
+            t.get(t0, "A", "c"),
+            deadlock(&["c", "A", "a", "B", "b", "C"])
+        );
+    }
+
+    #[test]
+    fn walk_terminates_on_a_cycle_not_involving_the_requester() {
+        let t0 = Instant::now();
+        let mut t = table();
+        // A cycle y <-> z formed by a grant passing on (y is a name shared by two clients).
+        t.get(t0, "L", "h");
+        t.get(t0, "M", "z");
+        t.get(t0, "L", "y");
+        t.get(t0, "M", "y");
+        t.get(t0, "L", "z");
+        t.release(t0, "L", "h");
+        assert_eq!(t.holder("L"), Some("y"));
+        // r holds nothing, so its wait on L closes no cycle even though the walk meets one.
+        assert_eq!(t.get(t0, "L", "r"), waiting("y", 2));
+    }
+
+    #[test]
+    fn renewal_closing_a_cycle_reports_deadlock_and_drops_the_wait() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "h");
+        t.get(t0, "M", "z");
+        t.get(t0, "L", "y");
+        t.get(t0, "M", "y");
+        t.get(t0, "L", "z");
+        t.release(t0, "L", "h");
+        // Now z waits for L held by y, and y waits for M held by z.
+        assert_eq!(
+            t.get(at(t0, 100), "L", "z"),
+            deadlock(&["z", "L", "y", "M"])
+        );
+        assert!(queue(&t, "L").is_empty());
+        assert_eq!(t.holder("M"), Some("z"));
+        assert_eq!(t.get(at(t0, 100), "M", "y"), waiting("z", 1));
+    }
+
+    #[test]
+    fn poll_timeout_is_none_when_empty_and_earliest_deadline_otherwise() {
+        let t0 = Instant::now();
+        let mut t = table();
+        assert_eq!(t.poll_timeout(), None);
+        t.get(t0, "L", "a");
+        // A confirmed holder alone has no deadline.
+        assert_eq!(t.poll_timeout(), None);
+        t.get(at(t0, 100), "L", "b");
+        t.get(at(t0, 200), "L", "c");
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_100)));
+        t.get(at(t0, 300), "L", "b");
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_200)));
+        // An unconfirmed grant counts too.
+        t.release(at(t0, 400), "L", "a");
+        assert_eq!(t.holder("L"), Some("b"));
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_200)));
+        t.withdraw(at(t0, 400), "L", "c");
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_400)));
+    }
+
+    #[test]
+    fn busy_when_max_locks_reached() {
+        let t0 = Instant::now();
+        let mut t = LockTable::new(LockConfig {
+            max_locks: 2,
+            ..LockConfig::default()
+        });
+        t.get(t0, "A", "a");
+        t.get(t0, "B", "a");
+        assert_eq!(t.get(t0, "C", "a"), LockGetOutcome::Busy);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.holder("C"), None);
+        // Existing locks still work, and freeing one makes room.
+        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        t.release(t0, "B", "a");
+        assert_eq!(t.get(t0, "C", "a"), LockGetOutcome::Granted);
+    }
+
+    #[test]
+    fn busy_when_max_waiters_per_lock_reached() {
+        let t0 = Instant::now();
+        let mut t = LockTable::new(LockConfig {
+            max_waiters_per_lock: 1,
+            ..LockConfig::default()
+        });
+        t.get(t0, "A", "a");
+        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        assert_eq!(t.get(t0, "A", "c"), LockGetOutcome::Busy);
+        assert_eq!(queue(&t, "A"), ["b"]);
+        // A renewal of an existing wait is not refused.
+        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+    }
+
+    #[test]
+    fn free_lock_is_removed_from_the_table() {
+        let t0 = Instant::now();
+        let mut t = table();
+        for i in 0..100 {
+            let name = format!("L{i}");
+            t.get(t0, &name, "a");
+            t.release(t0, &name, "a");
+        }
+        assert!(t.is_empty());
+        assert_eq!(t.len(), 0);
+    }
+}
