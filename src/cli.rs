@@ -1,1 +1,596 @@
-//! (being written)
+//! Command-line parsing, logging setup and output formatting for the three programs.
+//!
+//! The binaries in `src/bin/` call [`viewleader_main`], [`server_main`] and [`client_main`];
+//! everything here turns strings into typed values once, at the edge, and maps outcomes to
+//! the contract's output lines and exit codes (0 success, 1 failure, 2 usage error).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use log::{LevelFilter, error, warn};
+use serde_json::json;
+
+use crate::client::{Client, ServersInfo};
+use crate::faults::FaultSpec;
+use crate::message::{ErrorKind, OpError};
+use crate::net::{self, NetConfig};
+use crate::node;
+use crate::rng::Rng;
+use crate::server::{Server, ServerConfig};
+use crate::viewleader::{self, ViewLeader, ViewLeaderConfig};
+
+/// Flags every program takes.
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Log debug messages too.
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+    /// Log warnings and errors only.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Fault injection on outgoing datagrams, e.g. loss=0.1,dup=0.05,reorder=0.1,delay=20ms,
+    /// jitter=10ms,seed=42 (default: env TRIREME_FAULTS, else none).
+    #[arg(long, global = true, value_name = "SPEC", value_parser = parse_faults)]
+    pub faults: Option<FaultSpec>,
+}
+
+/// Parses a `--faults` value (clap reports the error as a usage error, exit 2).
+fn parse_faults(text: &str) -> Result<FaultSpec, String> {
+    text.parse::<FaultSpec>().map_err(|e| e.to_string())
+}
+
+impl CommonArgs {
+    /// Sets up logging to stderr at the level the flags ask for.
+    fn init_logging(&self) {
+        let level = if self.verbose {
+            LevelFilter::Debug
+        } else if self.quiet {
+            LevelFilter::Warn
+        } else {
+            LevelFilter::Info
+        };
+        let config = simplelog::ConfigBuilder::new()
+            .set_time_format_rfc3339()
+            .set_target_level(LevelFilter::Off)
+            .set_thread_level(LevelFilter::Off)
+            .build();
+        let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
+    }
+
+    /// The fault spec in force: the flag, else env `TRIREME_FAULTS`. An invalid env value is
+    /// a usage error: it is printed and the process exits 2.
+    fn fault_spec(&self) -> FaultSpec {
+        if let Some(spec) = self.faults {
+            return spec;
+        }
+        let env = std::env::var("TRIREME_FAULTS").ok();
+        match FaultSpec::resolve(None, env.as_deref()) {
+            Ok(spec) => spec,
+            Err(e) => {
+                eprintln!("error: invalid TRIREME_FAULTS: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// The network settings for these flags.
+    fn net_config(&self) -> NetConfig {
+        let faults = self.fault_spec();
+        if !faults.is_none() {
+            warn!("injecting faults on outgoing datagrams: {faults}");
+        }
+        NetConfig {
+            faults,
+            ..NetConfig::default()
+        }
+    }
+}
+
+/// `viewleader`: membership, epochs, views and locks.
+#[derive(Parser, Debug)]
+#[command(
+    name = "viewleader",
+    version,
+    about = "trireme view leader: membership, epochs, views and locks"
+)]
+pub struct ViewLeaderArgs {
+    /// Address to bind (default: first free of 127.0.0.1:39000..=39010; port 0 lets the OS pick).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<SocketAddr>,
+    /// A server silent this long leaves the view.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub dead_after_ms: u64,
+    /// Replication count carried in every view.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
+    /// Ring points per server carried in every view.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub vnodes: u32,
+    /// Common flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `server`: one storage node.
+#[derive(Parser, Debug)]
+#[command(
+    name = "server",
+    version,
+    about = "trireme storage server: one bucket of the store"
+)]
+pub struct ServerArgs {
+    /// Address to bind (default: first free of 127.0.0.1:38000..=38999; port 0 lets the OS pick).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<SocketAddr>,
+    /// The view leader (default: the first of 127.0.0.1:39000..=39010 that answers).
+    #[arg(long, value_name = "ADDR")]
+    pub viewleader: Option<SocketAddr>,
+    /// Time between heartbeats.
+    #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval_ms: u64,
+    /// The address others reach this server at (default: the bound address).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+    /// Common flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// `client`: the command-line client.
+#[derive(Parser, Debug)]
+#[command(name = "client", version, about = "trireme command-line client")]
+pub struct ClientArgs {
+    /// The view leader (default: the first of 127.0.0.1:39000..=39010 that answers).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub viewleader: Option<SocketAddr>,
+    /// Target of the unreplicated commands (print, set, get, query_all_keys).
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:38000"
+    )]
+    pub server: SocketAddr,
+    /// Bound on the whole command; 0 = no bound (only meaningful for lock_get).
+    #[arg(long, global = true, value_name = "MS", default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// Print exactly one JSON object on one line on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Common flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// The client's commands.
+#[derive(Subcommand, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub enum ClientCommand {
+    /// Ask the server to log TEXT.
+    Print {
+        /// The text (several words are joined by spaces).
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Raw local write into the server's bucket (no replication).
+    Set {
+        /// The key (1..=1024 bytes).
+        key: String,
+        /// The value (up to 1 MiB); `-` reads it from standard input.
+        value: String,
+    },
+    /// Raw local read from the server's bucket.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// The keys held in the server's bucket.
+    QueryAllKeys,
+    /// The view leader's epoch, rebalancing flag and live servers.
+    QueryServers,
+    /// Wait until LOCK is granted to REQUESTER (--timeout-ms bounds the wait).
+    LockGet {
+        /// The lock.
+        lock: String,
+        /// Who asks.
+        requester: String,
+    },
+    /// Release LOCK held by REQUESTER.
+    LockRelease {
+        /// The lock.
+        lock: String,
+        /// Who releases.
+        requester: String,
+    },
+}
+
+/// Blocks until SIGINT or SIGTERM arrives.
+fn wait_for_termination() {
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(mut signals) => {
+            signals.forever().next();
+        }
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+}
+
+/// Prints the contract's `listening on ...` line and flushes it, so scripts can read it.
+fn announce(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+/// Binds `--bind` or the first free port of `ports` on 127.0.0.1; exits 1 on failure.
+fn bind_or_exit(
+    bind: Option<SocketAddr>,
+    ports: std::ops::RangeInclusive<u16>,
+) -> std::net::UdpSocket {
+    let (result, what) = match bind {
+        Some(addr) => (net::bind(addr), addr.to_string()),
+        None => {
+            let what = format!("any of 127.0.0.1:{}..={}", ports.start(), ports.end());
+            (
+                net::bind_first_free(IpAddr::V4(Ipv4Addr::LOCALHOST), ports),
+                what,
+            )
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: cannot bind {what}: {e}");
+        std::process::exit(1);
+    })
+}
+
+/// The view leader program; returns the exit code.
+pub fn viewleader_main() -> i32 {
+    let args = ViewLeaderArgs::parse();
+    args.common.init_logging();
+    let config = ViewLeaderConfig {
+        dead_after: Duration::from_millis(args.dead_after_ms),
+        replicas: args.replicas,
+        vnodes: args.vnodes,
+        ..ViewLeaderConfig::default()
+    };
+    let socket = bind_or_exit(args.bind, viewleader::DEFAULT_PORTS);
+    let net_config = args.common.net_config();
+    let local = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let (handle, requests, _driver) = match net::spawn(socket, net_config) {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("error: cannot start the network driver: {e}");
+            return 1;
+        }
+    };
+    announce(&format!("listening on {local}"));
+    let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        let mut leader = ViewLeader::new(config);
+        node::run(&mut leader, &handle, &requests, &stop_rx);
+    });
+    wait_for_termination();
+    0
+}
+
+/// The server program; returns the exit code.
+pub fn server_main() -> i32 {
+    let args = ServerArgs::parse();
+    args.common.init_logging();
+    let socket = bind_or_exit(args.bind, 38000..=38999);
+    let local = match socket.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("error: cannot read the bound address: {e}");
+            return 1;
+        }
+    };
+    let advertise = args.advertise.unwrap_or(local);
+    if advertise.ip().is_unspecified() {
+        eprintln!("error: bound to {local}: give --advertise with an address others can reach");
+        return 2;
+    }
+    let config = ServerConfig {
+        advertise,
+        viewleader: args.viewleader,
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
+        candidates: viewleader::default_candidates(),
+    };
+    let (handle, requests, _driver) = match net::spawn(socket, args.common.net_config()) {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("error: cannot start the network driver: {e}");
+            return 1;
+        }
+    };
+    let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
+    announce(&format!("listening on {local} id {}", server.id()));
+    let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || node::run(&mut server, &handle, &requests, &stop_rx));
+    wait_for_termination();
+    0
+}
+
+/// What a successful client command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `print` done.
+    Printed,
+    /// `set` stored KEY.
+    Stored {
+        /// The key.
+        key: String,
+    },
+    /// `get` found VALUE under KEY.
+    Value {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// `query_all_keys`.
+    Keys(Vec<String>),
+    /// `query_servers`.
+    Servers(ServersInfo),
+    /// `lock_get` granted.
+    Locked {
+        /// The lock.
+        lock: String,
+        /// The requester.
+        requester: String,
+    },
+    /// `lock_release` done.
+    Released {
+        /// The lock.
+        lock: String,
+        /// The requester.
+        requester: String,
+    },
+}
+
+impl Outcome {
+    /// The human output (without the final newline).
+    pub fn human(&self) -> String {
+        match self {
+            Outcome::Printed => "printed".into(),
+            Outcome::Stored { key } => format!("stored {key}"),
+            Outcome::Value { value, .. } => value.clone(),
+            Outcome::Keys(keys) => keys.join("\n"),
+            Outcome::Servers(info) => {
+                let mut out = format!(
+                    "epoch {} rebalancing {} replicas {} vnodes {} servers {}",
+                    info.view.epoch,
+                    info.rebalancing,
+                    info.view.replicas,
+                    info.view.vnodes,
+                    info.view.members.len()
+                );
+                for m in &info.view.members {
+                    out.push_str(&format!("\n{} {}", m.id, m.addr));
+                }
+                out
+            }
+            Outcome::Locked { lock, requester } => format!("granted {lock} to {requester}"),
+            Outcome::Released { lock, requester } => format!("released {lock} held by {requester}"),
+        }
+    }
+
+    /// The `--json` output: one object with `"ok": true` and the command's fields.
+    pub fn json(&self) -> serde_json::Value {
+        match self {
+            Outcome::Printed => json!({"ok": true}),
+            Outcome::Stored { key } => json!({"ok": true, "key": key}),
+            Outcome::Value { key, value } => json!({"ok": true, "key": key, "value": value}),
+            Outcome::Keys(keys) => json!({"ok": true, "keys": keys}),
+            Outcome::Servers(info) => json!({
+                "ok": true,
+                "epoch": info.view.epoch.0,
+                "rebalancing": info.rebalancing,
+                "pending": info.pending.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "replicas": info.view.replicas,
+                "vnodes": info.view.vnodes,
+                "servers": info.view.members.iter()
+                    .map(|m| json!({"id": m.id.to_string(), "addr": m.addr.to_string()}))
+                    .collect::<Vec<_>>(),
+            }),
+            Outcome::Locked { lock, requester } | Outcome::Released { lock, requester } => {
+                json!({"ok": true, "lock": lock, "requester": requester})
+            }
+        }
+    }
+}
+
+/// The `--json` form of a failure.
+pub fn error_json(error: &OpError) -> serde_json::Value {
+    let mut object = json!({"ok": false, "kind": error.kind.as_str(), "error": error.message});
+    if error.kind == ErrorKind::Deadlock {
+        object["cycle"] = json!(error.cycle);
+    }
+    object
+}
+
+/// Reads a VALUE argument: `-` means standard input up to EOF (bounded to the contract's
+/// limit plus one byte, so an oversized value is refused without reading it all).
+fn read_value(value: String) -> Result<String, OpError> {
+    if value != "-" {
+        return Ok(value);
+    }
+    let mut bytes = Vec::new();
+    let limit = crate::message::MAX_VALUE_LEN as u64 + 1;
+    std::io::stdin()
+        .take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|e| OpError {
+            kind: ErrorKind::BadInput,
+            message: format!("cannot read the value from standard input: {e}"),
+            cycle: Vec::new(),
+        })?;
+    String::from_utf8(bytes).map_err(|_| OpError {
+        kind: ErrorKind::BadInput,
+        message: "the value on standard input is not UTF-8".into(),
+        cycle: Vec::new(),
+    })
+}
+
+/// Runs one client command against a fresh driver; `cancel` fires on Ctrl-C.
+fn run_client_command(
+    args: &ClientArgs,
+    cancel: &crossbeam_channel::Receiver<()>,
+) -> Result<Outcome, OpError> {
+    let command = args.command.clone();
+    // Inputs are checked before any datagram is sent.
+    let value = match &command {
+        ClientCommand::Set { value, .. } => Some(read_value(value.clone())?),
+        _ => None,
+    };
+    let socket = net::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(|e| OpError {
+        kind: ErrorKind::Unreachable,
+        message: format!("cannot bind a local socket: {e}"),
+        cycle: Vec::new(),
+    })?;
+    let (handle, _requests, _driver) =
+        net::spawn(socket, args.common.net_config()).map_err(|e| OpError {
+            kind: ErrorKind::Unreachable,
+            message: format!("cannot start the network driver: {e}"),
+            cycle: Vec::new(),
+        })?;
+    let timeout = (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms));
+    let mut client = Client::new(
+        handle.clone(),
+        args.viewleader,
+        viewleader::default_candidates(),
+        args.server,
+        timeout,
+    );
+    let outcome = match command {
+        ClientCommand::Print { text } => client.print(&text.join(" ")).map(|()| Outcome::Printed),
+        ClientCommand::Set { key, .. } => {
+            let value = value.unwrap_or_default();
+            client.set(&key, &value).map(|()| Outcome::Stored { key })
+        }
+        ClientCommand::Get { key } => client.get(&key).map(|value| Outcome::Value { key, value }),
+        ClientCommand::QueryAllKeys => client.query_all_keys().map(Outcome::Keys),
+        ClientCommand::QueryServers => client.query_servers().map(Outcome::Servers),
+        ClientCommand::LockGet { lock, requester } => client
+            .lock_get(&lock, &requester, cancel)
+            .map(|()| Outcome::Locked { lock, requester }),
+        ClientCommand::LockRelease { lock, requester } => client
+            .lock_release(&lock, &requester)
+            .map(|()| Outcome::Released { lock, requester }),
+    };
+    handle.shutdown();
+    outcome
+}
+
+/// The client program; returns the exit code.
+pub fn client_main() -> i32 {
+    let args = ClientArgs::parse();
+    args.common.init_logging();
+    let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(1);
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
+        std::thread::spawn(move || {
+            for _ in signals.forever() {
+                let _ = cancel_tx.try_send(());
+            }
+        });
+    }
+    let result = run_client_command(&args, &cancel_rx);
+    let mut stdout = std::io::stdout().lock();
+    match result {
+        Ok(outcome) => {
+            let line = if args.json {
+                outcome.json().to_string()
+            } else {
+                outcome.human()
+            };
+            if !line.is_empty() {
+                let _ = writeln!(stdout, "{line}");
+            }
+            let _ = stdout.flush();
+            0
+        }
+        Err(e) => {
+            if args.json {
+                let _ = writeln!(stdout, "{}", error_json(&e));
+                let _ = stdout.flush();
+            } else {
+                eprintln!("error: {}: {}", e.kind, e.message);
+            }
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{Epoch, Member, ServerId, View};
+
+    #[test]
+    fn json_outputs_follow_the_contract() {
+        let info = ServersInfo {
+            view: View {
+                epoch: Epoch(7),
+                members: vec![Member {
+                    id: ServerId(1),
+                    addr: "127.0.0.1:38001".parse().unwrap(),
+                }],
+                replicas: 3,
+                vnodes: 64,
+            },
+            rebalancing: false,
+            pending: vec![],
+        };
+        assert_eq!(
+            Outcome::Servers(info).json().to_string(),
+            r#"{"epoch":7,"ok":true,"pending":[],"rebalancing":false,"replicas":3,"servers":[{"addr":"127.0.0.1:38001","id":"00000000000000000000000000000001"}],"vnodes":64}"#
+        );
+        let value = Outcome::Value {
+            key: "k".into(),
+            value: "v".into(),
+        };
+        assert_eq!(
+            value.json().to_string(),
+            r#"{"key":"k","ok":true,"value":"v"}"#
+        );
+        let deadlock = OpError {
+            kind: ErrorKind::Deadlock,
+            message: "cycle".into(),
+            cycle: vec!["a".into(), "B".into(), "b".into(), "A".into()],
+        };
+        assert_eq!(
+            error_json(&deadlock).to_string(),
+            r#"{"cycle":["a","B","b","A"],"error":"cycle","kind":"deadlock","ok":false}"#
+        );
+    }
+
+    #[test]
+    fn global_flags_parse_before_or_after_the_command() {
+        let before =
+            ClientArgs::try_parse_from(["client", "--json", "--timeout-ms", "7", "get", "k"])
+                .unwrap();
+        let after =
+            ClientArgs::try_parse_from(["client", "get", "k", "--json", "--timeout-ms", "7"])
+                .unwrap();
+        assert!(before.json && after.json);
+        assert_eq!((before.timeout_ms, after.timeout_ms), (7, 7));
+        assert!(ClientArgs::try_parse_from(["client", "query_all_keys"]).is_ok());
+        assert!(ClientArgs::try_parse_from(["client", "set", "onlykey"]).is_err());
+        assert!(ClientArgs::try_parse_from(["client", "get", "k", "--faults", "loss=2"]).is_err());
+    }
+}

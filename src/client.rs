@@ -1,1 +1,378 @@
-//! (being written)
+//! The command-line client's operations, one method per command.
+//!
+//! A [`Client`] sends requests through a [`net::Handle`] and turns answers and transport
+//! failures into values or [`OpError`]s with the contract's error kinds. One deadline bounds
+//! the whole command (`--timeout-ms`): every request it sends carries what is left of it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use log::{debug, info};
+
+use crate::message::{self, ErrorKind, OpError, Request, Response};
+use crate::net;
+use crate::reliable::RequestError;
+use crate::view::{ServerId, View};
+
+/// How often a waiting `lock_get` renews its request (the view leader drops a waiting
+/// request not renewed for about a second).
+const LOCK_RENEW_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The longest a withdrawal after giving up on a lock may take, carved out of the deadline.
+const WITHDRAW_RESERVE: Duration = Duration::from_millis(300);
+
+/// What `query_servers` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServersInfo {
+    /// The current view.
+    pub view: View,
+    /// True while the view is rebalancing.
+    pub rebalancing: bool,
+    /// Servers not yet finished with the current epoch.
+    pub pending: Vec<ServerId>,
+}
+
+/// A client bound to one network driver and one command deadline.
+#[derive(Debug)]
+pub struct Client {
+    /// The network driver.
+    handle: net::Handle,
+    /// The view leader: given, or found by probing `candidates`.
+    viewleader: Option<SocketAddr>,
+    /// Where to look for a view leader when none is given.
+    candidates: Vec<SocketAddr>,
+    /// The target of the unreplicated commands.
+    server: SocketAddr,
+    /// When the whole command must have finished (`None`: no bound).
+    deadline: Option<Instant>,
+    /// The whole command's time bound, for messages and for carving reserves.
+    timeout: Option<Duration>,
+}
+
+/// Maps a transport failure to the contract's error kinds.
+pub fn transport_error(error: RequestError) -> OpError {
+    let (kind, message) = match &error {
+        RequestError::Timeout { peer } => (ErrorKind::Timeout, format!("no answer from {peer}")),
+        RequestError::Unreachable { peer } => (
+            ErrorKind::Unreachable,
+            format!("{peer} is unreachable (nothing listens there)"),
+        ),
+        RequestError::TooLarge { .. } => (ErrorKind::BadInput, error.to_string()),
+    };
+    OpError {
+        kind,
+        message,
+        cycle: Vec::new(),
+    }
+}
+
+/// Builds an error of `kind` with `message`.
+fn op_error(kind: ErrorKind, message: impl Into<String>) -> OpError {
+    OpError {
+        kind,
+        message: message.into(),
+        cycle: Vec::new(),
+    }
+}
+
+impl Client {
+    /// Creates a client. `viewleader` `None` means: probe `candidates` in order when the view
+    /// leader is first needed. `timeout` `None` means no bound on the command.
+    pub fn new(
+        handle: net::Handle,
+        viewleader: Option<SocketAddr>,
+        candidates: Vec<SocketAddr>,
+        server: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Client {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        Client {
+            handle,
+            viewleader,
+            candidates,
+            server,
+            deadline,
+            timeout,
+        }
+    }
+
+    /// Sends `request` to `dst` within the command's deadline and returns the answer;
+    /// an error answer becomes `Err`.
+    fn call(&self, dst: SocketAddr, request: &Request) -> Result<Response, OpError> {
+        self.call_until(dst, request, self.deadline)
+    }
+
+    /// Like [`Client::call`] with an explicit deadline.
+    fn call_until(
+        &self,
+        dst: SocketAddr,
+        request: &Request,
+        deadline: Option<Instant>,
+    ) -> Result<Response, OpError> {
+        let body = request
+            .encode()
+            .map_err(|e| op_error(ErrorKind::BadInput, e.to_string()))?;
+        let answer = self
+            .handle
+            .call(dst, body, deadline)
+            .map_err(|e| self.timed(transport_error(e)))?;
+        match Response::decode(&answer) {
+            Ok(Response::Error(e)) => Err(e),
+            Ok(response) => Ok(response),
+            Err(e) => Err(op_error(
+                ErrorKind::BadInput,
+                format!("undecodable answer from {dst}: {e}"),
+            )),
+        }
+    }
+
+    /// Adds the command's time bound to a timeout error's message.
+    fn timed(&self, mut error: OpError) -> OpError {
+        if error.kind == ErrorKind::Timeout {
+            if let Some(t) = self.timeout {
+                error.message = format!("{} within {} ms", error.message, t.as_millis());
+            }
+        }
+        error
+    }
+
+    /// The view leader's address, probing the candidates the first time if none was given.
+    pub fn viewleader(&mut self) -> Result<SocketAddr, OpError> {
+        if let Some(addr) = self.viewleader {
+            return Ok(addr);
+        }
+        let found = discover(&self.handle, &self.candidates, self.deadline)?;
+        debug!("found the view leader at {found}");
+        self.viewleader = Some(found);
+        Ok(found)
+    }
+
+    /// `print TEXT`: the server logs the text.
+    pub fn print(&self, text: &str) -> Result<(), OpError> {
+        if text.len() > message::MAX_PRINT_LEN {
+            return Err(op_error(
+                ErrorKind::BadInput,
+                "print text longer than 64 KiB",
+            ));
+        }
+        self.expect_done(self.call(
+            self.server,
+            &Request::Print {
+                text: text.to_owned(),
+            },
+        )?)
+    }
+
+    /// `set KEY VALUE`: a raw write into the server's bucket.
+    pub fn set(&self, key: &str, value: &str) -> Result<(), OpError> {
+        message::check_key(key)?;
+        message::check_value(value)?;
+        let request = Request::Set {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        };
+        self.expect_done(self.call(self.server, &request)?)
+    }
+
+    /// `get KEY`: a raw read from the server's bucket.
+    pub fn get(&self, key: &str) -> Result<String, OpError> {
+        message::check_key(key)?;
+        match self.call(
+            self.server,
+            &Request::Get {
+                key: key.to_owned(),
+            },
+        )? {
+            Response::Value { value } => Ok(value),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `query_all_keys`: the keys of the server's bucket, sorted.
+    pub fn query_all_keys(&self) -> Result<Vec<String>, OpError> {
+        match self.call(self.server, &Request::QueryAllKeys)? {
+            Response::Keys { keys } => Ok(keys),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `query_servers`: the current view and its rebalancing status.
+    pub fn query_servers(&mut self) -> Result<ServersInfo, OpError> {
+        let viewleader = self.viewleader()?;
+        match self.call(viewleader, &Request::QueryServers)? {
+            Response::Servers {
+                view,
+                rebalancing,
+                pending,
+            } => Ok(ServersInfo {
+                view,
+                rebalancing,
+                pending,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `lock_get LOCK REQUESTER`: waits until granted, renewing the request. Gives up at the
+    /// deadline or when `cancel` fires (Ctrl-C), withdrawing the request first.
+    pub fn lock_get(
+        &mut self,
+        lock: &str,
+        requester: &str,
+        cancel: &Receiver<()>,
+    ) -> Result<(), OpError> {
+        message::check_lock_name("lock name", lock)?;
+        message::check_lock_name("requester", requester)?;
+        let viewleader = self.viewleader()?;
+        let reserve = self
+            .timeout
+            .map_or(WITHDRAW_RESERVE, |t| WITHDRAW_RESERVE.min(t / 4));
+        let give_up_at = self.deadline.map(|d| d - reserve);
+        let request = Request::LockGet {
+            lock: lock.to_owned(),
+            requester: requester.to_owned(),
+        };
+        loop {
+            let holder = match self.call_until(viewleader, &request, give_up_at) {
+                Ok(Response::LockGranted) => return Ok(()),
+                Ok(Response::LockWaiting { holder, position }) => {
+                    debug!("waiting for {lock} held by {holder} (position {position})");
+                    holder
+                }
+                Ok(other) => return Err(unexpected(&other)),
+                Err(e) if e.kind == ErrorKind::Timeout => {
+                    self.withdraw(viewleader, lock, requester);
+                    return Err(self.timed(e));
+                }
+                Err(e) => return Err(e),
+            };
+            let now = Instant::now();
+            let mut wait = LOCK_RENEW_INTERVAL;
+            if let Some(limit) = give_up_at {
+                wait = wait.min(limit.saturating_duration_since(now));
+            }
+            let cancelled = match cancel.recv_timeout(wait) {
+                Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => true,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
+            };
+            let expired = give_up_at.is_some_and(|limit| Instant::now() >= limit);
+            if cancelled || expired {
+                self.withdraw(viewleader, lock, requester);
+                let why = if cancelled {
+                    "interrupted"
+                } else {
+                    "timed out"
+                };
+                return Err(self.timed(op_error(
+                    ErrorKind::Timeout,
+                    format!("{why} waiting for {lock} (held by {holder})"),
+                )));
+            }
+        }
+    }
+
+    /// Withdraws a waiting lock request (releasing the lock if a grant raced us); best
+    /// effort, within what is left of the deadline (or a short bound without one).
+    fn withdraw(&self, viewleader: SocketAddr, lock: &str, requester: &str) {
+        let deadline = self
+            .deadline
+            .unwrap_or_else(|| Instant::now() + WITHDRAW_RESERVE);
+        let request = Request::LockWithdraw {
+            lock: lock.to_owned(),
+            requester: requester.to_owned(),
+        };
+        match self.call_until(
+            viewleader,
+            &request,
+            Some(deadline.max(Instant::now() + Duration::from_millis(50))),
+        ) {
+            Ok(_) => info!("withdrew the request of {requester} for {lock}"),
+            Err(e) => info!(
+                "could not withdraw the request of {requester} for {lock}: {}",
+                e.message
+            ),
+        }
+    }
+
+    /// `lock_release LOCK REQUESTER`.
+    pub fn lock_release(&mut self, lock: &str, requester: &str) -> Result<(), OpError> {
+        message::check_lock_name("lock name", lock)?;
+        message::check_lock_name("requester", requester)?;
+        let viewleader = self.viewleader()?;
+        let request = Request::LockRelease {
+            lock: lock.to_owned(),
+            requester: requester.to_owned(),
+        };
+        match self.call(viewleader, &request)? {
+            Response::LockReleased => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Accepts only `Done`.
+    fn expect_done(&self, response: Response) -> Result<(), OpError> {
+        match response {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// An answer of the wrong type (a peer of another kind answered).
+fn unexpected(response: &Response) -> OpError {
+    op_error(
+        ErrorKind::BadInput,
+        format!("unexpected answer: {response:?}"),
+    )
+}
+
+/// Probes `candidates` in parallel with `query_servers` and returns the first (in order)
+/// that answers as a view leader; `timeout` if none does before `deadline` (or within a
+/// second without one).
+pub fn discover(
+    handle: &net::Handle,
+    candidates: &[SocketAddr],
+    deadline: Option<Instant>,
+) -> Result<SocketAddr, OpError> {
+    let probe_deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+    let body = Request::QueryServers
+        .encode()
+        .map_err(|e| op_error(ErrorKind::BadInput, e.to_string()))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (index, &addr) in candidates.iter().enumerate() {
+        handle
+            .start(addr, body.clone(), Some(probe_deadline), &tx, index as u64)
+            .map_err(|e| op_error(ErrorKind::Timeout, e.to_string()))?;
+    }
+    drop(tx);
+    let mut answers: Vec<Option<bool>> = vec![None; candidates.len()];
+    while let Ok(reply) = rx.recv() {
+        let ok = matches!(
+            reply.result.as_deref().map(Response::decode),
+            Ok(Ok(Response::Servers { .. }))
+        );
+        if let Some(slot) = answers.get_mut(reply.tag as usize) {
+            *slot = Some(ok);
+        }
+        for (index, answer) in answers.iter().enumerate() {
+            match answer {
+                None => break,
+                Some(false) => continue,
+                Some(true) => return Ok(candidates[index]),
+            }
+        }
+    }
+    let first = candidates
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let last = candidates
+        .last()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    Err(op_error(
+        ErrorKind::Timeout,
+        format!("no view leader answers on {first}..={last}"),
+    ))
+}

@@ -35,6 +35,7 @@ pub mod codec;
 pub mod faults;
 pub mod message;
 pub mod net;
+pub mod node;
 pub mod reliable;
 pub mod rng;
 pub mod server;

@@ -150,7 +150,7 @@ pub enum Response {
         keys: Vec<String>,
     },
     /// The request failed.
-    Error(RemoteError),
+    Error(OpError),
 }
 
 impl Response {
@@ -166,7 +166,7 @@ impl Response {
 
     /// Builds an error response of `kind` with a human explanation.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
-        Response::Error(RemoteError {
+        Response::Error(OpError {
             kind,
             message: message.into(),
             cycle: Vec::new(),
@@ -174,9 +174,9 @@ impl Response {
     }
 }
 
-/// A failure reported by a peer, or by the client itself.
+/// A failed operation: reported by a peer, or found by the client itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemoteError {
+pub struct OpError {
     /// The contract's error kind.
     pub kind: ErrorKind,
     /// A human explanation.
@@ -233,9 +233,9 @@ impl fmt::Display for ErrorKind {
 }
 
 /// Checks a key against the contract (UTF-8 is given by `&str`; 1..=1024 bytes).
-pub fn check_key(key: &str) -> Result<(), RemoteError> {
+pub fn check_key(key: &str) -> Result<(), OpError> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
-        return Err(RemoteError {
+        return Err(OpError {
             kind: ErrorKind::BadInput,
             message: format!("a key is 1..={MAX_KEY_LEN} bytes, got {}", key.len()),
             cycle: Vec::new(),
@@ -245,9 +245,9 @@ pub fn check_key(key: &str) -> Result<(), RemoteError> {
 }
 
 /// Checks a value against the contract (0..=1 MiB bytes).
-pub fn check_value(value: &str) -> Result<(), RemoteError> {
+pub fn check_value(value: &str) -> Result<(), OpError> {
     if value.len() > MAX_VALUE_LEN {
-        return Err(RemoteError {
+        return Err(OpError {
             kind: ErrorKind::BadInput,
             message: format!(
                 "a value is at most {MAX_VALUE_LEN} bytes, got {}",
@@ -260,9 +260,9 @@ pub fn check_value(value: &str) -> Result<(), RemoteError> {
 }
 
 /// Checks a lock or requester name (1..=1024 bytes).
-pub fn check_lock_name(what: &str, name: &str) -> Result<(), RemoteError> {
+pub fn check_lock_name(what: &str, name: &str) -> Result<(), OpError> {
     if name.is_empty() || name.len() > MAX_LOCK_NAME_LEN {
-        return Err(RemoteError {
+        return Err(OpError {
             kind: ErrorKind::BadInput,
             message: format!(
                 "a {what} is 1..={MAX_LOCK_NAME_LEN} bytes, got {}",
@@ -343,7 +343,7 @@ mod tests {
             Response::Keys {
                 keys: vec!["a".into(), "b".into()],
             },
-            Response::Error(RemoteError {
+            Response::Error(OpError {
                 kind: ErrorKind::Deadlock,
                 message: "cycle".into(),
                 cycle: vec!["a".into(), "B".into()],

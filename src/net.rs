@@ -1,1 +1,540 @@
-//! (being written)
+//! The driver: runs a [`reliable::Endpoint`] on a real UDP socket in its own thread.
+//!
+//! The driver thread owns the socket, the clock and the fault injector. Applications talk to
+//! it through a cloneable [`Handle`] (commands over a crossbeam channel, plus a `mio` waker so
+//! the thread notices them at once) and receive the requests addressed to them on a crossbeam
+//! [`Receiver`] of [`IncomingRequest`]. ICMP errors are read from the socket's error queue
+//! (`IP_RECVERR`), so a request to a closed port fails with `Unreachable` at once instead of
+//! timing out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, warn};
+use mio::{Events, Interest, Poll, Token, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::faults::{FaultInjector, FaultSpec};
+use crate::reliable::{self, Endpoint, Event, IncomingId, RequestError, RequestId, Stats};
+use crate::rng::Rng;
+
+/// Settings of one driver.
+#[derive(Clone, Debug, Default)]
+pub struct NetConfig {
+    /// The reliable layer's tunables.
+    pub reliable: reliable::Config,
+    /// Faults to inject on outgoing datagrams.
+    pub faults: FaultSpec,
+    /// Seed of the endpoint's RNG (incarnation id); random when `None`.
+    pub seed: Option<u64>,
+}
+
+/// Socket buffer size asked of the kernel: room for a window of fragments from many peers.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// A request addressed to this node, to be answered with [`Handle::respond`].
+#[derive(Debug)]
+pub struct IncomingRequest {
+    /// Who sent it.
+    pub from: SocketAddr,
+    /// The handle to respond with.
+    pub id: IncomingId,
+    /// The request body.
+    pub body: Vec<u8>,
+}
+
+/// The outcome of a request started with [`Handle::start`].
+#[derive(Debug)]
+pub struct Reply {
+    /// The caller's tag, to tell concurrent requests apart.
+    pub tag: u64,
+    /// The response body, or why none came.
+    pub result: Result<Vec<u8>, RequestError>,
+}
+
+/// What applications ask of the driver thread.
+enum Command {
+    /// Send a request; deliver its outcome on `reply` with `tag`.
+    Request {
+        /// Destination.
+        dst: SocketAddr,
+        /// Request body.
+        body: Vec<u8>,
+        /// Give up at this instant.
+        deadline: Option<Instant>,
+        /// Where the outcome goes.
+        reply: Sender<Reply>,
+        /// Echoed in the reply.
+        tag: u64,
+    },
+    /// Answer a request raised earlier.
+    Respond {
+        /// Which request.
+        id: IncomingId,
+        /// The response body.
+        body: Vec<u8>,
+    },
+    /// Report the endpoint's counters.
+    Stats(Sender<Stats>),
+    /// Stop the thread.
+    Shutdown,
+}
+
+/// A cloneable handle on a running driver thread.
+#[derive(Clone)]
+pub struct Handle {
+    /// Commands to the driver.
+    commands: Sender<Command>,
+    /// Wakes the driver's poll when a command is queued.
+    waker: Arc<Waker>,
+    /// The socket's bound address.
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Handle {
+    /// Shows the bound address only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Handle {
+    /// The address the driver's socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Queues a command and wakes the driver; fails only if the driver has stopped.
+    fn send(&self, command: Command) -> io::Result<()> {
+        self.commands.send(command).map_err(|_| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the network driver has stopped")
+        })?;
+        self.waker.wake()
+    }
+
+    /// Starts a request to `dst`; its [`Reply`] (carrying `tag`) arrives on `reply`.
+    pub fn start(
+        &self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        reply: &Sender<Reply>,
+        tag: u64,
+    ) -> io::Result<()> {
+        self.send(Command::Request {
+            dst,
+            body,
+            deadline,
+            reply: reply.clone(),
+            tag,
+        })
+    }
+
+    /// Sends a request to `dst` and waits for its outcome (bounded by `deadline` and by the
+    /// reliable layer's retransmission limit).
+    pub fn call(
+        &self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, RequestError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.start(dst, body, deadline, &tx, 0).is_err() {
+            return Err(RequestError::Timeout { peer: dst });
+        }
+        match rx.recv() {
+            Ok(reply) => reply.result,
+            Err(_) => Err(RequestError::Timeout { peer: dst }),
+        }
+    }
+
+    /// Answers request `id` with `body`.
+    pub fn respond(&self, id: IncomingId, body: Vec<u8>) -> io::Result<()> {
+        self.send(Command::Respond { id, body })
+    }
+
+    /// Fetches the endpoint's counters.
+    pub fn stats(&self) -> io::Result<Stats> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::Stats(tx))?;
+        rx.recv()
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "driver stopped"))
+    }
+
+    /// Asks the driver thread to stop.
+    pub fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown);
+    }
+}
+
+/// Binds a UDP socket on `addr` with enlarged buffers and ICMP error reporting enabled.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Buffer sizes are a request: the kernel may cap them, which only costs throughput.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    enable_recverr(socket.as_raw_fd(), addr.is_ipv6())?;
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Binds the first free port of `ports` on `ip`; the error of the last attempt otherwise.
+pub fn bind_first_free(
+    ip: std::net::IpAddr,
+    ports: std::ops::RangeInclusive<u16>,
+) -> io::Result<UdpSocket> {
+    let mut last = io::Error::new(io::ErrorKind::AddrInUse, "empty port range");
+    for port in ports {
+        match bind(SocketAddr::new(ip, port)) {
+            Ok(socket) => return Ok(socket),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Turns on `IP_RECVERR` (or `IPV6_RECVERR`): without it Linux does not report ICMP errors
+/// on unconnected UDP sockets.
+fn enable_recverr(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let (level, name) = if ipv6 {
+        (libc::SOL_IPV6, libc::IPV6_RECVERR)
+    } else {
+        (libc::SOL_IP, libc::IP_RECVERR)
+    };
+    // SAFETY: `fd` is an open socket; the option value is a valid c_int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads one entry of the socket's error queue: the destination of the datagram that
+/// caused an ICMP error, and the error number. `None` when the queue is empty.
+fn read_error_queue(fd: RawFd) -> Option<(SocketAddr, i32)> {
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut data = [0u8; 64];
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in `msg` points at a live local buffer of the stated length.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return None;
+    }
+    let mut errno = 0;
+    // SAFETY: the CMSG macros walk the control buffer the kernel just filled, within
+    // `msg_controllen`; the extended error is read unaligned from inside that buffer.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let header = &*cmsg;
+            let is_recverr = (header.cmsg_level == libc::SOL_IP
+                && header.cmsg_type == libc::IP_RECVERR)
+                || (header.cmsg_level == libc::SOL_IPV6 && header.cmsg_type == libc::IPV6_RECVERR);
+            if is_recverr {
+                let err: libc::sock_extended_err =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                errno = err.ee_errno as i32;
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    sockaddr_to_std(&name).map(|addr| (addr, errno))
+}
+
+/// Converts a C socket address (IPv4 or IPv6) to a std one.
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
+/// Token of the socket in the poll registry.
+const SOCKET: Token = Token(0);
+/// Token of the waker in the poll registry.
+const WAKER: Token = Token(1);
+
+/// Starts a driver thread on `socket`. Returns the handle, the receiver of requests
+/// addressed to this node, and the thread's join handle. The thread stops on
+/// [`Handle::shutdown`] or when every handle is dropped.
+pub fn spawn(
+    socket: UdpSocket,
+    config: NetConfig,
+) -> io::Result<(Handle, Receiver<IncomingRequest>, JoinHandle<()>)> {
+    socket.set_nonblocking(true)?;
+    let local_addr = socket.local_addr()?;
+    let mut socket = mio::net::UdpSocket::from_std(socket);
+    let poll = Poll::new()?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+    let (requests_tx, requests_rx) = crossbeam_channel::unbounded();
+    let mut rng = match config.seed {
+        Some(seed) => Rng::seeded(seed),
+        None => Rng::from_entropy(),
+    };
+    let endpoint = Endpoint::new(config.reliable.clone(), &mut rng);
+    let faults = match config.seed {
+        // A seeded run replays its faults too, unless the spec names its own seed.
+        Some(_) if config.faults.seed.is_none() => {
+            FaultInjector::with_rng(config.faults, rng.fork())
+        }
+        _ => FaultInjector::new(config.faults),
+    };
+    let mut driver = Driver {
+        socket,
+        poll,
+        endpoint,
+        faults,
+        delayed: BTreeMap::new(),
+        delayed_seq: 0,
+        pending: HashMap::new(),
+        commands: commands_rx,
+        requests: requests_tx,
+        buffer: vec![0; 65536],
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("net-{local_addr}"))
+        .spawn(move || driver.run())?;
+    Ok((
+        Handle {
+            commands: commands_tx,
+            waker,
+            local_addr,
+        },
+        requests_rx,
+        thread,
+    ))
+}
+
+/// The state of the driver thread.
+struct Driver {
+    /// The socket.
+    socket: mio::net::UdpSocket,
+    /// The readiness poll (socket and waker).
+    poll: Poll,
+    /// The protocol state machine.
+    endpoint: Endpoint,
+    /// Fault injection on the send path.
+    faults: FaultInjector,
+    /// Datagrams held back by fault injection, by (due instant, sequence).
+    delayed: BTreeMap<(Instant, u64), (SocketAddr, Vec<u8>)>,
+    /// Sequence numbers keep same-instant delayed datagrams in order.
+    delayed_seq: u64,
+    /// Where each outstanding request's outcome goes.
+    pending: HashMap<RequestId, (Sender<Reply>, u64)>,
+    /// Commands from handles.
+    commands: Receiver<Command>,
+    /// Requests to the application.
+    requests: Sender<IncomingRequest>,
+    /// Receive buffer.
+    buffer: Vec<u8>,
+}
+
+impl Driver {
+    /// The thread's loop: wait for the socket, a command or the next timer; handle it; flush.
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let now = Instant::now();
+            let next = [
+                self.endpoint.poll_timeout(),
+                self.delayed.keys().next().map(|k| k.0),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = next.map(|t| t.saturating_duration_since(now));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let now = Instant::now();
+            self.receive(now);
+            if !self.take_commands(now) {
+                return;
+            }
+            if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+                self.endpoint.handle_timeout(now);
+            }
+            self.flush(now);
+        }
+    }
+
+    /// Reads every datagram (and every queued ICMP error) the socket holds.
+    fn receive(&mut self, now: Instant) {
+        loop {
+            match self.socket.recv_from(&mut self.buffer) {
+                Ok((n, from)) => self.endpoint.handle_datagram(now, from, &self.buffer[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("receive error: {e}");
+                    self.drain_error_queue(now);
+                }
+            }
+        }
+        self.drain_error_queue(now);
+    }
+
+    /// Reports every peer the error queue names as unreachable.
+    fn drain_error_queue(&mut self, now: Instant) {
+        while let Some((peer, errno)) = read_error_queue(self.socket.as_raw_fd()) {
+            let error = io::Error::from_raw_os_error(errno);
+            if matches!(
+                errno,
+                libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH
+            ) {
+                debug!("{peer} is unreachable: {error}");
+                self.endpoint.handle_unreachable(now, peer);
+            } else {
+                debug!("ICMP error for {peer}: {error}");
+            }
+        }
+    }
+
+    /// Executes every queued command; false when the thread must stop.
+    fn take_commands(&mut self, now: Instant) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Request {
+                    dst,
+                    body,
+                    deadline,
+                    reply,
+                    tag,
+                }) => match self.endpoint.request(now, dst, body, deadline) {
+                    Ok(id) => {
+                        self.pending.insert(id, (reply, tag));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Reply {
+                            tag,
+                            result: Err(e),
+                        });
+                    }
+                },
+                Ok(Command::Respond { id, body }) => {
+                    if let Err(e) = self.endpoint.respond(now, id, body) {
+                        warn!("cannot send a response: {e}");
+                    }
+                }
+                Ok(Command::Stats(reply)) => {
+                    let _ = reply.send(self.endpoint.stats().clone());
+                }
+                Ok(Command::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return false;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    /// Sends what the endpoint queued (through fault injection), sends delayed datagrams that
+    /// are due, and hands events to the application.
+    fn flush(&mut self, now: Instant) {
+        while let Some(transmit) = self.endpoint.poll_transmit() {
+            if self.faults.spec().is_none() {
+                self.send_now(now, transmit.dst, &transmit.payload);
+                continue;
+            }
+            for at in self.faults.schedule(now) {
+                if at <= now {
+                    self.send_now(now, transmit.dst, &transmit.payload);
+                } else {
+                    self.delayed_seq += 1;
+                    let copy = (transmit.dst, transmit.payload.clone());
+                    self.delayed.insert((at, self.delayed_seq), copy);
+                }
+            }
+        }
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (dst, payload) = entry.remove();
+            self.send_now(now, dst, &payload);
+        }
+        while let Some(event) = self.endpoint.poll_event() {
+            match event {
+                Event::Request { from, id, body } => {
+                    // If the application is gone, the request simply goes unanswered.
+                    let _ = self.requests.send(IncomingRequest { from, id, body });
+                }
+                Event::Response { id, result } => {
+                    if let Some((reply, tag)) = self.pending.remove(&id) {
+                        let _ = reply.send(Reply { tag, result });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts one datagram on the wire. A full socket buffer drops it (the reliable layer
+    /// resends); a pending ICMP error surfacing here is read from the error queue.
+    fn send_now(&mut self, now: Instant, dst: SocketAddr, payload: &[u8]) {
+        loop {
+            match self.socket.send_to(payload, dst) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    debug!("socket buffer full; dropping a datagram to {dst}");
+                    return;
+                }
+                Err(e) => {
+                    debug!("send to {dst} failed: {e}");
+                    self.drain_error_queue(now);
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,488 @@
-//! (being written)
+//! One storage node: its bucket, its heartbeats, and its raw commands.
+//!
+//! [`Server`] is a sans-IO [`Node`]. It heartbeats the view leader every interval and learns
+//! the current epoch and view from each acknowledgement. If no view leader address was given
+//! it probes the default ports and takes the lowest one that answers. If the view leader
+//! refuses a heartbeat (this server was declared dead), the server empties its bucket and
+//! rejoins under a fresh id. It serves `print`, `set`, `get` and `query_all_keys` on its own
+//! bucket.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::message::{self, ErrorKind, Request, Response};
+use crate::node::{Action, Node};
+use crate::reliable::{IncomingId, RequestError};
+use crate::rng::Rng;
+use crate::view::{Epoch, ServerId, View};
+
+/// Settings of a server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The address others reach this server at (carried in heartbeats).
+    pub advertise: SocketAddr,
+    /// The view leader, or `None` to probe the default ports.
+    pub viewleader: Option<SocketAddr>,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Where to look for a view leader when none is given.
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// One stored value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// Orders writes to the same key; raw `set` writes use version 0.
+    pub version: u64,
+    /// The value.
+    pub value: String,
+}
+
+/// Token of heartbeat requests.
+const HEARTBEAT: u64 = 1;
+/// Tokens at or above this are view leader probes (token - PROBE = candidate index).
+const PROBE: u64 = 1_000;
+
+/// A round of view leader probes in progress.
+#[derive(Debug)]
+struct Discovery {
+    /// Outcome per candidate: `None` while waiting, `Some(true)` if it answered as a view leader.
+    answers: Vec<Option<bool>>,
+}
+
+/// The server's state machine.
+#[derive(Debug)]
+pub struct Server {
+    /// Settings.
+    config: ServerConfig,
+    /// The current id (fresh at start and at every rejoin).
+    id: ServerId,
+    /// Random source for ids.
+    rng: Rng,
+    /// The bucket.
+    store: BTreeMap<String, Stored>,
+    /// The view leader in use, once known.
+    viewleader: Option<SocketAddr>,
+    /// The last view learned from the view leader.
+    view: Option<View>,
+    /// When the next heartbeat is due.
+    next_heartbeat: Instant,
+    /// A heartbeat is in flight.
+    heartbeat_in_flight: bool,
+    /// A discovery round in progress.
+    discovery: Option<Discovery>,
+    /// Actions waiting for [`Node::poll_action`].
+    actions: VecDeque<Action>,
+}
+
+impl Server {
+    /// Creates a server with a fresh id drawn from `rng`; its first heartbeat (or discovery)
+    /// goes out at `now`.
+    pub fn new(config: ServerConfig, mut rng: Rng, now: Instant) -> Server {
+        let id = ServerId::random(&mut rng);
+        let viewleader = config.viewleader;
+        Server {
+            config,
+            id,
+            rng,
+            store: BTreeMap::new(),
+            viewleader,
+            view: None,
+            next_heartbeat: now,
+            heartbeat_in_flight: false,
+            discovery: None,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The server's current id.
+    pub fn id(&self) -> ServerId {
+        self.id
+    }
+
+    /// The epoch of the last view learned (0 before any).
+    pub fn epoch(&self) -> Epoch {
+        self.view.as_ref().map_or(Epoch(0), |v| v.epoch)
+    }
+
+    /// Number of keys in the bucket.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    /// True when the bucket is empty.
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// Sends a heartbeat to `viewleader`, bounded by a few intervals.
+    fn send_heartbeat(&mut self, now: Instant, viewleader: SocketAddr) {
+        self.heartbeat_in_flight = true;
+        self.next_heartbeat = now + self.config.heartbeat_interval;
+        let deadline = now + self.config.heartbeat_interval * 4;
+        self.actions.push_back(Action::Request {
+            token: HEARTBEAT,
+            dst: viewleader,
+            request: Request::Heartbeat {
+                id: self.id,
+                addr: self.config.advertise,
+            },
+            deadline: Some(deadline),
+        });
+    }
+
+    /// Starts a round of probes of every candidate view leader address.
+    fn start_discovery(&mut self, now: Instant) {
+        self.next_heartbeat = now + self.config.heartbeat_interval;
+        let deadline = now
+            + self
+                .config
+                .heartbeat_interval
+                .max(Duration::from_millis(500));
+        for (index, &dst) in self.config.candidates.iter().enumerate() {
+            self.actions.push_back(Action::Request {
+                token: PROBE + index as u64,
+                dst,
+                request: Request::QueryServers,
+                deadline: Some(deadline),
+            });
+        }
+        self.discovery = Some(Discovery {
+            answers: vec![None; self.config.candidates.len()],
+        });
+    }
+
+    /// Records one probe outcome; once every candidate has answered or failed, adopts the
+    /// first (lowest) one that answered as a view leader.
+    fn on_probe(&mut self, now: Instant, index: usize, is_viewleader: bool) {
+        let Some(discovery) = &mut self.discovery else {
+            return;
+        };
+        let Some(slot) = discovery.answers.get_mut(index) else {
+            return;
+        };
+        *slot = Some(is_viewleader);
+        // The first candidate that answered wins once every earlier one has failed.
+        for (i, answer) in discovery.answers.iter().enumerate() {
+            match answer {
+                None => return,
+                Some(false) => continue,
+                Some(true) => {
+                    let found = self.config.candidates[i];
+                    info!("found the view leader at {found}");
+                    self.viewleader = Some(found);
+                    self.discovery = None;
+                    self.send_heartbeat(now, found);
+                    return;
+                }
+            }
+        }
+        warn!(
+            "no view leader answers on {} candidate addresses; retrying",
+            discovery.answers.len()
+        );
+        self.discovery = None;
+    }
+
+    /// Handles the answer to a heartbeat.
+    fn on_heartbeat_answer(&mut self, now: Instant, result: Result<Response, RequestError>) {
+        self.heartbeat_in_flight = false;
+        match result {
+            Ok(Response::HeartbeatAck { view }) => {
+                let old = self.epoch();
+                if view.epoch != old {
+                    info!(
+                        "epoch {old} -> {}: {} servers in view",
+                        view.epoch,
+                        view.members.len()
+                    );
+                }
+                self.view = Some(view);
+            }
+            Ok(Response::HeartbeatRefused { view }) => {
+                let old = self.id;
+                self.id = ServerId::random(&mut self.rng);
+                warn!(
+                    "declared dead by the view leader (epoch {}): emptying the bucket of {} keys \
+                     and rejoining as {} (was {old})",
+                    view.epoch,
+                    self.store.len(),
+                    self.id
+                );
+                self.store.clear();
+                self.view = None;
+                if let Some(viewleader) = self.viewleader {
+                    self.send_heartbeat(now, viewleader);
+                }
+            }
+            Ok(other) => warn!("unexpected answer to a heartbeat: {other:?}"),
+            Err(e) => warn!("heartbeat failed: {e}"),
+        }
+    }
+
+    /// Serves one request, returning the answer.
+    fn serve(&mut self, from: SocketAddr, request: Request) -> Response {
+        match request {
+            Request::Print { text } => {
+                info!("print from {from}: {text}");
+                Response::Done
+            }
+            Request::Set { key, value } => {
+                if let Err(e) = message::check_key(&key).and_then(|()| message::check_value(&value))
+                {
+                    return Response::Error(e);
+                }
+                self.store.insert(key, Stored { version: 0, value });
+                Response::Done
+            }
+            Request::Get { key } => match self.store.get(&key) {
+                Some(stored) => Response::Value {
+                    value: stored.value.clone(),
+                },
+                None => Response::error(
+                    ErrorKind::NotFound,
+                    format!("{key:?} is not in this bucket"),
+                ),
+            },
+            Request::QueryAllKeys => Response::Keys {
+                keys: self.store.keys().cloned().collect(),
+            },
+            other => Response::error(
+                ErrorKind::BadInput,
+                format!(
+                    "{} is not served by a server; ask the view leader",
+                    other.name()
+                ),
+            ),
+        }
+    }
+}
+
+impl Node for Server {
+    /// Serves a raw storage request.
+    fn handle_request(
+        &mut self,
+        _now: Instant,
+        from: SocketAddr,
+        id: IncomingId,
+        request: Request,
+    ) {
+        let response = self.serve(from, request);
+        self.actions.push_back(Action::Respond { id, response });
+    }
+
+    /// Handles heartbeat answers and discovery probe outcomes.
+    fn handle_response(
+        &mut self,
+        now: Instant,
+        token: u64,
+        result: Result<Response, RequestError>,
+    ) {
+        if token == HEARTBEAT {
+            self.on_heartbeat_answer(now, result);
+        } else if token >= PROBE {
+            let is_viewleader = matches!(result, Ok(Response::Servers { .. }));
+            self.on_probe(now, (token - PROBE) as usize, is_viewleader);
+        }
+    }
+
+    /// Sends the next heartbeat (or discovery round) when due.
+    fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_heartbeat || self.heartbeat_in_flight || self.discovery.is_some() {
+            return;
+        }
+        match self.viewleader {
+            Some(viewleader) => self.send_heartbeat(now, viewleader),
+            None => self.start_discovery(now),
+        }
+    }
+
+    /// The next heartbeat instant, unless one is in flight.
+    fn poll_timeout(&self) -> Option<Instant> {
+        if self.heartbeat_in_flight || self.discovery.is_some() {
+            None
+        } else {
+            Some(self.next_heartbeat)
+        }
+    }
+
+    /// Hands out the next action.
+    fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::Member;
+
+    /// A server with a known view leader and a 100 ms heartbeat.
+    fn server(now: Instant) -> Server {
+        let config = ServerConfig {
+            advertise: "127.0.0.1:38000".parse().unwrap(),
+            viewleader: Some("127.0.0.1:39000".parse().unwrap()),
+            heartbeat_interval: Duration::from_millis(100),
+            candidates: Vec::new(),
+        };
+        Server::new(config, Rng::seeded(1), now)
+    }
+
+    /// Sends `request` and returns the response.
+    fn ask(s: &mut Server, request: Request) -> Response {
+        let id = IncomingId {
+            incarnation: 1,
+            request: 1,
+        };
+        s.handle_request(Instant::now(), "127.0.0.1:1".parse().unwrap(), id, request);
+        match s.poll_action() {
+            Some(Action::Respond { response, .. }) => response,
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn raw_set_get_and_query_all_keys() {
+        let mut s = server(Instant::now());
+        assert_eq!(
+            ask(
+                &mut s,
+                Request::Set {
+                    key: "b".into(),
+                    value: "2".into()
+                }
+            ),
+            Response::Done
+        );
+        assert_eq!(
+            ask(
+                &mut s,
+                Request::Set {
+                    key: "a".into(),
+                    value: "1".into()
+                }
+            ),
+            Response::Done
+        );
+        assert_eq!(
+            ask(&mut s, Request::Get { key: "a".into() }),
+            Response::Value { value: "1".into() }
+        );
+        let missing = ask(&mut s, Request::Get { key: "zz".into() });
+        assert!(matches!(missing, Response::Error(ref e) if e.kind == ErrorKind::NotFound));
+        assert_eq!(
+            ask(&mut s, Request::QueryAllKeys),
+            Response::Keys {
+                keys: vec!["a".into(), "b".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_keys_are_refused() {
+        let mut s = server(Instant::now());
+        let answer = ask(
+            &mut s,
+            Request::Set {
+                key: "k".repeat(2000),
+                value: String::new(),
+            },
+        );
+        assert!(matches!(answer, Response::Error(ref e) if e.kind == ErrorKind::BadInput));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn heartbeats_go_out_every_interval_and_learn_the_epoch() {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        s.handle_timeout(t0);
+        assert!(matches!(
+            s.poll_action(),
+            Some(Action::Request {
+                token: HEARTBEAT,
+                ..
+            })
+        ));
+        assert_eq!(s.poll_timeout(), None, "one heartbeat in flight at a time");
+        let view = View {
+            epoch: Epoch(4),
+            members: vec![Member {
+                id: s.id(),
+                addr: "127.0.0.1:38000".parse().unwrap(),
+            }],
+            replicas: 3,
+            vnodes: 64,
+        };
+        s.handle_response(t0, HEARTBEAT, Ok(Response::HeartbeatAck { view }));
+        assert_eq!(s.epoch(), Epoch(4));
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_refused_heartbeat_empties_the_bucket_and_changes_the_id() {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        ask(
+            &mut s,
+            Request::Set {
+                key: "k".into(),
+                value: "v".into(),
+            },
+        );
+        let old = s.id();
+        s.handle_timeout(t0);
+        s.poll_action();
+        s.handle_response(
+            t0,
+            HEARTBEAT,
+            Ok(Response::HeartbeatRefused {
+                view: View::default(),
+            }),
+        );
+        assert_ne!(s.id(), old);
+        assert!(s.is_empty());
+        let Some(Action::Request {
+            request: Request::Heartbeat { id, .. },
+            ..
+        }) = s.poll_action()
+        else {
+            panic!("expected an immediate heartbeat under the new id");
+        };
+        assert_eq!(id, s.id());
+    }
+
+    #[test]
+    fn discovery_adopts_the_lowest_candidate_that_answers() {
+        let t0 = Instant::now();
+        let mut config = server(t0).config;
+        config.viewleader = None;
+        config.candidates = (1..=3)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        let mut s = Server::new(config, Rng::seeded(2), t0);
+        s.handle_timeout(t0);
+        let probes: Vec<Action> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert_eq!(probes.len(), 3);
+        let servers = Response::Servers {
+            view: View::default(),
+            rebalancing: false,
+            pending: vec![],
+        };
+        s.handle_response(t0, PROBE + 2, Ok(servers.clone()));
+        s.handle_response(t0, PROBE + 1, Ok(servers));
+        assert!(
+            s.poll_action().is_none(),
+            "candidate 0 has not answered yet"
+        );
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        s.handle_response(t0, PROBE, Err(RequestError::Unreachable { peer }));
+        let Some(Action::Request { dst, .. }) = s.poll_action() else {
+            panic!("no heartbeat")
+        };
+        assert_eq!(dst.port(), 2);
+    }
+}

@@ -1,2 +1,459 @@
-//! (being written)
+//! The view leader: membership from heartbeats, epochs, the current view, and the lock service.
+//!
+//! [`ViewLeader`] is a sans-IO [`Node`]. A server joins the view with its first heartbeat and
+//! leaves it after `dead_after` of silence; every join and every departure starts a new epoch.
+//! A heartbeat from a server already declared dead is refused: that server must empty its
+//! bucket and rejoin under a fresh id. When a server leaves, the locks held by requesters
+//! named after its id or its address are released. The view leader never stores anything
+//! about keys.
+
 pub mod locks;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::message::{self, ErrorKind, OpError, Request, Response};
+use crate::node::{Action, Node};
+use crate::reliable::{IncomingId, RequestError};
+use crate::view::{Epoch, Member, ServerId, View};
+
+use self::locks::{LockConfig, LockGetOutcome, LockReleaseOutcome, LockTable};
+
+/// The ports a view leader binds by default, and where clients and servers look for one.
+pub const DEFAULT_PORTS: std::ops::RangeInclusive<u16> = 39000..=39010;
+
+/// How many ids of dead servers are remembered (to refuse their late heartbeats).
+const DEAD_IDS_REMEMBERED: usize = 10_000;
+
+/// The addresses clients and servers probe, in order, when no `--viewleader` is given.
+pub fn default_candidates() -> Vec<SocketAddr> {
+    DEFAULT_PORTS
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect()
+}
+
+/// Settings of the view leader.
+#[derive(Clone, Debug)]
+pub struct ViewLeaderConfig {
+    /// A server silent this long leaves the view.
+    pub dead_after: Duration,
+    /// Replication count carried in every view.
+    pub replicas: u32,
+    /// Ring points per server carried in every view.
+    pub vnodes: u32,
+    /// Lock service settings.
+    pub locks: LockConfig,
+}
+
+impl Default for ViewLeaderConfig {
+    /// The contract's defaults: 2000 ms, 3 replicas, 64 vnodes.
+    fn default() -> ViewLeaderConfig {
+        ViewLeaderConfig {
+            dead_after: Duration::from_millis(2000),
+            replicas: 3,
+            vnodes: 64,
+            locks: LockConfig::default(),
+        }
+    }
+}
+
+/// What the view leader knows of one live server.
+#[derive(Clone, Debug)]
+struct Liveness {
+    /// Where the server is reached.
+    addr: SocketAddr,
+    /// When its last heartbeat arrived.
+    last_heartbeat: Instant,
+}
+
+/// The view leader's state machine.
+#[derive(Debug)]
+pub struct ViewLeader {
+    /// Settings.
+    config: ViewLeaderConfig,
+    /// The current epoch.
+    epoch: Epoch,
+    /// Live servers by id.
+    members: BTreeMap<ServerId, Liveness>,
+    /// Ids of servers declared dead (bounded; oldest forgotten first).
+    dead: HashSet<ServerId>,
+    /// The order dead ids were added, for forgetting the oldest.
+    dead_order: VecDeque<ServerId>,
+    /// The lock service.
+    locks: LockTable,
+    /// Actions waiting for [`Node::poll_action`].
+    actions: VecDeque<Action>,
+}
+
+impl ViewLeader {
+    /// Creates a view leader with an empty view at epoch 0.
+    pub fn new(config: ViewLeaderConfig) -> ViewLeader {
+        let locks = LockTable::new(config.locks);
+        ViewLeader {
+            config,
+            epoch: Epoch(0),
+            members: BTreeMap::new(),
+            dead: HashSet::new(),
+            dead_order: VecDeque::new(),
+            locks,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The current view.
+    pub fn view(&self) -> View {
+        View {
+            epoch: self.epoch,
+            members: self
+                .members
+                .iter()
+                .map(|(&id, l)| Member { id, addr: l.addr })
+                .collect(),
+            replicas: self.config.replicas,
+            vnodes: self.config.vnodes,
+        }
+    }
+
+    /// Handles a heartbeat from server `id` at `addr`, returning the answer.
+    fn heartbeat(&mut self, now: Instant, id: ServerId, addr: SocketAddr) -> Response {
+        if self.dead.contains(&id) {
+            info!("refusing a heartbeat from {id} at {addr}: it was declared dead");
+            return Response::HeartbeatRefused { view: self.view() };
+        }
+        if let Some(member) = self.members.get_mut(&id) {
+            member.last_heartbeat = now;
+            if member.addr != addr {
+                info!("server {id} moved from {} to {addr}", member.addr);
+                member.addr = addr;
+                self.new_epoch();
+            }
+            return Response::HeartbeatAck { view: self.view() };
+        }
+        // A server restarted on the same address under a new id before its old incarnation
+        // was declared dead: the old one is gone, so it leaves now.
+        let stale: Vec<ServerId> = self
+            .members
+            .iter()
+            .filter(|(_, l)| l.addr == addr)
+            .map(|(&old, _)| old)
+            .collect();
+        for old in stale {
+            self.remove(now, old, "replaced by a new server on the same address");
+        }
+        self.members.insert(
+            id,
+            Liveness {
+                addr,
+                last_heartbeat: now,
+            },
+        );
+        self.new_epoch();
+        info!(
+            "server {id} at {addr} joined; epoch {} has {} servers",
+            self.epoch,
+            self.members.len()
+        );
+        Response::HeartbeatAck { view: self.view() }
+    }
+
+    /// Starts a new epoch.
+    fn new_epoch(&mut self) {
+        self.epoch = Epoch(self.epoch.0 + 1);
+    }
+
+    /// Removes server `id` from the view, declares it dead and releases its locks.
+    fn remove(&mut self, now: Instant, id: ServerId, why: &str) {
+        let Some(liveness) = self.members.remove(&id) else {
+            return;
+        };
+        self.new_epoch();
+        if self.dead_order.len() == DEAD_IDS_REMEMBERED {
+            if let Some(oldest) = self.dead_order.pop_front() {
+                self.dead.remove(&oldest);
+            }
+        }
+        self.dead.insert(id);
+        self.dead_order.push_back(id);
+        let names = [id.to_string(), liveness.addr.to_string()];
+        let released = self.locks.release_all_of(now, &[&names[0], &names[1]]);
+        info!(
+            "server {id} at {} left ({why}); epoch {} has {} servers",
+            liveness.addr,
+            self.epoch,
+            self.members.len()
+        );
+        if !released.is_empty() {
+            info!("released locks of {id}: {}", released.join(", "));
+        }
+    }
+
+    /// Handles `lock_get`.
+    fn lock_get(&mut self, now: Instant, lock: &str, requester: &str) -> Response {
+        if let Err(e) = check_names(lock, requester) {
+            return Response::Error(e);
+        }
+        match self.locks.get(now, lock, requester) {
+            LockGetOutcome::Granted => Response::LockGranted,
+            LockGetOutcome::Waiting { holder, position } => Response::LockWaiting {
+                holder,
+                position: position as u32,
+            },
+            LockGetOutcome::Deadlock { cycle } => Response::Error(OpError {
+                kind: ErrorKind::Deadlock,
+                message: format!(
+                    "waiting for {lock} would close the cycle {}",
+                    cycle.join(" -> ")
+                ),
+                cycle,
+            }),
+            LockGetOutcome::Busy => {
+                warn!("lock table full: refusing {requester}'s request for {lock}");
+                Response::error(ErrorKind::Aborted, "the lock table is full")
+            }
+        }
+    }
+
+    /// Handles `lock_release`.
+    fn lock_release(&mut self, now: Instant, lock: &str, requester: &str) -> Response {
+        if let Err(e) = check_names(lock, requester) {
+            return Response::Error(e);
+        }
+        match self.locks.release(now, lock, requester) {
+            LockReleaseOutcome::Released => Response::LockReleased,
+            LockReleaseOutcome::NotHolder => Response::error(
+                ErrorKind::NotHolder,
+                format!("{requester} does not hold {lock}"),
+            ),
+        }
+    }
+}
+
+/// Checks the lock and requester names of a lock request.
+fn check_names(lock: &str, requester: &str) -> Result<(), OpError> {
+    message::check_lock_name("lock name", lock)?;
+    message::check_lock_name("requester", requester)
+}
+
+impl Node for ViewLeader {
+    /// Answers heartbeats, `query_servers` and lock requests; refuses storage requests.
+    fn handle_request(&mut self, now: Instant, from: SocketAddr, id: IncomingId, request: Request) {
+        let response = match request {
+            Request::Heartbeat { id: server, addr } => self.heartbeat(now, server, addr),
+            Request::QueryServers => Response::Servers {
+                view: self.view(),
+                rebalancing: false,
+                pending: Vec::new(),
+            },
+            Request::LockGet { lock, requester } => self.lock_get(now, &lock, &requester),
+            Request::LockRelease { lock, requester } => self.lock_release(now, &lock, &requester),
+            Request::LockWithdraw { lock, requester } => {
+                if self.locks.withdraw(now, &lock, &requester) {
+                    info!("{requester} withdrew its request for {lock}");
+                }
+                Response::LockReleased
+            }
+            other => Response::error(
+                ErrorKind::BadInput,
+                format!(
+                    "{} is not served by the view leader (from {from})",
+                    other.name()
+                ),
+            ),
+        };
+        self.actions.push_back(Action::Respond { id, response });
+    }
+
+    /// The view leader sends no requests of its own.
+    fn handle_response(
+        &mut self,
+        _now: Instant,
+        _token: u64,
+        _result: Result<Response, RequestError>,
+    ) {
+    }
+
+    /// Declares silent servers dead and expires lock requests.
+    fn handle_timeout(&mut self, now: Instant) {
+        let dead_after = self.config.dead_after;
+        let silent: Vec<ServerId> = self
+            .members
+            .iter()
+            .filter(|(_, l)| l.last_heartbeat + dead_after <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in silent {
+            self.remove(now, id, "no heartbeat");
+        }
+        self.locks.handle_timeout(now);
+    }
+
+    /// The earliest of: the next server to fall silent for `dead_after`, the next lock expiry.
+    fn poll_timeout(&self) -> Option<Instant> {
+        let silence = self
+            .members
+            .values()
+            .map(|l| l.last_heartbeat + self.config.dead_after)
+            .min();
+        [silence, self.locks.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Hands out the next response.
+    fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A view leader with `dead_after` of 1 s.
+    fn leader() -> ViewLeader {
+        ViewLeader::new(ViewLeaderConfig {
+            dead_after: Duration::from_secs(1),
+            ..Default::default()
+        })
+    }
+
+    /// Sends `request` and returns the response.
+    fn ask(vl: &mut ViewLeader, now: Instant, request: Request) -> Response {
+        let id = IncomingId {
+            incarnation: 1,
+            request: 1,
+        };
+        vl.handle_request(now, "127.0.0.1:1".parse().unwrap(), id, request);
+        match vl.poll_action() {
+            Some(Action::Respond { response, .. }) => response,
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    /// A heartbeat from server `n` on port `n`.
+    fn heartbeat(n: u128) -> Request {
+        Request::Heartbeat {
+            id: ServerId(n),
+            addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
+        }
+    }
+
+    #[test]
+    fn joins_and_departures_each_start_an_epoch() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        ask(&mut vl, t0, heartbeat(1));
+        ask(&mut vl, t0, heartbeat(2));
+        assert_eq!(vl.view().epoch, Epoch(2));
+        assert_eq!(vl.view().members.len(), 2);
+        // Server 1 keeps beating, server 2 falls silent.
+        ask(&mut vl, t0 + Duration::from_millis(600), heartbeat(1));
+        assert_eq!(vl.poll_timeout(), Some(t0 + Duration::from_secs(1)));
+        vl.handle_timeout(t0 + Duration::from_secs(1));
+        let view = vl.view();
+        assert_eq!(view.epoch, Epoch(3));
+        assert_eq!(
+            view.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![ServerId(1)]
+        );
+    }
+
+    #[test]
+    fn a_dead_servers_late_heartbeat_is_refused() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        ask(&mut vl, t0, heartbeat(7));
+        vl.handle_timeout(t0 + Duration::from_secs(2));
+        let answer = ask(&mut vl, t0 + Duration::from_secs(3), heartbeat(7));
+        assert!(
+            matches!(answer, Response::HeartbeatRefused { .. }),
+            "{answer:?}"
+        );
+        assert!(vl.view().members.is_empty());
+    }
+
+    #[test]
+    fn heartbeat_ack_carries_the_current_view() {
+        let mut vl = leader();
+        let answer = ask(&mut vl, Instant::now(), heartbeat(5));
+        let Response::HeartbeatAck { view } = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(view.epoch, Epoch(1));
+        assert_eq!((view.replicas, view.vnodes), (3, 64));
+    }
+
+    #[test]
+    fn a_new_id_on_a_known_address_replaces_the_old_server() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        ask(
+            &mut vl,
+            t0,
+            Request::Heartbeat {
+                id: ServerId(1),
+                addr,
+            },
+        );
+        ask(
+            &mut vl,
+            t0,
+            Request::Heartbeat {
+                id: ServerId(2),
+                addr,
+            },
+        );
+        let view = vl.view();
+        assert_eq!(
+            view.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![ServerId(2)]
+        );
+        assert_eq!(view.epoch, Epoch(3), "one departure and two joins");
+    }
+
+    #[test]
+    fn a_departed_servers_locks_are_released() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        ask(&mut vl, t0, heartbeat(9));
+        let by_id = Request::LockGet {
+            lock: "A".into(),
+            requester: ServerId(9).to_string(),
+        };
+        let by_addr = Request::LockGet {
+            lock: "B".into(),
+            requester: "127.0.0.1:9".into(),
+        };
+        assert_eq!(ask(&mut vl, t0, by_id), Response::LockGranted);
+        assert_eq!(ask(&mut vl, t0, by_addr), Response::LockGranted);
+        let other = Request::LockGet {
+            lock: "A".into(),
+            requester: "carol".into(),
+        };
+        assert!(matches!(
+            ask(&mut vl, t0, other.clone()),
+            Response::LockWaiting { .. }
+        ));
+        vl.handle_timeout(t0 + Duration::from_millis(1000));
+        assert_eq!(vl.locks.holder("B"), None);
+        assert_eq!(
+            ask(&mut vl, t0 + Duration::from_millis(1000), other),
+            Response::LockGranted
+        );
+    }
+
+    #[test]
+    fn storage_requests_are_refused_with_bad_input() {
+        let mut vl = leader();
+        let answer = ask(&mut vl, Instant::now(), Request::Get { key: "k".into() });
+        let Response::Error(e) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::BadInput);
+    }
+}
