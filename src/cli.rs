@@ -209,21 +209,28 @@ pub enum ClientCommand {
     },
 }
 
-/// Blocks until SIGINT or SIGTERM arrives.
-fn wait_for_termination() {
-    match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
-        Ok(mut signals) => {
-            signals.forever().next();
-        }
+/// Registers handlers for SIGINT and SIGTERM. Call before announcing readiness, so that a
+/// signal sent as soon as the `listening` line is read is handled (exit 0), not fatal.
+fn termination_signals() -> Option<signal_hook::iterator::Signals> {
+    let signals = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    match signal_hook::iterator::Signals::new(signals) {
+        Ok(signals) => Some(signals),
         Err(e) => {
             error!("cannot install signal handlers: {e}");
-            loop {
-                std::thread::park();
-            }
+            None
         }
+    }
+}
+
+/// Blocks until one of `signals` arrives (forever if handlers could not be installed).
+fn wait_for_termination(signals: Option<signal_hook::iterator::Signals>) {
+    match signals {
+        Some(mut signals) => {
+            signals.forever().next();
+        }
+        None => loop {
+            std::thread::park();
+        },
     }
 }
 
@@ -278,13 +285,14 @@ pub fn viewleader_main() -> i32 {
             return 1;
         }
     };
+    let signals = termination_signals();
     announce(&format!("listening on {local}"));
     let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::spawn(move || {
         let mut leader = ViewLeader::new(config);
         node::run(&mut leader, &handle, &requests, &stop_rx);
     });
-    wait_for_termination();
+    wait_for_termination(signals);
     0
 }
 
@@ -319,10 +327,11 @@ pub fn server_main() -> i32 {
         }
     };
     let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
+    let signals = termination_signals();
     announce(&format!("listening on {local} id {}", server.id()));
     let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::spawn(move || node::run(&mut server, &handle, &requests, &stop_rx));
-    wait_for_termination();
+    wait_for_termination(signals);
     0
 }
 
@@ -518,7 +527,9 @@ pub fn client_main() -> i32 {
             } else {
                 outcome.human()
             };
-            if !line.is_empty() {
+            // A value is printed even when empty (then just the newline); an empty key list
+            // prints nothing.
+            if args.json || !matches!(&outcome, Outcome::Keys(keys) if keys.is_empty()) {
                 let _ = writeln!(stdout, "{line}");
             }
             let _ = stdout.flush();

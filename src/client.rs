@@ -129,10 +129,10 @@ impl Client {
 
     /// Adds the command's time bound to a timeout error's message.
     fn timed(&self, mut error: OpError) -> OpError {
-        if error.kind == ErrorKind::Timeout {
-            if let Some(t) = self.timeout {
-                error.message = format!("{} within {} ms", error.message, t.as_millis());
-            }
+        if error.kind == ErrorKind::Timeout
+            && let Some(t) = self.timeout
+        {
+            error.message = format!("{} within {} ms", error.message, t.as_millis());
         }
         error
     }

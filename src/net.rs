@@ -391,11 +391,11 @@ impl Driver {
             .flatten()
             .min();
             let timeout = next.map(|t| t.saturating_duration_since(now));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    warn!("poll failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                warn!("poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
             }
             let now = Instant::now();
             self.receive(now);

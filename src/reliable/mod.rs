@@ -467,10 +467,10 @@ impl Endpoint {
 
     /// Abandons request `id`: no event will be raised for it.
     pub fn cancel(&mut self, id: RequestId) {
-        if let Some(out) = self.outgoing.remove(&id) {
-            if let OutPhase::Receiving(r) = &out.phase {
-                self.release_reassembly(out.dst, r.footprint());
-            }
+        if let Some(out) = self.outgoing.remove(&id)
+            && let OutPhase::Receiving(r) = &out.phase
+        {
+            self.release_reassembly(out.dst, r.footprint());
         }
     }
 
@@ -552,14 +552,13 @@ impl Endpoint {
             self.fail(id, RequestError::Unreachable { peer });
         }
         for entry in self.incoming.values_mut() {
-            if entry.peer == peer {
-                if let InPhase::Responded(t) = &entry.phase {
-                    if t.count() > 1 {
-                        self.cached_bytes -= t.body_len();
-                        entry.phase = InPhase::Delivered;
-                        entry.timer_at = None;
-                    }
-                }
+            if entry.peer == peer
+                && let InPhase::Responded(t) = &entry.phase
+                && t.count() > 1
+            {
+                self.cached_bytes -= t.body_len();
+                entry.phase = InPhase::Delivered;
+                entry.timer_at = None;
             }
         }
     }
@@ -991,11 +990,12 @@ impl Endpoint {
                 // The responder is alive and executing: keep waiting, however long it takes
                 // (the deadline still bounds it).
                 *stalls = 0;
-                if header.echo != 0 && header.echo == *probe_tx {
-                    if let Some(sent) = probe_sent.take() {
-                        let sample = now.saturating_duration_since(sent);
-                        self.rtt_of(from).sample(sample);
-                    }
+                if header.echo != 0
+                    && header.echo == *probe_tx
+                    && let Some(sent) = probe_sent.take()
+                {
+                    let sample = now.saturating_duration_since(sent);
+                    self.rtt_of(from).sample(sample);
                 }
             }
             OutPhase::Receiving(_) => {}
@@ -1163,11 +1163,11 @@ impl Endpoint {
 
     /// Fails request `id` with `error`, releasing any reassembly memory it held.
     fn fail(&mut self, id: RequestId, error: RequestError) {
-        if let Some(out) = self.outgoing.get(&id) {
-            if let OutPhase::Receiving(r) = &out.phase {
-                let (dst, footprint) = (out.dst, r.footprint());
-                self.release_reassembly(dst, footprint);
-            }
+        if let Some(out) = self.outgoing.get(&id)
+            && let OutPhase::Receiving(r) = &out.phase
+        {
+            let (dst, footprint) = (out.dst, r.footprint());
+            self.release_reassembly(dst, footprint);
         }
         self.complete(id, Err(error));
     }
@@ -1202,14 +1202,13 @@ impl Endpoint {
             .incoming
             .get(&id)
             .is_some_and(|e| e.responded_at == Some(stamp));
-        if current {
-            if let Some(Incoming {
+        if current
+            && let Some(Incoming {
                 phase: InPhase::Responded(t),
                 ..
             }) = self.incoming.remove(&id)
-            {
-                self.cached_bytes -= t.body_len();
-            }
+        {
+            self.cached_bytes -= t.body_len();
         }
     }
 
@@ -1241,10 +1240,9 @@ fn echo_sample(out: &Outgoing, echo: u32, now: Instant) -> Option<Duration> {
         probe_sent: Some(sent),
         ..
     } = out.phase
+        && probe_tx == echo
     {
-        if probe_tx == echo {
-            return Some(now.saturating_duration_since(sent));
-        }
+        return Some(now.saturating_duration_since(sent));
     }
     out.transfer
         .sent_at_of(echo)

@@ -108,10 +108,10 @@ impl Reassembly {
                 _ => {}
             }
         }
-        if let Some(s) = start {
-            if ranges.len() < MAX_ACK_RANGES {
-                ranges.push((s, self.count));
-            }
+        if let Some(s) = start
+            && ranges.len() < MAX_ACK_RANGES
+        {
+            ranges.push((s, self.count));
         }
         AckBody {
             complete: self.is_complete(),

@@ -170,10 +170,10 @@ impl ViewLeader {
             return;
         };
         self.new_epoch();
-        if self.dead_order.len() == DEAD_IDS_REMEMBERED {
-            if let Some(oldest) = self.dead_order.pop_front() {
-                self.dead.remove(&oldest);
-            }
+        if self.dead_order.len() == DEAD_IDS_REMEMBERED
+            && let Some(oldest) = self.dead_order.pop_front()
+        {
+            self.dead.remove(&oldest);
         }
         self.dead.insert(id);
         self.dead_order.push_back(id);

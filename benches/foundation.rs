@@ -1,0 +1,180 @@
+//! Foundation figures, printed (run with `cargo bench --bench foundation`):
+//!
+//! 1. request/response round trip through the reliable layer on loopback, in-process:
+//!    p50/p90/p99/max over 10 000 sequential requests, clean and with 10% loss injected on
+//!    both sides; plus the raw UDP round trip on the same loopback for reference;
+//! 2. time from a server's death to the view leader's epoch change, with the default
+//!    heartbeat interval (500 ms) and `--dead-after-ms` (2000 ms).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use trireme::faults::FaultSpec;
+use trireme::net::{self, NetConfig};
+use trireme::node;
+use trireme::rng::Rng;
+use trireme::server::{Server, ServerConfig};
+use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+
+/// Requests per round-trip measurement.
+const REQUESTS: usize = 10_000;
+
+/// Formats p50/p90/p99/max of `samples` (sorted in place).
+fn percentiles(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    format!(
+        "p50 {:>7.1} us  p90 {:>7.1} us  p99 {:>8.1} us  max {:>9.1} us",
+        at(0.50).as_secs_f64() * 1e6,
+        at(0.90).as_secs_f64() * 1e6,
+        at(0.99).as_secs_f64() * 1e6,
+        samples[samples.len() - 1].as_secs_f64() * 1e6
+    )
+}
+
+/// Starts an echo responder on loopback with `faults`; returns its address.
+fn echo_responder(faults: FaultSpec) -> SocketAddr {
+    let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config = NetConfig {
+        faults,
+        ..NetConfig::default()
+    };
+    let (handle, requests, _thread) = net::spawn(socket, config).unwrap();
+    let addr = handle.local_addr();
+    std::thread::spawn(move || {
+        for request in requests {
+            let _ = handle.respond(request.id, request.body);
+        }
+    });
+    addr
+}
+
+/// Measures `REQUESTS` sequential 64-byte requests to an echo responder.
+fn round_trips(label: &str, faults: &str) {
+    let spec: FaultSpec = faults.parse().unwrap();
+    let responder = echo_responder(spec);
+    let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (handle, _requests, _thread) = net::spawn(
+        socket,
+        NetConfig {
+            faults: spec,
+            ..NetConfig::default()
+        },
+    )
+    .unwrap();
+    let body = vec![7u8; 64];
+    for _ in 0..200 {
+        handle.call(responder, body.clone(), None).unwrap();
+    }
+    let mut samples = Vec::with_capacity(REQUESTS);
+    let started = Instant::now();
+    for _ in 0..REQUESTS {
+        let t = Instant::now();
+        handle
+            .call(responder, body.clone(), None)
+            .expect("answered");
+        samples.push(t.elapsed());
+    }
+    let elapsed = started.elapsed();
+    let stats = handle.stats().unwrap();
+    println!(
+        "{label:<28} {}  ({:.0} req/s, {} retransmissions)",
+        percentiles(&mut samples),
+        REQUESTS as f64 / elapsed.as_secs_f64(),
+        stats.retransmissions
+    );
+}
+
+/// Raw UDP round trip between two std sockets on loopback (no layer), for reference.
+fn raw_udp() {
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b_addr = b.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = b.recv_from(&mut buf) {
+            let _ = b.send_to(&buf[..n], from);
+        }
+    });
+    let mut buf = [0u8; 2048];
+    let mut samples = Vec::with_capacity(REQUESTS);
+    for i in 0..(REQUESTS + 200) {
+        let t = Instant::now();
+        a.send_to(&[7u8; 124], b_addr).unwrap();
+        a.recv_from(&mut buf).unwrap();
+        if i >= 200 {
+            samples.push(t.elapsed());
+        }
+    }
+    println!(
+        "{:<28} {}",
+        "raw UDP echo (reference)",
+        percentiles(&mut samples)
+    );
+}
+
+/// Runs a view leader and one server in-process with default settings, stops the server,
+/// and returns the time until the view leader's epoch changes.
+fn death_to_epoch_change() -> Duration {
+    let vl_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (vl_handle, vl_requests, _t) = net::spawn(vl_socket, NetConfig::default()).unwrap();
+    let vl_addr = vl_handle.local_addr();
+    let (_vl_stop, vl_stop_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        let mut leader = ViewLeader::new(ViewLeaderConfig::default());
+        node::run(&mut leader, &vl_handle, &vl_requests, &vl_stop_rx);
+    });
+    let s_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let advertise = s_socket.local_addr().unwrap();
+    let (s_handle, s_requests, _t2) = net::spawn(s_socket, NetConfig::default()).unwrap();
+    let (s_stop, s_stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let config = ServerConfig {
+        advertise,
+        viewleader: Some(vl_addr),
+        heartbeat_interval: Duration::from_millis(500),
+        candidates: Vec::new(),
+    };
+    let server_handle = s_handle.clone();
+    std::thread::spawn(move || {
+        let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
+        node::run(&mut server, &server_handle, &s_requests, &s_stop_rx);
+    });
+    let probe_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (probe, _r, _t3) = net::spawn(probe_socket, NetConfig::default()).unwrap();
+    let epoch = || {
+        let body = trireme::message::Request::QueryServers.encode().unwrap();
+        let answer = probe.call(vl_addr, body, None).unwrap();
+        match trireme::message::Response::decode(&answer).unwrap() {
+            trireme::message::Response::Servers { view, .. } => view.epoch.0,
+            other => panic!("{other:?}"),
+        }
+    };
+    while epoch() != 1 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Die at a random point of the heartbeat cycle.
+    std::thread::sleep(Duration::from_millis(Rng::from_entropy().below(500)));
+    let _ = s_stop.send(());
+    s_handle.shutdown();
+    let died = Instant::now();
+    while epoch() == 1 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    died.elapsed()
+}
+
+/// Prints every figure.
+fn main() {
+    println!("== request/response round trip, {REQUESTS} sequential requests, 64-byte bodies ==");
+    raw_udp();
+    round_trips("reliable layer, clean", "");
+    round_trips("reliable layer, 10% loss", "loss=0.1");
+    println!("== server death to epoch change (heartbeat 500 ms, dead-after 2000 ms) ==");
+    let mut samples: Vec<Duration> = (0..5).map(|_| death_to_epoch_change()).collect();
+    samples.sort();
+    let ms: Vec<String> = samples
+        .iter()
+        .map(|d| format!("{}", d.as_millis()))
+        .collect();
+    println!("5 trials, ms: {}", ms.join(" "));
+}

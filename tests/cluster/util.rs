@@ -1,0 +1,415 @@
+//! Shared harness of the cluster tests: real binaries on `127.0.0.1:0`, each process owned
+//! by a guard that kills it when dropped, and polling helpers with deadlines.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The fault spec the current test runs under (set per test by the `with_faults!` macro's
+/// generated tests through [`Env`]).
+#[derive(Clone, Debug, Default)]
+pub struct Env {
+    /// Value of `TRIREME_FAULTS` for every process started, if any.
+    pub faults: Option<String>,
+}
+
+impl Env {
+    /// No fault injection.
+    pub fn clean() -> Env {
+        Env { faults: None }
+    }
+
+    /// Fault injection with `spec` on every process.
+    pub fn faulty(spec: &str) -> Env {
+        Env {
+            faults: Some(spec.to_owned()),
+        }
+    }
+
+    /// A command for binary `name` with a cleaned environment (plus the fault spec).
+    fn command(&self, path: &str) -> Command {
+        let mut command = Command::new(path);
+        command.env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            command.env("PATH", path);
+        }
+        if let Some(faults) = &self.faults {
+            command.env("TRIREME_FAULTS", faults);
+        }
+        command
+    }
+}
+
+/// Path of the view leader binary.
+pub const VIEWLEADER: &str = env!("CARGO_BIN_EXE_viewleader");
+/// Path of the server binary.
+pub const SERVER: &str = env!("CARGO_BIN_EXE_server");
+/// Path of the client binary.
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+
+/// A running program, killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    /// The child process.
+    child: Child,
+    /// What it wrote on stderr so far (collected by a reader thread).
+    stderr: Arc<Mutex<String>>,
+    /// The first line it printed on stdout.
+    pub first_line: String,
+}
+
+impl Proc {
+    /// Starts `command`, waits (up to 10 s) for its first stdout line, and collects stderr.
+    fn start(mut command: Command) -> Proc {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let collected = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&collected);
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line.trim_end().to_owned());
+            // Keep draining so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let first_line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        Proc {
+            child,
+            stderr: collected,
+            first_line,
+        }
+    }
+
+    /// Everything the process wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to this process only.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to 5 s) for the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    /// Kills and reaps the process.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A view leader started on an OS-chosen port.
+pub struct ViewLeader {
+    /// The process.
+    pub proc: Proc,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+/// A server started on an OS-chosen port.
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its id at start.
+    pub id: String,
+}
+
+/// Heartbeat interval the tests use (ms).
+pub const HEARTBEAT_MS: u64 = 100;
+/// `--dead-after-ms` the tests use: well over four heartbeat intervals, so two busy cores
+/// never make a live server look dead.
+pub const DEAD_AFTER_MS: u64 = 1000;
+
+/// Starts a view leader with the tests' `--dead-after-ms`.
+pub fn viewleader(env: &Env) -> ViewLeader {
+    viewleader_with(env, &["--dead-after-ms", &DEAD_AFTER_MS.to_string()])
+}
+
+/// Starts a view leader with extra flags.
+pub fn viewleader_with(env: &Env, extra: &[&str]) -> ViewLeader {
+    let mut command = env.command(VIEWLEADER);
+    command.args(["--bind", "127.0.0.1:0"]).args(extra);
+    let proc = Proc::start(command);
+    let addr = proc
+        .first_line
+        .strip_prefix("listening on ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "view leader said {:?}; stderr: {}",
+                proc.first_line,
+                proc.stderr()
+            )
+        });
+    ViewLeader { proc, addr }
+}
+
+/// Starts a server attached to `vl` with the tests' heartbeat interval.
+pub fn server(env: &Env, vl: &ViewLeader) -> Server {
+    let mut command = env.command(SERVER);
+    command.args([
+        "--bind",
+        "127.0.0.1:0",
+        "--viewleader",
+        &vl.addr.to_string(),
+    ]);
+    command.args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()]);
+    let proc = Proc::start(command);
+    let words: Vec<&str> = proc.first_line.split(' ').collect();
+    match words.as_slice() {
+        ["listening", "on", addr, "id", id] if id.len() == 32 => Server {
+            addr: addr.parse().expect("server address"),
+            id: (*id).to_owned(),
+            proc,
+        },
+        _ => panic!(
+            "server said {:?}; stderr: {}",
+            proc.first_line,
+            proc.stderr()
+        ),
+    }
+}
+
+/// The outcome of one client run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Parses stdout as the single JSON object `--json` prints.
+    pub fn json(&self) -> Value {
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one JSON line, got {:?} (stderr {:?})",
+            self.stdout,
+            self.stderr
+        );
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {:?}", self.stdout))
+    }
+}
+
+/// Runs the client with `args` to completion.
+pub fn client(env: &Env, args: &[&str]) -> Run {
+    let output: Output = env
+        .command(CLIENT)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("client runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs the client with `args` and `--json`, returning exit code and the object.
+pub fn client_json(env: &Env, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let run = client(env, &all);
+    let json = run.json();
+    (run.code, json)
+}
+
+/// A client run in the background, killed if still running when dropped.
+pub struct Background {
+    /// The child process.
+    child: Child,
+}
+
+impl Background {
+    /// Waits (up to `limit`) for the client to finish and returns its run.
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut stdout = String::new();
+                let mut stderr = String::new();
+                if let Some(mut out) = self.child.stdout.take() {
+                    let _ = out.read_to_string(&mut stdout);
+                }
+                if let Some(mut err) = self.child.stderr.take() {
+                    let _ = err.read_to_string(&mut stderr);
+                }
+                return Run {
+                    code: status.code().unwrap_or(-1),
+                    stdout,
+                    stderr,
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "background client still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True while the client is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGINT (Ctrl-C) to the client.
+    pub fn interrupt(&self) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+    }
+}
+
+impl Drop for Background {
+    /// Kills and reaps the client if it is still running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the client with `args` in the background (output captured).
+pub fn client_background(env: &Env, args: &[&str]) -> Background {
+    let child = env
+        .command(CLIENT)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client spawns");
+    Background { child }
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The view leader's `query_servers --json` answer.
+pub fn query_servers(env: &Env, vl: &ViewLeader) -> Value {
+    let (code, json) = client_json(
+        env,
+        &["--viewleader", &vl.addr.to_string(), "query_servers"],
+    );
+    assert_eq!(code, 0, "query_servers failed: {json}");
+    json
+}
+
+/// The ids of the servers in the current view.
+pub fn server_ids(view: &Value) -> Vec<String> {
+    view["servers"]
+        .as_array()
+        .map(|servers| {
+            servers
+                .iter()
+                .filter_map(|s| s["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (up to 10 s) until the view holds exactly `n` servers; returns the view.
+pub fn wait_for_servers(env: &Env, vl: &ViewLeader, n: usize) -> Value {
+    let mut last = Value::Null;
+    let held = wait_until(Duration::from_secs(10), || {
+        last = query_servers(env, vl);
+        server_ids(&last).len() == n
+    });
+    assert!(held, "view never reached {n} servers; last {last}");
+    last
+}
+
+/// Runs the client with `args`, feeding `input` on standard input.
+pub fn client_with_stdin(env: &Env, args: &[&str], input: &[u8]) -> Run {
+    use std::io::Write;
+    let mut child = env
+        .command(CLIENT)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client spawns");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let output = child.wait_with_output().expect("client runs");
+    let _ = writer.join();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs a binary at `path` with `args` (clean environment plus `env_vars`) to completion.
+pub fn run_binary(path: &str, args: &[&str], env_vars: &[(&str, &str)]) -> Run {
+    let mut command = Env::clean().command(path);
+    command.args(args).stdin(Stdio::null());
+    for (name, value) in env_vars {
+        command.env(name, value);
+    }
+    let output = command.output().expect("binary runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
