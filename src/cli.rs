@@ -36,6 +36,18 @@ pub struct CommonArgs {
     pub faults: Option<FaultSpec>,
 }
 
+/// Parses an address flag: `IP:PORT`, or `:PORT` for 127.0.0.1 (so `--bind :0` lets the OS
+/// pick a loopback port, as the contract says).
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    let full = if text.starts_with(':') {
+        format!("127.0.0.1{text}")
+    } else {
+        text.to_owned()
+    };
+    full.parse::<SocketAddr>()
+        .map_err(|e| format!("{text:?} is not IP:PORT or :PORT ({e})"))
+}
+
 /// Parses a `--faults` value (clap reports the error as a usage error, exit 2).
 fn parse_faults(text: &str) -> Result<FaultSpec, String> {
     text.parse::<FaultSpec>().map_err(|e| e.to_string())
@@ -97,7 +109,7 @@ impl CommonArgs {
 )]
 pub struct ViewLeaderArgs {
     /// Address to bind (default: first free of 127.0.0.1:39000..=39010; port 0 lets the OS pick).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub bind: Option<SocketAddr>,
     /// A server silent this long leaves the view.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
@@ -122,16 +134,16 @@ pub struct ViewLeaderArgs {
 )]
 pub struct ServerArgs {
     /// Address to bind (default: first free of 127.0.0.1:38000..=38999; port 0 lets the OS pick).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub bind: Option<SocketAddr>,
     /// The view leader (default: the first of 127.0.0.1:39000..=39010 that answers).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub viewleader: Option<SocketAddr>,
     /// Time between heartbeats.
     #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_interval_ms: u64,
     /// The address others reach this server at (default: the bound address).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub advertise: Option<SocketAddr>,
     /// Common flags.
     #[command(flatten)]
@@ -143,15 +155,10 @@ pub struct ServerArgs {
 #[command(name = "client", version, about = "trireme command-line client")]
 pub struct ClientArgs {
     /// The view leader (default: the first of 127.0.0.1:39000..=39010 that answers).
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_addr)]
     pub viewleader: Option<SocketAddr>,
     /// Target of the unreplicated commands (print, set, get, query_all_keys).
-    #[arg(
-        long,
-        global = true,
-        value_name = "ADDR",
-        default_value = "127.0.0.1:38000"
-    )]
+    #[arg(long, global = true, value_name = "ADDR", default_value = "127.0.0.1:38000", value_parser = parse_addr)]
     pub server: SocketAddr,
     /// Bound on the whole command; 0 = no bound (only meaningful for lock_get).
     #[arg(long, global = true, value_name = "MS", default_value_t = 5000)]
@@ -174,19 +181,22 @@ pub enum ClientCommand {
     /// Ask the server to log TEXT.
     Print {
         /// The text (several words are joined by spaces).
-        #[arg(required = true, num_args = 1..)]
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
         text: Vec<String>,
     },
     /// Raw local write into the server's bucket (no replication).
     Set {
         /// The key (1..=1024 bytes).
+        #[arg(allow_hyphen_values = true)]
         key: String,
         /// The value (up to 1 MiB); `-` reads it from standard input.
+        #[arg(allow_hyphen_values = true)]
         value: String,
     },
     /// Raw local read from the server's bucket.
     Get {
         /// The key.
+        #[arg(allow_hyphen_values = true)]
         key: String,
     },
     /// The keys held in the server's bucket.
@@ -196,15 +206,19 @@ pub enum ClientCommand {
     /// Wait until LOCK is granted to REQUESTER (--timeout-ms bounds the wait).
     LockGet {
         /// The lock.
+        #[arg(allow_hyphen_values = true)]
         lock: String,
         /// Who asks.
+        #[arg(allow_hyphen_values = true)]
         requester: String,
     },
     /// Release LOCK held by REQUESTER.
     LockRelease {
         /// The lock.
+        #[arg(allow_hyphen_values = true)]
         lock: String,
         /// Who releases.
+        #[arg(allow_hyphen_values = true)]
         requester: String,
     },
 }
@@ -511,14 +525,25 @@ pub fn client_main() -> i32 {
     let args = ClientArgs::parse();
     args.common.init_logging();
     let (cancel_tx, cancel_rx) = crossbeam_channel::bounded::<()>(1);
-    if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]) {
+    // Only lock_get handles Ctrl-C (it withdraws its request first); every other command
+    // keeps the default action, so Ctrl-C stops it at once.
+    let handles_interrupt = matches!(args.command, ClientCommand::LockGet { .. });
+    let interrupt = if handles_interrupt {
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT]).ok()
+    } else {
+        None
+    };
+    if let Some(mut signals) = interrupt {
+        // The main thread keeps `cancel_tx` alive, so the channel only ever says "interrupted".
+        let interrupted = cancel_tx.clone();
         std::thread::spawn(move || {
             for _ in signals.forever() {
-                let _ = cancel_tx.try_send(());
+                let _ = interrupted.try_send(());
             }
         });
     }
     let result = run_client_command(&args, &cancel_rx);
+    drop(cancel_tx);
     let mut stdout = std::io::stdout().lock();
     match result {
         Ok(outcome) => {

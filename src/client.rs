@@ -19,6 +19,10 @@ use crate::view::{ServerId, View};
 /// request not renewed for about a second).
 const LOCK_RENEW_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The longest one renewal may take: past it a fresh renewal is sent, rather than waiting
+/// out the retransmission backoff (the view leader drops requests not renewed for 1 s).
+const LOCK_RENEW_BOUND: Duration = Duration::from_millis(300);
+
 /// The longest a withdrawal after giving up on a lock may take, carved out of the deadline.
 const WITHDRAW_RESERVE: Duration = Duration::from_millis(300);
 
@@ -233,22 +237,29 @@ impl Client {
             lock: lock.to_owned(),
             requester: requester.to_owned(),
         };
+        let mut holder = String::from("another requester");
         loop {
-            let holder = match self.call_until(viewleader, &request, give_up_at) {
+            let renewal_bound = Instant::now() + LOCK_RENEW_BOUND;
+            let bound = give_up_at.map_or(renewal_bound, |limit| limit.min(renewal_bound));
+            let mut wait = LOCK_RENEW_INTERVAL;
+            match self.call_until(viewleader, &request, Some(bound)) {
                 Ok(Response::LockGranted) => return Ok(()),
-                Ok(Response::LockWaiting { holder, position }) => {
-                    debug!("waiting for {lock} held by {holder} (position {position})");
-                    holder
+                Ok(Response::LockWaiting {
+                    holder: current,
+                    position,
+                }) => {
+                    debug!("waiting for {lock} held by {current} (position {position})");
+                    holder = current;
                 }
                 Ok(other) => return Err(unexpected(&other)),
+                // A slow renewal (loss) is simply replaced by a fresh one below.
                 Err(e) if e.kind == ErrorKind::Timeout => {
-                    self.withdraw(viewleader, lock, requester);
-                    return Err(self.timed(e));
+                    debug!("a renewal of {lock} went unanswered; renewing again");
+                    wait = Duration::ZERO;
                 }
                 Err(e) => return Err(e),
-            };
+            }
             let now = Instant::now();
-            let mut wait = LOCK_RENEW_INTERVAL;
             if let Some(limit) = give_up_at {
                 wait = wait.min(limit.saturating_duration_since(now));
             }
@@ -347,7 +358,9 @@ pub fn discover(
     }
     drop(tx);
     let mut answers: Vec<Option<bool>> = vec![None; candidates.len()];
+    let mut all_unreachable = true;
     while let Ok(reply) = rx.recv() {
+        all_unreachable &= matches!(reply.result, Err(RequestError::Unreachable { .. }));
         let ok = matches!(
             reply.result.as_deref().map(Response::decode),
             Ok(Ok(Response::Servers { .. }))
@@ -371,8 +384,13 @@ pub fn discover(
         .last()
         .map(ToString::to_string)
         .unwrap_or_default();
+    let kind = if all_unreachable && !candidates.is_empty() {
+        ErrorKind::Unreachable
+    } else {
+        ErrorKind::Timeout
+    };
     Err(op_error(
-        ErrorKind::Timeout,
+        kind,
         format!("no view leader answers on {first}..={last}"),
     ))
 }

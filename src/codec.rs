@@ -43,6 +43,11 @@ pub const MAC_LEN: usize = 16;
 /// plus its key and framing fits with room to spare; rebalance batches stay below it.
 pub const MAX_MESSAGE: usize = 8 << 20;
 
+/// The smallest payload any fragment but the last may carry. It bounds the fragment count
+/// of a message by its length, so a header cannot make a receiver allocate or scan a huge
+/// fragment table for a small message.
+pub const MIN_FRAGMENT_PAYLOAD: usize = 256;
+
 /// Header flag: the MAC slot holds a MAC over header and payload (cluster key in use).
 pub const FLAG_MAC: u16 = 0x0001;
 /// Header flag on an `Ack`: it acknowledges fragments of a response (else of a request).
@@ -223,6 +228,12 @@ impl Header {
             return Err(DecodeError::Malformed(format!(
                 "fragment {} of {}",
                 header.frag_index, header.frag_count
+            )));
+        }
+        if header.frag_count > fragment_count(header.message_len as usize, MIN_FRAGMENT_PAYLOAD) {
+            return Err(DecodeError::Malformed(format!(
+                "{} fragments for a {}-byte message",
+                header.frag_count, header.message_len
             )));
         }
         if header.message_len as usize > MAX_MESSAGE {

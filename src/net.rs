@@ -86,22 +86,37 @@ enum Command {
     Shutdown,
 }
 
-/// A cloneable handle on a running driver thread.
+/// A cloneable handle on a running driver thread. The thread stops when the last clone is
+/// dropped (or on [`Handle::shutdown`]).
 #[derive(Clone)]
 pub struct Handle {
+    /// The state every clone shares.
+    inner: Arc<HandleInner>,
+}
+
+/// What the clones of a [`Handle`] share.
+struct HandleInner {
     /// Commands to the driver.
     commands: Sender<Command>,
     /// Wakes the driver's poll when a command is queued.
-    waker: Arc<Waker>,
+    waker: Waker,
     /// The socket's bound address.
     local_addr: SocketAddr,
+}
+
+impl Drop for HandleInner {
+    /// The last handle is gone: tell the driver thread to stop.
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let _ = self.waker.wake();
+    }
 }
 
 impl std::fmt::Debug for Handle {
     /// Shows the bound address only.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.inner.local_addr)
             .finish()
     }
 }
@@ -109,15 +124,15 @@ impl std::fmt::Debug for Handle {
 impl Handle {
     /// The address the driver's socket is bound to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.inner.local_addr
     }
 
     /// Queues a command and wakes the driver; fails only if the driver has stopped.
     fn send(&self, command: Command) -> io::Result<()> {
-        self.commands.send(command).map_err(|_| {
+        self.inner.commands.send(command).map_err(|_| {
             io::Error::new(io::ErrorKind::BrokenPipe, "the network driver has stopped")
         })?;
-        self.waker.wake()
+        self.inner.waker.wake()
     }
 
     /// Starts a request to `dst`; its [`Reply`] (carrying `tag`) arrives on `reply`.
@@ -294,6 +309,9 @@ fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// The most datagrams read in one pass, so that a flood cannot starve timers and commands.
+const RECEIVE_BATCH: usize = 256;
+
 /// Token of the socket in the poll registry.
 const SOCKET: Token = Token(0);
 /// Token of the waker in the poll registry.
@@ -312,7 +330,7 @@ pub fn spawn(
     let poll = Poll::new()?;
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let waker = Waker::new(poll.registry(), WAKER)?;
     let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
     let (requests_tx, requests_rx) = crossbeam_channel::unbounded();
     let mut rng = match config.seed {
@@ -342,11 +360,14 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("net-{local_addr}"))
         .spawn(move || driver.run())?;
+    let inner = HandleInner {
+        commands: commands_tx,
+        waker,
+        local_addr,
+    };
     Ok((
         Handle {
-            commands: commands_tx,
-            waker,
-            local_addr,
+            inner: Arc::new(inner),
         },
         requests_rx,
         thread,
@@ -381,6 +402,7 @@ impl Driver {
     /// The thread's loop: wait for the socket, a command or the next timer; handle it; flush.
     fn run(&mut self) {
         let mut events = Events::with_capacity(64);
+        let mut backlog = false;
         loop {
             let now = Instant::now();
             let next = [
@@ -390,7 +412,13 @@ impl Driver {
             .into_iter()
             .flatten()
             .min();
-            let timeout = next.map(|t| t.saturating_duration_since(now));
+            // Datagrams left unread by a capped batch get no new readiness event (epoll is
+            // edge-triggered), so come straight back for them.
+            let timeout = if backlog {
+                Some(Duration::ZERO)
+            } else {
+                next.map(|t| t.saturating_duration_since(now))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -398,7 +426,7 @@ impl Driver {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let now = Instant::now();
-            self.receive(now);
+            backlog = self.receive(now);
             if !self.take_commands(now) {
                 return;
             }
@@ -409,20 +437,24 @@ impl Driver {
         }
     }
 
-    /// Reads every datagram (and every queued ICMP error) the socket holds.
-    fn receive(&mut self, now: Instant) {
-        loop {
+    /// Reads up to [`RECEIVE_BATCH`] datagrams (and every queued ICMP error). Returns true
+    /// when the batch filled up, so more may be waiting.
+    fn receive(&mut self, now: Instant) -> bool {
+        for _ in 0..RECEIVE_BATCH {
             match self.socket.recv_from(&mut self.buffer) {
                 Ok((n, from)) => self.endpoint.handle_datagram(now, from, &self.buffer[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.drain_error_queue(now);
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     debug!("receive error: {e}");
                     self.drain_error_queue(now);
                 }
             }
         }
-        self.drain_error_queue(now);
+        true
     }
 
     /// Reports every peer the error queue names as unreachable.

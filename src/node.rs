@@ -135,7 +135,14 @@ fn carry_out<N: Node>(
                 let body = match request.encode() {
                     Ok(body) => body,
                     Err(e) => {
+                        // Tell the node, so nothing waits forever for this request.
                         warn!("cannot encode a {} request: {e}", request.name());
+                        let limit = crate::codec::MAX_MESSAGE;
+                        let error = RequestError::TooLarge {
+                            size: limit + 1,
+                            limit,
+                        };
+                        node.handle_response(Instant::now(), token, Err(error));
                         continue;
                     }
                 };

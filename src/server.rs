@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::message::{self, ErrorKind, Request, Response};
 use crate::node::{Action, Node};
@@ -41,9 +41,9 @@ pub struct Stored {
     pub value: String,
 }
 
-/// Token of heartbeat requests.
-const HEARTBEAT: u64 = 1;
-/// Tokens at or above this are view leader probes (token - PROBE = candidate index).
+/// Tokens below this are view leader probes (token - PROBE = candidate index).
+const HEARTBEAT: u64 = 1 << 32;
+/// Tokens at or above this (and below [`HEARTBEAT`]) are view leader probes.
 const PROBE: u64 = 1_000;
 
 /// A round of view leader probes in progress.
@@ -70,8 +70,11 @@ pub struct Server {
     view: Option<View>,
     /// When the next heartbeat is due.
     next_heartbeat: Instant,
-    /// A heartbeat is in flight.
-    heartbeat_in_flight: bool,
+    /// Sequence number of the last heartbeat sent (its token is `HEARTBEAT + seq`).
+    heartbeat_seq: u64,
+    /// The first heartbeat sequence number sent under the current id: a refusal of an
+    /// earlier heartbeat concerns an id already abandoned.
+    id_since_seq: u64,
     /// A discovery round in progress.
     discovery: Option<Discovery>,
     /// Actions waiting for [`Node::poll_action`].
@@ -92,7 +95,8 @@ impl Server {
             viewleader,
             view: None,
             next_heartbeat: now,
-            heartbeat_in_flight: false,
+            heartbeat_seq: 0,
+            id_since_seq: 1,
             discovery: None,
             actions: VecDeque::new(),
         }
@@ -118,13 +122,18 @@ impl Server {
         self.store.is_empty()
     }
 
-    /// Sends a heartbeat to `viewleader`, bounded by a few intervals.
+    /// Sends a heartbeat to `viewleader`. Every interval gets its own heartbeat, bounded by
+    /// the interval, so one heartbeat stuck in retransmission never delays the next.
     fn send_heartbeat(&mut self, now: Instant, viewleader: SocketAddr) {
-        self.heartbeat_in_flight = true;
+        self.heartbeat_seq += 1;
         self.next_heartbeat = now + self.config.heartbeat_interval;
-        let deadline = now + self.config.heartbeat_interval * 4;
+        let deadline = now
+            + self
+                .config
+                .heartbeat_interval
+                .max(Duration::from_millis(100));
         self.actions.push_back(Action::Request {
-            token: HEARTBEAT,
+            token: HEARTBEAT + self.heartbeat_seq,
             dst: viewleader,
             request: Request::Heartbeat {
                 id: self.id,
@@ -187,12 +196,20 @@ impl Server {
         self.discovery = None;
     }
 
-    /// Handles the answer to a heartbeat.
-    fn on_heartbeat_answer(&mut self, now: Instant, result: Result<Response, RequestError>) {
-        self.heartbeat_in_flight = false;
+    /// Handles the answer to heartbeat number `seq`.
+    fn on_heartbeat_answer(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        result: Result<Response, RequestError>,
+    ) {
         match result {
             Ok(Response::HeartbeatAck { view }) => {
                 let old = self.epoch();
+                // Answers may arrive out of order: never step back to an older view.
+                if self.view.is_some() && view.epoch < old {
+                    return;
+                }
                 if view.epoch != old {
                     info!(
                         "epoch {old} -> {}: {} servers in view",
@@ -201,6 +218,9 @@ impl Server {
                     );
                 }
                 self.view = Some(view);
+            }
+            Ok(Response::HeartbeatRefused { .. }) if seq < self.id_since_seq => {
+                // A refusal of a heartbeat sent under an id already abandoned.
             }
             Ok(Response::HeartbeatRefused { view }) => {
                 let old = self.id;
@@ -214,11 +234,13 @@ impl Server {
                 );
                 self.store.clear();
                 self.view = None;
+                self.id_since_seq = self.heartbeat_seq + 1;
                 if let Some(viewleader) = self.viewleader {
                     self.send_heartbeat(now, viewleader);
                 }
             }
             Ok(other) => warn!("unexpected answer to a heartbeat: {other:?}"),
+            Err(RequestError::Timeout { .. }) => debug!("heartbeat {seq} got no answer in time"),
             Err(e) => warn!("heartbeat failed: {e}"),
         }
     }
@@ -281,8 +303,8 @@ impl Node for Server {
         token: u64,
         result: Result<Response, RequestError>,
     ) {
-        if token == HEARTBEAT {
-            self.on_heartbeat_answer(now, result);
+        if token >= HEARTBEAT {
+            self.on_heartbeat_answer(now, token - HEARTBEAT, result);
         } else if token >= PROBE {
             let is_viewleader = matches!(result, Ok(Response::Servers { .. }));
             self.on_probe(now, (token - PROBE) as usize, is_viewleader);
@@ -291,7 +313,7 @@ impl Node for Server {
 
     /// Sends the next heartbeat (or discovery round) when due.
     fn handle_timeout(&mut self, now: Instant) {
-        if now < self.next_heartbeat || self.heartbeat_in_flight || self.discovery.is_some() {
+        if now < self.next_heartbeat || self.discovery.is_some() {
             return;
         }
         match self.viewleader {
@@ -300,9 +322,9 @@ impl Node for Server {
         }
     }
 
-    /// The next heartbeat instant, unless one is in flight.
+    /// The next heartbeat instant, unless a discovery round is waiting for its probes.
     fn poll_timeout(&self) -> Option<Instant> {
-        if self.heartbeat_in_flight || self.discovery.is_some() {
+        if self.discovery.is_some() {
             None
         } else {
             Some(self.next_heartbeat)
@@ -402,12 +424,13 @@ mod tests {
         s.handle_timeout(t0);
         assert!(matches!(
             s.poll_action(),
-            Some(Action::Request {
-                token: HEARTBEAT,
-                ..
-            })
+            Some(Action::Request { token, .. }) if token == HEARTBEAT + 1
         ));
-        assert_eq!(s.poll_timeout(), None, "one heartbeat in flight at a time");
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t0 + Duration::from_millis(100)),
+            "every interval"
+        );
         let view = View {
             epoch: Epoch(4),
             members: vec![Member {
@@ -417,7 +440,7 @@ mod tests {
             replicas: 3,
             vnodes: 64,
         };
-        s.handle_response(t0, HEARTBEAT, Ok(Response::HeartbeatAck { view }));
+        s.handle_response(t0, HEARTBEAT + 1, Ok(Response::HeartbeatAck { view }));
         assert_eq!(s.epoch(), Epoch(4));
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(100)));
     }
@@ -436,13 +459,15 @@ mod tests {
         let old = s.id();
         s.handle_timeout(t0);
         s.poll_action();
-        s.handle_response(
-            t0,
-            HEARTBEAT,
+        // Heartbeat 2 also went out under the old id before the refusal of 1 arrived.
+        s.handle_timeout(t0 + Duration::from_millis(100));
+        s.poll_action();
+        let refused = || {
             Ok(Response::HeartbeatRefused {
                 view: View::default(),
-            }),
-        );
+            })
+        };
+        s.handle_response(t0, HEARTBEAT + 1, refused());
         assert_ne!(s.id(), old);
         assert!(s.is_empty());
         let Some(Action::Request {
@@ -453,6 +478,10 @@ mod tests {
             panic!("expected an immediate heartbeat under the new id");
         };
         assert_eq!(id, s.id());
+        // The refusal of heartbeat 2 concerns the abandoned id: no second rejoin.
+        let new_id = s.id();
+        s.handle_response(t0, HEARTBEAT + 2, refused());
+        assert_eq!(s.id(), new_id);
     }
 
     #[test]

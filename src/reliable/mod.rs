@@ -104,6 +104,10 @@ impl Default for Config {
     }
 }
 
+/// An answer echoes the transmission that triggered it only if that transmission arrived
+/// this recently; otherwise the echo is 0 and the requester takes no RTT sample.
+const ECHO_FRESHNESS: Duration = Duration::from_millis(5);
+
 /// The requester's handle on a request it sent.
 pub type RequestId = u64;
 
@@ -234,6 +238,8 @@ struct Outgoing {
     deadline: Option<Instant>,
     /// The peer's latest transmission number seen (echoed in our acks).
     last_rx_tx: u32,
+    /// The last echo an RTT sample was taken from (one sample per echoed transmission).
+    sampled_echo: u32,
     /// The instant the timer is armed for (stale heap entries are ignored).
     timer_at: Option<Instant>,
 }
@@ -260,6 +266,9 @@ struct Incoming {
     phase: InPhase,
     /// The requester's latest transmission number seen (echoed in our answers).
     last_rx_tx: u32,
+    /// When that transmission arrived: an answer echoes it only while it is fresh, so an
+    /// RTT sample never includes a long execution.
+    last_rx_at: Instant,
     /// When it was answered (its place in the expiry queue).
     responded_at: Option<Instant>,
     /// The instant the timer is armed for (stale heap entries are ignored).
@@ -360,6 +369,11 @@ pub struct Endpoint {
     expiry: VecDeque<(IncomingId, Instant)>,
     /// Bytes of response bodies held in the cache.
     cached_bytes: usize,
+    /// Per requester incarnation: ids below this were answered and then forgotten (expired
+    /// or evicted); such a request is a late duplicate and is never executed again.
+    floors: HashMap<u64, (u64, Instant)>,
+    /// The order floors were raised, for forgetting them once no duplicate can arrive.
+    floor_order: VecDeque<(u64, Instant)>,
     /// Bytes of partly reassembled messages, per peer.
     reassembly_bytes: HashMap<SocketAddr, usize>,
     /// Round-trip estimators, per peer.
@@ -387,6 +401,8 @@ impl Endpoint {
             incoming: HashMap::new(),
             expiry: VecDeque::new(),
             cached_bytes: 0,
+            floors: HashMap::new(),
+            floor_order: VecDeque::new(),
             reassembly_bytes: HashMap::new(),
             rtt: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -457,6 +473,7 @@ impl Endpoint {
                 phase: OutPhase::Sending,
                 deadline,
                 last_rx_tx: 0,
+                sampled_echo: 0,
                 timer_at: None,
             },
         );
@@ -472,6 +489,11 @@ impl Endpoint {
         {
             self.release_reassembly(out.dst, r.footprint());
         }
+    }
+
+    /// Bytes of reassembly memory currently charged (all peers).
+    pub fn reassembly_bytes(&self) -> usize {
+        self.reassembly_bytes.values().sum()
     }
 
     /// Answers request `id` (raised as [`Event::Request`]) with `body`. The response is cached
@@ -503,7 +525,7 @@ impl Endpoint {
         entry.responded_at = Some(now);
         self.expiry.push_back((id, now));
         self.pump_in(now, id);
-        self.enforce_cache_bounds();
+        self.enforce_cache_bounds(now);
         Ok(())
     }
 
@@ -535,7 +557,7 @@ impl Endpoint {
                     debug!("dropping a bad ack from {from}: {e}");
                 }
             },
-            Kind::Probe => self.on_probe(from, &header),
+            Kind::Probe => self.on_probe(now, from, &header),
         }
     }
 
@@ -609,7 +631,21 @@ impl Endpoint {
                 break;
             }
             self.expiry.pop_front();
-            self.evict(id, at);
+            self.forget(now, id, at);
+        }
+        // A floor outlives its entries by a TTL: by then no duplicate of them can arrive.
+        while let Some(&(incarnation, at)) = self.floor_order.front() {
+            if at + self.config.dedup_ttl * 2 > now {
+                break;
+            }
+            self.floor_order.pop_front();
+            if self
+                .floors
+                .get(&incarnation)
+                .is_some_and(|&(_, set)| set == at)
+            {
+                self.floors.remove(&incarnation);
+            }
         }
     }
 
@@ -694,7 +730,8 @@ impl Endpoint {
         let InPhase::Responded(transfer) = &mut entry.phase else {
             return;
         };
-        let (peer, echo) = (entry.peer, entry.last_rx_tx);
+        let fresh = now.saturating_duration_since(entry.last_rx_at) <= ECHO_FRESHNESS;
+        let (peer, echo) = (entry.peer, if fresh { entry.last_rx_tx } else { 0 });
         self.wire.pump(
             now,
             peer,
@@ -734,12 +771,22 @@ impl Endpoint {
             self.on_new_request(now, from, id, header, payload);
             return;
         };
+        if entry.peer != from {
+            self.wire.stats.bad_datagrams += 1;
+            debug!(
+                "dropping a fragment of {id:?} from {from}: the request came from {}",
+                entry.peer
+            );
+            return;
+        }
         entry.last_rx_tx = header.transmission;
+        entry.last_rx_at = now;
         match &mut entry.phase {
             InPhase::Receiving(r) => {
                 let (insert, ack_now) = r.insert(header, payload, now);
                 if insert == Insert::Invalid {
                     self.wire.stats.bad_datagrams += 1;
+                    debug!("dropping a fragment from {from} that does not fit request {id:?}");
                     return;
                 }
                 if ack_now {
@@ -789,11 +836,18 @@ impl Endpoint {
         header: &Header,
         payload: &[u8],
     ) {
-        if self.incoming.len() >= self.config.dedup_max_entries && !self.evict_oldest() {
+        if self
+            .floors
+            .get(&id.incarnation)
+            .is_some_and(|&(floor, _)| id.request < floor)
+        {
+            // Answered long ago and forgotten: a late duplicate, never executed again.
+            self.wire.stats.duplicates_suppressed += 1;
+            return;
+        }
+        if self.incoming.len() >= self.config.dedup_max_entries && !self.evict_oldest(now) {
             self.wire.stats.refused_over_limit += 1;
-            debug!(
-                "refusing a request from {from}: the response cache is full of executing requests"
-            );
+            debug!("refusing a request from {from}: the response cache is full");
             return;
         }
         if header.frag_count == 1 {
@@ -807,6 +861,7 @@ impl Endpoint {
                     peer: from,
                     phase: InPhase::Executing,
                     last_rx_tx: header.transmission,
+                    last_rx_at: now,
                     responded_at: None,
                     timer_at: None,
                 },
@@ -815,7 +870,8 @@ impl Endpoint {
             return;
         }
         let size = header.message_len as usize;
-        if size > self.config.max_message || !self.reserve_reassembly(from, size) {
+        let footprint = Reassembly::footprint_of(header);
+        if size > self.config.max_message || !self.reserve_reassembly(from, footprint) {
             self.wire.stats.refused_over_limit += 1;
             debug!("refusing a {size}-byte request from {from}: reassembly memory bound reached");
             return;
@@ -825,6 +881,7 @@ impl Endpoint {
         if insert == Insert::Invalid {
             self.release_reassembly(from, r.footprint());
             self.wire.stats.bad_datagrams += 1;
+            debug!("dropping a first fragment from {from} that does not fit its own header");
             return;
         }
         if ack_now {
@@ -838,6 +895,7 @@ impl Endpoint {
                 peer: from,
                 phase: InPhase::Receiving(r),
                 last_rx_tx: header.transmission,
+                last_rx_at: now,
                 responded_at: None,
                 timer_at: None,
             },
@@ -891,7 +949,10 @@ impl Endpoint {
             return;
         };
         out.last_rx_tx = header.transmission;
-        if let Some(sample) = echo_sample(out, header.echo, now) {
+        if header.echo != out.sampled_echo
+            && let Some(sample) = echo_sample(out, header.echo, now)
+        {
+            out.sampled_echo = header.echo;
             self.rtt_of(from).sample(sample);
         }
         let Some(out) = self.outgoing.get_mut(&id) else {
@@ -906,13 +967,22 @@ impl Endpoint {
             return;
         }
         if !matches!(out.phase, OutPhase::Receiving(_)) {
-            let size = header.message_len as usize;
-            out.transfer.mark_all_acked();
-            if !self.reserve_reassembly(from, size) {
+            let footprint = Reassembly::footprint_of(header);
+            if !self.reserve_reassembly(from, footprint) {
+                // Nothing would ever re-arm this request: fail it now.
                 self.wire.stats.refused_over_limit += 1;
+                let limit = self.config.reassembly_per_peer;
+                self.fail(
+                    id,
+                    RequestError::TooLarge {
+                        size: footprint,
+                        limit,
+                    },
+                );
                 return;
             }
             let out = self.outgoing.get_mut(&id).expect("checked above");
+            out.transfer.mark_all_acked();
             out.phase = OutPhase::Receiving(Reassembly::new(header, now));
         }
         let out = self.outgoing.get_mut(&id).expect("checked above");
@@ -922,6 +992,7 @@ impl Endpoint {
         let (insert, ack_now) = r.insert(header, payload, now);
         if insert == Insert::Invalid {
             self.wire.stats.bad_datagrams += 1;
+            debug!("dropping a response fragment from {from} that does not fit request {id}");
             return;
         }
         if ack_now {
@@ -956,7 +1027,9 @@ impl Endpoint {
             // send it again from scratch.
             debug!("request {id} unknown at {from}; sending it again");
             out.transfer.restart();
-            out.phase = OutPhase::Sending;
+            if let OutPhase::Receiving(r) = std::mem::replace(&mut out.phase, OutPhase::Sending) {
+                self.release_reassembly(from, r.footprint());
+            }
             self.pump_out(now, id);
             return;
         }
@@ -983,13 +1056,15 @@ impl Endpoint {
             }
             OutPhase::Awaiting {
                 stalls,
+                backoff,
                 probe_tx,
                 probe_sent,
-                ..
             } => {
                 // The responder is alive and executing: keep waiting, however long it takes
-                // (the deadline still bounds it).
+                // (the deadline still bounds it), probing at most every 8 RTOs so that a lost
+                // response is noticed soon without chattering during a long execution.
                 *stalls = 0;
+                *backoff = (*backoff).min(3);
                 if header.echo != 0
                     && header.echo == *probe_tx
                     && let Some(sent) = probe_sent.take()
@@ -1011,6 +1086,8 @@ impl Endpoint {
         let Some(entry) = self.incoming.get_mut(&id).filter(|e| e.peer == from) else {
             return;
         };
+        entry.last_rx_tx = header.transmission;
+        entry.last_rx_at = now;
         let InPhase::Responded(transfer) = &mut entry.phase else {
             return;
         };
@@ -1027,12 +1104,27 @@ impl Endpoint {
     }
 
     /// Handles a probe: a requester asking what became of a request it fully delivered.
-    fn on_probe(&mut self, from: SocketAddr, header: &Header) {
+    fn on_probe(&mut self, now: Instant, from: SocketAddr, header: &Header) {
         let id = IncomingId {
             incarnation: header.incarnation,
             request: header.request_id,
         };
         let echo = header.transmission;
+        let forgotten = self
+            .floors
+            .get(&id.incarnation)
+            .is_some_and(|&(floor, _)| id.request < floor);
+        if let Some(entry) = self.incoming.get_mut(&id) {
+            if entry.peer != from {
+                self.wire.stats.bad_datagrams += 1;
+                return;
+            }
+            entry.last_rx_tx = echo;
+            entry.last_rx_at = now;
+        } else if forgotten {
+            // Answered and forgotten: saying "unknown" would invite a second execution.
+            return;
+        }
         let ack = match self.incoming.get_mut(&id).map(|e| &mut e.phase) {
             None => AckBody {
                 complete: false,
@@ -1151,82 +1243,97 @@ impl Endpoint {
         }
     }
 
-    /// Ends request `id` with `result`, raising the event.
+    /// Ends request `id` with `result`, raising the event and releasing any reassembly
+    /// memory the request held.
     fn complete(&mut self, id: RequestId, result: Result<Vec<u8>, RequestError>) {
-        if self.outgoing.remove(&id).is_some() {
-            if matches!(result, Err(RequestError::Timeout { .. })) {
-                self.wire.stats.timeouts += 1;
-            }
-            self.events.push_back(Event::Response { id, result });
+        let Some(out) = self.outgoing.remove(&id) else {
+            return;
+        };
+        if let OutPhase::Receiving(r) = &out.phase {
+            self.release_reassembly(out.dst, r.footprint());
         }
+        if matches!(result, Err(RequestError::Timeout { .. })) {
+            self.wire.stats.timeouts += 1;
+        }
+        self.events.push_back(Event::Response { id, result });
     }
 
-    /// Fails request `id` with `error`, releasing any reassembly memory it held.
+    /// Fails request `id` with `error`.
     fn fail(&mut self, id: RequestId, error: RequestError) {
-        if let Some(out) = self.outgoing.get(&id)
-            && let OutPhase::Receiving(r) = &out.phase
-        {
-            let (dst, footprint) = (out.dst, r.footprint());
-            self.release_reassembly(dst, footprint);
-        }
         self.complete(id, Err(error));
     }
 
-    /// Tries to charge `size` bytes of reassembly memory to `peer`; false if a bound forbids.
-    fn reserve_reassembly(&mut self, peer: SocketAddr, size: usize) -> bool {
+    /// Tries to charge `footprint` bytes of reassembly memory to `peer`; false if a bound
+    /// forbids it.
+    fn reserve_reassembly(&mut self, peer: SocketAddr, footprint: usize) -> bool {
         let total: usize = self.reassembly_bytes.values().sum();
         let mine = self.reassembly_bytes.get(&peer).copied().unwrap_or(0);
-        if mine + size > self.config.reassembly_per_peer
-            || total + size > self.config.reassembly_total
+        if mine + footprint > self.config.reassembly_per_peer
+            || total + footprint > self.config.reassembly_total
         {
             return false;
         }
-        *self.reassembly_bytes.entry(peer).or_insert(0) += size;
+        *self.reassembly_bytes.entry(peer).or_insert(0) += footprint;
         true
     }
 
-    /// Returns `footprint` bytes of reassembly memory charged to `peer`.
+    /// Returns `footprint` bytes of reassembly memory charged to `peer` (the same figure
+    /// [`Reassembly::footprint_of`] charged).
     fn release_reassembly(&mut self, peer: SocketAddr, footprint: usize) {
         if let Some(bytes) = self.reassembly_bytes.get_mut(&peer) {
-            // The charge was the message length; the footprint adds the bitmap.
-            *bytes = bytes.saturating_sub(footprint.min(*bytes));
+            *bytes = bytes.saturating_sub(footprint);
             if *bytes == 0 {
                 self.reassembly_bytes.remove(&peer);
             }
         }
     }
 
-    /// Removes answered entry `id` if it is still the one answered at `stamp`.
-    fn evict(&mut self, id: IncomingId, stamp: Instant) {
-        let current = self
-            .incoming
-            .get(&id)
-            .is_some_and(|e| e.responded_at == Some(stamp));
-        if current
-            && let Some(Incoming {
-                phase: InPhase::Responded(t),
-                ..
-            }) = self.incoming.remove(&id)
+    /// Forgets answered entry `id` if it is still the one answered at `stamp`, raising its
+    /// incarnation's floor so that a late duplicate is never executed again. A fragmented
+    /// response still being sent is kept (queued again with a new stamp). Returns whether
+    /// the entry was forgotten.
+    fn forget(&mut self, now: Instant, id: IncomingId, stamp: Instant) -> bool {
+        let Some(entry) = self.incoming.get_mut(&id) else {
+            return false;
+        };
+        if entry.responded_at != Some(stamp) {
+            return false;
+        }
+        if matches!(&entry.phase, InPhase::Responded(t) if t.count() > 1) {
+            entry.responded_at = Some(now);
+            self.expiry.push_back((id, now));
+            return false;
+        }
+        if let Some(Incoming {
+            phase: InPhase::Responded(t),
+            ..
+        }) = self.incoming.remove(&id)
         {
             self.cached_bytes -= t.body_len();
         }
+        let floor = self.floors.entry(id.incarnation).or_insert((0, now));
+        *floor = (floor.0.max(id.request + 1), now);
+        self.floor_order.push_back((id.incarnation, now));
+        true
     }
 
-    /// Evicts the oldest answered entry; false if there is none.
-    fn evict_oldest(&mut self) -> bool {
-        while let Some((id, stamp)) = self.expiry.pop_front() {
-            let before = self.incoming.len();
-            self.evict(id, stamp);
-            if self.incoming.len() < before {
+    /// Forgets the oldest answered entry that may be forgotten; false if there is none.
+    fn evict_oldest(&mut self, now: Instant) -> bool {
+        // Entries still sending are queued again, so look at each queued entry at most once.
+        for _ in 0..self.expiry.len() {
+            let Some((id, stamp)) = self.expiry.pop_front() else {
+                return false;
+            };
+            if self.forget(now, id, stamp) {
                 return true;
             }
         }
         false
     }
 
-    /// Evicts the oldest answered entries while the cache holds too many bytes.
-    fn enforce_cache_bounds(&mut self) {
-        while self.cached_bytes > self.config.dedup_max_bytes && self.evict_oldest() {}
+    /// Forgets the oldest answered entries while the cache holds too many bytes.
+    fn enforce_cache_bounds(&mut self, now: Instant) {
+        while self.cached_bytes > self.config.dedup_max_bytes && self.evict_oldest(now) {}
     }
 }
 

@@ -48,7 +48,13 @@ impl Reassembly {
         }
     }
 
-    /// The memory this reassembly holds, in bytes (what the bounds are charged with).
+    /// The memory a reassembly of the message described by `header` holds, in bytes: what
+    /// the memory bounds are charged with, before it is allocated.
+    pub fn footprint_of(header: &Header) -> usize {
+        header.message_len as usize + header.frag_count as usize
+    }
+
+    /// The memory this reassembly holds, in bytes (the same figure as [`Reassembly::footprint_of`]).
     pub fn footprint(&self) -> usize {
         self.buffer.len() + self.received.len()
     }

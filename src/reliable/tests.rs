@@ -527,7 +527,7 @@ fn the_response_cache_is_bounded_in_entries() {
 #[test]
 fn fragment_floods_are_bounded_and_abandoned() {
     let config = Config {
-        reassembly_per_peer: 100_000,
+        reassembly_per_peer: 100_100,
         ..Config::default()
     };
     let mut sim = Sim::new(2, config, 16);
@@ -545,7 +545,7 @@ fn fragment_floods_are_bounded_and_abandoned() {
     let stats = sim.node(addr(2)).stats().clone();
     assert_eq!(
         stats.refused_over_limit, 998,
-        "only two 50 KB messages fit in 100 KB"
+        "only two 50 KB messages (plus their fragment tables) fit in 100.1 KB"
     );
     assert_eq!(sim.node(addr(2)).cached_entries(), 2);
     sim.run_until(Duration::from_secs(11), |_| false);
@@ -571,4 +571,135 @@ fn junk_datagrams_are_counted_and_dropped() {
     assert_eq!(sim.node(addr(2)).stats().bad_datagrams, 500);
     let id = sim.request(addr(1), addr(2), b"still here".to_vec());
     assert_eq!(sim.outcome(id).unwrap(), b"ereh llits");
+}
+
+/// Regression (review #1): a header claiming billions of fragments for an empty message
+/// once made the receiver allocate and scan a 4 GiB fragment table. It is refused at decode.
+#[test]
+fn a_huge_fragment_count_is_refused_without_allocating() {
+    let mut sim = Sim::new(2, Config::default(), 18);
+    let now = sim.now;
+    let mut h = Header::new(Kind::Request, 5, 1, 1);
+    h.frag_count = u32::MAX;
+    h.frag_index = 7;
+    h.message_len = 0;
+    let mut bytes = Vec::new();
+    h.encode_into(&mut bytes);
+    sim.node(addr(2)).handle_datagram(now, addr(1), &bytes);
+    assert_eq!(sim.node(addr(2)).stats().bad_datagrams, 1);
+    assert_eq!(sim.node(addr(2)).cached_entries(), 0);
+    assert_eq!(sim.node(addr(2)).reassembly_bytes(), 0);
+}
+
+/// Regression (review #2): evicting answered requests from a full cache must not let a
+/// late duplicate execute a second time.
+#[test]
+fn a_duplicate_of_an_evicted_request_is_never_executed_again() {
+    let config = Config {
+        dedup_max_entries: 4,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(2, config, 19);
+    let requester = sim.node(addr(1)).incarnation();
+    for i in 0..10u8 {
+        let id = sim.request(addr(1), addr(2), vec![i]);
+        sim.outcome(id).unwrap();
+    }
+    assert!(sim.node(addr(2)).cached_entries() <= 4);
+    // Replay request 1 (long evicted) and a probe for it.
+    let mut h = Header::new(Kind::Request, requester, 1, 999);
+    h.message_len = 1;
+    let mut datagram = Vec::new();
+    h.encode_into(&mut datagram);
+    datagram.push(0);
+    let now = sim.now;
+    sim.node(addr(2)).handle_datagram(now, addr(1), &datagram);
+    let mut probe = Vec::new();
+    Header::new(Kind::Probe, requester, 1, 1000).encode_into(&mut probe);
+    sim.node(addr(2)).handle_datagram(now, addr(1), &probe);
+    sim.flush();
+    assert_eq!(
+        sim.executions(addr(2)),
+        10,
+        "the evicted request did not run again"
+    );
+    assert_eq!(
+        sim.node(addr(2)).poll_transmit(),
+        None,
+        "and no answer invites a resend"
+    );
+}
+
+/// Regression (review #3): a response too large for the requester's reassembly budget
+/// fails the request at once instead of leaving it without a timer forever.
+#[test]
+fn a_response_over_the_reassembly_budget_fails_instead_of_hanging() {
+    let mut sim = Sim::new(2, Config::default(), 20);
+    let mut rng = Rng::seeded(21);
+    let small = Config {
+        reassembly_per_peer: 100_000,
+        ..Config::default()
+    };
+    sim.nodes.insert(addr(1), Endpoint::new(small, &mut rng));
+    let id = sim.request(addr(1), addr(2), b"big:".to_vec());
+    assert!(matches!(
+        sim.outcome(id),
+        Err(RequestError::TooLarge { .. })
+    ));
+    assert_eq!(sim.node(addr(1)).outstanding(), 0);
+    assert_eq!(sim.node(addr(1)).reassembly_bytes(), 0);
+}
+
+/// Regression (review #4): a long execution or a large response must not inflate the RTT
+/// estimate (answers echo only fresh transmissions; one sample per echo).
+#[test]
+fn long_executions_and_large_responses_do_not_inflate_the_rtt() {
+    let mut sim = Sim::new(2, Config::default(), 22);
+    sim.exec_delay = Duration::from_millis(1500);
+    let id = sim.request(addr(1), addr(2), b"slow".to_vec());
+    sim.outcome(id).unwrap();
+    sim.exec_delay = Duration::ZERO;
+    let id = sim.request(addr(1), addr(2), b"big:".to_vec());
+    sim.outcome(id).unwrap();
+    let srtt = sim.node(addr(1)).srtt(addr(2)).expect("measured");
+    assert!(
+        srtt < Duration::from_millis(10),
+        "true RTT is 2 ms, estimate {srtt:?}"
+    );
+}
+
+/// Regression (review #5): reassembly memory is returned on every path, so the per-peer
+/// charge goes back to zero after fragmented exchanges under loss.
+#[test]
+fn reassembly_memory_returns_to_zero_after_fragmented_exchanges() {
+    let mut sim = Sim::new(2, Config::default(), 23);
+    sim.loss = 0.1;
+    sim.dup = 0.1;
+    for i in 0..5u8 {
+        let mut body = b"big:".to_vec();
+        body.extend(pattern(30_000 + usize::from(i)));
+        let id = sim.request(addr(1), addr(2), body);
+        sim.outcome(id).unwrap();
+    }
+    sim.run_until(Duration::from_secs(11), |_| false);
+    assert_eq!(sim.node(addr(1)).reassembly_bytes(), 0);
+    assert_eq!(sim.node(addr(2)).reassembly_bytes(), 0);
+}
+
+/// Review #6: fragments and probes for a request are accepted only from its sender.
+#[test]
+fn another_address_cannot_inject_into_or_read_a_request() {
+    let mut sim = Sim::new(3, Config::default(), 24);
+    sim.exec_delay = Duration::from_millis(100);
+    let id = sim.request(addr(1), addr(2), b"mine".to_vec());
+    sim.run_until(Duration::from_millis(5), |_| false);
+    let requester = sim.node(addr(1)).incarnation();
+    let mut probe = Vec::new();
+    Header::new(Kind::Probe, requester, id.1, 77).encode_into(&mut probe);
+    let now = sim.now;
+    let before = sim.node(addr(2)).stats().bad_datagrams;
+    sim.node(addr(2)).handle_datagram(now, addr(3), &probe);
+    assert_eq!(sim.node(addr(2)).stats().bad_datagrams, before + 1);
+    assert_eq!(sim.node(addr(2)).poll_transmit(), None);
+    assert_eq!(sim.outcome(id).unwrap(), b"enim");
 }

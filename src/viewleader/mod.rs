@@ -126,9 +126,14 @@ impl ViewLeader {
         if let Some(member) = self.members.get_mut(&id) {
             member.last_heartbeat = now;
             if member.addr != addr {
-                info!("server {id} moved from {} to {addr}", member.addr);
-                member.addr = addr;
+                let old = std::mem::replace(&mut member.addr, addr);
+                info!("server {id} moved from {old} to {addr}");
                 self.new_epoch();
+                // Locks tied to the old address belong to a server no longer there.
+                let released = self.locks.release_all_of(now, &[&old.to_string()]);
+                if !released.is_empty() {
+                    info!("released locks of {old}: {}", released.join(", "));
+                }
             }
             return Response::HeartbeatAck { view: self.view() };
         }

@@ -54,14 +54,14 @@ fn flood(target: std::net::SocketAddr) {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let mut junk = Junk(0x9E37_79B9_7F4A_7C15);
     for i in 0..10_000u32 {
-        let datagram = match i % 4 {
+        let datagram = match i % 8 {
             // Pure noise of any length.
-            0 => {
+            0 | 6 => {
                 let len = usize::from(junk.byte()) * 5;
                 junk.bytes(len)
             }
             // A valid header and a garbage one-fragment body (a request that cannot decode).
-            1 => {
+            1 | 7 => {
                 let body = junk.bytes(40);
                 let mut d = header(1, u64::from(i), 0, 1, body.len() as u32);
                 d.extend(body);
@@ -73,6 +73,10 @@ fn flood(target: std::net::SocketAddr) {
                 d.extend(junk.bytes(1300));
                 d
             }
+            // A fragment count out of all proportion to the message (once a 4 GiB table).
+            4 => header(1, u64::from(i), 3, u32::MAX, 0),
+            // A probe for a request that is half reassembled (case 2's incarnations).
+            5 => header(4, u64::from(i - 3) + 1_000_000, 0, 1, 0),
             // Acks and probes about requests nobody sent.
             _ => {
                 let mut d = header(3 + (i % 2) as u8, u64::from(i), 0, 1, 0);
