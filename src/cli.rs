@@ -577,6 +577,8 @@ mod tests {
     use super::*;
     use crate::view::{Epoch, Member, ServerId, View};
 
+    /// Contract: the `--json` objects of `query_servers`, `get` and a deadlock failure carry
+    /// exactly the documented fields (the failure with its `cycle`).
     #[test]
     fn json_outputs_follow_the_contract() {
         let info = ServersInfo {
@@ -615,6 +617,8 @@ mod tests {
         );
     }
 
+    /// Contract: global flags may stand before or after the command; a missing argument or an
+    /// invalid `--faults` spec is a usage error.
     #[test]
     fn global_flags_parse_before_or_after_the_command() {
         let before =

@@ -466,6 +466,8 @@ mod tests {
         }
     }
 
+    /// A header of each kind (request, response, ack, probe) decodes back equal, and the payload
+    /// after its 60 bytes comes back intact.
     #[test]
     fn header_round_trips_for_every_kind() {
         for kind in [Kind::Request, Kind::Response, Kind::Ack, Kind::Probe] {
@@ -478,6 +480,8 @@ mod tests {
         }
     }
 
+    /// README: the 60-byte big-endian header of protocol version 1 is frozen; pins each field's
+    /// offset (magic `TRIR`, version, kind, flags, ids, fragment fields, length, MAC slot).
     #[test]
     fn header_layout_is_frozen() {
         let bytes = encode_datagram(&sample_header(Kind::Ack), b"");
@@ -495,6 +499,8 @@ mod tests {
         assert_eq!(&bytes[44..60], &[0; 16], "mac");
     }
 
+    /// Decode errors tell truncated input (under 60 bytes) from malformed input: bad magic,
+    /// version or kind, or a fragment index not below the count.
     #[test]
     fn short_input_is_truncated_and_wrong_input_is_malformed() {
         let bytes = encode_datagram(&sample_header(Kind::Request), b"");
@@ -526,6 +532,7 @@ mod tests {
         ));
     }
 
+    /// A selective ack round-trips; overlapping ranges are malformed and a cut body truncated.
     #[test]
     fn ack_body_round_trips_and_rejects_bad_ranges() {
         let ack = AckBody {
@@ -549,6 +556,8 @@ mod tests {
         ));
     }
 
+    /// For sizes from 0 bytes to 1 MiB, fragments of at most 1340 bytes cover the message in
+    /// order, with no gap and no overlap.
     #[test]
     fn fragments_tile_the_message_exactly() {
         for len in [0usize, 1, 1339, 1340, 1341, 1 << 20] {
@@ -564,6 +573,8 @@ mod tests {
         }
     }
 
+    /// A length prefix claiming 4 GiB is refused without allocating; a cut body decodes as
+    /// truncated and trailing bytes as malformed.
     #[test]
     fn body_limit_is_enforced_on_decode() {
         // A length prefix claiming a 4 GiB string must not allocate; it is refused.
@@ -584,12 +595,15 @@ mod tests {
     }
 
     proptest! {
+        /// README: decoding never panics; the header and ack decoders survive arbitrary bytes.
         #[test]
         fn arbitrary_bytes_never_panic_the_header_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Header::decode(&bytes);
             let _ = AckBody::decode(&bytes);
         }
 
+        /// Changing any one header byte either fails to decode or yields a header whose fragment
+        /// index is below its count, with the payload untouched.
         #[test]
         fn any_mutation_of_a_valid_header_decodes_or_errors(index in 0usize..HEADER_LEN, value in any::<u8>()) {
             let mut bytes = encode_datagram(&sample_header(Kind::Request), b"xyz");

@@ -37,6 +37,7 @@ pub mod message;
 pub mod net;
 pub mod node;
 pub mod reliable;
+pub mod ring;
 pub mod rng;
 pub mod server;
 pub mod view;

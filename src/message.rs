@@ -351,6 +351,7 @@ mod tests {
         ]
     }
 
+    /// Every `Request` variant encodes and decodes back to an equal value.
     #[test]
     fn every_request_round_trips() {
         for request in every_request() {
@@ -359,6 +360,7 @@ mod tests {
         }
     }
 
+    /// Every `Response` variant, a deadlock error with its cycle included, decodes back equal.
     #[test]
     fn every_response_round_trips() {
         for response in every_response() {
@@ -367,6 +369,8 @@ mod tests {
         }
     }
 
+    /// Contract: keys are 1..=1024 bytes and values 0..=1 MiB; an empty or longer key and a
+    /// longer value are refused.
     #[test]
     fn key_and_value_limits_follow_the_contract() {
         assert!(check_key("").is_err());
@@ -377,12 +381,14 @@ mod tests {
     }
 
     proptest! {
+        /// README: decoding never panics on any bytes (up to 300) read as a request or a response.
         #[test]
         fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Request::decode(&bytes);
             let _ = Response::decode(&bytes);
         }
 
+        /// A `Set` with any printable key (1-40 chars) and value (0-200 chars) round-trips.
         #[test]
         fn set_requests_round_trip(key in "\\PC{1,40}", value in "\\PC{0,200}") {
             let request = Request::Set { key, value };

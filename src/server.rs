@@ -366,6 +366,8 @@ mod tests {
         }
     }
 
+    /// Contract: raw `set` stores, `get` returns the value or `not_found`, and `query_all_keys`
+    /// lists the bucket's keys sorted.
     #[test]
     fn raw_set_get_and_query_all_keys() {
         let mut s = server(Instant::now());
@@ -403,6 +405,7 @@ mod tests {
         );
     }
 
+    /// Contract: a key over 1024 bytes is refused with `bad_input` and nothing is stored.
     #[test]
     fn oversized_keys_are_refused() {
         let mut s = server(Instant::now());
@@ -417,6 +420,8 @@ mod tests {
         assert!(s.is_empty());
     }
 
+    /// Assignment 3.4: heartbeats go out at once and then every interval, and the server learns
+    /// the current epoch from the heartbeat's acknowledgement.
     #[test]
     fn heartbeats_go_out_every_interval_and_learn_the_epoch() {
         let t0 = Instant::now();
@@ -445,6 +450,8 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(100)));
     }
 
+    /// Contract: a refused heartbeat empties the bucket and rejoins at once under a fresh id; a
+    /// late refusal meant for the abandoned id causes no second rejoin.
     #[test]
     fn a_refused_heartbeat_empties_the_bucket_and_changes_the_id() {
         let t0 = Instant::now();
@@ -484,6 +491,8 @@ mod tests {
         assert_eq!(s.id(), new_id);
     }
 
+    /// Contract (`--viewleader` default): the server adopts the first candidate in order that
+    /// answers, only once every earlier candidate has failed.
     #[test]
     fn discovery_adopts_the_lowest_candidate_that_answers() {
         let t0 = Instant::now();

@@ -102,6 +102,8 @@ impl View {
 mod tests {
     use super::*;
 
+    /// Contract: a server id prints as 32 lowercase hex chars and parses back; non-hex text
+    /// is refused.
     #[test]
     fn server_id_prints_and_parses_as_32_hex() {
         let mut rng = Rng::seeded(3);

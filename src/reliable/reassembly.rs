@@ -146,6 +146,8 @@ mod tests {
         h
     }
 
+    /// Out-of-order and duplicate fragments reassemble into the exact message; the ack lists the
+    /// ranges received and reports completion.
     #[test]
     fn reassembles_out_of_order_and_reports_ranges() {
         let message: Vec<u8> = (0..25u8).collect();
@@ -170,6 +172,8 @@ mod tests {
         assert_eq!(r.into_message(), message);
     }
 
+    /// A fragment whose count, message length or size disagrees with the message is invalid; a
+    /// fitting one is accepted.
     #[test]
     fn rejects_fragments_that_do_not_fit() {
         let now = Instant::now();

@@ -77,6 +77,8 @@ mod tests {
         )
     }
 
+    /// RFC 6298: the RTO starts at the initial value, falls toward small samples (staying above
+    /// the floor) and rises above large ones.
     #[test]
     fn rto_starts_at_initial_and_adapts_to_samples() {
         let mut rtt = estimator();
@@ -95,6 +97,7 @@ mod tests {
         assert!(rtt.rto(0) >= Duration::from_millis(200), "{:?}", rtt.rto(0));
     }
 
+    /// Each backoff step doubles the RTO (100, 200, 400 ms) until the 2 s ceiling caps it.
     #[test]
     fn backoff_doubles_and_is_capped() {
         let rtt = estimator();

@@ -241,6 +241,7 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 239) as u8).collect()
 }
 
+/// A small exchange costs exactly two datagrams, one each way, and executes once.
 #[test]
 fn a_small_request_costs_two_datagrams() {
     let mut sim = Sim::new(2, Config::default(), 1);
@@ -251,6 +252,7 @@ fn a_small_request_costs_two_datagrams() {
     assert_eq!(sim.executions(addr(2)), 1);
 }
 
+/// A dropped request is retransmitted exactly once and the responder executes it once.
 #[test]
 fn a_lost_request_is_retransmitted_and_executed_once() {
     let mut sim = Sim::new(2, Config::default(), 2);
@@ -265,6 +267,8 @@ fn a_lost_request_is_retransmitted_and_executed_once() {
     assert_eq!(sim.executions(addr(2)), 1);
 }
 
+/// README (at-most-once): when the response is lost, the resent request is answered from the
+/// response cache and not executed again.
 #[test]
 fn a_lost_response_is_answered_from_the_cache_without_executing_again() {
     let mut sim = Sim::new(2, Config::default(), 3);
@@ -280,6 +284,8 @@ fn a_lost_response_is_answered_from_the_cache_without_executing_again() {
     assert_eq!(stats.duplicates_suppressed, 1);
 }
 
+/// README (at-most-once): during a 3 s execution, resends and probes are suppressed or acked
+/// as still executing, the requester keeps waiting, and the request runs once.
 #[test]
 fn a_request_retransmitted_many_times_while_executing_runs_once() {
     let mut sim = Sim::new(2, Config::default(), 4);
@@ -298,6 +304,8 @@ fn a_request_retransmitted_many_times_while_executing_runs_once() {
     assert!(responder.duplicates_suppressed >= 1, "{responder:?}");
 }
 
+/// Losing three datagrams of any one kind (request, response, ack or probe) still completes a
+/// fragmented exchange with a 1 MiB response, executed once.
 #[test]
 fn every_datagram_kind_can_be_lost_and_a_fragmented_exchange_still_completes() {
     for lost_kind in [Kind::Request, Kind::Response, Kind::Ack, Kind::Probe] {
@@ -327,6 +335,8 @@ fn every_datagram_kind_can_be_lost_and_a_fragmented_exchange_still_completes() {
     }
 }
 
+/// With half the datagrams duplicated and half reordered, 100 requests from two peers (some
+/// fragmented) each get the right answer and execute exactly once.
 #[test]
 fn duplicated_and_reordered_datagrams_never_execute_twice() {
     let mut sim = Sim::new(3, Config::default(), 6);
@@ -349,6 +359,8 @@ fn duplicated_and_reordered_datagrams_never_execute_twice() {
     assert!(sim.node(addr(2)).stats().duplicates_suppressed > 0);
 }
 
+/// README (fragmentation): a 1 MiB request losing 20% of its fragments completes, and the
+/// retransmissions are exactly the fragments lost.
 #[test]
 fn a_megabyte_completes_under_20_percent_loss_resending_only_missing_fragments() {
     let mut sim = Sim::new(2, Config::default(), 7);
@@ -371,6 +383,8 @@ fn a_megabyte_completes_under_20_percent_loss_resending_only_missing_fragments()
     assert_eq!(sim.executions(addr(2)), 1);
 }
 
+/// A 1 MiB request and a 1 MiB response complete with 20% of all datagrams lost both ways,
+/// executing once and resending fewer fragments than were sent.
 #[test]
 fn a_megabyte_each_way_completes_under_20_percent_loss_in_both_directions() {
     let mut sim = Sim::new(2, Config::default(), 8);
@@ -390,6 +404,8 @@ fn a_megabyte_each_way_completes_under_20_percent_loss_in_both_directions() {
     );
 }
 
+/// README (RFC 6298 RTO): on a 120 ms path SRTT settles near 120 ms, back on 2 ms the RTO
+/// falls to 30 ms or less, and only the very first request is ever resent.
 #[test]
 fn rto_adapts_to_the_measured_round_trip() {
     let mut sim = Sim::new(2, Config::default(), 9);
@@ -420,6 +436,8 @@ fn rto_adapts_to_the_measured_round_trip() {
     );
 }
 
+/// README: a peer that never answers fails the request with `Timeout` after 10 resends, in
+/// bounded time, leaving nothing outstanding.
 #[test]
 fn a_silent_peer_times_out_after_bounded_attempts() {
     let mut sim = Sim::new(2, Config::default(), 10);
@@ -439,6 +457,7 @@ fn a_silent_peer_times_out_after_bounded_attempts() {
     assert_eq!(sim.node(addr(1)).outstanding(), 0);
 }
 
+/// A caller's deadline ends a request with `Timeout` at that deadline, not later.
 #[test]
 fn a_deadline_bounds_the_request() {
     let mut sim = Sim::new(2, Config::default(), 11);
@@ -459,6 +478,8 @@ fn a_deadline_bounds_the_request() {
     );
 }
 
+/// README (ICMP errors): an unreachable report fails the requests to that peer at once, and
+/// only those.
 #[test]
 fn unreachable_fails_every_request_to_that_peer() {
     let mut sim = Sim::new(3, Config::default(), 12);
@@ -475,6 +496,8 @@ fn unreachable_fails_every_request_to_that_peer() {
     assert!(!sim.responses.contains_key(&b));
 }
 
+/// A responder that restarts mid-execution (new incarnation, state lost) gets the request
+/// again and answers it: at most once per incarnation.
 #[test]
 fn a_restarted_responder_gets_the_request_again() {
     let mut sim = Sim::new(2, Config::default(), 13);
@@ -494,6 +517,7 @@ fn a_restarted_responder_gets_the_request_again() {
     );
 }
 
+/// README: answered requests leave the response cache once its TTL (5 s here) has passed.
 #[test]
 fn answered_requests_expire_from_the_cache() {
     let config = Config {
@@ -510,6 +534,7 @@ fn answered_requests_expire_from_the_cache() {
     assert_eq!(sim.node(addr(2)).cached_entries(), 0);
 }
 
+/// README: the response cache never holds more than its configured number of entries.
 #[test]
 fn the_response_cache_is_bounded_in_entries() {
     let config = Config {
@@ -524,6 +549,8 @@ fn the_response_cache_is_bounded_in_entries() {
     assert!(sim.node(addr(2)).cached_entries() <= 8);
 }
 
+/// README: a flood of never-finished fragmented messages stays within the per-peer reassembly
+/// budget, stalled ones are dropped after 10 s, and the node keeps serving.
 #[test]
 fn fragment_floods_are_bounded_and_abandoned() {
     let config = Config {
@@ -559,6 +586,7 @@ fn fragment_floods_are_bounded_and_abandoned() {
     assert_eq!(sim.outcome(id).unwrap(), b"ko");
 }
 
+/// README: bad datagrams are counted and dropped; 500 junk ones leave the node serving.
 #[test]
 fn junk_datagrams_are_counted_and_dropped() {
     let mut sim = Sim::new(2, Config::default(), 17);

@@ -280,6 +280,8 @@ mod tests {
         sent
     }
 
+    /// At most `window` fragments are in flight; an ack frees room for as many more and gives an
+    /// RTT sample from the echoed transmission.
     #[test]
     fn window_limits_fragments_in_flight() {
         let now = Instant::now();
@@ -298,6 +300,8 @@ mod tests {
         assert_eq!(send_all(&mut t, 4, &mut tx, now), vec![4, 5]);
     }
 
+    /// README: a fragment is resent once later fragments (three or more) are acknowledged; only
+    /// that hole is resent, not fragments still in flight.
     #[test]
     fn later_acks_declare_a_hole_lost_and_only_it_is_resent() {
         let now = Instant::now();
@@ -324,6 +328,7 @@ mod tests {
         );
     }
 
+    /// README: on timeout only fragments that outlived the RTO are requeued, and the backoff grows.
     #[test]
     fn timeout_requeues_only_expired_fragments_and_backs_off() {
         let start = Instant::now();
@@ -352,6 +357,7 @@ mod tests {
         assert_eq!(t.next_to_send(2), Some(1));
     }
 
+    /// An ack marked complete finishes the transfer and leaves no retransmission deadline.
     #[test]
     fn complete_ack_finishes_the_transfer() {
         let now = Instant::now();

@@ -586,6 +586,7 @@ mod tests {
         }
     }
 
+    /// Contract: `lock_get` of a free lock is granted at once, and the grant is confirmed.
     #[test]
     fn free_lock_is_granted_at_once() {
         let t0 = Instant::now();
@@ -597,6 +598,7 @@ mod tests {
         assert_eq!(t.len(), 1);
     }
 
+    /// Contract: `lock_get` by the lock's own holder is granted again at once, without queueing.
     #[test]
     fn holder_getting_its_lock_again_is_granted() {
         let t0 = Instant::now();
@@ -607,6 +609,8 @@ mod tests {
         assert!(queue(&t, "L").is_empty());
     }
 
+    /// Contract: other requesters wait in FIFO order, told the holder and their position; a
+    /// renewal keeps a waiter's place in line.
     #[test]
     fn second_requester_waits_with_holder_and_position() {
         let t0 = Instant::now();
@@ -619,6 +623,8 @@ mod tests {
         assert_eq!(queue(&t, "L"), ["b", "c"]);
     }
 
+    /// Contract: each release grants the head waiter (FIFO order); README: the grant stays
+    /// unconfirmed until that waiter's next renewal.
     #[test]
     fn release_grants_waiters_in_fifo_order_each_confirmed_by_renewal() {
         let t0 = Instant::now();
@@ -647,6 +653,8 @@ mod tests {
         assert!(t.is_empty());
     }
 
+    /// Contract: `lock_release` by a requester that does not hold the lock, even one waiting for
+    /// it, is `not_holder` and changes nothing.
     #[test]
     fn release_by_non_holder_or_by_waiter_is_not_holder() {
         let t0 = Instant::now();
@@ -660,6 +668,8 @@ mod tests {
         assert_eq!(queue(&t, "L"), ["b"]);
     }
 
+    /// Contract: a waiter not renewed for 1 s is dropped (with its wait-for edges); one that
+    /// keeps renewing keeps its place.
     #[test]
     fn unrenewed_waiter_is_dropped_and_renewed_waiter_kept() {
         let t0 = Instant::now();
@@ -678,6 +688,8 @@ mod tests {
         assert_eq!(t.holder("L"), Some("a"));
     }
 
+    /// README: a grant not confirmed within 1 s is revoked and passes to the next live waiter;
+    /// the revoked requester has to queue again as a newcomer.
     #[test]
     fn unconfirmed_grant_revoked_after_renew_timeout_passes_to_next_waiter() {
         let t0 = Instant::now();
@@ -702,6 +714,7 @@ mod tests {
         assert_eq!(t.get(at(t0, 1_700), "L", "b"), waiting("c", 1));
     }
 
+    /// A revoked grant with no waiter left to take it frees the lock and empties the table.
     #[test]
     fn revoked_grant_with_no_live_waiter_frees_the_lock() {
         let t0 = Instant::now();
@@ -715,6 +728,7 @@ mod tests {
         assert!(t.waits.by_requester.is_empty());
     }
 
+    /// A confirmed holder keeps its lock however long it goes without renewing (an hour here).
     #[test]
     fn confirmed_holder_never_expires() {
         let t0 = Instant::now();
@@ -727,6 +741,8 @@ mod tests {
         assert_eq!(t.holder("L"), Some("b"));
     }
 
+    /// Contract: a `lock_get` that gives up withdraws its wait and later waiters move up; a
+    /// repeated or unknown withdrawal reports false.
     #[test]
     fn withdraw_removes_a_waiter() {
         let t0 = Instant::now();
@@ -742,6 +758,7 @@ mod tests {
         assert_eq!(t.get(t0, "L", "c"), waiting("a", 1));
     }
 
+    /// Contract: if a grant raced the withdrawal, withdrawing releases the lock to the next waiter.
     #[test]
     fn withdraw_after_raced_grant_releases_to_next_waiter() {
         let t0 = Instant::now();
@@ -758,6 +775,8 @@ mod tests {
         assert!(t.is_empty());
     }
 
+    /// Contract: when a server leaves, the locks its requester names hold pass to their next
+    /// waiters or are freed, and their waits are removed.
     #[test]
     fn release_all_of_releases_held_locks_and_removes_waits() {
         let t0 = Instant::now();
@@ -781,6 +800,8 @@ mod tests {
         assert!(t.waits.by_requester.is_empty());
     }
 
+    /// Contract: a wait closing a two-party cycle fails at once with `deadlock` naming
+    /// `[a, B, b, A]`; locks already held and the queues stay as they were.
     #[test]
     fn two_party_deadlock_reports_cycle_and_changes_nothing() {
         let t0 = Instant::now();
@@ -795,6 +816,8 @@ mod tests {
         assert_eq!(queue(&t, "A"), ["b"]);
     }
 
+    /// Contract: a three-party wait-for cycle fails with `deadlock`, named in wait order, and the
+    /// closing wait is not queued.
     #[test]
     fn three_party_deadlock_is_detected() {
         let t0 = Instant::now();
@@ -811,6 +834,8 @@ mod tests {
         assert!(queue(&t, "B").is_empty());
     }
 
+    /// A wait-for walk that branches (a diamond) without coming back to the requester is no
+    /// deadlock; a later wait that does close a cycle is reported.
     #[test]
     fn chain_not_returning_to_requester_is_not_a_deadlock() {
         let t0 = Instant::now();
@@ -834,6 +859,8 @@ mod tests {
         );
     }
 
+    /// The deadlock walk terminates when it meets a cycle the requester is not part of, and the
+    /// requester simply waits.
     #[test]
     fn walk_terminates_on_a_cycle_not_involving_the_requester() {
         let t0 = Instant::now();
@@ -850,6 +877,8 @@ mod tests {
         assert_eq!(t.get(t0, "L", "r"), waiting("y", 2));
     }
 
+    /// A renewal that closes a cycle (after a grant moved on) fails with `deadlock` and drops that
+    /// wait; the other party's wait and held locks stay.
     #[test]
     fn renewal_closing_a_cycle_reports_deadlock_and_drops_the_wait() {
         let t0 = Instant::now();
@@ -870,6 +899,8 @@ mod tests {
         assert_eq!(t.get(at(t0, 100), "M", "y"), waiting("z", 1));
     }
 
+    /// `poll_timeout` is None when nothing can expire, else the earliest deadline of a waiter or
+    /// an unconfirmed grant (last renewal + 1 s).
     #[test]
     fn poll_timeout_is_none_when_empty_and_earliest_deadline_otherwise() {
         let t0 = Instant::now();
@@ -891,6 +922,8 @@ mod tests {
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_400)));
     }
 
+    /// At `max_locks` a request for a new lock is `Busy` and creates nothing; existing locks still
+    /// work, and freeing one makes room.
     #[test]
     fn busy_when_max_locks_reached() {
         let t0 = Instant::now();
@@ -909,6 +942,8 @@ mod tests {
         assert_eq!(t.get(t0, "C", "a"), LockGetOutcome::Granted);
     }
 
+    /// At `max_waiters_per_lock` a new waiter is `Busy`, while a renewal of an existing wait is
+    /// still answered.
     #[test]
     fn busy_when_max_waiters_per_lock_reached() {
         let t0 = Instant::now();
@@ -924,6 +959,7 @@ mod tests {
         assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
     }
 
+    /// Released locks nobody waits for are removed, so the table does not grow with lock names.
     #[test]
     fn free_lock_is_removed_from_the_table() {
         let t0 = Instant::now();

@@ -347,6 +347,8 @@ mod tests {
         }
     }
 
+    /// Assignment 3.4: adding or removing a server triggers a view change; each join, and each
+    /// departure after `dead_after` of silence, raises the epoch by one.
     #[test]
     fn joins_and_departures_each_start_an_epoch() {
         let mut vl = leader();
@@ -367,6 +369,8 @@ mod tests {
         );
     }
 
+    /// Contract: a heartbeat from a server already declared dead is refused, and it stays out of
+    /// the view.
     #[test]
     fn a_dead_servers_late_heartbeat_is_refused() {
         let mut vl = leader();
@@ -381,6 +385,8 @@ mod tests {
         assert!(vl.view().members.is_empty());
     }
 
+    /// Assignment 3.4: a server learns the epoch in its heartbeat's acknowledgement, which
+    /// carries the whole view (`replicas` and `vnodes` included).
     #[test]
     fn heartbeat_ack_carries_the_current_view() {
         let mut vl = leader();
@@ -392,6 +398,8 @@ mod tests {
         assert_eq!((view.replicas, view.vnodes), (3, 64));
     }
 
+    /// README: a new id heartbeating from a live member's address replaces that member: one
+    /// departure and one join, so the epoch goes from 1 to 3.
     #[test]
     fn a_new_id_on_a_known_address_replaces_the_old_server() {
         let mut vl = leader();
@@ -421,6 +429,8 @@ mod tests {
         assert_eq!(view.epoch, Epoch(3), "one departure and two joins");
     }
 
+    /// Contract: locks held by requesters named after a server's id or ADDR are released when it
+    /// leaves the view, so a waiter then gets them.
     #[test]
     fn a_departed_servers_locks_are_released() {
         let mut vl = leader();
@@ -452,6 +462,7 @@ mod tests {
         );
     }
 
+    /// The view leader answers a storage command (`get`) with `bad_input` rather than silence.
     #[test]
     fn storage_requests_are_refused_with_bad_input() {
         let mut vl = leader();

@@ -21,11 +21,13 @@ pub const FAULTS: &str = "loss=0.2,dup=0.1,reorder=0.1";
 macro_rules! cluster_test {
     ($body:ident) => {
         mod $body {
+            /// Runs the behaviour on a clean loopback network.
             #[test]
             fn clean() {
                 super::$body(&$crate::util::Env::clean());
             }
 
+            /// Runs the behaviour with every process injecting `crate::FAULTS` on its datagrams.
             #[test]
             fn under_faults() {
                 super::$body(&$crate::util::Env::faulty($crate::FAULTS));

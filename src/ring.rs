@@ -1,0 +1,1 @@
+//! The bucket allocator (being written).
