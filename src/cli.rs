@@ -12,13 +12,14 @@ use clap::{Args, Parser, Subcommand};
 use log::{LevelFilter, error, warn};
 use serde_json::json;
 
-use crate::client::{Client, ServersInfo};
+use crate::client::{Client, GetrOutcome, ServersInfo, SetrHooks, SetrOutcome};
 use crate::faults::FaultSpec;
 use crate::message::{ErrorKind, OpError};
 use crate::net::{self, NetConfig};
 use crate::node;
 use crate::rng::Rng;
 use crate::server::{Server, ServerConfig};
+use crate::view::{Epoch, Member};
 use crate::viewleader::{self, ViewLeader, ViewLeaderConfig};
 
 /// Flags every program takes.
@@ -212,6 +213,45 @@ pub enum ClientCommand {
         #[arg(allow_hyphen_values = true)]
         requester: String,
     },
+    /// Replicated write by two-phase commit on KEY's replicas: all or nothing.
+    Setr {
+        /// The key (1..=1024 bytes).
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+        /// The value (up to 1 MiB); `-` reads it from standard input.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Test hook: sleep MS between learning the view and sending the votes.
+        #[arg(long = "pause-after-view-ms", value_name = "MS", default_value_t = 0)]
+        pause_after_view_ms: u64,
+        /// Test hook: sleep MS between collecting all votes and sending the decision.
+        #[arg(
+            long = "pause-before-commit-ms",
+            value_name = "MS",
+            default_value_t = 0
+        )]
+        pause_before_commit_ms: u64,
+        /// Test hook: sleep MS between the primary's commit acknowledgement and the commits
+        /// to the other replicas.
+        #[arg(
+            long = "pause-after-primary-commit-ms",
+            value_name = "MS",
+            default_value_t = 0
+        )]
+        pause_after_primary_commit_ms: u64,
+    },
+    /// Replicated read: KEY's replicas tried in ring order until one has it.
+    Getr {
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
+    /// The replicas of KEY in the current view, in ring order (the first is the primary).
+    Locate {
+        /// The key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
     /// Release LOCK held by REQUESTER.
     LockRelease {
         /// The lock.
@@ -377,6 +417,29 @@ pub enum Outcome {
         /// The requester.
         requester: String,
     },
+    /// `setr` committed KEY on every replica.
+    Replicated {
+        /// The key.
+        key: String,
+        /// What the commit did.
+        outcome: SetrOutcome,
+    },
+    /// `getr` found KEY.
+    Read {
+        /// The key.
+        key: String,
+        /// What was found, and where.
+        outcome: GetrOutcome,
+    },
+    /// `locate`: KEY's replicas at EPOCH.
+    Located {
+        /// The key.
+        key: String,
+        /// The view's epoch.
+        epoch: Epoch,
+        /// The replicas in ring order.
+        replicas: Vec<Member>,
+    },
     /// `lock_release` done.
     Released {
         /// The lock.
@@ -408,6 +471,18 @@ impl Outcome {
                 }
                 out
             }
+            Outcome::Replicated { key, outcome } => format!(
+                "stored {key} on {} replicas at epoch {} (version {})",
+                outcome.replicas.len(),
+                outcome.epoch,
+                outcome.version
+            ),
+            Outcome::Read { outcome, .. } => outcome.value.clone(),
+            Outcome::Located { replicas, .. } => replicas
+                .iter()
+                .map(|m| format!("{} {}", m.id, m.addr))
+                .collect::<Vec<_>>()
+                .join("\n"),
             Outcome::Locked { lock, requester } => format!("granted {lock} to {requester}"),
             Outcome::Released { lock, requester } => format!("released {lock} held by {requester}"),
         }
@@ -431,11 +506,43 @@ impl Outcome {
                     .map(|m| json!({"id": m.id.to_string(), "addr": m.addr.to_string()}))
                     .collect::<Vec<_>>(),
             }),
+            Outcome::Replicated { key, outcome } => json!({
+                "ok": true,
+                "key": key,
+                "epoch": outcome.epoch.0,
+                "version": outcome.version,
+                "replicas": members_json(&outcome.replicas),
+            }),
+            Outcome::Read { key, outcome } => json!({
+                "ok": true,
+                "key": key,
+                "value": outcome.value,
+                "version": outcome.version,
+                "from": {"id": outcome.from.id.to_string(), "addr": outcome.from.addr.to_string()},
+            }),
+            Outcome::Located {
+                key,
+                epoch,
+                replicas,
+            } => json!({
+                "ok": true,
+                "key": key,
+                "epoch": epoch.0,
+                "replicas": members_json(replicas),
+            }),
             Outcome::Locked { lock, requester } | Outcome::Released { lock, requester } => {
                 json!({"ok": true, "lock": lock, "requester": requester})
             }
         }
     }
+}
+
+/// The `--json` form of a list of servers: `[{"id": ..., "addr": ...}, ...]`.
+fn members_json(members: &[Member]) -> serde_json::Value {
+    members
+        .iter()
+        .map(|m| json!({"id": m.id.to_string(), "addr": m.addr.to_string()}))
+        .collect()
 }
 
 /// The `--json` form of a failure.
@@ -478,7 +585,9 @@ fn run_client_command(
     let command = args.command.clone();
     // Inputs are checked before any datagram is sent.
     let value = match &command {
-        ClientCommand::Set { value, .. } => Some(read_value(value.clone())?),
+        ClientCommand::Set { value, .. } | ClientCommand::Setr { value, .. } => {
+            Some(read_value(value.clone())?)
+        }
         _ => None,
     };
     let socket = net::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(|e| OpError {
@@ -512,6 +621,35 @@ fn run_client_command(
         ClientCommand::LockGet { lock, requester } => client
             .lock_get(&lock, &requester, cancel)
             .map(|()| Outcome::Locked { lock, requester }),
+        ClientCommand::Setr {
+            key,
+            pause_after_view_ms,
+            pause_before_commit_ms,
+            pause_after_primary_commit_ms,
+            ..
+        } => {
+            let hooks = SetrHooks {
+                pause_after_view: Duration::from_millis(pause_after_view_ms),
+                pause_before_commit: Duration::from_millis(pause_before_commit_ms),
+                pause_after_primary_commit: Duration::from_millis(pause_after_primary_commit_ms),
+            };
+            let value = value.unwrap_or_default();
+            client
+                .setr(&key, &value, hooks)
+                .map(|outcome| Outcome::Replicated { key, outcome })
+        }
+        ClientCommand::Getr { key } => client
+            .getr(&key)
+            .map(|outcome| Outcome::Read { key, outcome }),
+        ClientCommand::Locate { key } => {
+            client
+                .locate(&key)
+                .map(|(epoch, replicas)| Outcome::Located {
+                    key,
+                    epoch,
+                    replicas,
+                })
+        }
         ClientCommand::LockRelease { lock, requester } => client
             .lock_release(&lock, &requester)
             .map(|()| Outcome::Released { lock, requester }),

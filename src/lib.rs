@@ -32,6 +32,7 @@
 pub mod cli;
 pub mod client;
 pub mod codec;
+pub mod commit;
 pub mod faults;
 pub mod message;
 pub mod net;

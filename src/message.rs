@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError, EncodeError};
-use crate::view::{ServerId, View};
+use crate::view::{Epoch, Member, ServerId, View};
 
 /// The longest key the store accepts, in bytes (contract: 1..=1024).
 pub const MAX_KEY_LEN: usize = 1024;
@@ -74,6 +74,47 @@ pub enum Request {
     },
     /// Asks a server for the keys committed in its bucket.
     QueryAllKeys,
+    /// Phase one of `setr`: asks a replica to vote on writing `value` under `key`.
+    Prepare {
+        /// The transaction, chosen at random by the coordinator.
+        txid: TxId,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// The epoch of the view the coordinator computed the replicas from.
+        epoch: Epoch,
+        /// The id the coordinator expects this replica to have.
+        expected: ServerId,
+        /// Every replica of the key in ring order; the first is the primary (commit point).
+        participants: Vec<Member>,
+        /// How long the coordinator may still take to decide, in milliseconds.
+        timeout_ms: u32,
+    },
+    /// Phase two: the decision is commit, with the version the coordinator chose.
+    Commit {
+        /// The transaction.
+        txid: TxId,
+        /// The version of the new value (greater than every version the replicas reported).
+        version: u64,
+    },
+    /// Phase two: the decision is abort.
+    Abort {
+        /// The transaction.
+        txid: TxId,
+    },
+    /// Termination protocol: a participant asks another what became of a transaction.
+    QueryTx {
+        /// The transaction.
+        txid: TxId,
+    },
+    /// A replicated read of `key` (answered only once no prepared write on it is pending).
+    GetR {
+        /// The key.
+        key: String,
+        /// The epoch of the view the client computed the replicas from.
+        epoch: Epoch,
+    },
 }
 
 impl Request {
@@ -89,6 +130,11 @@ impl Request {
             Request::Set { .. } => "set",
             Request::Get { .. } => "get",
             Request::QueryAllKeys => "query_all_keys",
+            Request::Prepare { .. } => "prepare",
+            Request::Commit { .. } => "commit",
+            Request::Abort { .. } => "abort",
+            Request::QueryTx { .. } => "query_tx",
+            Request::GetR { .. } => "getr",
         }
     }
 
@@ -151,6 +197,55 @@ pub enum Response {
     },
     /// The request failed.
     Error(OpError),
+    /// A yes vote on a `Prepare`.
+    Prepared {
+        /// The replica's current version of the key (`None` if it does not hold it).
+        version: Option<u64>,
+    },
+    /// What a participant knows of a transaction (answer to `QueryTx`).
+    TxState {
+        /// The transaction's state there.
+        state: TxOutcome,
+    },
+    /// A replicated read's answer: the value and its version.
+    Found {
+        /// The value.
+        value: String,
+        /// Its version (0 for a raw `set`).
+        version: u64,
+    },
+}
+
+/// A transaction id: 128 random bits, printed as 32 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TxId(pub u128);
+
+impl fmt::Display for TxId {
+    /// Formats the id as 32 lowercase hex characters.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for TxId {
+    /// Formats the id like `Display`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A transaction's state at one participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxOutcome {
+    /// Voted yes; no decision known yet.
+    Prepared,
+    /// Committed with this version.
+    Committed {
+        /// The version written.
+        version: u64,
+    },
+    /// Aborted (or never known here: an unknown transaction is recorded as aborted).
+    Aborted,
 }
 
 impl Response {
@@ -279,7 +374,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::view::{Epoch, Member};
 
     /// One instance of every request variant.
     fn every_request() -> Vec<Request> {
@@ -310,6 +404,28 @@ mod tests {
             },
             Request::Get { key: "k".into() },
             Request::QueryAllKeys,
+            Request::Prepare {
+                txid: TxId(9),
+                key: "k".into(),
+                value: "v".into(),
+                epoch: Epoch(3),
+                expected: ServerId(1),
+                participants: vec![Member {
+                    id: ServerId(1),
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                }],
+                timeout_ms: 5000,
+            },
+            Request::Commit {
+                txid: TxId(9),
+                version: 4,
+            },
+            Request::Abort { txid: TxId(9) },
+            Request::QueryTx { txid: TxId(9) },
+            Request::GetR {
+                key: "k".into(),
+                epoch: Epoch(3),
+            },
         ]
     }
 
@@ -348,6 +464,21 @@ mod tests {
                 message: "cycle".into(),
                 cycle: vec!["a".into(), "B".into()],
             }),
+            Response::Prepared { version: Some(2) },
+            Response::Prepared { version: None },
+            Response::TxState {
+                state: TxOutcome::Committed { version: 3 },
+            },
+            Response::TxState {
+                state: TxOutcome::Prepared,
+            },
+            Response::TxState {
+                state: TxOutcome::Aborted,
+            },
+            Response::Found {
+                value: "v".into(),
+                version: 7,
+            },
         ]
     }
 

@@ -5,7 +5,8 @@
 //! it probes the default ports and takes the lowest one that answers. If the view leader
 //! refuses a heartbeat (this server was declared dead), the server empties its bucket and
 //! rejoins under a fresh id. It serves `print`, `set`, `get` and `query_all_keys` on its own
-//! bucket.
+//! bucket, takes part in two-phase commits as a participant ([`crate::commit`]), and serves
+//! replicated reads, holding back a read of a key with a prepared write until it is decided.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs};
 use crate::message::{self, ErrorKind, Request, Response};
 use crate::node::{Action, Node};
 use crate::reliable::{IncomingId, RequestError};
@@ -41,10 +43,17 @@ pub struct Stored {
     pub value: String,
 }
 
-/// Tokens below this are view leader probes (token - PROBE = candidate index).
+/// Tokens at or above this are termination queries (token - QUERY = participant token).
+const QUERY: u64 = 1 << 48;
+/// Tokens at or above this (and below [`QUERY`]) are heartbeats (token - HEARTBEAT = seq).
 const HEARTBEAT: u64 = 1 << 32;
-/// Tokens at or above this (and below [`HEARTBEAT`]) are view leader probes.
+/// Tokens at or above this (and below [`HEARTBEAT`]) are view leader probes
+/// (token - PROBE = candidate index).
 const PROBE: u64 = 1_000;
+/// How long a termination query may take.
+const QUERY_TIMEOUT: Duration = Duration::from_millis(400);
+/// The most replicated reads held back waiting for a decision, in all.
+const MAX_DEFERRED_READS: usize = 10_000;
 
 /// A round of view leader probes in progress.
 #[derive(Debug)]
@@ -77,6 +86,10 @@ pub struct Server {
     id_since_seq: u64,
     /// A discovery round in progress.
     discovery: Option<Discovery>,
+    /// The two-phase-commit participant table.
+    participant: Participant,
+    /// Replicated reads held back until the prepared write on their key is decided.
+    deferred: BTreeMap<String, Vec<IncomingId>>,
     /// Actions waiting for [`Node::poll_action`].
     actions: VecDeque<Action>,
 }
@@ -98,6 +111,8 @@ impl Server {
             heartbeat_seq: 0,
             id_since_seq: 1,
             discovery: None,
+            participant: Participant::new(),
+            deferred: BTreeMap::new(),
             actions: VecDeque::new(),
         }
     }
@@ -234,6 +249,12 @@ impl Server {
                 );
                 self.store.clear();
                 self.view = None;
+                // Transactions prepared under the old id can no longer commit here.
+                self.participant = Participant::new();
+                let keys: Vec<String> = self.deferred.keys().cloned().collect();
+                for key in keys {
+                    self.answer_deferred(&key);
+                }
                 self.id_since_seq = self.heartbeat_seq + 1;
                 if let Some(viewleader) = self.viewleader {
                     self.send_heartbeat(now, viewleader);
@@ -245,9 +266,15 @@ impl Server {
         }
     }
 
-    /// Serves one request, returning the answer.
-    fn serve(&mut self, from: SocketAddr, request: Request) -> Response {
-        match request {
+    /// Serves one request, returning the answer (`None` when the answer is held back).
+    fn serve(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: IncomingId,
+        request: Request,
+    ) -> Option<Response> {
+        let response = match request {
             Request::Print { text } => {
                 info!("print from {from}: {text}");
                 Response::Done
@@ -255,7 +282,7 @@ impl Server {
             Request::Set { key, value } => {
                 if let Err(e) = message::check_key(&key).and_then(|()| message::check_value(&value))
                 {
-                    return Response::Error(e);
+                    return Some(Response::Error(e));
                 }
                 self.store.insert(key, Stored { version: 0, value });
                 Response::Done
@@ -272,6 +299,84 @@ impl Server {
             Request::QueryAllKeys => Response::Keys {
                 keys: self.store.keys().cloned().collect(),
             },
+            Request::Prepare {
+                txid,
+                key,
+                value,
+                epoch,
+                expected,
+                participants,
+                timeout_ms,
+            } => {
+                if let Err(e) = message::check_key(&key).and_then(|()| message::check_value(&value))
+                {
+                    return Some(Response::Error(e));
+                }
+                let current = self.store.get(&key).map(|s| s.version);
+                let timeout = Duration::from_millis(u64::from(timeout_ms));
+                let args = PrepareArgs {
+                    txid,
+                    key,
+                    value,
+                    epoch,
+                    expected,
+                    participants,
+                    timeout,
+                };
+                match self
+                    .participant
+                    .prepare(now, self.id, self.epoch(), args, current)
+                {
+                    Ok(version) => Response::Prepared { version },
+                    Err(reason) => Response::error(ErrorKind::Aborted, reason),
+                }
+            }
+            Request::Commit { txid, version } => {
+                match self.participant.commit(now, txid, version) {
+                    Ok(Some(write)) => {
+                        self.apply(write.key.clone(), write.value, write.version);
+                        self.answer_deferred(&write.key);
+                        Response::Done
+                    }
+                    Ok(None) => Response::Done,
+                    Err(CommitRefusal::Aborted) => Response::error(
+                        ErrorKind::Aborted,
+                        format!("transaction {txid} was already aborted here"),
+                    ),
+                    Err(CommitRefusal::Unknown) => Response::error(
+                        ErrorKind::Aborted,
+                        format!("transaction {txid} was never prepared here"),
+                    ),
+                }
+            }
+            Request::Abort { txid } => {
+                if let Some(key) = self.participant.abort(now, txid) {
+                    self.answer_deferred(&key);
+                }
+                Response::Done
+            }
+            Request::QueryTx { txid } => {
+                let (state, released) = self.participant.query(now, txid);
+                if let Some(key) = released {
+                    self.answer_deferred(&key);
+                }
+                Response::TxState { state }
+            }
+            Request::GetR { key, .. } => {
+                if self.participant.is_locked(&key) {
+                    let held: usize = self.deferred.values().map(Vec::len).sum();
+                    if held >= MAX_DEFERRED_READS {
+                        return Some(Response::error(
+                            ErrorKind::Aborted,
+                            "too many reads are waiting for pending commits",
+                        ));
+                    }
+                    // Answer once the pending write is decided, never with the old value.
+                    self.deferred.entry(key).or_default().push(id);
+                    return None;
+                }
+                self.read(&key)
+            }
             other => Response::error(
                 ErrorKind::BadInput,
                 format!(
@@ -279,21 +384,71 @@ impl Server {
                     other.name()
                 ),
             ),
+        };
+        Some(response)
+    }
+
+    /// A replicated read's answer from the bucket.
+    fn read(&self, key: &str) -> Response {
+        match self.store.get(key) {
+            Some(stored) => Response::Found {
+                value: stored.value.clone(),
+                version: stored.version,
+            },
+            None => Response::error(
+                ErrorKind::NotFound,
+                format!("{key:?} is not in this bucket"),
+            ),
+        }
+    }
+
+    /// Stores a committed write unless the bucket already holds a newer version.
+    fn apply(&mut self, key: String, value: String, version: u64) {
+        let newer = self.store.get(&key).is_none_or(|s| s.version < version);
+        if newer {
+            self.store.insert(key, Stored { version, value });
+        }
+    }
+
+    /// Answers every replicated read held back on `key` (its pending write was decided).
+    fn answer_deferred(&mut self, key: &str) {
+        if let Some(waiting) = self.deferred.remove(key) {
+            let response = self.read(key);
+            for id in waiting {
+                self.actions.push_back(Action::Respond {
+                    id,
+                    response: response.clone(),
+                });
+            }
+        }
+    }
+
+    /// Carries out what the participant asked for.
+    fn carry_out(&mut self, now: Instant, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Apply(write) => {
+                    self.apply(write.key.clone(), write.value, write.version);
+                    self.answer_deferred(&write.key);
+                }
+                Effect::Release(key) => self.answer_deferred(&key),
+                Effect::Query { token, dst, txid } => self.actions.push_back(Action::Request {
+                    token: QUERY + token,
+                    dst,
+                    request: Request::QueryTx { txid },
+                    deadline: Some(now + QUERY_TIMEOUT),
+                }),
+            }
         }
     }
 }
 
 impl Node for Server {
     /// Serves a raw storage request.
-    fn handle_request(
-        &mut self,
-        _now: Instant,
-        from: SocketAddr,
-        id: IncomingId,
-        request: Request,
-    ) {
-        let response = self.serve(from, request);
-        self.actions.push_back(Action::Respond { id, response });
+    fn handle_request(&mut self, now: Instant, from: SocketAddr, id: IncomingId, request: Request) {
+        if let Some(response) = self.serve(now, from, id, request) {
+            self.actions.push_back(Action::Respond { id, response });
+        }
     }
 
     /// Handles heartbeat answers and discovery probe outcomes.
@@ -303,7 +458,17 @@ impl Node for Server {
         token: u64,
         result: Result<Response, RequestError>,
     ) {
-        if token >= HEARTBEAT {
+        if token >= QUERY {
+            let answer = match result {
+                Ok(Response::TxState { state }) => Some(state),
+                _ => None,
+            };
+            let view = self.view.clone();
+            let effects =
+                self.participant
+                    .handle_query_answer(now, token - QUERY, answer, view.as_ref());
+            self.carry_out(now, effects);
+        } else if token >= HEARTBEAT {
             self.on_heartbeat_answer(now, token - HEARTBEAT, result);
         } else if token >= PROBE {
             let is_viewleader = matches!(result, Ok(Response::Servers { .. }));
@@ -313,6 +478,10 @@ impl Node for Server {
 
     /// Sends the next heartbeat (or discovery round) when due.
     fn handle_timeout(&mut self, now: Instant) {
+        if self.participant.poll_timeout().is_some_and(|t| t <= now) {
+            let effects = self.participant.handle_timeout(now, self.id);
+            self.carry_out(now, effects);
+        }
         if now < self.next_heartbeat || self.discovery.is_some() {
             return;
         }
@@ -324,11 +493,15 @@ impl Node for Server {
 
     /// The next heartbeat instant, unless a discovery round is waiting for its probes.
     fn poll_timeout(&self) -> Option<Instant> {
-        if self.discovery.is_some() {
+        let heartbeat = if self.discovery.is_some() {
             None
         } else {
             Some(self.next_heartbeat)
-        }
+        };
+        [heartbeat, self.participant.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Hands out the next action.
