@@ -1,0 +1,162 @@
+//! Replication figures, printed (run with `cargo bench --bench replication`):
+//! `setr` and `getr` latency through the library in-process (a view leader and 3 servers on
+//! loopback, each on its own driver thread), p50/p90/p99 over 10 000 sequential operations;
+//! and the same as whole `client` processes (release build), over 200 runs each.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use trireme::client::{Client, SetrHooks};
+use trireme::net::{self, NetConfig};
+use trireme::node;
+use trireme::rng::Rng;
+use trireme::server::{Server, ServerConfig};
+use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+
+/// Operations per in-process measurement.
+const OPS: usize = 10_000;
+/// Client processes per CLI measurement.
+const RUNS: usize = 200;
+
+/// Formats p50/p90/p99/max of `samples` (sorted in place).
+fn percentiles(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    format!(
+        "p50 {:>8.1} us  p90 {:>8.1} us  p99 {:>8.1} us  max {:>9.1} us",
+        at(0.50).as_secs_f64() * 1e6,
+        at(0.90).as_secs_f64() * 1e6,
+        at(0.99).as_secs_f64() * 1e6,
+        samples[samples.len() - 1].as_secs_f64() * 1e6
+    )
+}
+
+/// Starts a view leader and `n` servers in-process; returns the view leader's address.
+fn cluster(n: usize) -> SocketAddr {
+    let vl_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (vl_handle, vl_requests, _t) = net::spawn(vl_socket, NetConfig::default()).unwrap();
+    let vl_addr = vl_handle.local_addr();
+    std::thread::spawn(move || {
+        let (_stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let mut leader = ViewLeader::new(ViewLeaderConfig::default());
+        node::run(&mut leader, &vl_handle, &vl_requests, &stop_rx);
+    });
+    for _ in 0..n {
+        let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let advertise = socket.local_addr().unwrap();
+        let (handle, requests, _t) = net::spawn(socket, NetConfig::default()).unwrap();
+        let config = ServerConfig {
+            advertise,
+            viewleader: Some(vl_addr),
+            heartbeat_interval: Duration::from_millis(100),
+            candidates: Vec::new(),
+        };
+        std::thread::spawn(move || {
+            let (_stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+            let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
+            node::run(&mut server, &handle, &requests, &stop_rx);
+        });
+    }
+    vl_addr
+}
+
+/// A client for one operation with a 5 s bound.
+fn client(handle: &net::Handle, vl: SocketAddr) -> Client {
+    let server = "127.0.0.1:1".parse().unwrap();
+    Client::new(
+        handle.clone(),
+        Some(vl),
+        Vec::new(),
+        server,
+        Some(Duration::from_secs(5)),
+    )
+}
+
+/// Measures in-process setr and getr.
+fn in_process(vl: SocketAddr) {
+    let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (handle, _requests, _t) = net::spawn(socket, NetConfig::default()).unwrap();
+    // Wait for all three servers, then until every one learned the epoch (a setr succeeds).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client(&handle, vl)
+        .query_servers()
+        .map_or(0, |i| i.view.members.len())
+        < 3
+    {
+        assert!(Instant::now() < deadline, "servers never joined");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while client(&handle, vl)
+        .setr("warm", "up", SetrHooks::default())
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "cluster never became writable");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let value = "v".repeat(100);
+    let mut setr = Vec::with_capacity(OPS);
+    for i in 0..OPS {
+        let key = format!("key{}", i % 1000);
+        let t = Instant::now();
+        client(&handle, vl)
+            .setr(&key, &value, SetrHooks::default())
+            .expect("setr");
+        setr.push(t.elapsed());
+    }
+    let mut getr = Vec::with_capacity(OPS);
+    for i in 0..OPS {
+        let key = format!("key{}", i % 1000);
+        let t = Instant::now();
+        client(&handle, vl).getr(&key).expect("getr");
+        getr.push(t.elapsed());
+    }
+    println!(
+        "{:<34} {}",
+        "setr in-process, 100 B values",
+        percentiles(&mut setr)
+    );
+    println!("{:<34} {}", "getr in-process", percentiles(&mut getr));
+}
+
+/// Measures whole client processes.
+fn processes(vl: SocketAddr) {
+    let binary = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/client");
+    if !std::path::Path::new(binary).exists() {
+        println!("(skipping CLI figures: build target/release/client first)");
+        return;
+    }
+    let vl = vl.to_string();
+    for command in ["setr", "getr"] {
+        let mut samples = Vec::with_capacity(RUNS);
+        for i in 0..RUNS {
+            let key = format!("cli{}", i % 50);
+            let mut args = vec!["--viewleader", vl.as_str(), command, key.as_str()];
+            if command == "setr" {
+                args.push("value");
+            }
+            let t = Instant::now();
+            let status = Command::new(binary)
+                .args(&args)
+                .output()
+                .expect("client runs")
+                .status;
+            samples.push(t.elapsed());
+            assert!(status.success(), "{command} {key} failed");
+        }
+        println!(
+            "{:<34} {}",
+            format!("{command} as a client process"),
+            percentiles(&mut samples)
+        );
+    }
+}
+
+/// Prints every figure.
+fn main() {
+    let vl = cluster(3);
+    println!("== 3 servers, replicas 3, loopback, {OPS} sequential operations ==");
+    in_process(vl);
+    println!("== whole client processes, {RUNS} runs ==");
+    processes(vl);
+}
