@@ -488,12 +488,14 @@ impl Client {
             })
             .collect();
         // Stop collecting at the first vote that is not a yes: the outcome is abort anyway.
-        let votes = self.broadcast(&replicas, &prepares, vote_deadline, |vote| {
-            !matches!(vote, Ok(Response::Prepared { .. }))
-        })?;
-        if let Some(why) = refusal(&replicas, &votes) {
+        let votes = self
+            .broadcast(&replicas, &prepares, vote_deadline, |vote| {
+                !matches!(vote, Ok(Response::Prepared { .. }))
+            })
+            .inspect_err(|_| self.abort_all(&replicas, txid))?;
+        if let Some(error) = refusal(&replicas, &votes) {
             self.abort_all(&replicas, txid);
-            return Err(op_error(ErrorKind::Aborted, why));
+            return Err(self.timed(error));
         }
         let version = votes
             .iter()
@@ -503,7 +505,13 @@ impl Client {
             })
             .max()
             .unwrap_or(0);
-        let version = version + 1;
+        let Some(version) = version.checked_add(1) else {
+            self.abort_all(&replicas, txid);
+            return Err(op_error(
+                ErrorKind::Aborted,
+                "the key's version cannot grow any further",
+            ));
+        };
         self.pause(hooks.pause_before_commit, "while pausing before the commit")
             .inspect_err(|_| self.abort_all(&replicas, txid))?;
 
@@ -601,7 +609,10 @@ impl Client {
             epoch: view.epoch,
         };
         let mut not_found = 0;
-        let mut failure = None;
+        // A replica that is reachable but gave no answer may hold the key; one that is
+        // unreachable is not asked at all.
+        let mut silent: Option<OpError> = None;
+        let mut unreachable: Option<OpError> = None;
         for (index, replica) in replicas.iter().enumerate() {
             // Each replica gets its share of the remaining time, so one silent replica
             // cannot use it all.
@@ -617,19 +628,26 @@ impl Client {
                         from: *replica,
                     });
                 }
-                Ok(other) => failure = Some(unexpected(&other)),
+                Ok(other) => silent = Some(unexpected(&other)),
                 Err(e) if e.kind == ErrorKind::NotFound => not_found += 1,
                 Err(e) => {
                     debug!(
                         "getr {key:?}: replica {} failed: {}",
                         replica.addr, e.message
                     );
-                    failure = Some(e);
+                    if e.kind == ErrorKind::Unreachable {
+                        unreachable = Some(e);
+                    } else {
+                        silent = Some(e);
+                    }
                 }
             }
         }
-        match failure {
-            Some(e) if not_found == 0 => Err(e),
+        // A replica that is reachable but did not answer may hold the key: only when every
+        // replica that could be reached said "not found" is the answer `not_found`.
+        match (silent, unreachable) {
+            (Some(e), _) => Err(e),
+            (None, Some(e)) if not_found == 0 => Err(e),
             _ => Err(op_error(
                 ErrorKind::NotFound,
                 format!("{key:?} is on none of its {not_found} reachable replicas"),
@@ -641,6 +659,12 @@ impl Client {
     pub fn locate(&mut self, key: &str) -> Result<(Epoch, Vec<Member>), OpError> {
         message::check_key(key)?;
         let view = self.query_servers()?.view;
+        if view.members.is_empty() {
+            return Err(op_error(
+                ErrorKind::NoServers,
+                "there are no servers in the view",
+            ));
+        }
         Ok((view.epoch, ring::replicas(&view, key)))
     }
 
@@ -653,28 +677,42 @@ impl Client {
     }
 }
 
-/// Why a vote failed, if one did: an explicit no first (the most telling), then a replica
-/// that could not vote, then one whose vote never came.
-fn refusal(replicas: &[Member], votes: &[Option<Result<Response, OpError>>]) -> Option<String> {
+/// Why the vote failed, if it did, as the error `setr` reports (the transaction is then
+/// aborted everywhere). An explicit no comes first (kind `aborted`, the most telling), then a
+/// replica that could not vote (its transport kind: `unreachable`, `timeout`), then one
+/// whose vote never came (`timeout`).
+fn refusal(replicas: &[Member], votes: &[Option<Result<Response, OpError>>]) -> Option<OpError> {
     let pairs = || replicas.iter().zip(votes);
     let voted_no = pairs().find_map(|(r, v)| match v {
-        Some(Err(e)) if e.kind == ErrorKind::Aborted => {
-            Some(format!("replica {} voted no: {}", r.addr, e.message))
-        }
+        Some(Err(e)) if e.kind == ErrorKind::Aborted => Some(op_error(
+            ErrorKind::Aborted,
+            format!("replica {} voted no: {}", r.addr, e.message),
+        )),
         _ => None,
     });
     let failed = || {
         pairs().find_map(|(r, v)| match v {
-            Some(Err(e)) => Some(format!("replica {} could not vote: {}", r.addr, e.message)),
-            Some(Ok(Response::Prepared { .. })) => None,
-            Some(Ok(other)) => Some(format!("replica {} answered {other:?}", r.addr)),
-            None => None,
+            Some(Err(e)) => Some(op_error(
+                e.kind,
+                format!(
+                    "replica {} could not vote ({}); the transaction was aborted",
+                    r.addr, e.message
+                ),
+            )),
+            Some(Ok(Response::Prepared { .. })) | None => None,
+            Some(Ok(other)) => Some(unexpected(other)),
         })
     };
     let silent = || {
-        pairs()
-            .find(|(_, v)| v.is_none())
-            .map(|(r, _)| format!("replica {} did not vote in time", r.addr))
+        pairs().find(|(_, v)| v.is_none()).map(|(r, _)| {
+            op_error(
+                ErrorKind::Timeout,
+                format!(
+                    "replica {} did not vote in time; the transaction was aborted",
+                    r.addr
+                ),
+            )
+        })
     };
     voted_no.or_else(failed).or_else(silent)
 }

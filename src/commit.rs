@@ -8,23 +8,27 @@
 //! # Protocol
 //!
 //! - **Vote**: yes unless another transaction holds the key, the coordinator's epoch or
-//!   expected id differs from ours, or the transaction is already known as aborted (a
-//!   tombstone). A yes vote locks the key and reports our version of it.
+//!   expected id differs from ours, the transaction is already known as aborted (or has a
+//!   tombstone), or too many transactions are pending. A yes vote locks the key and reports our
+//!   version of it. (The server also checks that the participants are the key's replicas in its
+//!   own view.)
 //! - **Commit point**: the primary (first participant) decides. The coordinator sends
 //!   `Commit` to the primary first and to the others only once the primary acknowledged it.
 //!   A primary still undecided at its deadline (the coordinator's remaining time when the
 //!   prepare arrived) aborts for good, and refuses a commit that arrives later.
 //! - **Termination**: a non-primary participant still undecided a grace period after its
-//!   deadline asks the primary and the other participants. Anyone committed → commit; anyone
-//!   aborted → abort. If nobody knows and the primary has left the view (so its bucket is
-//!   gone with it), abort; otherwise ask again.
-//! - **Tombstones**: asked about a transaction it has no record of, a participant records it
-//!   as aborted, so a prepare arriving late is refused.
+//!   deadline asks the primary and the other participants (`QueryTx`). Anyone committed →
+//!   commit; anyone aborted → abort. A peer with no record answers `Unknown` (no information),
+//!   except the primary, which answers from its bucket (is this the key's last committed
+//!   transaction?) and otherwise records and answers `Aborted`. If the primary has left the
+//!   view, the asker sends its queries with `close`: a peer still undecided then refuses any
+//!   later commit from the coordinator. Once every other participant answered a closing round
+//!   and none committed, the asker aborts. Otherwise it asks again.
 //!
-//! Safety in one line: a participant commits only after the primary committed (it heard so
-//! from the coordinator or from a peer), and the primary never commits after aborting, so no
-//! participant commits while another aborts — except when the primary itself is lost, and
-//! then its commit is lost with its bucket.
+//! Safety in brief: only the primary decides; a non-primary commits only after the primary
+//! committed, and never aborts while a peer could still commit (every peer either answered
+//! without a commit and is closed, or is gone with its bucket). The one loss is a commit that
+//! exists only at a primary that died: its bucket dies with it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
-use crate::message::{TxId, TxOutcome};
+use crate::message::{Request, TxId, TxOutcome};
 use crate::view::{Epoch, Member, ServerId, View};
 
 /// How long after its deadline a non-primary waits before asking, so the primary (whose
@@ -45,8 +49,13 @@ const TERMINATION_RETRY: Duration = Duration::from_millis(500);
 const MAX_DECISION_WAIT: Duration = Duration::from_secs(30);
 /// How long decided outcomes are remembered (answering late queries and late prepares).
 const DECIDED_TTL: Duration = Duration::from_secs(120);
-/// The most decided outcomes remembered.
+/// The most decided outcomes remembered (the oldest are forgotten first; the primary still
+/// answers a forgotten commit from its bucket).
 const DECIDED_MAX: usize = 200_000;
+/// The most transactions pending at once; more are voted down.
+const PENDING_MAX: usize = 10_000;
+/// The most bytes of values pending at once; more are voted down.
+const PENDING_BYTES_MAX: usize = 256 << 20;
 
 /// A `Prepare` request's arguments.
 #[derive(Clone, Debug)]
@@ -67,6 +76,32 @@ pub struct PrepareArgs {
     pub timeout: Duration,
 }
 
+/// A `QueryTx` request's arguments.
+#[derive(Clone, Debug)]
+pub struct QueryArgs {
+    /// The transaction.
+    pub txid: TxId,
+    /// The id the asker expects us to have.
+    pub expected: ServerId,
+    /// The transaction's primary.
+    pub primary: ServerId,
+    /// The asker will abort if nobody committed: refuse later coordinator commits.
+    pub close: bool,
+}
+
+/// One round of termination queries.
+#[derive(Clone, Debug, Default)]
+struct Round {
+    /// Outstanding queries: token → the peer asked.
+    asked: HashMap<u64, ServerId>,
+    /// Non-primary peers that must answer before the asker may abort.
+    needed: Vec<ServerId>,
+    /// Peers that answered this round without a decision.
+    answered: Vec<ServerId>,
+    /// The queries carried `close` (the primary had left the view).
+    close: bool,
+}
+
 /// A transaction this participant voted yes on and has no decision for.
 #[derive(Clone, Debug)]
 struct Pending {
@@ -82,13 +117,30 @@ struct Pending {
     deadline: Instant,
     /// When to start (or repeat) the termination queries (non-primary only).
     next_query: Instant,
-    /// Outstanding termination queries of the current round: token → peer asked.
-    round: HashMap<u64, SocketAddr>,
+    /// The current termination round.
+    round: Round,
+    /// A peer announced it will abort unless someone committed: a commit from the
+    /// coordinator is refused from now on (a peer's `Committed` is still followed).
+    closed: bool,
+}
+
+/// What this participant remembers of a decided (or never seen) transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Record {
+    /// Committed with this version.
+    Committed(u64),
+    /// Aborted (by the coordinator, the primary's deadline, or termination).
+    Aborted,
+    /// Never prepared here, but asked about: a late prepare is refused. Answers `Unknown`
+    /// (`Aborted` at the primary).
+    Tombstone,
 }
 
 /// A committed write the server must apply to its bucket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
+    /// The transaction.
+    pub txid: TxId,
     /// The key.
     pub key: String,
     /// The value.
@@ -104,14 +156,14 @@ pub enum Effect {
     Apply(Write),
     /// The key is unlocked without a write (the transaction aborted).
     Release(String),
-    /// Send a termination query about `txid` to `dst`; report the answer with `token`.
+    /// Send a termination query to `dst`; report the answer with `token`.
     Query {
         /// The participant's tag for the answer.
         token: u64,
         /// Who to ask.
         dst: SocketAddr,
-        /// The transaction.
-        txid: TxId,
+        /// The query.
+        query: Request,
     },
 }
 
@@ -120,6 +172,8 @@ pub enum Effect {
 pub enum CommitRefusal {
     /// The transaction was aborted here (the primary's deadline passed, or termination).
     Aborted,
+    /// A peer is settling the outcome without the coordinator (the primary left the view).
+    Closed,
     /// No record of the transaction (it was never prepared here).
     Unknown,
 }
@@ -129,11 +183,13 @@ pub enum CommitRefusal {
 pub struct Participant {
     /// Transactions voted yes on and undecided.
     pending: HashMap<TxId, Pending>,
+    /// Bytes of values held by pending transactions.
+    pending_bytes: usize,
     /// Which transaction locks each key.
     locked: HashMap<String, TxId>,
-    /// Decided outcomes (and abort tombstones).
-    decided: HashMap<TxId, TxOutcome>,
-    /// The order outcomes were decided, for forgetting them.
+    /// Decided outcomes and tombstones.
+    decided: HashMap<TxId, Record>,
+    /// The order outcomes were recorded, for forgetting them.
     decided_order: VecDeque<(TxId, Instant)>,
     /// The last token handed out for a termination query.
     last_token: u64,
@@ -166,13 +222,15 @@ impl Participant {
         current: Option<u64>,
     ) -> Result<Option<u64>, String> {
         match self.decided.get(&args.txid) {
-            Some(TxOutcome::Aborted) => {
+            Some(Record::Aborted | Record::Tombstone) => {
                 return Err(format!(
                     "transaction {} was already aborted here",
                     args.txid
                 ));
             }
-            Some(_) => return Err(format!("transaction {} was already decided", args.txid)),
+            Some(Record::Committed(_)) => {
+                return Err(format!("transaction {} was already decided", args.txid));
+            }
             None => {}
         }
         if self.pending.contains_key(&args.txid) {
@@ -199,7 +257,13 @@ impl Participant {
                 args.key
             ));
         }
+        if self.pending.len() >= PENDING_MAX
+            || self.pending_bytes + args.value.len() > PENDING_BYTES_MAX
+        {
+            return Err("too many transactions are pending here".to_owned());
+        }
         let deadline = now + args.timeout.min(MAX_DECISION_WAIT);
+        self.pending_bytes += args.value.len();
         self.locked.insert(args.key.clone(), args.txid);
         self.pending.insert(
             args.txid,
@@ -210,14 +274,15 @@ impl Participant {
                 is_primary: position == 0,
                 deadline,
                 next_query: deadline + TERMINATION_GRACE,
-                round: HashMap::new(),
+                round: Round::default(),
+                closed: false,
             },
         );
         Ok(current)
     }
 
-    /// Applies a commit decision. Returns the write to apply, `Ok(None)` if it was already
-    /// committed (a duplicate), or why it is refused.
+    /// Applies the coordinator's commit decision. Returns the write to apply, `Ok(None)` if it
+    /// was already committed (a duplicate), or why it is refused.
     pub fn commit(
         &mut self,
         now: Instant,
@@ -225,54 +290,96 @@ impl Participant {
         version: u64,
     ) -> Result<Option<Write>, CommitRefusal> {
         match self.decided.get(&txid) {
-            Some(TxOutcome::Committed { .. }) => return Ok(None),
-            Some(TxOutcome::Aborted) => return Err(CommitRefusal::Aborted),
-            Some(TxOutcome::Prepared) | None => {}
+            Some(Record::Committed(_)) => return Ok(None),
+            Some(Record::Aborted | Record::Tombstone) => return Err(CommitRefusal::Aborted),
+            None => {}
         }
-        let Some(pending) = self.pending.remove(&txid) else {
-            return Err(CommitRefusal::Unknown);
-        };
+        match self.pending.get(&txid) {
+            None => Err(CommitRefusal::Unknown),
+            Some(p) if p.closed => Err(CommitRefusal::Closed),
+            Some(_) => Ok(self.settle_commit(now, txid, version)),
+        }
+    }
+
+    /// Commits pending transaction `txid` with `version` (the coordinator or a peer said so).
+    fn settle_commit(&mut self, now: Instant, txid: TxId, version: u64) -> Option<Write> {
+        let pending = self.pending.remove(&txid)?;
+        self.pending_bytes -= pending.value.len();
         self.locked.remove(&pending.key);
-        self.decide(now, txid, TxOutcome::Committed { version });
-        Ok(Some(Write {
+        self.decide(now, txid, Record::Committed(version));
+        Some(Write {
+            txid,
             key: pending.key,
             value: pending.value,
             version,
-        }))
+        })
     }
 
     /// Applies an abort decision; returns the key it unlocks, if it held one. An abort for an
-    /// unknown transaction leaves a tombstone, so a late prepare is refused.
+    /// unknown transaction is recorded, so a late prepare is refused.
     pub fn abort(&mut self, now: Instant, txid: TxId) -> Option<String> {
         if let Some(pending) = self.pending.remove(&txid) {
+            self.pending_bytes -= pending.value.len();
             self.locked.remove(&pending.key);
-            self.decide(now, txid, TxOutcome::Aborted);
+            self.decide(now, txid, Record::Aborted);
             return Some(pending.key);
         }
-        if !self.decided.contains_key(&txid) {
-            self.decide(now, txid, TxOutcome::Aborted);
+        if !matches!(self.decided.get(&txid), Some(Record::Committed(_))) {
+            self.decide(now, txid, Record::Aborted);
         }
         None
     }
 
-    /// Answers a termination query. A primary past its deadline aborts for good first; an
-    /// unknown transaction is recorded as aborted. Also returns the key unlocked, if any.
-    pub fn query(&mut self, now: Instant, txid: TxId) -> (TxOutcome, Option<String>) {
-        if let Some(outcome) = self.decided.get(&txid) {
-            return (*outcome, None);
+    /// Answers a termination query. `me` is our id; `last_committed` is the last transaction
+    /// committed on the query's key in our bucket (with its version). Also returns the key
+    /// unlocked, if any.
+    pub fn query(
+        &mut self,
+        now: Instant,
+        me: ServerId,
+        args: &QueryArgs,
+        last_committed: Option<(TxId, u64)>,
+    ) -> (TxOutcome, Option<String>) {
+        if args.expected != me {
+            return (TxOutcome::Unknown, None);
         }
-        match self.pending.get(&txid) {
-            Some(p) if p.is_primary && now >= p.deadline => {
+        let txid = args.txid;
+        match self.decided.get(&txid) {
+            Some(Record::Committed(version)) => {
+                return (TxOutcome::Committed { version: *version }, None);
+            }
+            Some(Record::Aborted) => return (TxOutcome::Aborted, None),
+            Some(Record::Tombstone) if args.primary != me => return (TxOutcome::Unknown, None),
+            Some(Record::Tombstone) => return (TxOutcome::Aborted, None),
+            None => {}
+        }
+        if let Some(pending) = self.pending.get_mut(&txid) {
+            if pending.is_primary && now >= pending.deadline {
                 info!("transaction {txid}: undecided past the primary's deadline; aborting");
                 let key = self.abort(now, txid);
-                (TxOutcome::Aborted, key)
+                return (TxOutcome::Aborted, key);
             }
-            Some(_) => (TxOutcome::Prepared, None),
-            None => {
-                self.decide(now, txid, TxOutcome::Aborted);
-                (TxOutcome::Aborted, None)
+            if args.close && !pending.closed {
+                info!(
+                    "transaction {txid}: a peer is settling it; refusing the coordinator's commit"
+                );
+                pending.closed = true;
             }
+            return (TxOutcome::Prepared, None);
         }
+        if args.primary == me {
+            // The commit point itself: its bucket says whether this transaction committed
+            // (nothing else can have committed on the key while the asker holds its lock).
+            if let Some((last, version)) = last_committed
+                && last == txid
+            {
+                return (TxOutcome::Committed { version }, None);
+            }
+            self.decide(now, txid, Record::Aborted);
+            return (TxOutcome::Aborted, None);
+        }
+        self.decide(now, txid, Record::Tombstone);
+        (TxOutcome::Unknown, None)
     }
 
     /// The earliest instant at which [`Participant::handle_timeout`] has work.
@@ -293,8 +400,14 @@ impl Participant {
     }
 
     /// Runs due timers: a primary past its deadline aborts; a non-primary past its deadline
-    /// starts a termination round. Returns the effects to carry out.
-    pub fn handle_timeout(&mut self, now: Instant, me: ServerId) -> Vec<Effect> {
+    /// starts a termination round. `view` is our latest view (is the primary still in it?).
+    /// Returns the effects to carry out.
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        me: ServerId,
+        view: Option<&View>,
+    ) -> Vec<Effect> {
         let mut effects = Vec::new();
         let due: Vec<TxId> = self
             .pending
@@ -319,29 +432,57 @@ impl Participant {
                 }
                 continue;
             }
+            let Some(primary) = pending.participants.first().copied() else {
+                continue;
+            };
+            let close = view.is_some_and(|v| !v.contains(primary.id));
             pending.next_query = now + TERMINATION_RETRY;
-            pending.round.clear();
-            let peers: Vec<SocketAddr> = pending
+            pending.round = Round {
+                asked: HashMap::new(),
+                needed: pending
+                    .participants
+                    .iter()
+                    .map(|m| m.id)
+                    .filter(|&id| id != me && id != primary.id)
+                    .collect(),
+                answered: Vec::new(),
+                close,
+            };
+            let peers: Vec<Member> = pending
                 .participants
                 .iter()
+                .copied()
                 .filter(|m| m.id != me)
-                .map(|m| m.addr)
                 .collect();
             debug!(
-                "transaction {txid}: no decision yet; asking {} peers",
+                "transaction {txid}: no decision yet; asking {} peers (close: {close})",
                 peers.len()
             );
-            for dst in peers {
+            let key = pending.key.clone();
+            for peer in peers {
                 self.last_token += 1;
                 let token = self.last_token;
                 if let Some(pending) = self.pending.get_mut(&txid) {
-                    pending.round.insert(token, dst);
+                    pending.round.asked.insert(token, peer.id);
                 }
-                effects.push(Effect::Query { token, dst, txid });
+                let query = Request::QueryTx {
+                    txid,
+                    key: key.clone(),
+                    expected: peer.id,
+                    primary: primary.id,
+                    close,
+                };
+                effects.push(Effect::Query {
+                    token,
+                    dst: peer.addr,
+                    query,
+                });
             }
+            // With no other participant to hear from, a closing round decides at once.
+            effects.extend(self.conclude_round(now, txid, view));
         }
         while let Some(&(txid, at)) = self.decided_order.front() {
-            if at + DECIDED_TTL > now && self.decided_order.len() <= DECIDED_MAX {
+            if at + DECIDED_TTL > now {
                 break;
             }
             self.decided_order.pop_front();
@@ -362,17 +503,17 @@ impl Participant {
         let Some((&txid, _)) = self
             .pending
             .iter()
-            .find(|(_, p)| p.round.contains_key(&token))
+            .find(|(_, p)| p.round.asked.contains_key(&token))
         else {
             return Vec::new();
         };
         match answer {
             Some(TxOutcome::Committed { version }) => {
                 info!("transaction {txid}: a peer committed it (version {version}); committing");
-                match self.commit(now, txid, version) {
-                    Ok(Some(write)) => vec![Effect::Apply(write)],
-                    _ => Vec::new(),
-                }
+                self.settle_commit(now, txid, version)
+                    .map(Effect::Apply)
+                    .into_iter()
+                    .collect()
             }
             Some(TxOutcome::Aborted) => {
                 info!("transaction {txid}: a peer aborted it; aborting");
@@ -381,32 +522,54 @@ impl Participant {
                     .into_iter()
                     .collect()
             }
-            Some(TxOutcome::Prepared) | None => {
-                let Some(pending) = self.pending.get_mut(&txid) else {
-                    return Vec::new();
-                };
-                let primary = pending.participants.first().copied();
-                let asked_primary =
-                    primary.is_some_and(|p| pending.round.get(&token) == Some(&p.addr));
-                pending.round.remove(&token);
-                let primary_gone = primary.is_some_and(|p| view.is_some_and(|v| !v.contains(p.id)));
-                if asked_primary && answer.is_none() && primary_gone {
-                    info!("transaction {txid}: the primary left the view undecided; aborting");
-                    return self
-                        .abort(now, txid)
-                        .map(Effect::Release)
-                        .into_iter()
-                        .collect();
+            Some(TxOutcome::Prepared | TxOutcome::Unknown) => {
+                if let Some(pending) = self.pending.get_mut(&txid)
+                    && let Some(peer) = pending.round.asked.remove(&token)
+                {
+                    pending.round.answered.push(peer);
                 }
-                Vec::new()
+                self.conclude_round(now, txid, view)
+            }
+            None => {
+                if let Some(pending) = self.pending.get_mut(&txid) {
+                    pending.round.asked.remove(&token);
+                }
+                self.conclude_round(now, txid, view)
             }
         }
     }
 
-    /// Records `outcome` as decided for `txid`.
-    fn decide(&mut self, now: Instant, txid: TxId, outcome: TxOutcome) {
-        self.decided.insert(txid, outcome);
+    /// Aborts `txid` if its current round allows it: the primary is out of `view`, the round
+    /// asked everyone to close, and every other participant answered without a decision.
+    fn conclude_round(&mut self, now: Instant, txid: TxId, view: Option<&View>) -> Vec<Effect> {
+        let Some(pending) = self.pending.get(&txid) else {
+            return Vec::new();
+        };
+        let primary_gone = pending
+            .participants
+            .first()
+            .is_some_and(|p| view.is_some_and(|v| !v.contains(p.id)));
+        let round = &pending.round;
+        let everyone_answered = round.needed.iter().all(|id| round.answered.contains(id));
+        if !(round.close && primary_gone && everyone_answered) {
+            return Vec::new();
+        }
+        info!("transaction {txid}: the primary left the view and no peer committed; aborting");
+        self.abort(now, txid)
+            .map(Effect::Release)
+            .into_iter()
+            .collect()
+    }
+
+    /// Records `record` for `txid`, forgetting the oldest records beyond the cap.
+    fn decide(&mut self, now: Instant, txid: TxId, record: Record) {
+        self.decided.insert(txid, record);
         self.decided_order.push_back((txid, now));
+        while self.decided_order.len() > DECIDED_MAX {
+            if let Some((old, _)) = self.decided_order.pop_front() {
+                self.decided.remove(&old);
+            }
+        }
     }
 }
 
@@ -433,6 +596,42 @@ mod tests {
             participants: vec![member(1), member(2), member(3)],
             timeout: Duration::from_secs(2),
         }
+    }
+
+    /// A query about `tx` addressed to server `to` (primary 1).
+    fn ask(tx: u128, to: u128, close: bool) -> QueryArgs {
+        QueryArgs {
+            txid: TxId(tx),
+            expected: ServerId(to),
+            primary: ServerId(1),
+            close,
+        }
+    }
+
+    /// A view holding servers `ids`.
+    fn view(ids: &[u128]) -> View {
+        View {
+            epoch: Epoch(9),
+            members: ids.iter().map(|&n| member(n)).collect(),
+            replicas: 3,
+            vnodes: 1,
+        }
+    }
+
+    /// Starts a termination round at participant `me` (past its deadline) and returns the
+    /// query token per peer id.
+    fn start_round(p: &mut Participant, me: u128, at: Instant, v: &View) -> HashMap<u128, u64> {
+        p.handle_timeout(at, ServerId(me), Some(v))
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Query {
+                    token,
+                    query: Request::QueryTx { expected, .. },
+                    ..
+                } => Some((expected.0, token)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Assignment 3.3: a second commit on a pending key is refused; another key proceeds.
@@ -478,12 +677,16 @@ mod tests {
         assert!(!p.is_locked("k"));
         assert_eq!(p.commit(now, TxId(7), 5), Ok(None));
         assert_eq!(p.abort(now, TxId(7)), None);
-        assert_eq!(p.query(now, TxId(7)).0, TxOutcome::Committed { version: 5 });
+        assert_eq!(
+            p.query(now, ServerId(2), &ask(7, 2, false), None).0,
+            TxOutcome::Committed { version: 5 }
+        );
     }
 
-    /// Assignment 3.4: a failed commit is aborted and the key can be retried at once.
+    /// Assignment 3.4: a failed commit is aborted and the key can be retried at once; an abort
+    /// for a transaction never seen refuses its late prepare.
     #[test]
-    fn abort_unlocks_and_a_tombstone_refuses_a_late_prepare() {
+    fn abort_unlocks_and_refuses_a_late_prepare() {
         let now = Instant::now();
         let mut p = Participant::new();
         p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
@@ -493,7 +696,6 @@ mod tests {
             p.prepare(now, ServerId(2), Epoch(4), prepare(8, "k", 2), None)
                 .is_ok()
         );
-        // An abort for a transaction never seen leaves a tombstone.
         assert_eq!(p.abort(now, TxId(99)), None);
         assert!(
             p.prepare(now, ServerId(2), Epoch(4), prepare(99, "z", 2), None)
@@ -510,7 +712,7 @@ mod tests {
         p.prepare(now, ServerId(1), Epoch(4), prepare(7, "k", 1), None)
             .unwrap();
         assert_eq!(p.poll_timeout(), Some(now + Duration::from_secs(2)));
-        let effects = p.handle_timeout(now + Duration::from_secs(2), ServerId(1));
+        let effects = p.handle_timeout(now + Duration::from_secs(2), ServerId(1), None);
         assert_eq!(effects, vec![Effect::Release("k".into())]);
         assert_eq!(p.commit(now, TxId(7), 3), Err(CommitRefusal::Aborted));
     }
@@ -522,8 +724,16 @@ mod tests {
         let mut p = Participant::new();
         p.prepare(now, ServerId(1), Epoch(4), prepare(7, "k", 1), None)
             .unwrap();
-        assert_eq!(p.query(now, TxId(7)).0, TxOutcome::Prepared);
-        let (outcome, released) = p.query(now + Duration::from_secs(3), TxId(7));
+        assert_eq!(
+            p.query(now, ServerId(1), &ask(7, 1, false), None).0,
+            TxOutcome::Prepared
+        );
+        let (outcome, released) = p.query(
+            now + Duration::from_secs(3),
+            ServerId(1),
+            &ask(7, 1, false),
+            None,
+        );
         assert_eq!(
             (outcome, released.as_deref()),
             (TxOutcome::Aborted, Some("k"))
@@ -537,92 +747,169 @@ mod tests {
         let mut p = Participant::new();
         p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
             .unwrap();
+        let v = view(&[1, 2, 3]);
         assert!(
-            p.handle_timeout(now + Duration::from_secs(2), ServerId(2))
+            p.handle_timeout(now + Duration::from_secs(2), ServerId(2), Some(&v))
                 .is_empty(),
             "grace"
         );
         let later = now + Duration::from_millis(2300);
-        let effects = p.handle_timeout(later, ServerId(2));
-        let tokens: Vec<u64> = effects
-            .iter()
-            .map(|e| match e {
-                Effect::Query { token, .. } => *token,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let tokens = start_round(&mut p, 2, later, &v);
         assert_eq!(
             tokens.len(),
             2,
             "asks the primary and the other participant"
         );
         assert!(
-            p.handle_query_answer(later, tokens[1], Some(TxOutcome::Prepared), None)
+            p.handle_query_answer(later, tokens[&3], Some(TxOutcome::Prepared), Some(&v))
                 .is_empty()
         );
         let effects = p.handle_query_answer(
             later,
-            tokens[0],
+            tokens[&1],
             Some(TxOutcome::Committed { version: 9 }),
-            None,
+            Some(&v),
         );
         assert!(matches!(&effects[..], [Effect::Apply(w)] if w.version == 9 && w.key == "k"));
     }
 
-    /// Termination: if the primary is gone from the view and nobody knows, abort.
+    /// Termination: with the primary gone, abort only once every other participant answered
+    /// a closing round without a commit.
     #[test]
-    fn an_undecided_participant_aborts_when_the_primary_left_the_view() {
+    fn an_undecided_participant_aborts_when_the_primary_left_and_no_peer_committed() {
         let now = Instant::now();
         let mut p = Participant::new();
         p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
             .unwrap();
         let later = now + Duration::from_secs(3);
-        let effects = p.handle_timeout(later, ServerId(2));
-        let primary_token = effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Query { token, dst, .. } if *dst == member(1).addr => Some(*token),
-                _ => None,
-            })
-            .unwrap();
-        let view_with_primary = View {
-            epoch: Epoch(5),
-            members: vec![member(1), member(2)],
-            replicas: 3,
-            vnodes: 1,
-        };
+        let v = view(&[2, 3]);
+        let tokens = start_round(&mut p, 2, later, &v);
         assert!(
-            p.handle_query_answer(later, primary_token, None, Some(&view_with_primary))
-                .is_empty()
+            p.handle_query_answer(later, tokens[&1], None, Some(&v))
+                .is_empty(),
+            "peer 3 not heard yet"
         );
-        // Next round, the primary has left the view.
-        let effects = p.handle_timeout(later + TERMINATION_RETRY, ServerId(2));
-        let token = effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Query { token, dst, .. } if *dst == member(1).addr => Some(*token),
-                _ => None,
-            })
-            .unwrap();
-        let view = View {
-            epoch: Epoch(6),
-            members: vec![member(2), member(3)],
-            replicas: 3,
-            vnodes: 1,
-        };
-        let effects = p.handle_query_answer(later, token, None, Some(&view));
+        let effects = p.handle_query_answer(later, tokens[&3], Some(TxOutcome::Prepared), Some(&v));
         assert_eq!(effects, vec![Effect::Release("k".into())]);
     }
 
-    /// A participant asked about an unknown transaction records an abort tombstone.
+    /// Regression (review B): the primary gone and a peer's answer lost: keep asking; a peer
+    /// that committed is followed, never contradicted.
     #[test]
-    fn a_query_about_an_unknown_transaction_leaves_a_tombstone() {
+    fn a_lost_answer_from_a_committed_peer_never_leads_to_an_abort() {
         let now = Instant::now();
         let mut p = Participant::new();
-        assert_eq!(p.query(now, TxId(5)).0, TxOutcome::Aborted);
+        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+            .unwrap();
+        let later = now + Duration::from_secs(3);
+        let v = view(&[2, 3]);
+        let tokens = start_round(&mut p, 2, later, &v);
         assert!(
-            p.prepare(now, ServerId(2), Epoch(4), prepare(5, "k", 2), None)
-                .is_err()
+            p.handle_query_answer(later, tokens[&1], None, Some(&v))
+                .is_empty()
         );
+        assert!(
+            p.handle_query_answer(later, tokens[&3], None, Some(&v))
+                .is_empty(),
+            "no answer is no information"
+        );
+        let next = later + TERMINATION_RETRY;
+        let tokens = start_round(&mut p, 2, next, &v);
+        let effects = p.handle_query_answer(
+            next,
+            tokens[&3],
+            Some(TxOutcome::Committed { version: 4 }),
+            Some(&v),
+        );
+        assert!(matches!(&effects[..], [Effect::Apply(w)] if w.version == 4));
+    }
+
+    /// Regression (review A): a peer with no record answers Unknown, not Aborted, unless it is
+    /// the primary; a peer with another id than expected knows nothing.
+    #[test]
+    fn only_the_primary_turns_no_record_into_aborted() {
+        let now = Instant::now();
+        let mut reset_peer = Participant::new();
+        assert_eq!(
+            reset_peer
+                .query(now, ServerId(3), &ask(7, 3, false), None)
+                .0,
+            TxOutcome::Unknown
+        );
+        assert_eq!(
+            reset_peer
+                .query(now, ServerId(3), &ask(7, 3, false), None)
+                .0,
+            TxOutcome::Unknown,
+            "twice"
+        );
+        assert!(
+            reset_peer
+                .prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+                .is_err(),
+            "tombstone"
+        );
+        let mut stranger = Participant::new();
+        assert_eq!(
+            stranger.query(now, ServerId(5), &ask(7, 1, false), None).0,
+            TxOutcome::Unknown
+        );
+        let mut primary = Participant::new();
+        assert_eq!(
+            primary.query(now, ServerId(1), &ask(7, 1, false), None).0,
+            TxOutcome::Aborted
+        );
+    }
+
+    /// Regression (review C): a primary that forgot a committed transaction answers from its
+    /// bucket's last committed transaction on the key.
+    #[test]
+    fn a_primary_answers_a_forgotten_commit_from_its_bucket() {
+        let now = Instant::now();
+        let mut primary = Participant::new();
+        let last = Some((TxId(7), 12));
+        assert_eq!(
+            primary.query(now, ServerId(1), &ask(7, 1, false), last).0,
+            TxOutcome::Committed { version: 12 }
+        );
+        assert_eq!(
+            primary.query(now, ServerId(1), &ask(8, 1, false), last).0,
+            TxOutcome::Aborted
+        );
+    }
+
+    /// A closing query makes an undecided peer refuse the coordinator's commit, but it still
+    /// follows a peer that committed.
+    #[test]
+    fn a_closed_participant_refuses_the_coordinator_but_follows_a_peer() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        p.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+            .unwrap();
+        assert_eq!(
+            p.query(now, ServerId(3), &ask(7, 3, true), None).0,
+            TxOutcome::Prepared
+        );
+        assert_eq!(p.commit(now, TxId(7), 2), Err(CommitRefusal::Closed));
+        let later = now + Duration::from_secs(3);
+        let tokens = start_round(&mut p, 3, later, &view(&[1, 2, 3]));
+        let effects = p.handle_query_answer(
+            later,
+            tokens[&1],
+            Some(TxOutcome::Committed { version: 2 }),
+            None,
+        );
+        assert!(matches!(&effects[..], [Effect::Apply(_)]));
+    }
+
+    /// Decided outcomes are capped: a flood of aborts for random transactions stays bounded.
+    #[test]
+    fn the_decided_table_is_bounded() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        for tx in 0..(DECIDED_MAX as u128 + 1000) {
+            p.abort(now, TxId(tx));
+        }
+        assert!(p.decided.len() <= DECIDED_MAX);
     }
 }

@@ -107,6 +107,15 @@ pub enum Request {
     QueryTx {
         /// The transaction.
         txid: TxId,
+        /// The key it writes (the primary checks the key's last committed transaction).
+        key: String,
+        /// The id the asker expects the peer to have (a peer with another id knows nothing).
+        expected: ServerId,
+        /// The transaction's primary.
+        primary: ServerId,
+        /// The asker saw the primary leave the view and will abort if nobody committed: a
+        /// peer still undecided must from now on refuse a commit from the coordinator.
+        close: bool,
     },
     /// A replicated read of `key` (answered only once no prepared write on it is pending).
     GetR {
@@ -244,8 +253,11 @@ pub enum TxOutcome {
         /// The version written.
         version: u64,
     },
-    /// Aborted (or never known here: an unknown transaction is recorded as aborted).
+    /// Aborted.
     Aborted,
+    /// No information: the peer never saw the transaction (or is not the server the asker
+    /// expected). Only the primary turns "never saw it" into `Aborted`.
+    Unknown,
 }
 
 impl Response {
@@ -421,7 +433,13 @@ mod tests {
                 version: 4,
             },
             Request::Abort { txid: TxId(9) },
-            Request::QueryTx { txid: TxId(9) },
+            Request::QueryTx {
+                txid: TxId(9),
+                key: "k".into(),
+                expected: ServerId(2),
+                primary: ServerId(1),
+                close: true,
+            },
             Request::GetR {
                 key: "k".into(),
                 epoch: Epoch(3),
@@ -474,6 +492,9 @@ mod tests {
             },
             Response::TxState {
                 state: TxOutcome::Aborted,
+            },
+            Response::TxState {
+                state: TxOutcome::Unknown,
             },
             Response::Found {
                 value: "v".into(),

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs};
-use crate::message::{self, ErrorKind, Request, Response};
+use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs, QueryArgs, Write};
+use crate::message::{self, ErrorKind, Request, Response, TxId};
 use crate::node::{Action, Node};
 use crate::reliable::{IncomingId, RequestError};
+use crate::ring::Ring;
 use crate::rng::Rng;
-use crate::view::{Epoch, ServerId, View};
+use crate::view::{Epoch, Member, ServerId, View};
 
 /// Settings of a server.
 #[derive(Clone, Debug)]
@@ -41,6 +42,9 @@ pub struct Stored {
     pub version: u64,
     /// The value.
     pub value: String,
+    /// The transaction that wrote it (`None` for a raw `set`): lets the primary answer a
+    /// termination query about a commit it no longer remembers.
+    pub txid: Option<TxId>,
 }
 
 /// Tokens at or above this are termination queries (token - QUERY = participant token).
@@ -77,6 +81,8 @@ pub struct Server {
     viewleader: Option<SocketAddr>,
     /// The last view learned from the view leader.
     view: Option<View>,
+    /// The ring of that view (built once per view).
+    ring: Ring,
     /// When the next heartbeat is due.
     next_heartbeat: Instant,
     /// Sequence number of the last heartbeat sent (its token is `HEARTBEAT + seq`).
@@ -107,6 +113,7 @@ impl Server {
             store: BTreeMap::new(),
             viewleader,
             view: None,
+            ring: Ring::default(),
             next_heartbeat: now,
             heartbeat_seq: 0,
             id_since_seq: 1,
@@ -225,6 +232,9 @@ impl Server {
                 if self.view.is_some() && view.epoch < old {
                     return;
                 }
+                if view.epoch != old || self.view.is_none() {
+                    self.ring = Ring::new(&view);
+                }
                 if view.epoch != old {
                     info!(
                         "epoch {old} -> {}: {} servers in view",
@@ -249,6 +259,7 @@ impl Server {
                 );
                 self.store.clear();
                 self.view = None;
+                self.ring = Ring::default();
                 // Transactions prepared under the old id can no longer commit here.
                 self.participant = Participant::new();
                 let keys: Vec<String> = self.deferred.keys().cloned().collect();
@@ -284,7 +295,14 @@ impl Server {
                 {
                     return Some(Response::Error(e));
                 }
-                self.store.insert(key, Stored { version: 0, value });
+                self.store.insert(
+                    key,
+                    Stored {
+                        version: 0,
+                        value,
+                        txid: None,
+                    },
+                );
                 Response::Done
             }
             Request::Get { key } => match self.store.get(&key) {
@@ -312,6 +330,9 @@ impl Server {
                 {
                     return Some(Response::Error(e));
                 }
+                if let Err(reason) = self.check_participants(&key, &participants) {
+                    return Some(Response::error(ErrorKind::Aborted, reason));
+                }
                 let current = self.store.get(&key).map(|s| s.version);
                 let timeout = Duration::from_millis(u64::from(timeout_ms));
                 let args = PrepareArgs {
@@ -334,14 +355,22 @@ impl Server {
             Request::Commit { txid, version } => {
                 match self.participant.commit(now, txid, version) {
                     Ok(Some(write)) => {
-                        self.apply(write.key.clone(), write.value, write.version);
-                        self.answer_deferred(&write.key);
+                        let key = write.key.clone();
+                        self.apply(write);
+                        self.answer_deferred(&key);
                         Response::Done
                     }
                     Ok(None) => Response::Done,
                     Err(CommitRefusal::Aborted) => Response::error(
                         ErrorKind::Aborted,
                         format!("transaction {txid} was already aborted here"),
+                    ),
+                    Err(CommitRefusal::Closed) => Response::error(
+                        ErrorKind::Aborted,
+                        format!(
+                            "transaction {txid} is being settled by its participants: \
+                             its primary left the view"
+                        ),
                     ),
                     Err(CommitRefusal::Unknown) => Response::error(
                         ErrorKind::Aborted,
@@ -355,8 +384,24 @@ impl Server {
                 }
                 Response::Done
             }
-            Request::QueryTx { txid } => {
-                let (state, released) = self.participant.query(now, txid);
+            Request::QueryTx {
+                txid,
+                key,
+                expected,
+                primary,
+                close,
+            } => {
+                let last = self
+                    .store
+                    .get(&key)
+                    .and_then(|s| s.txid.map(|t| (t, s.version)));
+                let args = QueryArgs {
+                    txid,
+                    expected,
+                    primary,
+                    close,
+                };
+                let (state, released) = self.participant.query(now, self.id, &args, last);
                 if let Some(key) = released {
                     self.answer_deferred(&key);
                 }
@@ -403,11 +448,35 @@ impl Server {
     }
 
     /// Stores a committed write unless the bucket already holds a newer version.
-    fn apply(&mut self, key: String, value: String, version: u64) {
-        let newer = self.store.get(&key).is_none_or(|s| s.version < version);
+    fn apply(&mut self, write: Write) {
+        let newer = self
+            .store
+            .get(&write.key)
+            .is_none_or(|s| s.version < write.version);
         if newer {
-            self.store.insert(key, Stored { version, value });
+            let stored = Stored {
+                version: write.version,
+                value: write.value,
+                txid: Some(write.txid),
+            };
+            self.store.insert(write.key, stored);
         }
+    }
+
+    /// Checks that `participants` are exactly `key`'s replicas in our view, in ring order, so
+    /// that a forged prepare cannot name peers of its choosing.
+    fn check_participants(&self, key: &str, participants: &[Member]) -> Result<(), String> {
+        let Some(view) = &self.view else {
+            return Err("this replica has not learned a view yet".to_owned());
+        };
+        let expected = self.ring.replicas(key, view.replicas as usize);
+        if expected.as_slice() != participants {
+            return Err(format!(
+                "the participants are not {key:?}'s replicas at epoch {}",
+                view.epoch
+            ));
+        }
+        Ok(())
     }
 
     /// Answers every replicated read held back on `key` (its pending write was decided).
@@ -428,14 +497,15 @@ impl Server {
         for effect in effects {
             match effect {
                 Effect::Apply(write) => {
-                    self.apply(write.key.clone(), write.value, write.version);
-                    self.answer_deferred(&write.key);
+                    let key = write.key.clone();
+                    self.apply(write);
+                    self.answer_deferred(&key);
                 }
                 Effect::Release(key) => self.answer_deferred(&key),
-                Effect::Query { token, dst, txid } => self.actions.push_back(Action::Request {
+                Effect::Query { token, dst, query } => self.actions.push_back(Action::Request {
                     token: QUERY + token,
                     dst,
-                    request: Request::QueryTx { txid },
+                    request: query,
                     deadline: Some(now + QUERY_TIMEOUT),
                 }),
             }
@@ -479,7 +549,8 @@ impl Node for Server {
     /// Sends the next heartbeat (or discovery round) when due.
     fn handle_timeout(&mut self, now: Instant) {
         if self.participant.poll_timeout().is_some_and(|t| t <= now) {
-            let effects = self.participant.handle_timeout(now, self.id);
+            let view = self.view.clone();
+            let effects = self.participant.handle_timeout(now, self.id, view.as_ref());
             self.carry_out(now, effects);
         }
         if now < self.next_heartbeat || self.discovery.is_some() {
