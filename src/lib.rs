@@ -37,6 +37,7 @@ pub mod faults;
 pub mod message;
 pub mod net;
 pub mod node;
+pub mod rebalance;
 pub mod reliable;
 pub mod ring;
 pub mod rng;
