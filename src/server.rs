@@ -330,6 +330,26 @@ impl Server {
                 {
                     return Some(Response::Error(e));
                 }
+                // Identity and epoch first: they are the precise reasons a replica restarted
+                // on the same address, or one behind on the view, votes no.
+                if expected != self.id {
+                    return Some(Response::error(
+                        ErrorKind::Aborted,
+                        format!(
+                            "server id mismatch: expected {expected}, this is {}",
+                            self.id
+                        ),
+                    ));
+                }
+                if epoch != self.epoch() {
+                    return Some(Response::error(
+                        ErrorKind::Aborted,
+                        format!(
+                            "epoch mismatch: the coordinator is at epoch {epoch}, this replica at {}",
+                            self.epoch()
+                        ),
+                    ));
+                }
                 if let Err(reason) = self.check_participants(&key, &participants) {
                     return Some(Response::error(ErrorKind::Aborted, reason));
                 }

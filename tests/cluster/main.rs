@@ -8,6 +8,7 @@
 
 mod locks;
 mod membership;
+mod replication;
 mod robustness;
 mod util;
 
