@@ -34,6 +34,8 @@ pub enum Request {
         /// The last epoch this server finished rebalancing for (all its sends acknowledged,
         /// all its drops done).
         finished: Epoch,
+        /// The last epoch all of whose sends from this server were acknowledged.
+        sent: Epoch,
     },
     /// Asks the view leader for the current view.
     QueryServers,
@@ -179,6 +181,9 @@ pub enum Response {
         /// The last view whose rebalancing completed on every server: the anchor of every
         /// rebalancing plan.
         completed: View,
+        /// The last epoch whose sends every server has had acknowledged: its copies are all
+        /// delivered, so copies kept only in case a sender failed may now be dropped.
+        delivered: Epoch,
     },
     /// The heartbeat came from a server already declared dead: it must empty its bucket
     /// and rejoin under a fresh id.
@@ -419,6 +424,7 @@ mod tests {
                 id: ServerId(7),
                 addr: "127.0.0.1:38000".parse().unwrap(),
                 finished: Epoch(2),
+                sent: Epoch(2),
             },
             Request::Transfer {
                 epoch: Epoch(3),
@@ -496,6 +502,7 @@ mod tests {
             Response::HeartbeatAck {
                 view: view.clone(),
                 completed: View::default(),
+                delivered: Epoch(1),
             },
             Response::HeartbeatRefused { view: view.clone() },
             Response::Servers {

@@ -129,8 +129,10 @@ pub struct Server {
     deferred: BTreeMap<String, Vec<IncomingId>>,
     /// The last completed view the view leader published (the anchor of rebalancing).
     completed: Option<View>,
-    /// The last epoch this server finished rebalancing for.
+    /// The last epoch this server finished rebalancing for (sends acknowledged, drops done).
     finished: Epoch,
+    /// The last epoch all of whose sends from this server were acknowledged.
+    sent: Epoch,
     /// The rebalancing in progress, if any.
     rebalance: Option<Rebalance>,
     /// The last transfer token handed out.
@@ -163,6 +165,7 @@ impl Server {
             deferred: BTreeMap::new(),
             completed: None,
             finished: Epoch(0),
+            sent: Epoch(0),
             rebalance: None,
             last_transfer: 0,
             received: (0, 0),
@@ -207,6 +210,7 @@ impl Server {
                 id: self.id,
                 addr: self.config.advertise,
                 finished: self.finished,
+                sent: self.sent,
             },
             deadline: Some(deadline),
         });
@@ -273,7 +277,11 @@ impl Server {
         result: Result<Response, RequestError>,
     ) {
         match result {
-            Ok(Response::HeartbeatAck { view, completed }) => {
+            Ok(Response::HeartbeatAck {
+                view,
+                completed,
+                delivered,
+            }) => {
                 let old = self.epoch();
                 // Answers may arrive out of order: never step back to an older view.
                 if self.view.is_some() && view.epoch < old {
@@ -292,6 +300,7 @@ impl Server {
                 self.view = Some(view);
                 self.on_completed(completed);
                 self.maybe_rebalance(now);
+                self.on_delivered(now, delivered);
             }
             Ok(Response::HeartbeatRefused { .. }) if seq < self.id_since_seq => {
                 // A refusal of a heartbeat sent under an id already abandoned.
@@ -311,6 +320,7 @@ impl Server {
                 self.ring = Ring::default();
                 self.rebalance = None;
                 self.finished = Epoch(0);
+                self.sent = Epoch(0);
                 // Transactions prepared under the old id can no longer commit here.
                 self.participant = Participant::new();
                 let keys: Vec<String> = self.deferred.keys().cloned().collect();
@@ -510,33 +520,43 @@ impl Server {
         self.finished < self.epoch()
     }
 
-    /// Learns the last completed view; once it is the newest view, drops the keys kept only
-    /// in case a sender failed (this server is not their replica in the completed view).
+    /// Learns the last completed view (the anchor of the next plan).
     fn on_completed(&mut self, completed: View) {
-        let newly = self
+        if self
             .completed
             .as_ref()
-            .is_none_or(|c| c.epoch < completed.epoch);
-        if newly && completed.epoch == self.epoch() && !self.is_rebalancing() {
-            let held = self.store.iter().map(|(k, s)| Held {
-                key: k,
-                stray: s.stray,
-            });
-            let leftovers = rebalance::leftovers(self.id, &completed, held);
-            if !leftovers.is_empty() {
-                info!(
-                    "epoch {} completed: dropping {} keys no longer mine",
-                    completed.epoch,
-                    leftovers.len()
-                );
-            }
-            for key in leftovers {
-                self.store.remove(&key);
-            }
-        }
-        if newly {
+            .is_none_or(|c| c.epoch < completed.epoch)
+        {
             self.completed = Some(completed);
         }
+    }
+
+    /// Learns that every server had its sends for `delivered` acknowledged: every copy of the
+    /// epoch is where it belongs, so the keys kept only in case a sender failed (this server
+    /// is not their replica in the newest view) are dropped, and the epoch is finished here.
+    fn on_delivered(&mut self, now: Instant, delivered: Epoch) {
+        let epoch = self.epoch();
+        if delivered < epoch || self.sent < epoch || self.finished >= epoch {
+            return;
+        }
+        let Some(view) = &self.view else { return };
+        let held = self.store.iter().map(|(k, s)| Held {
+            key: k,
+            stray: s.stray,
+        });
+        let leftovers = rebalance::leftovers(self.id, view, held);
+        if !leftovers.is_empty() {
+            info!(
+                "epoch {epoch} delivered: dropping {} keys no longer mine",
+                leftovers.len()
+            );
+        }
+        for key in leftovers {
+            self.store.remove(&key);
+        }
+        self.finished = epoch;
+        // Report it at once rather than at the next interval.
+        self.next_heartbeat = now;
     }
 
     /// Starts rebalancing toward the newest view if this server has not done so yet.
@@ -544,7 +564,7 @@ impl Server {
         let (Some(view), Some(completed)) = (&self.view, &self.completed) else {
             return;
         };
-        if view.epoch <= self.finished
+        if view.epoch <= self.sent
             || self
                 .rebalance
                 .as_ref()
@@ -676,7 +696,9 @@ impl Server {
                 stored.stray = false;
             }
         }
-        self.finished = rebalance.epoch;
+        self.sent = rebalance.epoch;
+        // Report it at once rather than at the next interval.
+        self.next_heartbeat = now;
         let (keys, bytes, servers) = rebalance.totals;
         let (got_keys, got_bytes) = std::mem::take(&mut self.received);
         info!(
@@ -977,10 +999,15 @@ mod tests {
         s.handle_response(
             t0,
             HEARTBEAT + 1,
-            Ok(Response::HeartbeatAck { view, completed }),
+            Ok(Response::HeartbeatAck {
+                view,
+                completed,
+                delivered: Epoch(0),
+            }),
         );
         assert_eq!(s.epoch(), Epoch(4));
-        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(100)));
+        // Nothing to send for the new epoch: the server reports that at once.
+        assert_eq!(s.poll_timeout(), Some(t0));
     }
 
     /// Contract: a refused heartbeat empties the bucket and rejoins at once under a fresh id; a

@@ -69,6 +69,8 @@ struct Liveness {
     last_heartbeat: Instant,
     /// The last epoch it reported finished rebalancing for.
     finished: Epoch,
+    /// The last epoch it reported all its sends acknowledged for.
+    sent: Epoch,
 }
 
 /// The view leader's state machine.
@@ -142,6 +144,25 @@ impl ViewLeader {
         (self.completed.epoch != self.epoch, pending)
     }
 
+    /// The current epoch if every server in the view has had all its sends acknowledged
+    /// (every copy of the epoch is delivered), else the epoch before it.
+    fn delivered(&self) -> Epoch {
+        if self.members.values().all(|l| l.sent >= self.epoch) {
+            self.epoch
+        } else {
+            Epoch(self.epoch.0.saturating_sub(1))
+        }
+    }
+
+    /// The acknowledgement of a heartbeat: the view, the completed view, the delivered epoch.
+    fn heartbeat_ack(&self) -> Response {
+        Response::HeartbeatAck {
+            view: self.view(),
+            completed: self.completed.clone(),
+            delivered: self.delivered(),
+        }
+    }
+
     /// Marks the current epoch completed once every server in the view finished it. The
     /// work is O(servers): the view leader never sees a key.
     fn check_completion(&mut self, now: Instant) {
@@ -170,7 +191,7 @@ impl ViewLeader {
         now: Instant,
         id: ServerId,
         addr: SocketAddr,
-        finished: Epoch,
+        (finished, sent): (Epoch, Epoch),
     ) -> Response {
         if self.dead.contains(&id) {
             info!("refusing a heartbeat from {id} at {addr}: it was declared dead");
@@ -179,6 +200,7 @@ impl ViewLeader {
         if let Some(member) = self.members.get_mut(&id) {
             member.last_heartbeat = now;
             member.finished = member.finished.max(finished);
+            member.sent = member.sent.max(sent);
             if member.addr != addr {
                 let old = std::mem::replace(&mut member.addr, addr);
                 info!("server {id} moved from {old} to {addr}");
@@ -190,10 +212,7 @@ impl ViewLeader {
                 }
             }
             self.check_completion(now);
-            return Response::HeartbeatAck {
-                view: self.view(),
-                completed: self.completed.clone(),
-            };
+            return self.heartbeat_ack();
         }
         // A server restarted on the same address under a new id before its old incarnation
         // was declared dead: the old one is gone, so it leaves now.
@@ -212,6 +231,7 @@ impl ViewLeader {
                 addr,
                 last_heartbeat: now,
                 finished,
+                sent,
             },
         );
         self.new_epoch(now);
@@ -220,10 +240,7 @@ impl ViewLeader {
             self.epoch,
             self.members.len()
         );
-        Response::HeartbeatAck {
-            view: self.view(),
-            completed: self.completed.clone(),
-        }
+        self.heartbeat_ack()
     }
 
     /// Starts a new epoch at `now`.
@@ -316,7 +333,8 @@ impl Node for ViewLeader {
                 id: server,
                 addr,
                 finished,
-            } => self.heartbeat(now, server, addr, finished),
+                sent,
+            } => self.heartbeat(now, server, addr, (finished, sent)),
             Request::QueryServers => {
                 let (rebalancing, pending) = self.rebalancing();
                 Response::Servers {
@@ -418,6 +436,7 @@ mod tests {
             id: ServerId(n),
             addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
             finished: Epoch(0),
+            sent: Epoch(0),
         }
     }
 
@@ -486,6 +505,7 @@ mod tests {
                 id: ServerId(1),
                 addr,
                 finished: Epoch(0),
+                sent: Epoch(0),
             },
         );
         ask(
@@ -495,6 +515,7 @@ mod tests {
                 id: ServerId(2),
                 addr,
                 finished: Epoch(0),
+                sent: Epoch(0),
             },
         );
         let view = vl.view();
@@ -548,6 +569,7 @@ mod tests {
             id: ServerId(n),
             addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
             finished: Epoch(finished),
+            sent: Epoch(finished),
         };
         ask(&mut vl, t0, beat(1, 0));
         ask(&mut vl, t0, beat(2, 0));
