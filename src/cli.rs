@@ -221,6 +221,9 @@ pub enum ClientCommand {
         /// The value (up to 1 MiB); `-` reads it from standard input.
         #[arg(allow_hyphen_values = true)]
         value: String,
+        /// Wait (within --timeout-ms) for rebalancing to end instead of failing.
+        #[arg(long)]
+        wait: bool,
         /// Test hook: sleep MS between learning the view and sending the votes.
         #[arg(long = "pause-after-view-ms", value_name = "MS", default_value_t = 0)]
         pause_after_view_ms: u64,
@@ -245,6 +248,9 @@ pub enum ClientCommand {
         /// The key.
         #[arg(allow_hyphen_values = true)]
         key: String,
+        /// Wait (within --timeout-ms) for rebalancing to end instead of failing.
+        #[arg(long)]
+        wait: bool,
     },
     /// The replicas of KEY in the current view, in ring order (the first is the primary).
     Locate {
@@ -467,7 +473,12 @@ impl Outcome {
                     info.view.members.len()
                 );
                 for m in &info.view.members {
-                    out.push_str(&format!("\n{} {}", m.id, m.addr));
+                    let state = if info.pending.contains(&m.id) {
+                        " (rebalancing)"
+                    } else {
+                        ""
+                    };
+                    out.push_str(&format!("\n{} {}{state}", m.id, m.addr));
                 }
                 out
             }
@@ -626,8 +637,10 @@ fn run_client_command(
             pause_after_view_ms,
             pause_before_commit_ms,
             pause_after_primary_commit_ms,
+            wait,
             ..
         } => {
+            client = client.with_wait(wait);
             let hooks = SetrHooks {
                 pause_after_view: Duration::from_millis(pause_after_view_ms),
                 pause_before_commit: Duration::from_millis(pause_before_commit_ms),
@@ -638,9 +651,12 @@ fn run_client_command(
                 .setr(&key, &value, hooks)
                 .map(|outcome| Outcome::Replicated { key, outcome })
         }
-        ClientCommand::Getr { key } => client
-            .getr(&key)
-            .map(|outcome| Outcome::Read { key, outcome }),
+        ClientCommand::Getr { key, wait } => {
+            client = client.with_wait(wait);
+            client
+                .getr(&key)
+                .map(|outcome| Outcome::Read { key, outcome })
+        }
         ClientCommand::Locate { key } => {
             client
                 .locate(&key)

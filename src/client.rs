@@ -94,7 +94,12 @@ pub struct Client {
     deadline: Option<Instant>,
     /// The whole command's time bound, for messages and for carving reserves.
     timeout: Option<Duration>,
+    /// `--wait`: replicated operations wait for rebalancing to end instead of failing.
+    wait: bool,
 }
+
+/// How often a `--wait` operation asks whether rebalancing has ended.
+const REBALANCING_POLL: Duration = Duration::from_millis(50);
 
 /// Maps a transport failure to the contract's error kinds.
 pub fn transport_error(error: RequestError) -> OpError {
@@ -140,7 +145,15 @@ impl Client {
             server,
             deadline,
             timeout,
+            wait: false,
         }
+    }
+
+    /// Makes replicated operations wait (within the deadline) for rebalancing to end instead
+    /// of failing with `rebalancing`.
+    pub fn with_wait(mut self, wait: bool) -> Client {
+        self.wait = wait;
+        self
     }
 
     /// Sends `request` to `dst` within the command's deadline and returns the answer;
@@ -365,7 +378,23 @@ impl Client {
 
     /// The current view, refusing replicated operations while it is empty or rebalancing.
     fn replicated_view(&mut self) -> Result<View, OpError> {
-        let info = self.query_servers()?;
+        let mut info = self.query_servers()?;
+        while self.wait && info.rebalancing {
+            if self
+                .deadline
+                .is_some_and(|d| Instant::now() + REBALANCING_POLL >= d)
+            {
+                return Err(self.timed(op_error(
+                    ErrorKind::Timeout,
+                    format!(
+                        "epoch {} was still rebalancing at the deadline",
+                        info.view.epoch
+                    ),
+                )));
+            }
+            std::thread::sleep(REBALANCING_POLL);
+            info = self.query_servers()?;
+        }
         if info.view.members.is_empty() {
             return Err(op_error(
                 ErrorKind::NoServers,
@@ -610,7 +639,7 @@ impl Client {
         };
         let mut not_found = 0;
         // A replica that is reachable but gave no answer may hold the key; one that is
-        // unreachable is not asked at all.
+        // unreachable (or refuses at another epoch) gives no information.
         let mut silent: Option<OpError> = None;
         let mut unreachable: Option<OpError> = None;
         for (index, replica) in replicas.iter().enumerate() {
@@ -635,7 +664,9 @@ impl Client {
                         "getr {key:?}: replica {} failed: {}",
                         replica.addr, e.message
                     );
-                    if e.kind == ErrorKind::Unreachable {
+                    // A replica that is unreachable, or at another epoch than our view (it
+                    // refuses with `rebalancing`), has nothing to say about the key.
+                    if matches!(e.kind, ErrorKind::Unreachable | ErrorKind::Rebalancing) {
                         unreachable = Some(e);
                     } else {
                         silent = Some(e);

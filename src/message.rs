@@ -31,6 +31,11 @@ pub enum Request {
         id: ServerId,
         /// The address the server is reached at.
         addr: SocketAddr,
+        /// The last epoch this server finished rebalancing for (all its sends acknowledged,
+        /// all its drops done).
+        finished: Epoch,
+        /// The last epoch all of whose sends from this server were acknowledged.
+        sent: Epoch,
     },
     /// Asks the view leader for the current view.
     QueryServers,
@@ -117,6 +122,13 @@ pub enum Request {
         /// peer still undecided must from now on refuse a commit from the coordinator.
         close: bool,
     },
+    /// Rebalancing: a batch of keys a server sends to a new replica of them.
+    Transfer {
+        /// The epoch the sender is rebalancing for.
+        epoch: Epoch,
+        /// The keys, with their values and versions.
+        entries: Vec<Entry>,
+    },
     /// A replicated read of `key` (answered only once no prepared write on it is pending).
     GetR {
         /// The key.
@@ -144,6 +156,7 @@ impl Request {
             Request::Abort { .. } => "abort",
             Request::QueryTx { .. } => "query_tx",
             Request::GetR { .. } => "getr",
+            Request::Transfer { .. } => "transfer",
         }
     }
 
@@ -165,6 +178,12 @@ pub enum Response {
     HeartbeatAck {
         /// The current view (its epoch included).
         view: View,
+        /// The last view whose rebalancing completed on every server: the anchor of every
+        /// rebalancing plan.
+        completed: View,
+        /// The last epoch whose sends every server has had acknowledged: its copies are all
+        /// delivered, so copies kept only in case a sender failed may now be dropped.
+        delivered: Epoch,
     },
     /// The heartbeat came from a server already declared dead: it must empty its bucket
     /// and rejoin under a fresh id.
@@ -223,6 +242,17 @@ pub enum Response {
         /// Its version (0 for a raw `set`).
         version: u64,
     },
+}
+
+/// One key travelling in a rebalancing transfer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: String,
+    /// Its version (the receiver keeps the higher one).
+    pub version: u64,
 }
 
 /// A transaction id: 128 random bits, printed as 32 hex characters.
@@ -393,6 +423,16 @@ mod tests {
             Request::Heartbeat {
                 id: ServerId(7),
                 addr: "127.0.0.1:38000".parse().unwrap(),
+                finished: Epoch(2),
+                sent: Epoch(2),
+            },
+            Request::Transfer {
+                epoch: Epoch(3),
+                entries: vec![Entry {
+                    key: "k".into(),
+                    value: "v".into(),
+                    version: 2,
+                }],
             },
             Request::QueryServers,
             Request::LockGet {
@@ -459,7 +499,11 @@ mod tests {
             vnodes: 64,
         };
         vec![
-            Response::HeartbeatAck { view: view.clone() },
+            Response::HeartbeatAck {
+                view: view.clone(),
+                completed: View::default(),
+                delivered: Epoch(1),
+            },
             Response::HeartbeatRefused { view: view.clone() },
             Response::Servers {
                 view,

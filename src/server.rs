@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs, QueryArgs, Write};
-use crate::message::{self, ErrorKind, Request, Response, TxId};
+use crate::message::{self, Entry, ErrorKind, Request, Response, TxId};
 use crate::node::{Action, Node};
+use crate::rebalance::{self, Held};
 use crate::reliable::{IncomingId, RequestError};
 use crate::ring::Ring;
 use crate::rng::Rng;
@@ -45,15 +46,25 @@ pub struct Stored {
     /// The transaction that wrote it (`None` for a raw `set`): lets the primary answer a
     /// termination query about a commit it no longer remembers.
     pub txid: Option<TxId>,
+    /// Written by a raw `set` and not yet sent to the key's replicas (rebalancing sends it).
+    pub stray: bool,
 }
 
 /// Tokens at or above this are termination queries (token - QUERY = participant token).
 const QUERY: u64 = 1 << 48;
-/// Tokens at or above this (and below [`QUERY`]) are heartbeats (token - HEARTBEAT = seq).
+/// Tokens at or above this (and below [`QUERY`]) are rebalancing transfers.
+const TRANSFER: u64 = 1 << 40;
+/// Tokens at or above this (and below [`TRANSFER`]) are heartbeats (token - HEARTBEAT = seq).
 const HEARTBEAT: u64 = 1 << 32;
 /// Tokens at or above this (and below [`HEARTBEAT`]) are view leader probes
 /// (token - PROBE = candidate index).
 const PROBE: u64 = 1_000;
+/// The most value bytes in one rebalancing batch (the reliable layer fragments it).
+const BATCH_BYTES: usize = 1 << 20;
+/// How long one rebalancing batch may take before it is sent again.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before sending a failed batch again (its target may be dead: a new view will say).
+const TRANSFER_RETRY: Duration = Duration::from_millis(200);
 /// How long a termination query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_millis(400);
 /// The most replicated reads held back waiting for a decision, in all.
@@ -64,6 +75,26 @@ const MAX_DEFERRED_READS: usize = 10_000;
 struct Discovery {
     /// Outcome per candidate: `None` while waiting, `Some(true)` if it answered as a view leader.
     answers: Vec<Option<bool>>,
+}
+
+/// One server's rebalancing toward one epoch: the batches still to send, those in flight,
+/// and what to do once all are acknowledged.
+#[derive(Debug)]
+struct Rebalance {
+    /// The epoch this brings the server to.
+    epoch: Epoch,
+    /// Batches not yet sent (or to send again), with the instant they may go.
+    queue: VecDeque<(Instant, SocketAddr, Vec<Entry>)>,
+    /// Batches in flight, by token.
+    in_flight: BTreeMap<u64, (SocketAddr, Vec<Entry>)>,
+    /// Keys to drop once everything is acknowledged.
+    drops: Vec<String>,
+    /// Stray keys that stop being strays once everything is acknowledged.
+    settles: Vec<String>,
+    /// When it started.
+    started: Instant,
+    /// Keys and bytes to send, and the number of destination servers (for the log).
+    totals: (usize, usize, usize),
 }
 
 /// The server's state machine.
@@ -96,6 +127,18 @@ pub struct Server {
     participant: Participant,
     /// Replicated reads held back until the prepared write on their key is decided.
     deferred: BTreeMap<String, Vec<IncomingId>>,
+    /// The last completed view the view leader published (the anchor of rebalancing).
+    completed: Option<View>,
+    /// The last epoch this server finished rebalancing for (sends acknowledged, drops done).
+    finished: Epoch,
+    /// The last epoch all of whose sends from this server were acknowledged.
+    sent: Epoch,
+    /// The rebalancing in progress, if any.
+    rebalance: Option<Rebalance>,
+    /// The last transfer token handed out.
+    last_transfer: u64,
+    /// Keys and bytes received by transfers since the last finished rebalance.
+    received: (usize, usize),
     /// Actions waiting for [`Node::poll_action`].
     actions: VecDeque<Action>,
 }
@@ -120,6 +163,12 @@ impl Server {
             discovery: None,
             participant: Participant::new(),
             deferred: BTreeMap::new(),
+            completed: None,
+            finished: Epoch(0),
+            sent: Epoch(0),
+            rebalance: None,
+            last_transfer: 0,
+            received: (0, 0),
             actions: VecDeque::new(),
         }
     }
@@ -160,6 +209,8 @@ impl Server {
             request: Request::Heartbeat {
                 id: self.id,
                 addr: self.config.advertise,
+                finished: self.finished,
+                sent: self.sent,
             },
             deadline: Some(deadline),
         });
@@ -226,7 +277,11 @@ impl Server {
         result: Result<Response, RequestError>,
     ) {
         match result {
-            Ok(Response::HeartbeatAck { view }) => {
+            Ok(Response::HeartbeatAck {
+                view,
+                completed,
+                delivered,
+            }) => {
                 let old = self.epoch();
                 // Answers may arrive out of order: never step back to an older view.
                 if self.view.is_some() && view.epoch < old {
@@ -243,6 +298,9 @@ impl Server {
                     );
                 }
                 self.view = Some(view);
+                self.on_completed(completed);
+                self.maybe_rebalance(now);
+                self.on_delivered(now, delivered);
             }
             Ok(Response::HeartbeatRefused { .. }) if seq < self.id_since_seq => {
                 // A refusal of a heartbeat sent under an id already abandoned.
@@ -260,6 +318,9 @@ impl Server {
                 self.store.clear();
                 self.view = None;
                 self.ring = Ring::default();
+                self.rebalance = None;
+                self.finished = Epoch(0);
+                self.sent = Epoch(0);
                 // Transactions prepared under the old id can no longer commit here.
                 self.participant = Participant::new();
                 let keys: Vec<String> = self.deferred.keys().cloned().collect();
@@ -301,6 +362,7 @@ impl Server {
                         version: 0,
                         value,
                         txid: None,
+                        stray: true,
                     },
                 );
                 Response::Done
@@ -348,6 +410,12 @@ impl Server {
                             "epoch mismatch: the coordinator is at epoch {epoch}, this replica at {}",
                             self.epoch()
                         ),
+                    ));
+                }
+                if self.is_rebalancing() {
+                    return Some(Response::error(
+                        ErrorKind::Aborted,
+                        format!("this replica is rebalancing for epoch {}", self.epoch()),
                     ));
                 }
                 if let Err(reason) = self.check_participants(&key, &participants) {
@@ -427,7 +495,21 @@ impl Server {
                 }
                 Response::TxState { state }
             }
-            Request::GetR { key, .. } => {
+            Request::Transfer { entries, .. } => {
+                self.receive_transfer(entries);
+                Response::Done
+            }
+            Request::GetR { key, epoch } => {
+                if epoch != self.epoch() || self.is_rebalancing() {
+                    return Some(Response::error(
+                        ErrorKind::Rebalancing,
+                        format!(
+                            "replica at epoch {} (rebalancing: {}), client at {epoch}",
+                            self.epoch(),
+                            self.is_rebalancing()
+                        ),
+                    ));
+                }
                 if self.participant.is_locked(&key) {
                     let held: usize = self.deferred.values().map(Vec::len).sum();
                     if held >= MAX_DEFERRED_READS {
@@ -451,6 +533,222 @@ impl Server {
             ),
         };
         Some(response)
+    }
+
+    /// True while this server has not finished rebalancing for the epoch it knows.
+    pub fn is_rebalancing(&self) -> bool {
+        self.finished < self.epoch()
+    }
+
+    /// Learns the last completed view (the anchor of the next plan).
+    fn on_completed(&mut self, completed: View) {
+        if self
+            .completed
+            .as_ref()
+            .is_none_or(|c| c.epoch < completed.epoch)
+        {
+            self.completed = Some(completed);
+        }
+    }
+
+    /// Learns that every server had its sends for `delivered` acknowledged: every copy of the
+    /// epoch is where it belongs, so the keys kept only in case a sender failed (this server
+    /// is not their replica in the newest view) are dropped, and the epoch is finished here.
+    fn on_delivered(&mut self, now: Instant, delivered: Epoch) {
+        let epoch = self.epoch();
+        if delivered < epoch || self.sent < epoch || self.finished >= epoch {
+            return;
+        }
+        let Some(view) = &self.view else { return };
+        let held = self.store.iter().map(|(k, s)| Held {
+            key: k,
+            stray: s.stray,
+        });
+        let leftovers = rebalance::leftovers(self.id, view, held);
+        if !leftovers.is_empty() {
+            info!(
+                "epoch {epoch} delivered: dropping {} keys no longer mine",
+                leftovers.len()
+            );
+        }
+        for key in leftovers {
+            self.store.remove(&key);
+        }
+        self.finished = epoch;
+        // Report it at once rather than at the next interval.
+        self.next_heartbeat = now;
+    }
+
+    /// Starts rebalancing toward the newest view if this server has not done so yet.
+    fn maybe_rebalance(&mut self, now: Instant) {
+        let (Some(view), Some(completed)) = (&self.view, &self.completed) else {
+            return;
+        };
+        if view.epoch <= self.sent
+            || self
+                .rebalance
+                .as_ref()
+                .is_some_and(|r| r.epoch == view.epoch)
+        {
+            return;
+        }
+        if let Some(abandoned) = &self.rebalance {
+            info!(
+                "epoch {} arrived before rebalancing for {} finished; planning again",
+                view.epoch, abandoned.epoch
+            );
+        }
+        let held = self.store.iter().map(|(k, s)| Held {
+            key: k,
+            stray: s.stray,
+        });
+        let plan = rebalance::plan(self.id, completed, view, held);
+        let mut queue = VecDeque::new();
+        let (mut keys, mut bytes) = (0, 0);
+        for (target, keys_for_target) in plan.sends.values() {
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            for key in keys_for_target {
+                let Some(stored) = self.store.get(key) else {
+                    continue;
+                };
+                let size = key.len() + stored.value.len();
+                if !batch.is_empty() && batch_bytes + size > BATCH_BYTES {
+                    queue.push_back((now, *target, std::mem::take(&mut batch)));
+                    batch_bytes = 0;
+                }
+                batch_bytes += size;
+                keys += 1;
+                bytes += size;
+                batch.push(Entry {
+                    key: key.clone(),
+                    value: stored.value.clone(),
+                    version: stored.version,
+                });
+            }
+            if !batch.is_empty() {
+                queue.push_back((now, *target, batch));
+            }
+        }
+        debug!(
+            "epoch {}: sending {keys} keys ({bytes} bytes) to {} servers",
+            view.epoch,
+            plan.sends.len()
+        );
+        self.rebalance = Some(Rebalance {
+            epoch: view.epoch,
+            queue,
+            in_flight: BTreeMap::new(),
+            drops: plan.drop_after_sending,
+            settles: plan.settle_after_sending,
+            started: now,
+            totals: (keys, bytes, plan.sends.len()),
+        });
+        self.pump_transfers(now);
+    }
+
+    /// Sends the queued batches that are due (one in flight per destination at a time, so a
+    /// destination's window stays full without flooding it); finishes when all are acknowledged.
+    fn pump_transfers(&mut self, now: Instant) {
+        let Some(rebalance) = &mut self.rebalance else {
+            return;
+        };
+        let mut busy: Vec<SocketAddr> = rebalance.in_flight.values().map(|(t, _)| *t).collect();
+        let mut waiting = VecDeque::new();
+        while let Some((at, target, batch)) = rebalance.queue.pop_front() {
+            if at > now || busy.contains(&target) {
+                waiting.push_back((at, target, batch));
+                continue;
+            }
+            self.last_transfer += 1;
+            let token = TRANSFER + self.last_transfer;
+            busy.push(target);
+            self.actions.push_back(Action::Request {
+                token,
+                dst: target,
+                request: Request::Transfer {
+                    epoch: rebalance.epoch,
+                    entries: batch.clone(),
+                },
+                deadline: Some(now + TRANSFER_TIMEOUT),
+            });
+            rebalance.in_flight.insert(token, (target, batch));
+        }
+        rebalance.queue = waiting;
+        if rebalance.queue.is_empty() && rebalance.in_flight.is_empty() {
+            self.finish_rebalance(now);
+        }
+    }
+
+    /// Handles the answer to transfer `token`: acknowledged, or queued to be sent again.
+    fn on_transfer_answer(
+        &mut self,
+        now: Instant,
+        token: u64,
+        result: Result<Response, RequestError>,
+    ) {
+        let Some(rebalance) = &mut self.rebalance else {
+            return;
+        };
+        let Some((target, batch)) = rebalance.in_flight.remove(&token) else {
+            return;
+        };
+        if !matches!(result, Ok(Response::Done)) {
+            debug!("a transfer to {target} failed ({result:?}); sending it again");
+            rebalance
+                .queue
+                .push_back((now + TRANSFER_RETRY, target, batch));
+        }
+        self.pump_transfers(now);
+    }
+
+    /// Every send is acknowledged: drops the keys no longer ours, settles the strays sent,
+    /// and reports the epoch finished in the next heartbeat.
+    fn finish_rebalance(&mut self, now: Instant) {
+        let Some(rebalance) = self.rebalance.take() else {
+            return;
+        };
+        for key in &rebalance.drops {
+            self.store.remove(key);
+        }
+        for key in &rebalance.settles {
+            if let Some(stored) = self.store.get_mut(key) {
+                stored.stray = false;
+            }
+        }
+        self.sent = rebalance.epoch;
+        // Report it at once rather than at the next interval.
+        self.next_heartbeat = now;
+        let (keys, bytes, servers) = rebalance.totals;
+        let (got_keys, got_bytes) = std::mem::take(&mut self.received);
+        info!(
+            "rebalanced for epoch {} in {} ms: sent {keys} keys ({bytes} bytes) to {servers} servers, \
+             received {got_keys} keys ({got_bytes} bytes), dropped {} keys",
+            rebalance.epoch,
+            now.saturating_duration_since(rebalance.started).as_millis(),
+            rebalance.drops.len()
+        );
+    }
+
+    /// Stores the keys of a transfer, keeping the higher version of each.
+    fn receive_transfer(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            self.received.0 += 1;
+            self.received.1 += entry.key.len() + entry.value.len();
+            let newer = self
+                .store
+                .get(&entry.key)
+                .is_none_or(|s| s.version < entry.version);
+            if newer {
+                let stored = Stored {
+                    version: entry.version,
+                    value: entry.value,
+                    txid: None,
+                    stray: false,
+                };
+                self.store.insert(entry.key, stored);
+            }
+        }
     }
 
     /// A replicated read's answer from the bucket.
@@ -478,6 +776,7 @@ impl Server {
                 version: write.version,
                 value: write.value,
                 txid: Some(write.txid),
+                stray: false,
             };
             self.store.insert(write.key, stored);
         }
@@ -558,6 +857,8 @@ impl Node for Server {
                 self.participant
                     .handle_query_answer(now, token - QUERY, answer, view.as_ref());
             self.carry_out(now, effects);
+        } else if token >= TRANSFER {
+            self.on_transfer_answer(now, token, result);
         } else if token >= HEARTBEAT {
             self.on_heartbeat_answer(now, token - HEARTBEAT, result);
         } else if token >= PROBE {
@@ -568,6 +869,7 @@ impl Node for Server {
 
     /// Sends the next heartbeat (or discovery round) when due.
     fn handle_timeout(&mut self, now: Instant) {
+        self.pump_transfers(now);
         if self.participant.poll_timeout().is_some_and(|t| t <= now) {
             let view = self.view.clone();
             let effects = self.participant.handle_timeout(now, self.id, view.as_ref());
@@ -589,7 +891,11 @@ impl Node for Server {
         } else {
             Some(self.next_heartbeat)
         };
-        [heartbeat, self.participant.poll_timeout()]
+        let retry = self
+            .rebalance
+            .as_ref()
+            .and_then(|r| r.queue.iter().map(|(at, ..)| *at).min());
+        [heartbeat, self.participant.poll_timeout(), retry]
             .into_iter()
             .flatten()
             .min()
@@ -709,9 +1015,19 @@ mod tests {
             replicas: 3,
             vnodes: 64,
         };
-        s.handle_response(t0, HEARTBEAT + 1, Ok(Response::HeartbeatAck { view }));
+        let completed = View::default();
+        s.handle_response(
+            t0,
+            HEARTBEAT + 1,
+            Ok(Response::HeartbeatAck {
+                view,
+                completed,
+                delivered: Epoch(0),
+            }),
+        );
         assert_eq!(s.epoch(), Epoch(4));
-        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(100)));
+        // Nothing to send for the new epoch: the server reports that at once.
+        assert_eq!(s.poll_timeout(), Some(t0));
     }
 
     /// Contract: a refused heartbeat empties the bucket and rejoins at once under a fresh id; a

@@ -67,6 +67,10 @@ struct Liveness {
     addr: SocketAddr,
     /// When its last heartbeat arrived.
     last_heartbeat: Instant,
+    /// The last epoch it reported finished rebalancing for.
+    finished: Epoch,
+    /// The last epoch it reported all its sends acknowledged for.
+    sent: Epoch,
 }
 
 /// The view leader's state machine.
@@ -82,6 +86,10 @@ pub struct ViewLeader {
     dead: HashSet<ServerId>,
     /// The order dead ids were added, for forgetting the oldest.
     dead_order: VecDeque<ServerId>,
+    /// The last view whose rebalancing completed on every server (the anchor of every plan).
+    completed: View,
+    /// When the view first changed after the last completed epoch (for the log).
+    epoch_started: Option<Instant>,
     /// The lock service.
     locks: LockTable,
     /// Actions waiting for [`Node::poll_action`].
@@ -92,12 +100,20 @@ impl ViewLeader {
     /// Creates a view leader with an empty view at epoch 0.
     pub fn new(config: ViewLeaderConfig) -> ViewLeader {
         let locks = LockTable::new(config.locks);
+        let (replicas, vnodes) = (config.replicas, config.vnodes);
         ViewLeader {
             config,
             epoch: Epoch(0),
             members: BTreeMap::new(),
             dead: HashSet::new(),
             dead_order: VecDeque::new(),
+            completed: View {
+                epoch: Epoch(0),
+                members: Vec::new(),
+                replicas,
+                vnodes,
+            },
+            epoch_started: None,
             locks,
             actions: VecDeque::new(),
         }
@@ -117,25 +133,86 @@ impl ViewLeader {
         }
     }
 
+    /// Whether the current epoch is still rebalancing, and which servers have not finished it.
+    pub fn rebalancing(&self) -> (bool, Vec<ServerId>) {
+        let pending: Vec<ServerId> = self
+            .members
+            .iter()
+            .filter(|(_, l)| l.finished < self.epoch)
+            .map(|(&id, _)| id)
+            .collect();
+        (self.completed.epoch != self.epoch, pending)
+    }
+
+    /// The current epoch if every server in the view has had all its sends acknowledged
+    /// (every copy of the epoch is delivered), else the epoch before it.
+    fn delivered(&self) -> Epoch {
+        if self.members.values().all(|l| l.sent >= self.epoch) {
+            self.epoch
+        } else {
+            Epoch(self.epoch.0.saturating_sub(1))
+        }
+    }
+
+    /// The acknowledgement of a heartbeat: the view, the completed view, the delivered epoch.
+    fn heartbeat_ack(&self) -> Response {
+        Response::HeartbeatAck {
+            view: self.view(),
+            completed: self.completed.clone(),
+            delivered: self.delivered(),
+        }
+    }
+
+    /// Marks the current epoch completed once every server in the view finished it. The
+    /// work is O(servers): the view leader never sees a key.
+    fn check_completion(&mut self, now: Instant) {
+        if self.completed.epoch == self.epoch
+            || self.members.values().any(|l| l.finished < self.epoch)
+        {
+            return;
+        }
+        let took = self
+            .epoch_started
+            .take()
+            .map(|t| now.saturating_duration_since(t));
+        self.completed = self.view();
+        info!(
+            "epoch {} rebalanced on all {} servers{}",
+            self.epoch,
+            self.members.len(),
+            took.map(|t| format!(" ({} ms after the view change)", t.as_millis()))
+                .unwrap_or_default()
+        );
+    }
+
     /// Handles a heartbeat from server `id` at `addr`, returning the answer.
-    fn heartbeat(&mut self, now: Instant, id: ServerId, addr: SocketAddr) -> Response {
+    fn heartbeat(
+        &mut self,
+        now: Instant,
+        id: ServerId,
+        addr: SocketAddr,
+        (finished, sent): (Epoch, Epoch),
+    ) -> Response {
         if self.dead.contains(&id) {
             info!("refusing a heartbeat from {id} at {addr}: it was declared dead");
             return Response::HeartbeatRefused { view: self.view() };
         }
         if let Some(member) = self.members.get_mut(&id) {
             member.last_heartbeat = now;
+            member.finished = member.finished.max(finished);
+            member.sent = member.sent.max(sent);
             if member.addr != addr {
                 let old = std::mem::replace(&mut member.addr, addr);
                 info!("server {id} moved from {old} to {addr}");
-                self.new_epoch();
+                self.new_epoch(now);
                 // Locks tied to the old address belong to a server no longer there.
                 let released = self.locks.release_all_of(now, &[&old.to_string()]);
                 if !released.is_empty() {
                     info!("released locks of {old}: {}", released.join(", "));
                 }
             }
-            return Response::HeartbeatAck { view: self.view() };
+            self.check_completion(now);
+            return self.heartbeat_ack();
         }
         // A server restarted on the same address under a new id before its old incarnation
         // was declared dead: the old one is gone, so it leaves now.
@@ -153,20 +230,23 @@ impl ViewLeader {
             Liveness {
                 addr,
                 last_heartbeat: now,
+                finished,
+                sent,
             },
         );
-        self.new_epoch();
+        self.new_epoch(now);
         info!(
             "server {id} at {addr} joined; epoch {} has {} servers",
             self.epoch,
             self.members.len()
         );
-        Response::HeartbeatAck { view: self.view() }
+        self.heartbeat_ack()
     }
 
-    /// Starts a new epoch.
-    fn new_epoch(&mut self) {
+    /// Starts a new epoch at `now`.
+    fn new_epoch(&mut self, now: Instant) {
         self.epoch = Epoch(self.epoch.0 + 1);
+        self.epoch_started.get_or_insert(now);
     }
 
     /// Removes server `id` from the view, declares it dead and releases its locks.
@@ -174,7 +254,7 @@ impl ViewLeader {
         let Some(liveness) = self.members.remove(&id) else {
             return;
         };
-        self.new_epoch();
+        self.new_epoch(now);
         if self.dead_order.len() == DEAD_IDS_REMEMBERED
             && let Some(oldest) = self.dead_order.pop_front()
         {
@@ -193,6 +273,9 @@ impl ViewLeader {
         if !released.is_empty() {
             info!("released locks of {id}: {}", released.join(", "));
         }
+        // The remaining servers may all have finished already: a departure never makes the
+        // view leader wait for a server that is gone.
+        self.check_completion(now);
     }
 
     /// Handles `lock_get`.
@@ -246,12 +329,20 @@ impl Node for ViewLeader {
     /// Answers heartbeats, `query_servers` and lock requests; refuses storage requests.
     fn handle_request(&mut self, now: Instant, from: SocketAddr, id: IncomingId, request: Request) {
         let response = match request {
-            Request::Heartbeat { id: server, addr } => self.heartbeat(now, server, addr),
-            Request::QueryServers => Response::Servers {
-                view: self.view(),
-                rebalancing: false,
-                pending: Vec::new(),
-            },
+            Request::Heartbeat {
+                id: server,
+                addr,
+                finished,
+                sent,
+            } => self.heartbeat(now, server, addr, (finished, sent)),
+            Request::QueryServers => {
+                let (rebalancing, pending) = self.rebalancing();
+                Response::Servers {
+                    view: self.view(),
+                    rebalancing,
+                    pending,
+                }
+            }
             Request::LockGet { lock, requester } => self.lock_get(now, &lock, &requester),
             Request::LockRelease { lock, requester } => self.lock_release(now, &lock, &requester),
             Request::LockWithdraw { lock, requester } => {
@@ -344,6 +435,8 @@ mod tests {
         Request::Heartbeat {
             id: ServerId(n),
             addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
+            finished: Epoch(0),
+            sent: Epoch(0),
         }
     }
 
@@ -391,7 +484,7 @@ mod tests {
     fn heartbeat_ack_carries_the_current_view() {
         let mut vl = leader();
         let answer = ask(&mut vl, Instant::now(), heartbeat(5));
-        let Response::HeartbeatAck { view } = answer else {
+        let Response::HeartbeatAck { view, .. } = answer else {
             panic!("{answer:?}")
         };
         assert_eq!(view.epoch, Epoch(1));
@@ -411,6 +504,8 @@ mod tests {
             Request::Heartbeat {
                 id: ServerId(1),
                 addr,
+                finished: Epoch(0),
+                sent: Epoch(0),
             },
         );
         ask(
@@ -419,6 +514,8 @@ mod tests {
             Request::Heartbeat {
                 id: ServerId(2),
                 addr,
+                finished: Epoch(0),
+                sent: Epoch(0),
             },
         );
         let view = vl.view();
@@ -460,6 +557,42 @@ mod tests {
             ask(&mut vl, t0 + Duration::from_millis(1000), other),
             Response::LockGranted
         );
+    }
+
+    /// The view is rebalancing from a change until every server reports the epoch finished;
+    /// a departure never leaves it waiting for the server that left.
+    #[test]
+    fn rebalancing_lasts_until_every_server_reports_the_epoch_finished() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        let beat = |n: u128, finished: u64| Request::Heartbeat {
+            id: ServerId(n),
+            addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
+            finished: Epoch(finished),
+            sent: Epoch(finished),
+        };
+        ask(&mut vl, t0, beat(1, 0));
+        ask(&mut vl, t0, beat(2, 0));
+        assert_eq!(vl.rebalancing(), (true, vec![ServerId(1), ServerId(2)]));
+        ask(&mut vl, t0, beat(1, 2));
+        assert_eq!(vl.rebalancing(), (true, vec![ServerId(2)]));
+        let answer = ask(&mut vl, t0, beat(2, 2));
+        let Response::HeartbeatAck { completed, .. } = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(completed.epoch, Epoch(2));
+        assert_eq!(vl.rebalancing(), (false, vec![]));
+        // Server 3 joins (epoch 3) and dies before finishing (epoch 4): with 1 and 2 done,
+        // epoch 4 completes without it.
+        ask(&mut vl, t0, beat(3, 0));
+        ask(&mut vl, t0 + Duration::from_millis(600), beat(1, 3));
+        ask(&mut vl, t0 + Duration::from_millis(600), beat(2, 3));
+        vl.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(vl.view().epoch, Epoch(4));
+        assert!(vl.rebalancing().0, "1 and 2 must still finish epoch 4");
+        ask(&mut vl, t0 + Duration::from_millis(1100), beat(1, 4));
+        ask(&mut vl, t0 + Duration::from_millis(1100), beat(2, 4));
+        assert_eq!(vl.rebalancing(), (false, vec![]));
     }
 
     /// The view leader answers a storage command (`get`) with `bad_input` rather than silence.

@@ -8,12 +8,15 @@
 
 mod locks;
 mod membership;
+mod rebalancing;
 mod replication;
 mod robustness;
 mod util;
 
 /// The fault spec of the `*_under_faults` variants.
 pub const FAULTS: &str = "loss=0.2,dup=0.1,reorder=0.1";
+/// The fault spec the rebalancing issue names for its tests (with delay and jitter).
+pub const REBALANCE_FAULTS: &str = "loss=0.1,dup=0.05,reorder=0.1,delay=2ms,jitter=2ms";
 
 /// Defines a module named after the behaviour `$body` with two tests: `clean` runs
 /// `$body(&Env)` on a clean network, `under_faults` with every process injecting [`FAULTS`].
@@ -32,6 +35,21 @@ macro_rules! cluster_test {
             #[test]
             fn under_faults() {
                 super::$body(&$crate::util::Env::faulty($crate::FAULTS));
+            }
+        }
+    };
+    ($body:ident, $faults:expr) => {
+        mod $body {
+            /// Runs the behaviour on a clean loopback network.
+            #[test]
+            fn clean() {
+                super::$body(&$crate::util::Env::clean());
+            }
+
+            /// Runs the behaviour with every process injecting the given faults.
+            #[test]
+            fn under_faults() {
+                super::$body(&$crate::util::Env::faulty($faults));
             }
         }
     };

@@ -68,14 +68,14 @@ fn via_viewleader(env: &Env, vl: &ViewLeader, args: &[&str]) -> (i32, Value) {
     client_json(env, &all)
 }
 
-/// `setr KEY VALUE` with the generous timeout.
+/// `setr KEY VALUE --wait` with the generous timeout (waiting out any rebalance).
 fn setr(env: &Env, vl: &ViewLeader, key: &str, value: &str) -> (i32, Value) {
-    via_viewleader(env, vl, &["setr", key, value])
+    via_viewleader(env, vl, &["setr", key, value, "--wait"])
 }
 
-/// `getr KEY` with the generous timeout.
+/// `getr KEY --wait` with the generous timeout (waiting out any rebalance).
 fn getr(env: &Env, vl: &ViewLeader, key: &str) -> (i32, Value) {
-    via_viewleader(env, vl, &["getr", key])
+    via_viewleader(env, vl, &["getr", key, "--wait"])
 }
 
 /// `locate KEY` with the generous timeout.
@@ -103,7 +103,8 @@ fn wait_for_members(env: &Env, vl: &ViewLeader, n: usize) -> Value {
     let mut last = Value::Null;
     let held = wait_until(Duration::from_secs(10), || {
         last = try_view_json(env, vl).unwrap_or(Value::Null);
-        server_ids(&last).len() == n
+        // Replicated operations are refused until the new view is rebalanced.
+        server_ids(&last).len() == n && last["rebalancing"] == false
     });
     assert!(held, "the view never reached {n} servers; last {last}");
     last
@@ -307,7 +308,8 @@ fn settle(env: &Env, vl: &ViewLeader, servers: &[&Server]) -> View {
     let learned = wait_until(Duration::from_secs(10), || {
         view = try_view_json(env, vl).unwrap_or(Value::Null);
         let epoch = view["epoch"].as_u64();
-        epoch.is_some() && servers.iter().all(|s| last_learned_epoch(s) == epoch)
+        let rebalanced = view["rebalancing"] == false;
+        epoch.is_some() && rebalanced && servers.iter().all(|s| last_learned_epoch(s) == epoch)
     });
     let seen: Vec<Option<u64>> = servers.iter().map(|s| last_learned_epoch(s)).collect();
     assert!(
@@ -322,8 +324,8 @@ fn settle(env: &Env, vl: &ViewLeader, servers: &[&Server]) -> View {
     view_of(&view)
 }
 
-/// Starts a view leader and `n` servers, waits until the view holds all of them and every
-/// server learned its epoch (see [`settle`]).
+/// Starts a view leader and `n` servers, waits until the view holds all of them, is
+/// rebalanced, and every server learned its epoch (see [`settle`]).
 fn cluster(env: &Env, n: usize) -> (ViewLeader, Vec<Server>) {
     let vl = viewleader(env);
     let servers: Vec<Server> = (0..n).map(|_| server(env, &vl)).collect();
