@@ -735,19 +735,26 @@ impl Server {
         for entry in entries {
             self.received.0 += 1;
             self.received.1 += entry.key.len() + entry.value.len();
-            let newer = self
-                .store
-                .get(&entry.key)
-                .is_none_or(|s| s.version < entry.version);
-            if newer {
-                let stored = Stored {
-                    version: entry.version,
-                    value: entry.value,
-                    txid: None,
-                    stray: false,
-                };
-                self.store.insert(entry.key, stored);
-            }
+            let stored = Stored {
+                version: entry.version,
+                value: entry.value,
+                txid: None,
+                stray: false,
+            };
+            self.keep_newer(entry.key, stored);
+        }
+    }
+
+    /// Stores `stored` under `key` unless the bucket already holds the same or a newer
+    /// version: the one rule by which commits, late duplicates and rebalance copies meet, so a
+    /// value never goes back to an older one.
+    fn keep_newer(&mut self, key: String, stored: Stored) {
+        if self
+            .store
+            .get(&key)
+            .is_none_or(|s| s.version < stored.version)
+        {
+            self.store.insert(key, stored);
         }
     }
 
@@ -767,19 +774,13 @@ impl Server {
 
     /// Stores a committed write unless the bucket already holds a newer version.
     fn apply(&mut self, write: Write) {
-        let newer = self
-            .store
-            .get(&write.key)
-            .is_none_or(|s| s.version < write.version);
-        if newer {
-            let stored = Stored {
-                version: write.version,
-                value: write.value,
-                txid: Some(write.txid),
-                stray: false,
-            };
-            self.store.insert(write.key, stored);
-        }
+        let stored = Stored {
+            version: write.version,
+            value: write.value,
+            txid: Some(write.txid),
+            stray: false,
+        };
+        self.keep_newer(write.key, stored);
     }
 
     /// Checks that `participants` are exactly `key`'s replicas in our view, in ring order, so

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -48,6 +48,14 @@ const PROBE_READ_MS: &str = "60000";
 /// 20 s a locked replica would hold it, and on a clean network far below a second.
 fn unlocked_read(env: &Env) -> Duration {
     Duration::from_millis(by_env(env, 1_000, 12_000))
+}
+
+/// The longest a key may stay locked after its coordinator was killed, as seen by this test:
+/// the protocol's bound (the coordinator's remaining 1.5 s plus 0.3–0.8 s of termination)
+/// plus the test's own probing `setr`s, which under 20% loss are fresh processes paying
+/// initial retransmission timeouts (about a second each in the worst case).
+fn lock_bound(env: &Env) -> Duration {
+    Duration::from_millis(by_env(env, 5_000, 10_000))
 }
 
 /// `clean` on a clean network, `faulty` under faults: the length of a test-hook pause that
@@ -338,20 +346,6 @@ fn cluster(env: &Env, n: usize) -> (ViewLeader, Vec<Server>) {
 // Processes this file starts itself
 // ---------------------------------------------------------------------------------------
 
-/// A command for the binary at `path` with the harness's environment: cleaned, plus the
-/// fault spec of `env`.
-fn command_for(env: &Env, path: &str) -> Command {
-    let mut command = Command::new(path);
-    command.env_clear();
-    if let Ok(path) = std::env::var("PATH") {
-        command.env("PATH", path);
-    }
-    if let Some(faults) = &env.faults {
-        command.env("TRIREME_FAULTS", faults);
-    }
-    command
-}
-
 /// A `client` run in the background whose process id the test knows, so that it can tell
 /// when the client sits in one of `setr`'s test-hook pauses, and SIGKILL it there. Killed
 /// and reaped when dropped.
@@ -363,7 +357,8 @@ struct Staged {
 impl Staged {
     /// Starts the client with `args` (output captured).
     fn start(env: &Env, args: &[&str]) -> Staged {
-        let child = command_for(env, CLIENT)
+        let child = env
+            .command(CLIENT)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -498,7 +493,8 @@ impl Replacement {
     /// Starts a server bound to `addr`, heartbeating `viewleader`; waits (10 s) for its
     /// `listening on ADDR id ID` line.
     fn start(env: &Env, addr: SocketAddr, viewleader: SocketAddr) -> Replacement {
-        let mut child = command_for(env, SERVER)
+        let mut child = env
+            .command(SERVER)
             .args(["--bind", &addr.to_string()])
             .args(["--viewleader", &viewleader.to_string()])
             .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
@@ -1164,7 +1160,7 @@ fn a_coordinator_killed_at_any_point_leaves_replicas_consistent_and_the_key_writ
                 "{point:?}: {key} locked after the kill until the replicas agreed, by {round_started:?}"
             );
             assert!(
-                round_started < Duration::from_secs(5),
+                round_started < lock_bound(env),
                 "{point:?}: {key} stayed locked {round_started:?}"
             );
             let read = assert_reads(env, &vl, key, "vN");
@@ -1189,7 +1185,7 @@ fn a_coordinator_killed_at_any_point_leaves_replicas_consistent_and_the_key_writ
                  writable by {success_started:?}"
             );
             assert!(
-                success_started < Duration::from_secs(5),
+                success_started < lock_bound(env),
                 "{point:?}: {key} stayed locked {success_started:?}"
             );
             assert_eq!(

@@ -30,8 +30,8 @@ impl Env {
         }
     }
 
-    /// A command for binary `name` with a cleaned environment (plus the fault spec).
-    fn command(&self, path: &str) -> Command {
+    /// A command for the binary at `path` with a cleaned environment (plus the fault spec).
+    pub fn command(&self, path: &str) -> Command {
         let mut command = Command::new(path);
         command.env_clear();
         if let Ok(path) = std::env::var("PATH") {
