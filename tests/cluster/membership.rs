@@ -132,19 +132,6 @@ fn a_dead_servers_late_heartbeat_is_refused_and_it_rejoins_under_a_new_id(env: &
 }
 cluster_test!(a_dead_servers_late_heartbeat_is_refused_and_it_rejoins_under_a_new_id);
 
-/// The last epoch a server logged learning ("epoch A -> B"), if any.
-fn last_learned_epoch(s: &Server) -> Option<u64> {
-    s.proc
-        .stderr()
-        .lines()
-        .filter_map(|line| line.split("epoch ").nth(1))
-        .filter_map(|rest| {
-            let (_, new) = rest.split_once(" -> ")?;
-            new.split(':').next()?.trim().parse().ok()
-        })
-        .next_back()
-}
-
 /// Assignment 3.4: "each server learns the current epoch in the acknowledgment of its
 /// heartbeat".
 fn a_server_learns_each_new_epoch_from_its_heartbeat_ack(env: &Env) {

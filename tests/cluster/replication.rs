@@ -294,19 +294,6 @@ fn index_at(servers: &[Server], addr: SocketAddr) -> usize {
         .unwrap_or_else(|| panic!("no server of this test is at {addr}"))
 }
 
-/// The last epoch server `s` logged learning ("epoch A -> B: ..."), if any.
-fn last_learned_epoch(s: &Server) -> Option<u64> {
-    s.proc
-        .stderr()
-        .lines()
-        .filter_map(|line| line.split("epoch ").nth(1))
-        .filter_map(|rest| {
-            let (_, new) = rest.split_once(" -> ")?;
-            new.split(':').next()?.trim().parse().ok()
-        })
-        .next_back()
-}
-
 /// Waits (up to 10 s) until every server in `servers` has learned the view leader's
 /// current epoch from a heartbeat acknowledgement, so no prepare meets a stale epoch (the
 /// window after a view change in which assignment 3.4 lets `setr` fail), then checks that a

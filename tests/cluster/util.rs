@@ -421,3 +421,16 @@ pub fn run_binary(path: &str, args: &[&str], env_vars: &[(&str, &str)]) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// The last epoch a server logged learning ("epoch A -> B"), if any.
+pub fn last_learned_epoch(s: &Server) -> Option<u64> {
+    s.proc
+        .stderr()
+        .lines()
+        .filter_map(|line| line.split("epoch ").nth(1))
+        .filter_map(|rest| {
+            let (_, new) = rest.split_once(" -> ")?;
+            new.split(':').next()?.trim().parse().ok()
+        })
+        .next_back()
+}
