@@ -6,35 +6,23 @@
 //! 2. time from a server's death to the view leader's epoch change, with the default
 //!    heartbeat interval (500 ms) and `--dead-after-ms` (2000 ms).
 
+mod support;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use trireme::faults::FaultSpec;
 use trireme::net::{self, NetConfig};
-use trireme::node;
 use trireme::rng::Rng;
-use trireme::server::{Server, ServerConfig};
-use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+
+use support::percentiles;
 
 /// Requests per round-trip measurement.
 const REQUESTS: usize = 10_000;
 
-/// Formats p50/p90/p99/max of `samples` (sorted in place).
-fn percentiles(samples: &mut [Duration]) -> String {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    format!(
-        "p50 {:>7.1} us  p90 {:>7.1} us  p99 {:>8.1} us  max {:>9.1} us",
-        at(0.50).as_secs_f64() * 1e6,
-        at(0.90).as_secs_f64() * 1e6,
-        at(0.99).as_secs_f64() * 1e6,
-        samples[samples.len() - 1].as_secs_f64() * 1e6
-    )
-}
-
 /// Starts an echo responder on loopback with `faults`; returns its address.
 fn echo_responder(faults: FaultSpec) -> SocketAddr {
-    let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = support::socket();
     let config = NetConfig {
         faults,
         ..NetConfig::default()
@@ -53,7 +41,7 @@ fn echo_responder(faults: FaultSpec) -> SocketAddr {
 fn round_trips(label: &str, faults: &str) {
     let spec: FaultSpec = faults.parse().unwrap();
     let responder = echo_responder(spec);
-    let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = support::socket();
     let (handle, _requests, _thread) = net::spawn(
         socket,
         NetConfig {
@@ -116,34 +104,12 @@ fn raw_udp() {
 /// Runs a view leader and one server in-process with default settings, stops the server,
 /// and returns the time until the view leader's epoch changes.
 fn death_to_epoch_change() -> Duration {
-    let vl_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let (vl_handle, vl_requests, _t) = net::spawn(vl_socket, NetConfig::default()).unwrap();
-    let vl_addr = vl_handle.local_addr();
-    let (_vl_stop, vl_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    std::thread::spawn(move || {
-        let mut leader = ViewLeader::new(ViewLeaderConfig::default());
-        node::run(&mut leader, &vl_handle, &vl_requests, &vl_stop_rx);
-    });
-    let s_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let advertise = s_socket.local_addr().unwrap();
-    let (s_handle, s_requests, _t2) = net::spawn(s_socket, NetConfig::default()).unwrap();
-    let (s_stop, s_stop_rx) = crossbeam_channel::bounded::<()>(1);
-    let config = ServerConfig {
-        advertise,
-        viewleader: Some(vl_addr),
-        heartbeat_interval: Duration::from_millis(500),
-        candidates: Vec::new(),
-    };
-    let server_handle = s_handle.clone();
-    std::thread::spawn(move || {
-        let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
-        node::run(&mut server, &server_handle, &s_requests, &s_stop_rx);
-    });
-    let probe_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let (probe, _r, _t3) = net::spawn(probe_socket, NetConfig::default()).unwrap();
+    let vl = support::viewleader();
+    let server = support::server(vl.addr(), Duration::from_millis(500));
+    let (probe, _requests, _thread) = net::spawn(support::socket(), NetConfig::default()).unwrap();
     let epoch = || {
         let body = trireme::message::Request::QueryServers.encode().unwrap();
-        let answer = probe.call(vl_addr, body, None).unwrap();
+        let answer = probe.call(vl.addr(), body, None).unwrap();
         match trireme::message::Response::decode(&answer).unwrap() {
             trireme::message::Response::Servers { view, .. } => view.epoch.0,
             other => panic!("{other:?}"),
@@ -154,8 +120,7 @@ fn death_to_epoch_change() -> Duration {
     }
     // Die at a random point of the heartbeat cycle.
     std::thread::sleep(Duration::from_millis(Rng::from_entropy().below(500)));
-    let _ = s_stop.send(());
-    s_handle.shutdown();
+    server.stop();
     let died = Instant::now();
     while epoch() == 1 {
         std::thread::sleep(Duration::from_millis(5));

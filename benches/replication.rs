@@ -3,62 +3,31 @@
 //! loopback, each on its own driver thread), p50/p90/p99 over 10 000 sequential operations;
 //! and the same as whole `client` processes (release build), over 200 runs each.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use trireme::client::{Client, SetrHooks};
 use trireme::net::{self, NetConfig};
-use trireme::node;
-use trireme::rng::Rng;
-use trireme::server::{Server, ServerConfig};
-use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+use trireme::node::Running;
+
+use support::percentiles;
 
 /// Operations per in-process measurement.
 const OPS: usize = 10_000;
 /// Client processes per CLI measurement.
 const RUNS: usize = 200;
 
-/// Formats p50/p90/p99/max of `samples` (sorted in place).
-fn percentiles(samples: &mut [Duration]) -> String {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    format!(
-        "p50 {:>8.1} us  p90 {:>8.1} us  p99 {:>8.1} us  max {:>9.1} us",
-        at(0.50).as_secs_f64() * 1e6,
-        at(0.90).as_secs_f64() * 1e6,
-        at(0.99).as_secs_f64() * 1e6,
-        samples[samples.len() - 1].as_secs_f64() * 1e6
-    )
-}
-
-/// Starts a view leader and `n` servers in-process; returns the view leader's address.
-fn cluster(n: usize) -> SocketAddr {
-    let vl_socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let (vl_handle, vl_requests, _t) = net::spawn(vl_socket, NetConfig::default()).unwrap();
-    let vl_addr = vl_handle.local_addr();
-    std::thread::spawn(move || {
-        let (_stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
-        let mut leader = ViewLeader::new(ViewLeaderConfig::default());
-        node::run(&mut leader, &vl_handle, &vl_requests, &stop_rx);
-    });
-    for _ in 0..n {
-        let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let advertise = socket.local_addr().unwrap();
-        let (handle, requests, _t) = net::spawn(socket, NetConfig::default()).unwrap();
-        let config = ServerConfig {
-            advertise,
-            viewleader: Some(vl_addr),
-            heartbeat_interval: Duration::from_millis(100),
-            candidates: Vec::new(),
-        };
-        std::thread::spawn(move || {
-            let (_stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
-            let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
-            node::run(&mut server, &handle, &requests, &stop_rx);
-        });
-    }
-    vl_addr
+/// Starts a view leader and `n` servers in-process (heartbeat 100 ms); the nodes run as long
+/// as the returned values live.
+fn cluster(n: usize) -> Vec<Running> {
+    let vl = support::viewleader();
+    let vl_addr = vl.addr();
+    let mut nodes = vec![vl];
+    nodes.extend((0..n).map(|_| support::server(vl_addr, Duration::from_millis(100))));
+    nodes
 }
 
 /// A client for one operation with a 5 s bound.
@@ -75,7 +44,7 @@ fn client(handle: &net::Handle, vl: SocketAddr) -> Client {
 
 /// Measures in-process setr and getr.
 fn in_process(vl: SocketAddr) {
-    let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = support::socket();
     let (handle, _requests, _t) = net::spawn(socket, NetConfig::default()).unwrap();
     // Wait for all three servers, then until every one learned the epoch (a setr succeeds).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -154,7 +123,8 @@ fn processes(vl: SocketAddr) {
 
 /// Prints every figure.
 fn main() {
-    let vl = cluster(3);
+    let nodes = cluster(3);
+    let vl = nodes[0].addr();
     println!("== 3 servers, replicas 3, loopback, {OPS} sequential operations ==");
     in_process(vl);
     println!("== whole client processes, {RUNS} runs ==");

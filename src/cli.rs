@@ -333,27 +333,25 @@ pub fn viewleader_main() -> i32 {
         ..ViewLeaderConfig::default()
     };
     let socket = bind_or_exit(args.bind, viewleader::DEFAULT_PORTS);
-    let net_config = args.common.net_config();
-    let local = socket
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let (handle, requests, _driver) = match net::spawn(socket, net_config) {
-        Ok(started) => started,
-        Err(e) => {
-            eprintln!("error: cannot start the network driver: {e}");
-            return 1;
-        }
-    };
     let signals = termination_signals();
-    announce(&format!("listening on {local}"));
-    let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
-    std::thread::spawn(move || {
-        let mut leader = ViewLeader::new(config);
-        node::run(&mut leader, &handle, &requests, &stop_rx);
-    });
+    let Some(running) = start_or_report(ViewLeader::new(config), socket, &args.common) else {
+        return 1;
+    };
+    announce(&format!("listening on {}", running.addr()));
     wait_for_termination(signals);
     0
+}
+
+/// Starts `node` on `socket` with the common flags' network settings; reports a failure on
+/// stderr and returns `None`.
+fn start_or_report<N: node::Node + Send + 'static>(
+    node: N,
+    socket: std::net::UdpSocket,
+    common: &CommonArgs,
+) -> Option<node::Running> {
+    node::start(node, socket, common.net_config())
+        .inspect_err(|e| eprintln!("error: cannot start the network driver: {e}"))
+        .ok()
 }
 
 /// The server program; returns the exit code.
@@ -379,18 +377,13 @@ pub fn server_main() -> i32 {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         candidates: viewleader::default_candidates(),
     };
-    let (handle, requests, _driver) = match net::spawn(socket, args.common.net_config()) {
-        Ok(started) => started,
-        Err(e) => {
-            eprintln!("error: cannot start the network driver: {e}");
-            return 1;
-        }
-    };
-    let mut server = Server::new(config, Rng::from_entropy(), Instant::now());
+    let server = Server::new(config, Rng::from_entropy(), Instant::now());
+    let id = server.id();
     let signals = termination_signals();
-    announce(&format!("listening on {local} id {}", server.id()));
-    let (_stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
-    std::thread::spawn(move || node::run(&mut server, &handle, &requests, &stop_rx));
+    let Some(_running) = start_or_report(server, socket, &args.common) else {
+        return 1;
+    };
+    announce(&format!("listening on {local} id {id}"));
     wait_for_termination(signals);
     0
 }

@@ -486,10 +486,7 @@ impl Client {
         let view = self.replicated_view()?;
         let replicas = ring::replicas(&view, key);
         self.pause(hooks.pause_after_view, "while pausing after the view")?;
-        let txid = TxId(
-            (u128::from(Rng::from_entropy().next_u64()) << 64)
-                | u128::from(Rng::from_entropy().next_u64()),
-        );
+        let txid = TxId::random(&mut Rng::from_entropy());
         let remaining = self.deadline.map_or(UNBOUNDED_DECISION_WAIT, |d| {
             d.saturating_duration_since(Instant::now())
         });
@@ -631,6 +628,27 @@ impl Client {
     /// it; `not_found` only when every replica that answered said it does not hold it.
     pub fn getr(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
         message::check_key(key)?;
+        loop {
+            match self.getr_once(key) {
+                // The view changed between our `query_servers` and the read, so every replica
+                // refused our epoch. A read can safely be tried again: with `--wait`, fetch
+                // the new view (waiting out its rebalance) and read again.
+                Err(e) if e.kind == ErrorKind::Rebalancing && self.wait => {
+                    if self
+                        .deadline
+                        .is_some_and(|d| Instant::now() + REBALANCING_POLL >= d)
+                    {
+                        return Err(e);
+                    }
+                    debug!("getr {key:?}: {}; reading again", e.message);
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One replicated read of `key` against the current view (see [`Client::getr`]).
+    fn getr_once(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
         let view = self.replicated_view()?;
         let replicas = ring::replicas(&view, key);
         let request = Request::GetR {
@@ -642,6 +660,7 @@ impl Client {
         // unreachable (or refuses at another epoch) gives no information.
         let mut silent: Option<OpError> = None;
         let mut unreachable: Option<OpError> = None;
+        let mut stale: Option<OpError> = None;
         for (index, replica) in replicas.iter().enumerate() {
             // Each replica gets its share of the remaining time, so one silent replica
             // cannot use it all.
@@ -666,17 +685,17 @@ impl Client {
                     );
                     // A replica that is unreachable, or at another epoch than our view (it
                     // refuses with `rebalancing`), has nothing to say about the key.
-                    if matches!(e.kind, ErrorKind::Unreachable | ErrorKind::Rebalancing) {
-                        unreachable = Some(e);
-                    } else {
-                        silent = Some(e);
+                    match e.kind {
+                        ErrorKind::Rebalancing => stale = Some(e),
+                        ErrorKind::Unreachable => unreachable = Some(e),
+                        _ => silent = Some(e),
                     }
                 }
             }
         }
         // A replica that is reachable but did not answer may hold the key: only when every
         // replica that could be reached said "not found" is the answer `not_found`.
-        match (silent, unreachable) {
+        match (silent, stale.or(unreachable)) {
             (Some(e), _) => Err(e),
             (None, Some(e)) if not_found == 0 => Err(e),
             _ => Err(op_error(

@@ -193,6 +193,8 @@ pub struct Participant {
     decided_order: VecDeque<(TxId, Instant)>,
     /// The last token handed out for a termination query.
     last_token: u64,
+    /// Which transaction each outstanding termination query is about.
+    queries: HashMap<u64, TxId>,
 }
 
 impl Participant {
@@ -462,6 +464,7 @@ impl Participant {
             for peer in peers {
                 self.last_token += 1;
                 let token = self.last_token;
+                self.queries.insert(token, txid);
                 if let Some(pending) = self.pending.get_mut(&txid) {
                     pending.round.asked.insert(token, peer.id);
                 }
@@ -500,13 +503,16 @@ impl Participant {
         answer: Option<TxOutcome>,
         view: Option<&View>,
     ) -> Vec<Effect> {
-        let Some((&txid, _)) = self
-            .pending
-            .iter()
-            .find(|(_, p)| p.round.asked.contains_key(&token))
-        else {
+        let Some(txid) = self.queries.remove(&token) else {
             return Vec::new();
         };
+        if !self
+            .pending
+            .get(&txid)
+            .is_some_and(|p| p.round.asked.contains_key(&token))
+        {
+            return Vec::new(); // decided meanwhile, or an answer from an earlier round
+        }
         match answer {
             Some(TxOutcome::Committed { version }) => {
                 info!("transaction {txid}: a peer committed it (version {version}); committing");

@@ -259,6 +259,13 @@ pub struct Entry {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TxId(pub u128);
 
+impl TxId {
+    /// Draws a fresh random transaction id from `rng`.
+    pub fn random(rng: &mut crate::rng::Rng) -> TxId {
+        TxId((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()))
+    }
+}
+
 impl fmt::Display for TxId {
     /// Formats the id as 32 lowercase hex characters.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

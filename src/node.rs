@@ -9,14 +9,16 @@
 //! [`Node::poll_timeout`] and call [`Node::handle_timeout`] once that instant has come.
 //! `now` never goes backwards.
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, select};
+use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, warn};
 
 use crate::message::{ErrorKind, Request, Response};
-use crate::net::{self, IncomingRequest, Reply};
+use crate::net::{self, IncomingRequest, NetConfig, Reply};
 use crate::reliable::{IncomingId, RequestError};
 
 /// Something a node wants done.
@@ -59,6 +61,57 @@ pub trait Node {
 
     /// The next action to carry out, if any.
     fn poll_action(&mut self) -> Option<Action>;
+}
+
+/// A node running on its own driver thread and node thread (see [`start`]). Dropping it, or
+/// calling [`Running::stop`], stops the node and its driver.
+#[derive(Debug)]
+pub struct Running {
+    /// The driver's handle (its address, counters; requests from this process).
+    pub handle: net::Handle,
+    /// Dropped to stop the node thread.
+    stop: Sender<()>,
+    /// The node thread.
+    thread: JoinHandle<()>,
+}
+
+impl Running {
+    /// The address the node's socket is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.local_addr()
+    }
+
+    /// Stops the node and its driver, and waits for the node thread to end.
+    pub fn stop(self) {
+        let Running {
+            handle,
+            stop,
+            thread,
+        } = self;
+        drop(stop);
+        handle.shutdown();
+        let _ = thread.join();
+    }
+}
+
+/// Runs `node` on `socket`: starts a driver with `config` and a thread that drives the node
+/// with [`run`]. This is how the binaries, benchmarks and tests host a node.
+pub fn start<N: Node + Send + 'static>(
+    mut node: N,
+    socket: UdpSocket,
+    config: NetConfig,
+) -> io::Result<Running> {
+    let (handle, requests, _driver) = net::spawn(socket, config)?;
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let node_handle = handle.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("node-{}", handle.local_addr()))
+        .spawn(move || run(&mut node, &node_handle, &requests, &stopped))?;
+    Ok(Running {
+        handle,
+        stop,
+        thread,
+    })
 }
 
 /// Drives `node` on a network driver until `shutdown` receives (or disconnects), or the

@@ -127,6 +127,8 @@ pub struct Server {
     participant: Participant,
     /// Replicated reads held back until the prepared write on their key is decided.
     deferred: BTreeMap<String, Vec<IncomingId>>,
+    /// How many reads `deferred` holds in all (checked against the bound on every read).
+    deferred_count: usize,
     /// The last completed view the view leader published (the anchor of rebalancing).
     completed: Option<View>,
     /// The last epoch this server finished rebalancing for (sends acknowledged, drops done).
@@ -163,6 +165,7 @@ impl Server {
             discovery: None,
             participant: Participant::new(),
             deferred: BTreeMap::new(),
+            deferred_count: 0,
             completed: None,
             finished: Epoch(0),
             sent: Epoch(0),
@@ -511,8 +514,7 @@ impl Server {
                     ));
                 }
                 if self.participant.is_locked(&key) {
-                    let held: usize = self.deferred.values().map(Vec::len).sum();
-                    if held >= MAX_DEFERRED_READS {
+                    if self.deferred_count >= MAX_DEFERRED_READS {
                         return Some(Response::error(
                             ErrorKind::Aborted,
                             "too many reads are waiting for pending commits",
@@ -520,6 +522,7 @@ impl Server {
                     }
                     // Answer once the pending write is decided, never with the old value.
                     self.deferred.entry(key).or_default().push(id);
+                    self.deferred_count += 1;
                     return None;
                 }
                 self.read(&key)
@@ -802,6 +805,7 @@ impl Server {
     /// Answers every replicated read held back on `key` (its pending write was decided).
     fn answer_deferred(&mut self, key: &str) {
         if let Some(waiting) = self.deferred.remove(key) {
+            self.deferred_count -= waiting.len();
             let response = self.read(key);
             for id in waiting {
                 self.actions.push_back(Action::Respond {

@@ -70,6 +70,16 @@ fn wait_rebalanced(handle: &Handle, vl: &ViewLeader, servers: &[Server]) -> View
     }
 }
 
+/// Starts a view leader, `n` servers and a driver in this process; returns once the view
+/// holds all `n` servers and is rebalanced.
+fn start(env: &Env, n: usize) -> (ViewLeader, Vec<Server>, Handle) {
+    let vl = viewleader(env);
+    let servers: Vec<Server> = (0..n).map(|_| server(env, &vl)).collect();
+    let handle = driver(env);
+    wait_rebalanced(&handle, &vl, &servers);
+    (vl, servers, handle)
+}
+
 /// Writes `keys` with `setr` (retrying only while a view change is still settling).
 fn write_all(handle: &Handle, vl: &ViewLeader, keys: &[String], value: impl Fn(&str) -> String) {
     for key in keys {
@@ -154,10 +164,7 @@ fn value_of(key: &str) -> String {
 /// that stores all the keys ... then gradually add more servers and the keys will be
 /// automatically rebalanced". Every step: every key readable, every bucket exact.
 fn shrinking_to_one_server_and_growing_back_keeps_every_key(env: &Env) {
-    let vl = viewleader(env);
-    let mut servers: Vec<Server> = (0..5).map(|_| server(env, &vl)).collect();
-    let handle = driver(env);
-    wait_rebalanced(&handle, &vl, &servers);
+    let (vl, mut servers, handle) = start(env, 5);
     let keys = keys(200);
     write_all(&handle, &vl, &keys, value_of);
     let view = wait_rebalanced(&handle, &vl, &servers);
@@ -200,10 +207,7 @@ cluster_test!(
 /// Assignment 3.2: as long as fewer than `replicas` holders of a key fail, it survives: two
 /// of five servers killed at once lose nothing.
 fn two_servers_killed_at_once_lose_no_key(env: &Env) {
-    let vl = viewleader(env);
-    let mut servers: Vec<Server> = (0..5).map(|_| server(env, &vl)).collect();
-    let handle = driver(env);
-    wait_rebalanced(&handle, &vl, &servers);
+    let (vl, mut servers, handle) = start(env, 5);
     let keys = keys(200);
     write_all(&handle, &vl, &keys, value_of);
     drop(servers.remove(0));
@@ -220,10 +224,7 @@ cluster_test!(
 /// Issue 4: overlapping view changes: a server joins while another is dying; the servers
 /// plan again against the newest view and nothing is lost or left behind.
 fn a_server_joining_while_another_dies_loses_nothing(env: &Env) {
-    let vl = viewleader(env);
-    let mut servers: Vec<Server> = (0..4).map(|_| server(env, &vl)).collect();
-    let handle = driver(env);
-    wait_rebalanced(&handle, &vl, &servers);
+    let (vl, mut servers, handle) = start(env, 4);
     let keys = keys(200);
     write_all(&handle, &vl, &keys, value_of);
     drop(servers.remove(0));
@@ -240,10 +241,7 @@ cluster_test!(
 /// Contract: a raw `set` is subject to rebalancing like any other key: after the next view
 /// change it is on exactly its replicas (and gone from a server that is not one).
 fn a_raw_set_key_moves_to_its_replicas(env: &Env) {
-    let vl = viewleader(env);
-    let mut servers: Vec<Server> = (0..3).map(|_| server(env, &vl)).collect();
-    let handle = driver(env);
-    let view = wait_rebalanced(&handle, &vl, &servers);
+    let (vl, mut servers, handle) = start(env, 3);
     // With 3 servers every server is a replica; a fourth server joins, and a raw key set on
     // the newcomer that is not its replica must move.
     servers.push(server(env, &vl));
@@ -257,7 +255,6 @@ fn a_raw_set_key_moves_to_its_replicas(env: &Env) {
     client(&handle, &vl, newcomer)
         .set(&key, "raw value")
         .unwrap();
-    let _ = view;
     drop(servers.remove(0));
     let view3 = wait_rebalanced(&handle, &vl, &servers);
     assert_exact(
@@ -275,10 +272,7 @@ cluster_test!(a_raw_set_key_moves_to_its_replicas, crate::REBALANCE_FAULTS);
 #[test]
 fn a_rebalance_moves_one_mebibyte_values() {
     let env = Env::clean();
-    let vl = viewleader(&env);
-    let mut servers: Vec<Server> = (0..3).map(|_| server(&env, &vl)).collect();
-    let handle = driver(&env);
-    wait_rebalanced(&handle, &vl, &servers);
+    let (vl, mut servers, handle) = start(&env, 3);
     let keys = keys(6);
     let big = |key: &str| format!("{key}:{}", "x".repeat((1 << 20) - key.len() - 1));
     write_all(&handle, &vl, &keys, big);
@@ -304,10 +298,7 @@ fn a_rebalance_moves_one_mebibyte_values() {
 #[test]
 fn replicated_operations_refuse_while_rebalancing_or_wait_with_wait() {
     let env = Env::clean();
-    let vl = viewleader(&env);
-    let mut servers: Vec<Server> = (0..3).map(|_| server(&env, &vl)).collect();
-    let handle = driver(&env);
-    wait_rebalanced(&handle, &vl, &servers);
+    let (vl, mut servers, handle) = start(&env, 3);
     write_all(&handle, &vl, &keys(1), value_of);
     servers[0].proc.signal(libc::SIGSTOP);
     servers.push(server(&env, &vl));

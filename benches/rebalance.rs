@@ -1,0 +1,168 @@
+//! Rebalancing figures, printed (run with `cargo bench --bench rebalance`):
+//!
+//! 1. copies sent vs. the theoretical minimum for a join and a departure with 10 servers and
+//!    100 000 keys (3 replicas, 64 vnodes), computed by the planner the servers run;
+//! 2. throughput of a real rebalance on loopback: one server holding 100 000 keys of 1 KiB,
+//!    a second joins, and every key is copied to it (time from the join until the view
+//!    leader reports the epoch complete);
+//! 3. the refusal window after a view change with the default heartbeat interval (500 ms):
+//!    how long `rebalancing` stays true after a join with little data.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use trireme::client::Client;
+use trireme::net::{self, Handle, NetConfig};
+use trireme::node::Running;
+use trireme::rebalance::{self, Held};
+use trireme::ring::Ring;
+use trireme::rng::Rng;
+use trireme::view::{Epoch, Member, ServerId, View};
+
+/// `n` members with ids from a fixed seed.
+fn members(n: usize, seed: u64) -> Vec<Member> {
+    let mut rng = Rng::seeded(seed);
+    (0..n)
+        .map(|i| Member {
+            id: ServerId::random(&mut rng),
+            addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+        })
+        .collect()
+}
+
+/// A view of `members` at `epoch` (3 replicas, 64 vnodes).
+fn view(epoch: u64, members: &[Member]) -> View {
+    let mut members = members.to_vec();
+    members.sort_by_key(|m| m.id);
+    View {
+        epoch: Epoch(epoch),
+        members,
+        replicas: 3,
+        vnodes: 64,
+    }
+}
+
+/// Copies every surviving server's plan sends from `before` to `after`, and the minimum: one
+/// copy per (key, replica in `after` that was not a replica in `before`).
+fn copies(before: &View, after: &View, keys: &[String]) -> (usize, usize) {
+    let (old_ring, new_ring) = (Ring::new(before), Ring::new(after));
+    let mut minimum = 0;
+    let mut buckets: Vec<(ServerId, Vec<&String>)> =
+        before.members.iter().map(|m| (m.id, Vec::new())).collect();
+    for key in keys {
+        let old: BTreeSet<ServerId> = old_ring.replicas(key, 3).iter().map(|m| m.id).collect();
+        minimum += new_ring
+            .replicas(key, 3)
+            .iter()
+            .filter(|m| !old.contains(&m.id))
+            .count();
+        for (id, bucket) in &mut buckets {
+            if old.contains(id) {
+                bucket.push(key);
+            }
+        }
+    }
+    let sent = buckets
+        .iter()
+        .filter(|(id, _)| after.contains(*id))
+        .map(|(id, bucket)| {
+            rebalance::plan(
+                *id,
+                before,
+                after,
+                bucket.iter().map(|k| Held {
+                    key: k,
+                    stray: false,
+                }),
+            )
+            .copies()
+        })
+        .sum();
+    (sent, minimum)
+}
+
+/// A client with a 60 s bound.
+fn client(handle: &Handle, vl: SocketAddr, server: SocketAddr) -> Client {
+    Client::new(
+        handle.clone(),
+        Some(vl),
+        Vec::new(),
+        server,
+        Some(Duration::from_secs(60)),
+    )
+}
+
+/// Waits until the view has `n` servers and is not rebalancing; returns the wait.
+fn settle(handle: &Handle, vl: SocketAddr, n: usize) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(info) = client(handle, vl, vl).query_servers()
+            && info.view.members.len() == n
+            && !info.rebalancing
+        {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Prints every figure.
+fn main() {
+    let keys: Vec<String> = (0..100_000).map(|i| format!("key{i}")).collect();
+    let eleven = members(11, 7);
+    let (join_sent, join_min) = copies(&view(1, &eleven[..10]), &view(2, &eleven), &keys);
+    let (leave_sent, leave_min) = copies(&view(1, &eleven[..10]), &view(2, &eleven[1..10]), &keys);
+    println!("== copies sent vs. minimum, 10 servers, 100000 keys, 3 replicas, 64 vnodes ==");
+    println!("one joins:  {join_sent} copies sent, minimum {join_min}");
+    println!("one leaves: {leave_sent} copies sent, minimum {leave_min}");
+
+    let (handle, _requests, _thread) = net::spawn(support::socket(), NetConfig::default()).unwrap();
+    let heartbeat = Duration::from_millis(100);
+    let vl = support::viewleader();
+    let mut nodes: Vec<Running> = vec![support::server(vl.addr(), heartbeat)];
+    settle(&handle, vl.addr(), 1);
+    let value = "v".repeat(1024);
+    let loading = Instant::now();
+    for key in &keys {
+        client(&handle, vl.addr(), nodes[0].addr())
+            .set(key, &value)
+            .expect("set");
+    }
+    println!(
+        "== rebalance throughput: 100000 keys of 1 KiB, loaded with raw set in {:.1} s ==",
+        loading.elapsed().as_secs_f64()
+    );
+    // The raw writes are strays: the next view change sends every one to its replicas.
+    let join = Instant::now();
+    nodes.push(support::server(vl.addr(), heartbeat));
+    settle(&handle, vl.addr(), 2);
+    let took = join.elapsed();
+    let megabytes = keys.iter().map(|k| k.len() + value.len()).sum::<usize>() as f64 / 1e6;
+    println!(
+        "join to completion: {:.2} s for {megabytes:.1} MB = {:.1} MB/s (heartbeat 100 ms)",
+        took.as_secs_f64(),
+        megabytes / took.as_secs_f64()
+    );
+
+    let vl = support::viewleader();
+    let default_heartbeat = Duration::from_millis(500);
+    nodes.extend((0..3).map(|_| support::server(vl.addr(), default_heartbeat)));
+    settle(&handle, vl.addr(), 3);
+    let mut windows = Vec::new();
+    for n in 4..=6 {
+        nodes.push(support::server(vl.addr(), default_heartbeat));
+        while client(&handle, vl.addr(), vl.addr())
+            .query_servers()
+            .map_or(0, |i| i.view.members.len())
+            < n
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        windows.push(settle(&handle, vl.addr(), n).as_millis());
+    }
+    println!("== refusal window after a join, default heartbeat 500 ms, 3 joins (ms) ==");
+    println!("{windows:?}");
+}
