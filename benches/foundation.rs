@@ -2,7 +2,8 @@
 //!
 //! 1. request/response round trip through the reliable layer on loopback, in-process:
 //!    p50/p90/p99/max over 10 000 sequential requests, clean and with 10% loss injected on
-//!    both sides; plus the raw UDP round trip on the same loopback for reference;
+//!    both sides, and clean with both sides writing a `--trace` pcap; plus the raw UDP round
+//!    trip on the same loopback for reference;
 //! 2. time from a server's death to the view leader's epoch change, with the default
 //!    heartbeat interval (500 ms) and `--dead-after-ms` (2000 ms).
 
@@ -14,17 +15,29 @@ use std::time::{Duration, Instant};
 use trireme::faults::FaultSpec;
 use trireme::net::{self, NetConfig};
 use trireme::rng::Rng;
+use trireme::trace::Tracer;
 
 use support::percentiles;
 
 /// Requests per round-trip measurement.
 const REQUESTS: usize = 10_000;
 
-/// Starts an echo responder on loopback with `faults`; returns its address.
-fn echo_responder(faults: FaultSpec) -> SocketAddr {
+/// A `--trace` file in the temp directory for one side of a measurement, or none.
+fn tracer(traced: bool, side: &str) -> Option<Tracer> {
+    traced.then(|| {
+        let path =
+            std::env::temp_dir().join(format!("trireme-bench-{}-{side}.pcap", std::process::id()));
+        Tracer::create(&path, None).unwrap()
+    })
+}
+
+/// Starts an echo responder on loopback with `faults` (tracing if `traced`); returns its
+/// address.
+fn echo_responder(faults: FaultSpec, traced: bool) -> SocketAddr {
     let socket = support::socket();
     let config = NetConfig {
         faults,
+        trace: tracer(traced, "responder"),
         ..NetConfig::default()
     };
     let (handle, requests, _thread) = net::spawn(socket, config).unwrap();
@@ -37,15 +50,17 @@ fn echo_responder(faults: FaultSpec) -> SocketAddr {
     addr
 }
 
-/// Measures `REQUESTS` sequential 64-byte requests to an echo responder.
-fn round_trips(label: &str, faults: &str) {
+/// Measures `REQUESTS` sequential 64-byte requests to an echo responder, both sides
+/// writing a `--trace` file if `traced`.
+fn round_trips(label: &str, faults: &str, traced: bool) {
     let spec: FaultSpec = faults.parse().unwrap();
-    let responder = echo_responder(spec);
+    let responder = echo_responder(spec, traced);
     let socket = support::socket();
     let (handle, _requests, _thread) = net::spawn(
         socket,
         NetConfig {
             faults: spec,
+            trace: tracer(traced, "requester"),
             ..NetConfig::default()
         },
     )
@@ -66,7 +81,7 @@ fn round_trips(label: &str, faults: &str) {
     let elapsed = started.elapsed();
     let stats = handle.stats().unwrap();
     println!(
-        "{label:<28} {}  ({:.0} req/s, {} retransmissions)",
+        "{label:<30} {}  ({:.0} req/s, {} retransmissions)",
         percentiles(&mut samples),
         REQUESTS as f64 / elapsed.as_secs_f64(),
         stats.retransmissions
@@ -95,7 +110,7 @@ fn raw_udp() {
         }
     }
     println!(
-        "{:<28} {}",
+        "{:<30} {}",
         "raw UDP echo (reference)",
         percentiles(&mut samples)
     );
@@ -132,8 +147,9 @@ fn death_to_epoch_change() -> Duration {
 fn main() {
     println!("== request/response round trip, {REQUESTS} sequential requests, 64-byte bodies ==");
     raw_udp();
-    round_trips("reliable layer, clean", "");
-    round_trips("reliable layer, 10% loss", "loss=0.1");
+    round_trips("reliable layer, clean", "", false);
+    round_trips("reliable layer, clean, traced", "", true);
+    round_trips("reliable layer, 10% loss", "loss=0.1", false);
     println!("== server death to epoch change (heartbeat 500 ms, dead-after 2000 ms) ==");
     let mut samples: Vec<Duration> = (0..5).map(|_| death_to_epoch_change()).collect();
     samples.sort();

@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -19,6 +20,7 @@ use crate::net::{self, NetConfig};
 use crate::node;
 use crate::rng::Rng;
 use crate::server::{Server, ServerConfig};
+use crate::trace::{TraceError, Tracer};
 use crate::view::{Epoch, Member};
 use crate::viewleader::{self, ViewLeader, ViewLeaderConfig};
 
@@ -35,6 +37,10 @@ pub struct CommonArgs {
     /// jitter=10ms,seed=42 (default: env TRIREME_FAULTS, else none).
     #[arg(long, global = true, value_name = "SPEC", value_parser = parse_faults)]
     pub faults: Option<FaultSpec>,
+    /// Record every datagram sent and received in FILE, as a pcap trace (read it with
+    /// trace-dump, tshark or Wireshark).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
 }
 
 /// Parses an address flag: `IP:PORT`, or `:PORT` for 127.0.0.1 (so `--bind :0` lets the OS
@@ -88,17 +94,58 @@ impl CommonArgs {
         }
     }
 
-    /// The network settings for these flags.
-    fn net_config(&self) -> NetConfig {
+    /// Opens the `--trace` file, if one was asked for. `local` is written as this process's
+    /// address instead of the bound one (the advertised address of a wildcard-bound server).
+    fn open_trace(&self, local: Option<SocketAddr>) -> Result<Option<Tracer>, TraceError> {
+        self.trace
+            .as_deref()
+            .map(|path| Tracer::create(path, local))
+            .transpose()
+    }
+
+    /// The network settings for these flags, recording datagrams in `trace` if given.
+    fn net_config(&self, trace: Option<&Tracer>) -> NetConfig {
         let faults = self.fault_spec();
         if !faults.is_none() {
             warn!("injecting faults on outgoing datagrams: {faults}");
         }
         NetConfig {
             faults,
+            trace: trace.cloned(),
             ..NetConfig::default()
         }
     }
+}
+
+/// Writes out what `trace` recorded so far (a program about to exit runs no destructors) and
+/// reports datagrams the trace had to leave out.
+fn close_trace(trace: Option<&Tracer>) {
+    let Some(trace) = trace else { return };
+    if !trace.flush(Duration::from_secs(2)) {
+        warn!(
+            "trace {}: not everything was written",
+            trace.path().display()
+        );
+    }
+    let dropped = trace.dropped();
+    if dropped > 0 {
+        warn!(
+            "trace {}: {dropped} datagrams left out (the writer fell behind)",
+            trace.path().display()
+        );
+    }
+}
+
+/// Opens the `--trace` file of a long-running program; on failure prints the error and
+/// returns `Err(1)`, the exit code.
+fn open_trace_or_report(
+    common: &CommonArgs,
+    local: Option<SocketAddr>,
+) -> Result<Option<Tracer>, i32> {
+    common.open_trace(local).map_err(|e| {
+        eprintln!("error: cannot open the trace file: {e}");
+        1
+    })
 }
 
 /// `viewleader`: membership, epochs, views and locks.
@@ -333,12 +380,22 @@ pub fn viewleader_main() -> i32 {
         ..ViewLeaderConfig::default()
     };
     let socket = bind_or_exit(args.bind, viewleader::DEFAULT_PORTS);
+    let trace = match open_trace_or_report(&args.common, None) {
+        Ok(trace) => trace,
+        Err(code) => return code,
+    };
     let signals = termination_signals();
-    let Some(running) = start_or_report(ViewLeader::new(config), socket, &args.common) else {
+    let Some(running) = start_or_report(
+        ViewLeader::new(config),
+        socket,
+        &args.common,
+        trace.as_ref(),
+    ) else {
         return 1;
     };
     announce(&format!("listening on {}", running.addr()));
     wait_for_termination(signals);
+    close_trace(trace.as_ref());
     0
 }
 
@@ -348,8 +405,9 @@ fn start_or_report<N: node::Node + Send + 'static>(
     node: N,
     socket: std::net::UdpSocket,
     common: &CommonArgs,
+    trace: Option<&Tracer>,
 ) -> Option<node::Running> {
-    node::start(node, socket, common.net_config())
+    node::start(node, socket, common.net_config(trace))
         .inspect_err(|e| eprintln!("error: cannot start the network driver: {e}"))
         .ok()
 }
@@ -377,14 +435,19 @@ pub fn server_main() -> i32 {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         candidates: viewleader::default_candidates(),
     };
+    let trace = match open_trace_or_report(&args.common, Some(advertise)) {
+        Ok(trace) => trace,
+        Err(code) => return code,
+    };
     let server = Server::new(config, Rng::from_entropy(), Instant::now());
     let id = server.id();
     let signals = termination_signals();
-    let Some(_running) = start_or_report(server, socket, &args.common) else {
+    let Some(_running) = start_or_report(server, socket, &args.common, trace.as_ref()) else {
         return 1;
     };
     announce(&format!("listening on {local} id {id}"));
     wait_for_termination(signals);
+    close_trace(trace.as_ref());
     0
 }
 
@@ -599,12 +662,17 @@ fn run_client_command(
         message: format!("cannot bind a local socket: {e}"),
         cycle: Vec::new(),
     })?;
-    let (handle, _requests, _driver) =
-        net::spawn(socket, args.common.net_config()).map_err(|e| OpError {
-            kind: ErrorKind::Unreachable,
-            message: format!("cannot start the network driver: {e}"),
-            cycle: Vec::new(),
-        })?;
+    let trace = args.common.open_trace(None).map_err(|e| OpError {
+        kind: ErrorKind::BadInput,
+        message: format!("cannot open the trace file: {e}"),
+        cycle: Vec::new(),
+    })?;
+    let (handle, _requests, _driver) = net::spawn(socket, args.common.net_config(trace.as_ref()))
+        .map_err(|e| OpError {
+        kind: ErrorKind::Unreachable,
+        message: format!("cannot start the network driver: {e}"),
+        cycle: Vec::new(),
+    })?;
     let timeout = (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms));
     let mut client = Client::new(
         handle.clone(),
@@ -664,6 +732,7 @@ fn run_client_command(
             .map(|()| Outcome::Released { lock, requester }),
     };
     handle.shutdown();
+    close_trace(trace.as_ref());
     outcome
 }
 

@@ -42,5 +42,6 @@ pub mod reliable;
 pub mod ring;
 pub mod rng;
 pub mod server;
+pub mod trace;
 pub mod view;
 pub mod viewleader;

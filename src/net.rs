@@ -23,6 +23,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::faults::{FaultInjector, FaultSpec};
 use crate::reliable::{self, Endpoint, Event, IncomingId, RequestError, RequestId, Stats};
 use crate::rng::Rng;
+use crate::trace::{Direction, Tracer};
 
 /// Settings of one driver.
 #[derive(Clone, Debug, Default)]
@@ -33,6 +34,8 @@ pub struct NetConfig {
     pub faults: FaultSpec,
     /// Seed of the endpoint's RNG (incarnation id); random when `None`.
     pub seed: Option<u64>,
+    /// Where every datagram sent and received is recorded (`--trace`), if anywhere.
+    pub trace: Option<Tracer>,
 }
 
 /// Socket buffer size asked of the kernel: room for a window of fragments from many peers.
@@ -347,6 +350,8 @@ pub fn spawn(
     };
     let mut driver = Driver {
         socket,
+        local_addr,
+        tracer: config.trace,
         poll,
         endpoint,
         faults,
@@ -378,6 +383,10 @@ pub fn spawn(
 struct Driver {
     /// The socket.
     socket: mio::net::UdpSocket,
+    /// The socket's bound address (for the trace).
+    local_addr: SocketAddr,
+    /// Records every datagram sent and received, when tracing.
+    tracer: Option<Tracer>,
     /// The readiness poll (socket and waker).
     poll: Poll,
     /// The protocol state machine.
@@ -442,7 +451,17 @@ impl Driver {
     fn receive(&mut self, now: Instant) -> bool {
         for _ in 0..RECEIVE_BATCH {
             match self.socket.recv_from(&mut self.buffer) {
-                Ok((n, from)) => self.endpoint.handle_datagram(now, from, &self.buffer[..n]),
+                Ok((n, from)) => {
+                    if let Some(tracer) = &self.tracer {
+                        tracer.record(
+                            Direction::Received,
+                            self.local_addr,
+                            from,
+                            &self.buffer[..n],
+                        );
+                    }
+                    self.endpoint.handle_datagram(now, from, &self.buffer[..n]);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.drain_error_queue(now);
                     return false;
@@ -514,6 +533,16 @@ impl Driver {
     /// are due, and hands events to the application.
     fn flush(&mut self, now: Instant) {
         while let Some(transmit) = self.endpoint.poll_transmit() {
+            // Traced as the endpoint emits it, before fault injection: what a capture at the
+            // sender would show on a network that loses, delays or duplicates datagrams.
+            if let Some(tracer) = &self.tracer {
+                tracer.record(
+                    Direction::Sent,
+                    self.local_addr,
+                    transmit.dst,
+                    &transmit.payload,
+                );
+            }
             if self.faults.spec().is_none() {
                 self.send_now(now, transmit.dst, &transmit.payload);
                 continue;

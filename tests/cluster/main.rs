@@ -11,6 +11,7 @@ mod membership;
 mod rebalancing;
 mod replication;
 mod robustness;
+mod tracing;
 mod util;
 
 /// The fault spec of the `*_under_faults` variants.

@@ -183,6 +183,11 @@ pub fn viewleader_with(env: &Env, extra: &[&str]) -> ViewLeader {
 
 /// Starts a server attached to `vl` with the tests' heartbeat interval.
 pub fn server(env: &Env, vl: &ViewLeader) -> Server {
+    server_with(env, vl, &[])
+}
+
+/// Starts a server attached to `vl` with the tests' heartbeat interval and extra flags.
+pub fn server_with(env: &Env, vl: &ViewLeader, extra: &[&str]) -> Server {
     let mut command = env.command(SERVER);
     command.args([
         "--bind",
@@ -191,6 +196,7 @@ pub fn server(env: &Env, vl: &ViewLeader) -> Server {
         &vl.addr.to_string(),
     ]);
     command.args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()]);
+    command.args(extra);
     let proc = Proc::start(command);
     let words: Vec<&str> = proc.first_line.split(' ').collect();
     match words.as_slice() {
