@@ -27,7 +27,7 @@ fn tracer(traced: bool, side: &str) -> Option<Tracer> {
     traced.then(|| {
         let path =
             std::env::temp_dir().join(format!("trireme-bench-{}-{side}.pcap", std::process::id()));
-        Tracer::create(&path, None).unwrap()
+        Tracer::create(&path).unwrap()
     })
 }
 

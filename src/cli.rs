@@ -94,13 +94,9 @@ impl CommonArgs {
         }
     }
 
-    /// Opens the `--trace` file, if one was asked for. `local` is written as this process's
-    /// address instead of the bound one (the advertised address of a wildcard-bound server).
-    fn open_trace(&self, local: Option<SocketAddr>) -> Result<Option<Tracer>, TraceError> {
-        self.trace
-            .as_deref()
-            .map(|path| Tracer::create(path, local))
-            .transpose()
+    /// Opens the `--trace` file, if one was asked for.
+    fn open_trace(&self) -> Result<Option<Tracer>, TraceError> {
+        self.trace.as_deref().map(Tracer::create).transpose()
     }
 
     /// The network settings for these flags, recording datagrams in `trace` if given.
@@ -138,11 +134,8 @@ fn close_trace(trace: Option<&Tracer>) {
 
 /// Opens the `--trace` file of a long-running program; on failure prints the error and
 /// returns `Err(1)`, the exit code.
-fn open_trace_or_report(
-    common: &CommonArgs,
-    local: Option<SocketAddr>,
-) -> Result<Option<Tracer>, i32> {
-    common.open_trace(local).map_err(|e| {
+fn open_trace_or_report(common: &CommonArgs) -> Result<Option<Tracer>, i32> {
+    common.open_trace().map_err(|e| {
         eprintln!("error: cannot open the trace file: {e}");
         1
     })
@@ -380,7 +373,7 @@ pub fn viewleader_main() -> i32 {
         ..ViewLeaderConfig::default()
     };
     let socket = bind_or_exit(args.bind, viewleader::DEFAULT_PORTS);
-    let trace = match open_trace_or_report(&args.common, None) {
+    let trace = match open_trace_or_report(&args.common) {
         Ok(trace) => trace,
         Err(code) => return code,
     };
@@ -435,7 +428,7 @@ pub fn server_main() -> i32 {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         candidates: viewleader::default_candidates(),
     };
-    let trace = match open_trace_or_report(&args.common, Some(advertise)) {
+    let trace = match open_trace_or_report(&args.common) {
         Ok(trace) => trace,
         Err(code) => return code,
     };
@@ -657,12 +650,18 @@ fn run_client_command(
         }
         _ => None,
     };
-    let socket = net::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(|e| OpError {
+    // Bound to the wildcard address, so that peers on any host can be reached (a socket bound
+    // to 127.0.0.1 cannot send to another host).
+    let local_ip = match args.viewleader {
+        Some(addr) if addr.is_ipv6() => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    let socket = net::bind(SocketAddr::new(local_ip, 0)).map_err(|e| OpError {
         kind: ErrorKind::Unreachable,
         message: format!("cannot bind a local socket: {e}"),
         cycle: Vec::new(),
     })?;
-    let trace = args.common.open_trace(None).map_err(|e| OpError {
+    let trace = args.common.open_trace().map_err(|e| OpError {
         kind: ErrorKind::BadInput,
         message: format!("cannot open the trace file: {e}"),
         cycle: Vec::new(),

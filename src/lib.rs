@@ -16,6 +16,8 @@
 //! - [`faults`]: parsing of `--faults` specs and the seeded fault injector on the send path.
 //! - [`net`]: the driver thread that runs a [`reliable::Endpoint`] on a real UDP socket, and
 //!   the [`net::Handle`] applications use to talk through it.
+//! - [`trace`]: `--trace` pcap files: the writer thread the driver records datagrams through,
+//!   and the reader `trace-dump` (in `tools/trace-dump/`) and the tests use.
 //! - [`viewleader`]: membership (heartbeats, epochs, views) and the lock service.
 //! - [`server`]: one storage node: its bucket and its heartbeats.
 //! - [`client`]: the command-line client's operations, one function per command.

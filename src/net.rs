@@ -205,6 +205,20 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// The local address the kernel would send from toward `dst` (found by connecting a
+/// throwaway UDP socket, which sends nothing). A client binds that address, so that it can
+/// reach peers on other hosts and its traces name a real source address.
+pub fn local_ip_toward(dst: SocketAddr) -> io::Result<std::net::IpAddr> {
+    let any: SocketAddr = if dst.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = UdpSocket::bind(any)?;
+    probe.connect(dst)?;
+    Ok(probe.local_addr()?.ip())
+}
+
 /// Binds the first free port of `ports` on `ip`; the error of the last attempt otherwise.
 pub fn bind_first_free(
     ip: std::net::IpAddr,
@@ -351,6 +365,7 @@ pub fn spawn(
     let mut driver = Driver {
         socket,
         local_addr,
+        trace_sources: HashMap::new(),
         tracer: config.trace,
         poll,
         endpoint,
@@ -385,6 +400,9 @@ struct Driver {
     socket: mio::net::UdpSocket,
     /// The socket's bound address (for the trace).
     local_addr: SocketAddr,
+    /// For a socket bound to a wildcard address: the source address the kernel uses toward
+    /// each peer, as the trace records it (looked up once per peer).
+    trace_sources: HashMap<SocketAddr, SocketAddr>,
     /// Records every datagram sent and received, when tracing.
     tracer: Option<Tracer>,
     /// The readiness poll (socket and waker).
@@ -446,19 +464,29 @@ impl Driver {
         }
     }
 
+    /// This process's address in traced datagrams to or from `peer`: the bound address, or
+    /// for a wildcard-bound socket the source address the kernel picks toward `peer`.
+    fn trace_source(&mut self, peer: SocketAddr) -> SocketAddr {
+        let bound = self.local_addr;
+        if !bound.ip().is_unspecified() {
+            return bound;
+        }
+        *self.trace_sources.entry(peer).or_insert_with(|| {
+            local_ip_toward(peer).map_or(bound, |ip| SocketAddr::new(ip, bound.port()))
+        })
+    }
+
     /// Reads up to [`RECEIVE_BATCH`] datagrams (and every queued ICMP error). Returns true
     /// when the batch filled up, so more may be waiting.
     fn receive(&mut self, now: Instant) -> bool {
         for _ in 0..RECEIVE_BATCH {
             match self.socket.recv_from(&mut self.buffer) {
                 Ok((n, from)) => {
-                    if let Some(tracer) = &self.tracer {
-                        tracer.record(
-                            Direction::Received,
-                            self.local_addr,
-                            from,
-                            &self.buffer[..n],
-                        );
+                    if self.tracer.is_some() {
+                        let local = self.trace_source(from);
+                        if let Some(tracer) = &self.tracer {
+                            tracer.record(Direction::Received, local, from, &self.buffer[..n]);
+                        }
                     }
                     self.endpoint.handle_datagram(now, from, &self.buffer[..n]);
                 }
@@ -535,13 +563,11 @@ impl Driver {
         while let Some(transmit) = self.endpoint.poll_transmit() {
             // Traced as the endpoint emits it, before fault injection: what a capture at the
             // sender would show on a network that loses, delays or duplicates datagrams.
-            if let Some(tracer) = &self.tracer {
-                tracer.record(
-                    Direction::Sent,
-                    self.local_addr,
-                    transmit.dst,
-                    &transmit.payload,
-                );
+            if self.tracer.is_some() {
+                let local = self.trace_source(transmit.dst);
+                if let Some(tracer) = &self.tracer {
+                    tracer.record(Direction::Sent, local, transmit.dst, &transmit.payload);
+                }
             }
             if self.faults.spec().is_none() {
                 self.send_now(now, transmit.dst, &transmit.payload);

@@ -114,9 +114,6 @@ struct TracerInner {
     queued_bytes: AtomicUsize,
     /// Datagrams left out because the queue was full.
     dropped: AtomicU64,
-    /// The address written as this process's own, when the socket's bound address is not
-    /// one a reader could use (bound to 0.0.0.0, say).
-    local: Option<SocketAddr>,
     /// The writer thread; joined on drop so the file is complete when the last clone goes.
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The file, for messages.
@@ -133,10 +130,9 @@ impl std::fmt::Debug for Tracer {
 }
 
 impl Tracer {
-    /// Creates (truncates) the trace file at `path`, writes the pcap header and starts the
-    /// writer thread. `local`, when given, is written as this process's address instead of
-    /// the socket's bound one (use the advertised address when bound to a wildcard).
-    pub fn create(path: &Path, local: Option<SocketAddr>) -> Result<Tracer, TraceError> {
+    /// Creates (truncates) the trace file at `path` and starts the writer thread, which
+    /// writes the pcap header first.
+    pub fn create(path: &Path) -> Result<Tracer, TraceError> {
         let io_error = |source| TraceError::Io {
             path: path.to_owned(),
             source,
@@ -147,7 +143,6 @@ impl Tracer {
             jobs,
             queued_bytes: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
-            local,
             thread: Mutex::new(None),
             path: path.to_owned(),
         });
@@ -161,13 +156,13 @@ impl Tracer {
         Ok(Tracer { inner })
     }
 
-    /// Records one datagram of `payload` between this process (socket bound to `bound`) and
+    /// Records one datagram of `payload` between this process (at address `local`) and
     /// `peer`, in `direction`, stamped now. Never blocks: if the writer is
     /// [`MAX_QUEUED_BYTES`] behind, the datagram is counted as dropped instead.
     pub fn record(
         &self,
         direction: Direction,
-        bound: SocketAddr,
+        local: SocketAddr,
         peer: SocketAddr,
         payload: &[u8],
     ) {
@@ -178,7 +173,6 @@ impl Tracer {
             inner.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let local = inner.local.unwrap_or(bound);
         let (src, dst) = match direction {
             Direction::Sent => (local, peer),
             Direction::Received => (peer, local),
@@ -597,7 +591,7 @@ mod tests {
         let path = scratch("roundtrip");
         let me: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let peer: SocketAddr = "127.0.0.2:5000".parse().unwrap();
-        let tracer = Tracer::create(&path, None).unwrap();
+        let tracer = Tracer::create(&path).unwrap();
         tracer.record(Direction::Sent, me, peer, b"first");
         tracer.record(Direction::Received, me, peer, b"second");
         assert!(tracer.flush(Duration::from_secs(5)));
@@ -616,20 +610,6 @@ mod tests {
         );
         assert!(a.time <= b.time);
         assert_eq!(a.offset, 24);
-    }
-
-    #[test]
-    fn the_advertised_address_replaces_a_wildcard_bound_one() {
-        let path = scratch("advertise");
-        let bound: SocketAddr = "0.0.0.0:4000".parse().unwrap();
-        let advertised: SocketAddr = "10.1.0.2:4000".parse().unwrap();
-        let peer: SocketAddr = "10.1.0.3:5000".parse().unwrap();
-        let tracer = Tracer::create(&path, Some(advertised)).unwrap();
-        tracer.record(Direction::Sent, bound, peer, b"x");
-        drop(tracer);
-        let trace = read_file(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(trace.records[0].src, advertised);
     }
 
     #[test]
@@ -656,7 +636,7 @@ mod tests {
     #[test]
     fn garbage_is_an_error_naming_the_offset() {
         let path = scratch("garbage");
-        let tracer = Tracer::create(&path, None).unwrap();
+        let tracer = Tracer::create(&path).unwrap();
         let me: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         tracer.record(Direction::Sent, me, me, b"ok");
         drop(tracer);
@@ -680,7 +660,7 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_growing() {
         let path = scratch("bounded");
-        let tracer = Tracer::create(&path, None).unwrap();
+        let tracer = Tracer::create(&path).unwrap();
         let me: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         // Pretend the writer is a whole budget behind.
         tracer

@@ -1,0 +1,292 @@
+//! The membership scenario across network namespaces, with kernel-level loss and duplication.
+//!
+//! Runs `netem-scripts/scenario.sh` (3 servers, 20 keys, 5% loss and 2% duplication on every
+//! host's link): a view leader, servers and a client each in their own namespace behind a
+//! router namespace; servers are killed one by one down to one and fresh ones started back up
+//! to three, and after every step every key and every bucket is checked. The script prints
+//! which mechanism carries each impairment (netem where the kernel has it, else iptables
+//! `statistic`/`TEE`, else the programs' own `--faults`).
+//!
+//! Namespaces need root and a kernel that allows them. Where `ip netns add` fails, the test
+//! says why on stderr and passes without running, unless `TRIREME_REQUIRE_NETNS=1`, which turns
+//! that into a failure. Each run uses its own name prefix (from the process id), so it never
+//! collides with a manual run of the scripts. A guard stops the script (SIGTERM by PID, its
+//! trap tears everything down) and runs `hosts.sh down` when the test ends, panics included.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The whole scenario must finish within this (the test as a whole well under two minutes).
+const DEADLINE: Duration = Duration::from_secs(100);
+
+/// How long the script gets to tear down after SIGTERM before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(20);
+
+/// The scenario's steps: the start, two kills, two fresh starts.
+const STEPS: usize = 5;
+
+/// The number of keys the scenario writes.
+const KEYS: usize = 20;
+
+/// The repository root (where `netem-scripts/` lives).
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The directory holding the `viewleader`, `server` and `client` binaries Cargo built.
+fn bin_dir() -> PathBuf {
+    let server = Path::new(env!("CARGO_BIN_EXE_server"));
+    let dir = server
+        .parent()
+        .expect("the server binary has a directory")
+        .to_path_buf();
+    for other in [
+        env!("CARGO_BIN_EXE_viewleader"),
+        env!("CARGO_BIN_EXE_client"),
+    ] {
+        assert_eq!(
+            Path::new(other).parent(),
+            Some(dir.as_path()),
+            "the scripts expect the three binaries in one directory"
+        );
+    }
+    dir
+}
+
+/// A name prefix for this run: `t` and the process id in base 36 (at most 8 characters, as
+/// the scripts require), unique among running processes.
+fn prefix() -> String {
+    let mut n = std::process::id();
+    let mut digits = Vec::new();
+    loop {
+        digits.push(std::char::from_digit(n % 36, 36).expect("a base-36 digit"));
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    format!("t{}", digits.iter().rev().collect::<String>())
+}
+
+/// Why namespaces cannot be used here, or `None` if `ip netns add` and `del` work.
+fn netns_unavailable(prefix: &str) -> Option<String> {
+    let probe = format!("{prefix}-chk");
+    match Command::new("ip").args(["netns", "add", &probe]).output() {
+        Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
+        Ok(out) if !out.status.success() => Some(format!(
+            "`ip netns add {probe}` failed ({}): {} (network namespaces need root and a kernel \
+             that allows them)",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(_) => {
+            let del = Command::new("ip").args(["netns", "del", &probe]).output();
+            match del {
+                Ok(out) if out.status.success() => None,
+                Ok(out) => Some(format!(
+                    "`ip netns del {probe}` failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Err(e) => Some(format!("cannot run `ip netns del`: {e}")),
+            }
+        }
+    }
+}
+
+/// Runs `hosts.sh --prefix PREFIX --keep-logs down`, which removes everything made under the
+/// prefix but the logs of a failed run.
+fn hosts_down(prefix: &str) {
+    let status = Command::new("bash")
+        .arg(repo().join("netem-scripts/hosts.sh"))
+        .args(["--prefix", prefix, "--keep-logs", "down"])
+        .stdout(Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("netem test: `hosts.sh --prefix {prefix} down` failed: {status:?}");
+    }
+}
+
+/// Owns the running scenario script: on drop (the test's end, or a panic) it stops the script
+/// with SIGTERM by PID (its trap tears the hosts down), kills it if it does not exit within
+/// [`TERM_GRACE`], and runs `hosts.sh down` in any case.
+struct ScenarioGuard {
+    /// The script, while it may still be running.
+    child: Option<Child>,
+    /// The run's name prefix.
+    prefix: String,
+}
+
+impl ScenarioGuard {
+    /// Waits for the script to exit, until `deadline`; `None` if it is still running then.
+    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Some(status);
+                }
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+                Ok(None) => return None,
+                Err(e) => panic!("cannot wait for the scenario script: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for ScenarioGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && matches!(child.try_wait(), Ok(None))
+        {
+            // By PID, never by name: the script's trap then tears its hosts down.
+            eprintln!(
+                "netem test: stopping the scenario script (PID {})",
+                child.id()
+            );
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            if self.wait_until(Instant::now() + TERM_GRACE).is_none()
+                && let Some(child) = self.child.as_mut()
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        hosts_down(&self.prefix);
+    }
+}
+
+/// One row of the script's result table.
+#[derive(Debug)]
+struct Row {
+    /// The step's name (`start 3`, `kill s3`, ...).
+    step: String,
+    /// `keys ok` (`20/20`).
+    keys_ok: String,
+    /// `keys missing/wrong`.
+    keys_bad: String,
+    /// `placement ok` (`yes`).
+    placement: String,
+}
+
+/// The rows of the result table in the script's stdout (the header and rule excluded).
+fn table_rows(stdout: &str) -> Vec<Row> {
+    stdout
+        .lines()
+        .filter(|line| line.starts_with("| ") && !line.starts_with("| step "))
+        .map(|line| {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            Row {
+                step: cells.first().unwrap_or(&"").to_string(),
+                keys_ok: cells.get(3).unwrap_or(&"").to_string(),
+                keys_bad: cells.get(4).unwrap_or(&"").to_string(),
+                placement: cells.get(5).unwrap_or(&"").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The scenario with 5% kernel-level loss and 2% duplication on every link.
+#[test]
+fn scenario_under_kernel_loss_and_duplication() {
+    let started = Instant::now();
+    let prefix = prefix();
+    if let Some(why) = netns_unavailable(&prefix) {
+        let message = format!(
+            "\n**********************************************************************\n\
+             netem test NOT RUN: network namespaces are unavailable here:\n  {why}\n\
+             (set TRIREME_REQUIRE_NETNS=1 to make this a failure)\n\
+             **********************************************************************"
+        );
+        if std::env::var("TRIREME_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!("{message}");
+        }
+        eprintln!("{message}");
+        return;
+    }
+    // A run that died with this process id before (it cannot still be running) may have left
+    // hosts behind; the scenario refuses to start over existing ones.
+    hosts_down(&prefix);
+
+    let mut child = Command::new("bash")
+        .arg(repo().join("netem-scripts/scenario.sh"))
+        .args([
+            "--prefix",
+            &prefix,
+            "--servers",
+            "3",
+            "--keys",
+            &KEYS.to_string(),
+        ])
+        .args(["--loss", "5%", "--dup", "2%"])
+        .env("TRIREME_BIN_DIR", bin_dir())
+        .env_remove("TRIREME_FAULTS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot start netem-scripts/scenario.sh");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut guard = ScenarioGuard {
+        child: Some(child),
+        prefix,
+    };
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+
+    let status = guard.wait_until(started + DEADLINE);
+    let Some(status) = status else {
+        panic!("the scenario did not finish within {DEADLINE:?}");
+    };
+    let stdout = reader.join().expect("the stdout reader panicked");
+    eprintln!("netem test: scenario output:\n{stdout}");
+    drop(guard);
+
+    assert!(
+        status.success(),
+        "the scenario failed ({status}); its output is above"
+    );
+    assert!(
+        stdout.contains("RESULT: PASS"),
+        "no RESULT: PASS in the output"
+    );
+    assert!(
+        !stdout.contains("netem on") || !stdout.contains("netem unavailable"),
+        "the output claims netem both ran and was unavailable"
+    );
+    if stdout.contains("NOT kernel-level") {
+        eprintln!(
+            "\n*** netem test: some impairments were NOT kernel-level here (neither netem nor \
+             iptables could carry them; see the mechanism lines above) ***\n"
+        );
+    }
+    let rows = table_rows(&stdout);
+    assert_eq!(
+        rows.len(),
+        STEPS,
+        "expected {STEPS} steps in the table, got {rows:?}"
+    );
+    for row in &rows {
+        assert_eq!(
+            row.keys_ok,
+            format!("{KEYS}/{KEYS}"),
+            "step {}: {row:?}",
+            row.step
+        );
+        assert_eq!(row.keys_bad, "0", "step {}: {row:?}", row.step);
+        assert_eq!(row.placement, "yes", "step {}: {row:?}", row.step);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(110),
+        "the test took {:?}, too close to two minutes",
+        started.elapsed()
+    );
+}
