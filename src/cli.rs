@@ -388,6 +388,7 @@ pub fn viewleader_main() -> i32 {
     };
     announce(&format!("listening on {}", running.addr()));
     wait_for_termination(signals);
+    running.stop();
     close_trace(trace.as_ref());
     0
 }
@@ -435,11 +436,12 @@ pub fn server_main() -> i32 {
     let server = Server::new(config, Rng::from_entropy(), Instant::now());
     let id = server.id();
     let signals = termination_signals();
-    let Some(_running) = start_or_report(server, socket, &args.common, trace.as_ref()) else {
+    let Some(running) = start_or_report(server, socket, &args.common, trace.as_ref()) else {
         return 1;
     };
     announce(&format!("listening on {local} id {id}"));
     wait_for_termination(signals);
+    running.stop();
     close_trace(trace.as_ref());
     0
 }
@@ -666,12 +668,12 @@ fn run_client_command(
         message: format!("cannot open the trace file: {e}"),
         cycle: Vec::new(),
     })?;
-    let (handle, _requests, _driver) = net::spawn(socket, args.common.net_config(trace.as_ref()))
+    let (handle, _requests, driver) = net::spawn(socket, args.common.net_config(trace.as_ref()))
         .map_err(|e| OpError {
-        kind: ErrorKind::Unreachable,
-        message: format!("cannot start the network driver: {e}"),
-        cycle: Vec::new(),
-    })?;
+            kind: ErrorKind::Unreachable,
+            message: format!("cannot start the network driver: {e}"),
+            cycle: Vec::new(),
+        })?;
     let timeout = (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms));
     let mut client = Client::new(
         handle.clone(),
@@ -731,6 +733,8 @@ fn run_client_command(
             .map(|()| Outcome::Released { lock, requester }),
     };
     handle.shutdown();
+    // The driver records until it stops: join it, then write out the trace.
+    let _ = driver.join();
     close_trace(trace.as_ref());
     outcome
 }

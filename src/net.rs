@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -206,8 +206,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// The local address the kernel would send from toward `dst` (found by connecting a
-/// throwaway UDP socket, which sends nothing). A client binds that address, so that it can
-/// reach peers on other hosts and its traces name a real source address.
+/// throwaway UDP socket, which sends nothing): what a trace names as the source of a
+/// datagram sent from a socket bound to a wildcard address.
 pub fn local_ip_toward(dst: SocketAddr) -> io::Result<std::net::IpAddr> {
     let any: SocketAddr = if dst.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -326,6 +326,9 @@ fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// The most peer IPs whose source address a wildcard-bound, tracing driver remembers.
+const TRACE_SOURCES: usize = 4096;
+
 /// The most datagrams read in one pass, so that a flood cannot starve timers and commands.
 const RECEIVE_BATCH: usize = 256;
 
@@ -400,9 +403,10 @@ struct Driver {
     socket: mio::net::UdpSocket,
     /// The socket's bound address (for the trace).
     local_addr: SocketAddr,
-    /// For a socket bound to a wildcard address: the source address the kernel uses toward
-    /// each peer, as the trace records it (looked up once per peer).
-    trace_sources: HashMap<SocketAddr, SocketAddr>,
+    /// For a socket bound to a wildcard address: the source IP the kernel uses toward each
+    /// peer IP, as the trace records it (looked up once per peer IP, at most
+    /// [`TRACE_SOURCES`] remembered).
+    trace_sources: HashMap<IpAddr, IpAddr>,
     /// Records every datagram sent and received, when tracing.
     tracer: Option<Tracer>,
     /// The readiness poll (socket and waker).
@@ -471,9 +475,17 @@ impl Driver {
         if !bound.ip().is_unspecified() {
             return bound;
         }
-        *self.trace_sources.entry(peer).or_insert_with(|| {
-            local_ip_toward(peer).map_or(bound, |ip| SocketAddr::new(ip, bound.port()))
-        })
+        let ip = match self.trace_sources.get(&peer.ip()) {
+            Some(ip) => *ip,
+            None => {
+                let ip = local_ip_toward(peer).unwrap_or(bound.ip());
+                if self.trace_sources.len() < TRACE_SOURCES {
+                    self.trace_sources.insert(peer.ip(), ip);
+                }
+                ip
+            }
+        };
+        SocketAddr::new(ip, bound.port())
     }
 
     /// Reads up to [`RECEIVE_BATCH`] datagrams (and every queued ICMP error). Returns true

@@ -73,6 +73,8 @@ pub struct Running {
     stop: Sender<()>,
     /// The node thread.
     thread: JoinHandle<()>,
+    /// The driver thread.
+    driver: JoinHandle<()>,
 }
 
 impl Running {
@@ -81,16 +83,19 @@ impl Running {
         self.handle.local_addr()
     }
 
-    /// Stops the node and its driver, and waits for the node thread to end.
+    /// Stops the node and its driver, and waits for both threads to end (so that nothing
+    /// is sent or traced after it returns).
     pub fn stop(self) {
         let Running {
             handle,
             stop,
             thread,
+            driver,
         } = self;
         drop(stop);
         handle.shutdown();
         let _ = thread.join();
+        let _ = driver.join();
     }
 }
 
@@ -101,7 +106,7 @@ pub fn start<N: Node + Send + 'static>(
     socket: UdpSocket,
     config: NetConfig,
 ) -> io::Result<Running> {
-    let (handle, requests, _driver) = net::spawn(socket, config)?;
+    let (handle, requests, driver) = net::spawn(socket, config)?;
     let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
     let node_handle = handle.clone();
     let thread = std::thread::Builder::new()
@@ -111,6 +116,7 @@ pub fn start<N: Node + Send + 'static>(
         handle,
         stop,
         thread,
+        driver,
     })
 }
 

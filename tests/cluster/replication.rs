@@ -191,24 +191,34 @@ fn assert_reads(env: &Env, vl: &ViewLeader, key: &str, value: &str) -> Value {
 /// replica holding it would keep the read for many seconds) answers `not_found` at once.
 fn assert_released(env: &Env, vl: &ViewLeader, key: &str) {
     let vla = vl.addr.to_string();
-    let started = Instant::now();
-    let read = client_json(
-        env,
-        &[
-            "--viewleader",
-            &vla,
-            "--timeout-ms",
-            PROBE_READ_MS,
-            "getr",
-            key,
-        ],
-    );
-    let took = started.elapsed();
-    assert_failed(&read, "not_found", &format!("getr {key} after the abort"));
-    assert!(
-        took < unlocked_read(env),
-        "getr {key} took {took:?}: a replica still held {key} prepared"
-    );
+    // A view change racing the read (the test just stopped a server) is refused with
+    // `rebalancing`, which says nothing about the key: read again once the view settles.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let started = Instant::now();
+        let read = client_json(
+            env,
+            &[
+                "--viewleader",
+                &vla,
+                "--timeout-ms",
+                PROBE_READ_MS,
+                "getr",
+                key,
+            ],
+        );
+        let took = started.elapsed();
+        if read.1["kind"] == "rebalancing" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        assert_failed(&read, "not_found", &format!("getr {key} after the abort"));
+        assert!(
+            took < unlocked_read(env),
+            "getr {key} took {took:?}: a replica still held {key} prepared"
+        );
+        return;
+    }
 }
 
 /// The `version` field of a `setr` or `getr` answer.

@@ -1,11 +1,13 @@
 //! Turns the datagrams of several trace files into decoded observations.
 //!
-//! Each trace file is one process's view: every datagram it sent or received. The files are
-//! merged by time. Each datagram's header is decoded with the project's codec; fragments of
-//! a request or response are put back together (per observer) so that the message itself can
-//! be decoded, and what a request is about (its key, its transaction) is carried over to the
-//! response, acknowledgements and probes of the same exchange, so filters keep a whole
-//! exchange together.
+//! Each trace file is one process's view: every datagram it sent or received (our traces
+//! say which, in their Linux cooked-capture packet type). The files are merged by time.
+//! Each datagram's header is decoded with the project's codec; fragments of a request or
+//! response are put back together (per observer) so that the message itself can be decoded,
+//! and what a request is about (its key, its transaction) is carried over to the response,
+//! acknowledgements and probes of the same exchange, so filters keep a whole exchange
+//! together. Memory: the files' bytes, plus the fragments of messages being reassembled,
+//! bounded by [`MAX_PENDING_BYTES`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -14,7 +16,12 @@ use std::time::Duration;
 
 use trireme::codec::{self, AckBody, Header, Kind};
 use trireme::message::{Request, Response, TxOutcome};
-use trireme::trace::{self, TraceError};
+use trireme::trace::{self, Direction, TraceError};
+
+/// The most bytes of unfinished messages kept for reassembly; fragments past it are not
+/// kept (their message is shown undecoded), so a flood of fragment starts cannot exhaust
+/// memory.
+pub const MAX_PENDING_BYTES: usize = 256 << 20;
 
 /// One datagram as one process saw it.
 #[derive(Clone, Debug)]
@@ -23,8 +30,9 @@ pub struct Observation {
     pub time: Duration,
     /// Which trace file (index into the file list).
     pub file: usize,
-    /// Whether the observer sent it (else received it).
-    pub sent: bool,
+    /// Whether the observer sent it (`Some(true)`) or received it; `None` when the file does
+    /// not say and its owner cannot be told.
+    pub sent: Option<bool>,
     /// Sender.
     pub src: SocketAddr,
     /// Receiver.
@@ -35,14 +43,21 @@ pub struct Observation {
     pub header: Result<Header, String>,
     /// For an `Ack`: its body.
     pub ack: Option<AckBody>,
-    /// The exchange this datagram belongs to (requester, responder, request id).
+    /// The exchange this datagram belongs to.
     pub exchange: Option<Exchange>,
     /// What the message this datagram carries (or answers, or acknowledges) says, once known.
     pub message: Option<MessageInfo>,
     /// For a Request or Response fragment: whether it completed its message at this observer.
     pub completes: bool,
-    /// The datagram itself.
-    pub payload: Vec<u8>,
+    /// The fragment's bytes, until reassembly has taken them.
+    payload: Vec<u8>,
+}
+
+impl Observation {
+    /// The observing process's own address in this datagram, when the direction is known.
+    pub fn observer_addr(&self) -> Option<SocketAddr> {
+        self.sent.map(|sent| if sent { self.src } else { self.dst })
+    }
 }
 
 /// The identity of one request/response exchange.
@@ -50,6 +65,9 @@ pub struct Observation {
 pub struct Exchange {
     /// Who sent the request.
     pub requester: SocketAddr,
+    /// The requester's incarnation (request ids restart at 1 in every process, so a
+    /// restarted process on the same address reuses them).
+    pub incarnation: u64,
     /// Who answers it.
     pub responder: SocketAddr,
     /// The request id (in the requester's id space).
@@ -75,47 +93,73 @@ pub struct MessageInfo {
     pub message_len: usize,
 }
 
-/// A trace file that could not be used, with the reason.
-pub type LoadError = TraceError;
-
-/// Reads every file and decodes the merged, time-ordered observations. Returns them with
-/// each file's own address (the one address every datagram of the file involves).
-pub fn load(
-    paths: &[impl AsRef<Path>],
-) -> Result<(Vec<Observation>, Vec<Option<SocketAddr>>), LoadError> {
-    let mut raw = Vec::new();
-    let mut owners = Vec::new();
-    for (file, path) in paths.iter().enumerate() {
-        let trace = trace::read_file(path.as_ref())?;
-        owners.push(owner(&trace.records));
-        raw.extend(trace.records.into_iter().map(|record| (file, record)));
-    }
-    // Stable: ties keep file order, then record order.
-    raw.sort_by_key(|(file, record)| (record.time, *file));
-    let mut observations: Vec<Observation> = raw
-        .into_iter()
-        .map(|(file, record)| observe(file, owners[file], record))
-        .collect();
-    annotate(&mut observations);
-    Ok((observations, owners))
+/// What loading found besides the observations.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The merged, time-ordered, decoded datagrams.
+    pub observations: Vec<Observation>,
+    /// Per file: where it ends inside a record, if it does (its writer was killed).
+    pub truncated_at: Vec<Option<u64>>,
+    /// Messages left undecoded because the reassembly budget was spent or their fragments
+    /// disagreed.
+    pub unassembled: usize,
 }
 
-/// The address of the process that wrote a trace: the one in every record (the most
-/// frequent endpoint, to be robust to a stray datagram).
+/// Reads every file and decodes the merged, time-ordered observations.
+pub fn load(paths: &[impl AsRef<Path>]) -> Result<Loaded, TraceError> {
+    let mut raw = Vec::new();
+    let mut loaded = Loaded::default();
+    for (file, path) in paths.iter().enumerate() {
+        let trace = trace::read_file(path.as_ref())?;
+        loaded.truncated_at.push(trace.truncated_at);
+        let owner = owner(&trace.records);
+        raw.extend(
+            trace
+                .records
+                .into_iter()
+                .map(|record| (file, owner, record)),
+        );
+    }
+    // Stable: ties keep file order, then record order.
+    raw.sort_by_key(|(file, _, record)| (record.time, *file));
+    let mut incarnations = HashMap::new();
+    loaded.observations = raw
+        .into_iter()
+        .map(|(file, owner, record)| observe(file, owner, record, &mut incarnations))
+        .collect();
+    loaded.unassembled = annotate(&mut loaded.observations);
+    Ok(loaded)
+}
+
+/// For a file whose records do not say their direction: the address of the process that
+/// wrote it, if one address is in strictly more records than any other.
 fn owner(records: &[trace::Record]) -> Option<SocketAddr> {
+    if records.iter().all(|r| r.direction.is_some()) {
+        return None;
+    }
     let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
     for record in records {
         *counts.entry(record.src).or_default() += 1;
         *counts.entry(record.dst).or_default() += 1;
     }
-    counts
-        .into_iter()
-        .max_by_key(|&(addr, count)| (count, std::cmp::Reverse(addr)))
-        .map(|(addr, _)| addr)
+    let mut ranked: Vec<(usize, SocketAddr)> = counts.into_iter().map(|(a, c)| (c, a)).collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    match ranked.as_slice() {
+        [(first, addr), (second, _), ..] if first > second => Some(*addr),
+        [(_, addr)] => Some(*addr),
+        _ => None,
+    }
 }
 
-/// Decodes one record's header (and ack body) as seen by the writer of `file`.
-fn observe(file: usize, owner: Option<SocketAddr>, record: trace::Record) -> Observation {
+/// Decodes one record's header (and ack body) as seen by the writer of `file`. Records
+/// come in time order; `incarnations` remembers each requester's latest incarnation, for the
+/// datagrams of an exchange that carry the responder's.
+fn observe(
+    file: usize,
+    owner: Option<SocketAddr>,
+    record: trace::Record,
+    incarnations: &mut HashMap<SocketAddr, u64>,
+) -> Observation {
     let decoded = Header::decode(&record.payload).map_err(|e| e.to_string());
     let ack = match &decoded {
         Ok((header, payload)) if header.kind == Kind::Ack => AckBody::decode(payload).ok(),
@@ -124,11 +168,15 @@ fn observe(file: usize, owner: Option<SocketAddr>, record: trace::Record) -> Obs
     let exchange = decoded
         .as_ref()
         .ok()
-        .map(|(header, _)| exchange_of(header, record.src, record.dst));
+        .map(|(header, _)| exchange_of(header, record.src, record.dst, incarnations));
+    let sent = match record.direction {
+        Some(direction) => Some(direction == Direction::Sent),
+        None => owner.map(|owner| owner == record.src),
+    };
     Observation {
         time: record.time,
         file,
-        sent: owner == Some(record.src),
+        sent,
         src: record.src,
         dst: record.dst,
         bytes: record.payload.len(),
@@ -142,7 +190,12 @@ fn observe(file: usize, owner: Option<SocketAddr>, record: trace::Record) -> Obs
 }
 
 /// Which exchange a datagram with `header` from `src` to `dst` belongs to.
-fn exchange_of(header: &Header, src: SocketAddr, dst: SocketAddr) -> Exchange {
+fn exchange_of(
+    header: &Header,
+    src: SocketAddr,
+    dst: SocketAddr,
+    incarnations: &mut HashMap<SocketAddr, u64>,
+) -> Exchange {
     let from_requester = match header.kind {
         Kind::Request | Kind::Probe => true,
         Kind::Response => false,
@@ -155,8 +208,15 @@ fn exchange_of(header: &Header, src: SocketAddr, dst: SocketAddr) -> Exchange {
     } else {
         (dst, src)
     };
+    let incarnation = if from_requester {
+        incarnations.insert(requester, header.incarnation);
+        header.incarnation
+    } else {
+        incarnations.get(&requester).copied().unwrap_or_default()
+    };
     Exchange {
         requester,
+        incarnation,
         responder,
         request_id: header.request_id,
     }
@@ -167,17 +227,24 @@ fn exchange_of(header: &Header, src: SocketAddr, dst: SocketAddr) -> Exchange {
 struct Partial {
     /// Fragment index to payload.
     fragments: BTreeMap<u32, Vec<u8>>,
-    /// Set once the message was decoded.
+    /// The message length and fragment count every fragment must agree on.
+    shape: Option<(u32, u32)>,
+    /// Bytes held.
+    bytes: usize,
+    /// Set once the message was decoded, or given up.
     done: bool,
 }
 
 /// Reassembles and decodes messages, then gives every datagram of an exchange what its
-/// request (and response) said.
-fn annotate(observations: &mut [Observation]) {
+/// request (and response) said. Returns how many messages could not be reassembled.
+fn annotate(observations: &mut [Observation]) -> usize {
     let mut partials: HashMap<(usize, Exchange, bool), Partial> = HashMap::new();
     let mut requests: HashMap<Exchange, MessageInfo> = HashMap::new();
     let mut responses: HashMap<Exchange, MessageInfo> = HashMap::new();
+    let mut pending_bytes = 0usize;
+    let mut unassembled = 0usize;
     for observation in observations.iter_mut() {
+        let payload = std::mem::take(&mut observation.payload);
         let (Ok(header), Some(exchange)) = (&observation.header, observation.exchange) else {
             continue;
         };
@@ -192,29 +259,45 @@ fn annotate(observations: &mut [Observation]) {
         if partial.done {
             continue;
         }
-        let body = observation
-            .payload
-            .get(codec::HEADER_LEN..)
-            .unwrap_or_default();
+        let body = payload.get(codec::HEADER_LEN..).unwrap_or_default();
+        let shape = (header.message_len, header.frag_count);
+        let expected = codec::fragment_range(
+            header.message_len as usize,
+            header.frag_count,
+            header.frag_index,
+        );
+        let fits = *partial.shape.get_or_insert(shape) == shape && body.len() == expected.len();
+        if fits && partial.fragments.contains_key(&header.frag_index) {
+            continue;
+        }
+        if !fits || pending_bytes + body.len() > MAX_PENDING_BYTES {
+            // Fragments that disagree, or no room left: give this message up.
+            pending_bytes -= partial.bytes;
+            *partial = Partial {
+                done: true,
+                ..Partial::default()
+            };
+            unassembled += 1;
+            continue;
+        }
+        partial.bytes += body.len();
+        pending_bytes += body.len();
         partial.fragments.insert(header.frag_index, body.to_vec());
         if partial.fragments.len() < header.frag_count as usize {
             continue;
         }
+        pending_bytes -= partial.bytes;
         partial.done = true;
+        partial.bytes = 0;
         observation.completes = true;
         let message: Vec<u8> = std::mem::take(&mut partial.fragments)
             .into_values()
             .flatten()
             .collect();
-        let info = if is_request {
-            describe_request(&message)
+        let (table, info) = if is_request {
+            (&mut requests, describe_request(&message))
         } else {
-            describe_response(&message)
-        };
-        let table = if is_request {
-            &mut requests
-        } else {
-            &mut responses
+            (&mut responses, describe_response(&message))
         };
         table.entry(exchange).or_insert(info);
     }
@@ -248,6 +331,7 @@ fn annotate(observations: &mut [Observation]) {
             observation.message = Some(info);
         }
     }
+    unassembled
 }
 
 /// What a request body says; a body that does not decode says so in `detail`.

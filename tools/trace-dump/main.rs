@@ -43,10 +43,12 @@ struct Args {
     txid: Option<String>,
     /// Show one setr's prepare, votes and decision across all processes, one line per
     /// message, in order.
-    #[arg(long, value_name = "ID", value_parser = parse_txid, conflicts_with_all = ["summary", "txid"])]
+    #[arg(long, value_name = "ID", value_parser = parse_txid,
+          conflicts_with_all = ["summary", "txid", "peer", "kind", "key"])]
     follow_txid: Option<String>,
-    /// Per requester/responder pair: requests, retransmissions, duplicates suppressed,
-    /// fragments, bytes and round-trip time percentiles.
+    /// Per requester/responder pair: requests, retransmissions, responses resent,
+    /// duplicates suppressed, fragments, bytes, latency and round-trip time percentiles
+    /// (with --kind, whole exchanges whose request is of that kind).
     #[arg(long)]
     summary: bool,
     /// Print JSON: one object per line (one object in all for --summary).
@@ -91,18 +93,36 @@ fn main() {
 
 /// Loads the files and prints what `args` asks for; returns the exit code.
 fn run(args: &Args) -> i32 {
-    let (observations, owners) = match decode::load(&args.files) {
+    let loaded = match decode::load(&args.files) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
             return 1;
         }
     };
+    for (path, cut) in args.files.iter().zip(&loaded.truncated_at) {
+        if let Some(offset) = cut {
+            eprintln!(
+                "warning: {}: offset {offset}: the file ends inside a record (its writer was \
+                 killed?); the records before it are shown",
+                path.display()
+            );
+        }
+    }
+    if loaded.unassembled > 0 {
+        eprintln!(
+            "warning: {} messages could not be reassembled (fragments that disagree, or more \
+             than {} MiB of unfinished messages); shown undecoded",
+            loaded.unassembled,
+            decode::MAX_PENDING_BYTES >> 20
+        );
+    }
+    let observations = loaded.observations;
     let names = report::observer_names(&args.files);
     let start = observations.first().map(|o| o.time).unwrap_or_default();
     let mut out = std::io::stdout().lock();
     let result = if let Some(txid) = &args.follow_txid {
-        let steps = report::follow(&observations, &owners, txid);
+        let steps = report::follow(&observations, txid);
         if steps.is_empty() {
             eprintln!("error: no message of a transaction {txid}... in these traces");
             return 1;
@@ -122,12 +142,12 @@ fn run(args: &Args) -> i32 {
             kind: args.kind.clone(),
             key: args.key.clone(),
             txid: args.txid.clone(),
+            whole_exchanges: args.summary,
         };
         let shown: Vec<&decode::Observation> =
             observations.iter().filter(|o| filter.matches(o)).collect();
         if args.summary {
-            let kept: Vec<decode::Observation> = shown.into_iter().cloned().collect();
-            let pairs = report::summarise(&kept, &owners);
+            let pairs = report::summarise(shown);
             if args.json {
                 writeln!(out, "{}", report::summary_json(&pairs))
             } else {

@@ -21,6 +21,9 @@ pub struct Filter {
     pub key: Option<String>,
     /// Of a transaction whose id starts with this (lower-case hex).
     pub txid: Option<String>,
+    /// `kind` names the request of the exchange (so a summary keeps whole exchanges: a
+    /// Prepare's responses and acks too) rather than each datagram's own message.
+    pub whole_exchanges: bool,
 }
 
 impl Filter {
@@ -33,11 +36,17 @@ impl Filter {
         {
             return false;
         }
-        if let Some(kind) = &self.kind
-            && !label(observation).eq_ignore_ascii_case(kind)
-            && !header_kind(observation).eq_ignore_ascii_case(kind)
-        {
-            return false;
+        if let Some(kind) = &self.kind {
+            let named = if self.whole_exchanges {
+                info.and_then(|i| i.request).unwrap_or_default()
+            } else {
+                label(observation)
+            };
+            if !named.eq_ignore_ascii_case(kind)
+                && !header_kind(observation).eq_ignore_ascii_case(kind)
+            {
+                return false;
+            }
         }
         if let Some(key) = &self.key
             && info.and_then(|i| i.key.as_deref()) != Some(key.as_str())
@@ -202,7 +211,11 @@ fn describe(observation: &Observation) -> String {
 /// One text line for `observation`.
 pub fn line(observation: &Observation, names: &[String], start: Duration) -> String {
     let who = &names[observation.file];
-    let dir = if observation.sent { "sent" } else { "recv" };
+    let dir = match observation.sent {
+        Some(true) => "sent",
+        Some(false) => "recv",
+        None => "seen",
+    };
     let mut text = format!(
         "{} {who} {dir} {} > {} ",
         relative(observation.time, start),
@@ -263,7 +276,11 @@ pub fn line_json(observation: &Observation, names: &[String]) -> Value {
     let mut object = json!({
         "time_ns": observation.time.as_nanos() as u64,
         "observer": names[observation.file],
-        "direction": if observation.sent { "sent" } else { "received" },
+        "direction": match observation.sent {
+            Some(true) => "sent",
+            Some(false) => "received",
+            None => "unknown",
+        },
         "src": observation.src.to_string(),
         "dst": observation.dst.to_string(),
         "bytes": observation.bytes,
@@ -316,36 +333,63 @@ pub fn line_json(observation: &Observation, names: &[String]) -> Value {
 pub struct PairSummary {
     /// Distinct requests.
     pub requests: usize,
-    /// Request and response fragments sent again (distinct transmissions beyond the first).
+    /// Request fragments sent again (distinct transmissions beyond the first, as the
+    /// requester's reliable layer counts its retransmissions).
     pub retransmissions: usize,
-    /// Extra copies of request fragments the responder received and answered from its cache
-    /// instead of executing; `None` when no trace of the responder was given.
+    /// Response fragments sent again: answers repeated from the responder's cache for a
+    /// retransmitted request, and resent fragments of long responses.
+    pub responses_resent: usize,
+    /// Extra copies of request fragments the responder received (retransmissions and
+    /// network duplicates), which it answered from its cache instead of executing again;
+    /// `None` when no trace of the responder was given.
     pub duplicates_suppressed: Option<usize>,
-    /// Distinct request and response fragment datagrams.
+    /// Distinct request and response fragments.
     pub fragments: usize,
     /// Bytes of distinct datagrams (every kind, both directions).
     pub bytes: usize,
-    /// Request-to-response times seen by the requester.
+    /// Request latency seen by the requester: first send of the request to the whole
+    /// response (retransmission waits and execution included).
+    pub latencies: Vec<Duration>,
+    /// Round-trip times: a datagram sent by one side to the datagram of the other that
+    /// echoes its transmission number (the reliable layer's own, unambiguous samples).
     pub rtts: Vec<Duration>,
 }
 
 /// The identity of one datagram on the wire, the same in its sender's and receiver's trace.
 type WireId = (SocketAddr, u64, u32, u8, u32);
 
-/// Summarises traffic per (requester, responder) pair.
-pub fn summarise(
-    observations: &[Observation],
-    owners: &[Option<SocketAddr>],
+/// The wire identity of `observation`'s datagram.
+fn wire_id(observation: &Observation, header: &trireme::codec::Header) -> WireId {
+    (
+        observation.src,
+        header.incarnation,
+        header.transmission,
+        header.kind as u8,
+        header.frag_index,
+    )
+}
+
+/// Summarises traffic per (requester, responder) pair over `observations` (in time order).
+pub fn summarise<'a>(
+    observations: impl IntoIterator<Item = &'a Observation>,
 ) -> BTreeMap<(SocketAddr, SocketAddr), PairSummary> {
+    let observations: Vec<&Observation> = observations.into_iter().collect();
+    // The processes whose traces were given.
+    let traced: HashSet<SocketAddr> = observations
+        .iter()
+        .filter_map(|o| o.observer_addr())
+        .collect();
     let mut pairs: BTreeMap<(SocketAddr, SocketAddr), PairSummary> = BTreeMap::new();
-    let traced: HashSet<SocketAddr> = owners.iter().flatten().copied().collect();
     let mut seen_wire: HashSet<WireId> = HashSet::new();
     let mut exchanges: HashSet<Exchange> = HashSet::new();
+    let mut fragments: HashSet<(Exchange, u8, u32)> = HashSet::new();
     let mut transmissions: HashMap<(Exchange, u8, u32), HashSet<u32>> = HashMap::new();
-    let mut received: HashMap<(Exchange, u32), usize> = HashMap::new();
+    let mut received: HashMap<(usize, Exchange, u32), usize> = HashMap::new();
     let mut first_sent: HashMap<Exchange, Duration> = HashMap::new();
     let mut answered: HashSet<Exchange> = HashSet::new();
-    for observation in observations {
+    // Per trace file: when each of its datagrams was sent, by (peer, transmission).
+    let mut sent_at: HashMap<(usize, SocketAddr, u32), Duration> = HashMap::new();
+    for observation in &observations {
         let (Ok(header), Some(exchange)) = (&observation.header, observation.exchange) else {
             continue;
         };
@@ -355,22 +399,32 @@ pub fn summarise(
         if traced.contains(&exchange.responder) {
             pair.duplicates_suppressed.get_or_insert(0);
         }
-        let wire = (
-            observation.src,
-            header.incarnation,
-            header.transmission,
-            header.kind as u8,
-            header.frag_index,
-        );
-        let new_on_wire = seen_wire.insert(wire);
-        if new_on_wire {
+        let me = observation.observer_addr();
+        if seen_wire.insert(wire_id(observation, header)) {
             pair.bytes += observation.bytes;
         }
-        let is_message = matches!(header.kind, Kind::Request | Kind::Response);
-        if is_message && new_on_wire {
-            pair.fragments += 1;
+        // Round trips: our datagram, and the peer's datagram echoing its transmission.
+        match observation.sent {
+            Some(true) => {
+                sent_at
+                    .entry((observation.file, observation.dst, header.transmission))
+                    .or_insert(observation.time);
+            }
+            Some(false) if header.echo != 0 => {
+                let key = (observation.file, observation.src, header.echo);
+                if let Some(at) = sent_at.remove(&key) {
+                    pair.rtts.push(observation.time.saturating_sub(at));
+                }
+            }
+            _ => {}
+        }
+        if matches!(header.kind, Kind::Request | Kind::Response) {
+            let fragment = (exchange, header.kind as u8, header.frag_index);
+            if fragments.insert(fragment) {
+                pair.fragments += 1;
+            }
             transmissions
-                .entry((exchange, header.kind as u8, header.frag_index))
+                .entry(fragment)
                 .or_default()
                 .insert(header.transmission);
         }
@@ -378,13 +432,13 @@ pub fn summarise(
             if exchanges.insert(exchange) {
                 pair.requests += 1;
             }
-            let at_requester = owners[observation.file] == Some(exchange.requester);
-            if at_requester && observation.sent {
+            if me == Some(exchange.requester) && observation.sent == Some(true) {
                 first_sent.entry(exchange).or_insert(observation.time);
             }
-            let at_responder = owners[observation.file] == Some(exchange.responder);
-            if at_responder && !observation.sent {
-                let copies = received.entry((exchange, header.frag_index)).or_default();
+            if me == Some(exchange.responder) && observation.sent == Some(false) {
+                let copies = received
+                    .entry((observation.file, exchange, header.frag_index))
+                    .or_default();
                 *copies += 1;
                 if *copies > 1
                     && let Some(count) = pair.duplicates_suppressed.as_mut()
@@ -395,19 +449,25 @@ pub fn summarise(
         }
         if header.kind == Kind::Response
             && observation.completes
-            && owners[observation.file] == Some(exchange.requester)
+            && me == Some(exchange.requester)
             && let Some(sent) = first_sent.get(&exchange)
             && answered.insert(exchange)
         {
-            pair.rtts.push(observation.time.saturating_sub(*sent));
+            pair.latencies.push(observation.time.saturating_sub(*sent));
         }
     }
-    for ((exchange, _, _), sends) in transmissions {
+    for ((exchange, kind, _), sends) in transmissions {
         if let Some(pair) = pairs.get_mut(&(exchange.requester, exchange.responder)) {
-            pair.retransmissions += sends.len().saturating_sub(1);
+            let extra = sends.len().saturating_sub(1);
+            if kind == Kind::Request as u8 {
+                pair.retransmissions += extra;
+            } else {
+                pair.responses_resent += extra;
+            }
         }
     }
     for pair in pairs.values_mut() {
+        pair.latencies.sort();
         pair.rtts.sort();
     }
     pairs
@@ -429,38 +489,59 @@ fn millis(d: Option<Duration>) -> String {
 
 /// The summary as a text table.
 pub fn summary_table(pairs: &BTreeMap<(SocketAddr, SocketAddr), PairSummary>) -> String {
-    let mut out = format!(
-        "{:<21} {:<21} {:>8} {:>6} {:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
+    let row = |cells: [&str; 13]| {
+        format!(
+            "{:<21} {:<21} {:>8} {:>5} {:>6} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9],
+            cells[10],
+            cells[11],
+            cells[12]
+        )
+    };
+    let mut out = row([
         "requester",
         "responder",
         "requests",
         "retx",
+        "resent",
         "dups",
         "fragments",
         "bytes",
+        "lat p50",
+        "lat p99",
+        "lat max",
         "rtt p50",
-        "p90",
-        "p99",
-        "max ms"
-    );
+        "rtt p99",
+    ]);
+    out.push_str("(times in ms; dups need the responder's trace, latency the requester's)\n");
     for ((requester, responder), pair) in pairs {
         let dups = pair
             .duplicates_suppressed
             .map_or_else(|| "-".into(), |d| d.to_string());
-        out.push_str(&format!(
-            "{:<21} {:<21} {:>8} {:>6} {:>6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}\n",
-            requester.to_string(),
-            responder.to_string(),
-            pair.requests,
-            pair.retransmissions,
-            dups,
-            pair.fragments,
-            pair.bytes,
-            millis(quantile(&pair.rtts, 0.50)),
-            millis(quantile(&pair.rtts, 0.90)),
-            millis(quantile(&pair.rtts, 0.99)),
-            millis(pair.rtts.last().copied()),
-        ));
+        out.push_str(&row([
+            &requester.to_string(),
+            &responder.to_string(),
+            &pair.requests.to_string(),
+            &pair.retransmissions.to_string(),
+            &pair.responses_resent.to_string(),
+            &dups,
+            &pair.fragments.to_string(),
+            &pair.bytes.to_string(),
+            &millis(quantile(&pair.latencies, 0.50)),
+            &millis(quantile(&pair.latencies, 0.99)),
+            &millis(pair.latencies.last().copied()),
+            &millis(quantile(&pair.rtts, 0.50)),
+            &millis(quantile(&pair.rtts, 0.99)),
+        ]));
     }
     out
 }
@@ -476,9 +557,15 @@ pub fn summary_json(pairs: &BTreeMap<(SocketAddr, SocketAddr), PairSummary>) -> 
                 "responder": responder.to_string(),
                 "requests": pair.requests,
                 "retransmissions": pair.retransmissions,
+                "responses_resent": pair.responses_resent,
                 "duplicates_suppressed": pair.duplicates_suppressed,
                 "fragments": pair.fragments,
                 "bytes": pair.bytes,
+                "latency_samples": pair.latencies.len(),
+                "latency_p50_us": micros(quantile(&pair.latencies, 0.50)),
+                "latency_p90_us": micros(quantile(&pair.latencies, 0.90)),
+                "latency_p99_us": micros(quantile(&pair.latencies, 0.99)),
+                "latency_max_us": micros(pair.latencies.last().copied()),
                 "rtt_samples": pair.rtts.len(),
                 "rtt_p50_us": micros(quantile(&pair.rtts, 0.50)),
                 "rtt_p90_us": micros(quantile(&pair.rtts, 0.90)),
@@ -510,15 +597,24 @@ pub struct Step {
     pub received: Option<Duration>,
     /// Datagrams of it seen on the wire (distinct transmissions).
     pub datagrams: usize,
+    /// Whether a trace of its receiver was given (else its arrival could not be seen).
+    pub receiver_traced: bool,
+}
+
+impl Step {
+    /// The sender and the receiver of this message.
+    fn ends(&self) -> (SocketAddr, SocketAddr) {
+        if self.is_request {
+            (self.exchange.requester, self.exchange.responder)
+        } else {
+            (self.exchange.responder, self.exchange.requester)
+        }
+    }
 }
 
 /// The messages of the transaction(s) whose id starts with `txid`, in the order they were
 /// first seen across all traces.
-pub fn follow(
-    observations: &[Observation],
-    owners: &[Option<SocketAddr>],
-    txid: &str,
-) -> Vec<Step> {
+pub fn follow(observations: &[Observation], txid: &str) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
     let mut index: HashMap<(Exchange, bool), usize> = HashMap::new();
     let mut seen_wire: HashSet<WireId> = HashSet::new();
@@ -554,27 +650,30 @@ pub fn follow(
                 sent: None,
                 received: None,
                 datagrams: 0,
+                receiver_traced: false,
             });
             steps.len() - 1
         });
         let step = &mut steps[at];
-        let wire = (
-            observation.src,
-            header.incarnation,
-            header.transmission,
-            header.kind as u8,
-            header.frag_index,
-        );
-        if seen_wire.insert(wire) {
+        if seen_wire.insert(wire_id(observation, header)) {
             step.datagrams += 1;
         }
-        let owner = owners[observation.file];
-        if observation.sent && owner == Some(observation.src) {
-            step.sent.get_or_insert(observation.time);
+        match observation.sent {
+            Some(true) => {
+                step.sent.get_or_insert(observation.time);
+            }
+            Some(false) if observation.completes => {
+                step.received.get_or_insert(observation.time);
+            }
+            _ => {}
         }
-        if !observation.sent && observation.completes && owner == Some(observation.dst) {
-            step.received.get_or_insert(observation.time);
-        }
+    }
+    let traced: HashSet<SocketAddr> = observations
+        .iter()
+        .filter_map(|o| o.observer_addr())
+        .collect();
+    for step in &mut steps {
+        step.receiver_traced = traced.contains(&step.ends().1);
     }
     steps
 }
@@ -600,11 +699,7 @@ pub fn follow_lines(steps: &[Step], start: Duration) -> Vec<String> {
     steps
         .iter()
         .map(|step| {
-            let (from, to) = if step.is_request {
-                (step.exchange.requester, step.exchange.responder)
-            } else {
-                (step.exchange.responder, step.exchange.requester)
-            };
+            let (from, to) = step.ends();
             let mut text = format!(
                 "{} {from} -> {to} {:<18} {}",
                 relative(step.first_seen, start),
@@ -629,7 +724,7 @@ pub fn follow_lines(steps: &[Step], start: Duration) -> Vec<String> {
                     "  [delivered in {:.3} ms]",
                     received.saturating_sub(sent).as_secs_f64() * 1e3
                 )),
-                (_, None) => text.push_str("  [not seen arriving]"),
+                (_, None) if step.receiver_traced => text.push_str("  [not seen arriving]"),
                 _ => {}
             }
             if step.datagrams > 1 {
@@ -645,11 +740,7 @@ pub fn follow_json(steps: &[Step]) -> Vec<Value> {
     steps
         .iter()
         .map(|step| {
-            let (from, to) = if step.is_request {
-                (step.exchange.requester, step.exchange.responder)
-            } else {
-                (step.exchange.responder, step.exchange.requester)
-            };
+            let (from, to) = step.ends();
             json!({
                 "time_ns": step.first_seen.as_nanos() as u64,
                 "from": from.to_string(),
@@ -666,4 +757,117 @@ pub fn follow_json(steps: &[Step]) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use trireme::codec::{Header, Kind, encode_datagram};
+    use trireme::message::{Request, Response};
+    use trireme::trace::{Direction, Tracer};
+
+    use super::*;
+    use crate::decode;
+
+    /// A datagram of `kind` for request 1 with transmission `tx`, echoing `echo`, carrying
+    /// `body` whole.
+    fn datagram(kind: Kind, incarnation: u64, tx: u32, echo: u32, body: &[u8]) -> Vec<u8> {
+        let mut header = Header::new(kind, incarnation, 1, tx);
+        header.echo = echo;
+        header.message_len = body.len() as u32;
+        encode_datagram(&header, body)
+    }
+
+    /// A known history, traced at both ends, gives exactly its counts: the first request
+    /// lost, the retransmission duplicated by the network, the duplicate answered from the
+    /// cache.
+    #[test]
+    fn the_summary_counts_a_known_history_exactly() {
+        let dir = std::env::temp_dir();
+        let client_path = dir.join(format!("trace-dump-{}-client.pcap", std::process::id()));
+        let server_path = dir.join(format!("trace-dump-{}-server.pcap", std::process::id()));
+        let client: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let server: SocketAddr = "10.0.0.2:2000".parse().unwrap();
+        let request = Request::Get { key: "k".into() }.encode().unwrap();
+        let response = Response::Value { value: "v".into() }.encode().unwrap();
+        let c = Tracer::create(&client_path).unwrap();
+        let s = Tracer::create(&server_path).unwrap();
+        let pause = || std::thread::sleep(Duration::from_millis(2));
+        let first = datagram(Kind::Request, 7, 1, 0, &request);
+        c.record(Direction::Sent, client, server, &first); // lost
+        pause();
+        let again = datagram(Kind::Request, 7, 2, 0, &request);
+        c.record(Direction::Sent, client, server, &again);
+        s.record(Direction::Received, server, client, &again);
+        s.record(Direction::Received, server, client, &again); // a network duplicate
+        let answer = datagram(Kind::Response, 9, 1, 2, &response);
+        s.record(Direction::Sent, server, client, &answer);
+        let cached = datagram(Kind::Response, 9, 2, 2, &response);
+        s.record(Direction::Sent, server, client, &cached);
+        pause();
+        c.record(Direction::Received, client, server, &answer);
+        c.record(Direction::Received, client, server, &cached);
+        drop((c, s));
+        let loaded = decode::load(&[&client_path, &server_path]).unwrap();
+        std::fs::remove_file(&client_path).unwrap();
+        std::fs::remove_file(&server_path).unwrap();
+
+        let pairs = summarise(&loaded.observations);
+        assert_eq!(pairs.len(), 1);
+        let pair = &pairs[&(client, server)];
+        assert_eq!(pair.requests, 1);
+        assert_eq!(pair.retransmissions, 1);
+        assert_eq!(pair.responses_resent, 1);
+        assert_eq!(pair.duplicates_suppressed, Some(1));
+        assert_eq!(pair.fragments, 2);
+        assert_eq!(pair.latencies.len(), 1);
+        assert!(
+            pair.latencies[0] >= Duration::from_millis(4),
+            "{:?}",
+            pair.latencies
+        );
+        assert_eq!(
+            pair.rtts.len(),
+            1,
+            "one echo of the client's second transmission"
+        );
+        assert!(pair.rtts[0] < pair.latencies[0]);
+        // Directions come from the file: the client's first datagram is its own send.
+        let first_seen = &loaded.observations[0];
+        assert_eq!(first_seen.sent, Some(true));
+        assert_eq!(first_seen.observer_addr(), Some(client));
+        let info = first_seen.message.as_ref().unwrap();
+        assert_eq!(
+            (info.request, info.key.as_deref()),
+            (Some("Get"), Some("k"))
+        );
+    }
+
+    /// A restarted requester reusing its address and request ids starts new exchanges.
+    #[test]
+    fn a_new_incarnation_on_the_same_address_is_a_new_exchange() {
+        let path = std::env::temp_dir().join(format!("trace-dump-{}-inc.pcap", std::process::id()));
+        let client: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let server: SocketAddr = "10.0.0.2:2000".parse().unwrap();
+        let tracer = Tracer::create(&path).unwrap();
+        for (incarnation, key) in [(1, "first"), (2, "second")] {
+            let request = Request::Get { key: key.into() }.encode().unwrap();
+            let datagram = datagram(Kind::Request, incarnation, 1, 0, &request);
+            tracer.record(Direction::Sent, client, server, &datagram);
+        }
+        drop(tracer);
+        let loaded = decode::load(&[&path]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let keys: Vec<Option<String>> = loaded
+            .observations
+            .iter()
+            .map(|o| o.message.as_ref().and_then(|m| m.key.clone()))
+            .collect();
+        assert_eq!(keys, [Some("first".into()), Some("second".into())]);
+        assert_eq!(
+            summarise(&loaded.observations)[&(client, server)].requests,
+            2
+        );
+    }
 }
