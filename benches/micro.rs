@@ -525,12 +525,12 @@ fn loopback_group() {
         &figure,
     );
     println!(
-        "{:<50} best {:.1} MB/s, worst {:.1} MB/s; {} retransmissions, {} acks from the responder",
+        "{:<50} best {:.1} MB/s, worst {:.1} MB/s; {} retransmissions, {:.0} acks per request",
         "",
         LARGE as f64 / samples[0] * 1e3,
         LARGE as f64 / samples[samples.len() - 1] * 1e3,
         stats.retransmissions - before_stats.retransmissions,
-        server_stats.acks_sent,
+        server_stats.acks_sent as f64 / server_stats.requests_executed as f64,
     );
     responder.shutdown();
     requester.shutdown();
