@@ -51,6 +51,20 @@ use self::reassembly::{Insert, Reassembly};
 use self::rtt::RttEstimator;
 use self::transfer::Transfer;
 
+/// Floors are queued for expiry at most this many times per dedup TTL per incarnation.
+const FLOOR_GRAIN: u32 = 8;
+
+/// What an endpoint remembers of one requester incarnation's forgotten requests.
+#[derive(Clone, Copy, Debug)]
+struct Floor {
+    /// Every request id below this was answered and forgotten.
+    below: u64,
+    /// When it was last raised.
+    raised: Instant,
+    /// The time of its newest entry in the expiry queue.
+    queued: Instant,
+}
+
 /// Tunables of the reliable layer.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -371,8 +385,10 @@ pub struct Endpoint {
     cached_bytes: usize,
     /// Per requester incarnation: ids below this were answered and then forgotten (expired
     /// or evicted); such a request is a late duplicate and is never executed again.
-    floors: HashMap<u64, (u64, Instant)>,
-    /// The order floors were raised, for forgetting them once no duplicate can arrive.
+    floors: HashMap<u64, Floor>,
+    /// When floors were raised, oldest first, for forgetting them once no duplicate can
+    /// arrive: at most one entry per incarnation per [`FLOOR_GRAIN`] of the TTL, so its
+    /// length is bounded by the incarnations heard from, not by the request rate.
     floor_order: VecDeque<(u64, Instant)>,
     /// Bytes of partly reassembled messages, per peer.
     reassembly_bytes: HashMap<SocketAddr, usize>,
@@ -634,17 +650,24 @@ impl Endpoint {
             self.forget(now, id, at);
         }
         // A floor outlives its entries by a TTL: by then no duplicate of them can arrive.
+        let keep = self.config.dedup_ttl * 2;
         while let Some(&(incarnation, at)) = self.floor_order.front() {
-            if at + self.config.dedup_ttl * 2 > now {
+            if at + keep > now {
                 break;
             }
             self.floor_order.pop_front();
-            if self
-                .floors
-                .get(&incarnation)
-                .is_some_and(|&(_, set)| set == at)
-            {
+            let Some(floor) = self.floors.get_mut(&incarnation) else {
+                continue;
+            };
+            if floor.queued != at {
+                continue; // a later entry of this incarnation is queued
+            }
+            if floor.raised + keep <= now {
                 self.floors.remove(&incarnation);
+            } else {
+                // Raised since it was queued: look again a whole period from now.
+                floor.queued = now;
+                self.floor_order.push_back((incarnation, now));
             }
         }
     }
@@ -839,7 +862,7 @@ impl Endpoint {
         if self
             .floors
             .get(&id.incarnation)
-            .is_some_and(|&(floor, _)| id.request < floor)
+            .is_some_and(|floor| id.request < floor.below)
         {
             // Answered long ago and forgotten: a late duplicate, never executed again.
             self.wire.stats.duplicates_suppressed += 1;
@@ -1113,7 +1136,7 @@ impl Endpoint {
         let forgotten = self
             .floors
             .get(&id.incarnation)
-            .is_some_and(|&(floor, _)| id.request < floor);
+            .is_some_and(|floor| id.request < floor.below);
         if let Some(entry) = self.incoming.get_mut(&id) {
             if entry.peer != from {
                 self.wire.stats.bad_datagrams += 1;
@@ -1311,9 +1334,19 @@ impl Endpoint {
         {
             self.cached_bytes -= t.body_len();
         }
-        let floor = self.floors.entry(id.incarnation).or_insert((0, now));
-        *floor = (floor.0.max(id.request + 1), now);
-        self.floor_order.push_back((id.incarnation, now));
+        let grain = self.config.dedup_ttl / FLOOR_GRAIN;
+        let floor = self.floors.entry(id.incarnation).or_insert(Floor {
+            below: 0,
+            raised: now,
+            queued: now,
+        });
+        let fresh = floor.below == 0;
+        floor.below = floor.below.max(id.request + 1);
+        floor.raised = now;
+        if fresh || floor.queued + grain <= now {
+            floor.queued = now;
+            self.floor_order.push_back((id.incarnation, now));
+        }
         true
     }
 

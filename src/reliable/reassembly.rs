@@ -26,6 +26,9 @@ pub struct Reassembly {
     received: Vec<bool>,
     /// How many fragments have arrived.
     received_count: u32,
+    /// Every fragment below this one has arrived: an ack reports that prefix as one range
+    /// and scans only past it.
+    contiguous: u32,
     /// New fragments since the last acknowledgement was sent.
     unacked: u32,
     /// The highest fragment index received so far (to spot gaps).
@@ -42,6 +45,7 @@ impl Reassembly {
             buffer: vec![0; header.message_len as usize],
             received: vec![false; header.frag_count as usize],
             received_count: 0,
+            contiguous: 0,
             unacked: 0,
             highest: None,
             last_activity: now,
@@ -78,6 +82,13 @@ impl Reassembly {
         self.buffer[range].copy_from_slice(payload);
         self.received[index] = true;
         self.received_count += 1;
+        while self
+            .received
+            .get(self.contiguous as usize)
+            .is_some_and(|&got| got)
+        {
+            self.contiguous += 1;
+        }
         self.unacked += 1;
         let in_order = self.highest.is_none_or(|h| header.frag_index == h + 1);
         let gap_filled = self.highest.is_some_and(|h| header.frag_index < h);
@@ -100,16 +111,22 @@ impl Reassembly {
     pub fn ack(&mut self) -> AckBody {
         self.unacked = 0;
         let mut ranges = Vec::new();
+        if self.contiguous > 0 {
+            ranges.push((0, self.contiguous));
+        }
+        // Past the contiguous prefix, only up to the highest fragment received can be held.
+        let end = self.highest.map_or(0, |h| h + 1).max(self.contiguous);
         let mut start = None;
-        for (index, &got) in self.received.iter().enumerate() {
-            match (got, start) {
-                (true, None) => start = Some(index as u32),
+        for index in self.contiguous..end {
+            if ranges.len() == MAX_ACK_RANGES {
+                start = None;
+                break;
+            }
+            match (self.received[index as usize], start) {
+                (true, None) => start = Some(index),
                 (false, Some(s)) => {
-                    ranges.push((s, index as u32));
+                    ranges.push((s, index));
                     start = None;
-                    if ranges.len() == MAX_ACK_RANGES {
-                        break;
-                    }
                 }
                 _ => {}
             }
@@ -117,7 +134,7 @@ impl Reassembly {
         if let Some(s) = start
             && ranges.len() < MAX_ACK_RANGES
         {
-            ranges.push((s, self.count));
+            ranges.push((s, end));
         }
         AckBody {
             complete: self.is_complete(),
@@ -182,5 +199,39 @@ mod tests {
         assert_eq!(r.insert(&header(0, 3, 26), &[0; 9], now).0, Insert::Invalid);
         assert_eq!(r.insert(&header(0, 3, 25), &[0; 8], now).0, Insert::Invalid);
         assert_eq!(r.insert(&header(0, 3, 25), &[0; 9], now).0, Insert::New);
+    }
+
+    /// The ranges a scan of every fragment would report (the definition the incremental
+    /// `ack` must match).
+    fn naive_ranges(received: &[bool]) -> Vec<(u32, u32)> {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for (index, &got) in received.iter().enumerate() {
+            let index = index as u32;
+            match ranges.last_mut() {
+                Some(last) if got && last.1 == index => last.1 += 1,
+                _ if got => ranges.push((index, index + 1)),
+                _ => {}
+            }
+        }
+        ranges.truncate(MAX_ACK_RANGES);
+        ranges
+    }
+
+    proptest::proptest! {
+        /// Whatever order fragments arrive in (duplicates included), every ack lists exactly
+        /// the ranges received.
+        #[test]
+        fn acks_list_exactly_what_arrived(order in proptest::collection::vec(0u32..300, 1..600)) {
+            let now = Instant::now();
+            let (count, len) = (300u32, 300u32 * 10);
+            let mut r = Reassembly::new(&header(0, count, len), now);
+            let mut received = vec![false; count as usize];
+            for index in order {
+                let size = codec::fragment_range(len as usize, count, index).len();
+                r.insert(&header(index, count, len), &vec![1; size], now);
+                received[index as usize] = true;
+                proptest::prop_assert_eq!(r.ack().ranges, naive_ranges(&received));
+            }
+        }
     }
 }

@@ -731,3 +731,36 @@ fn another_address_cannot_inject_into_or_read_a_request() {
     assert_eq!(sim.node(addr(2)).poll_transmit(), None);
     assert_eq!(sim.outcome(id).unwrap(), b"enim");
 }
+
+/// Regression (micro-benchmark profile): the queue that expires floors holds a bounded number
+/// of entries per requester incarnation, not one per forgotten request, and floors still
+/// expire two TTLs after their last raise.
+#[test]
+fn forgotten_requests_keep_the_floor_queue_short_and_floors_expire() {
+    let config = Config {
+        dedup_max_entries: 4,
+        ..Config::default()
+    };
+    let ttl = config.dedup_ttl;
+    let mut sim = Sim::new(2, config, 23);
+    for i in 0..2000u16 {
+        let id = sim.request(addr(1), addr(2), i.to_be_bytes().to_vec());
+        sim.outcome(id).unwrap();
+    }
+    let responder = sim.node(addr(2));
+    assert_eq!(responder.floors.len(), 1);
+    assert!(
+        responder.floor_order.len() <= 2,
+        "{} entries for one incarnation",
+        responder.floor_order.len()
+    );
+    // The cached entries expire a TTL on (raising the floor once more), and two TTLs after
+    // that the floor is gone.
+    let expired = sim.now + ttl * 2;
+    sim.node(addr(2)).handle_timeout(expired);
+    assert_eq!(sim.node(addr(2)).cached_entries(), 0);
+    let later = expired + ttl * 3;
+    sim.node(addr(2)).handle_timeout(later);
+    let responder = sim.node(addr(2));
+    assert!(responder.floors.is_empty() && responder.floor_order.is_empty());
+}

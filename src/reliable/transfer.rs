@@ -48,6 +48,9 @@ pub struct Transfer {
     fragments: Vec<Fragment>,
     /// Fragments acknowledged so far.
     acked: u32,
+    /// Every fragment below this one is acknowledged: scans of what is in flight start here,
+    /// so an ack costs what is in the window, not what the whole message holds.
+    base: u32,
     /// The next fragment never sent yet.
     next_new: u32,
     /// Fragments in flight.
@@ -76,6 +79,7 @@ impl Transfer {
             count,
             fragments: vec![Fragment::default(); count as usize],
             acked: 0,
+            base: 0,
             next_new: 0,
             in_flight: 0,
             send_seq: 0,
@@ -155,7 +159,7 @@ impl Transfer {
             .sent_at_of(echo)
             .map(|t| now.saturating_duration_since(t));
         for &(start, end) in &ack.ranges {
-            for index in start..end.min(self.count) {
+            for index in start.max(self.base)..end.min(self.count) {
                 let fragment = &mut self.fragments[index as usize];
                 if fragment.acked {
                     continue;
@@ -173,19 +177,23 @@ impl Transfer {
         if ack.complete {
             outcome.newly_acked += self.mark_all_acked();
         }
+        while self.base < self.count && self.fragments[self.base as usize].acked {
+            self.base += 1;
+        }
         if outcome.newly_acked > 0 {
             self.backoff = 0;
         }
         // Anything still in flight that was sent well before an acknowledged fragment is lost.
         if highest_acked_seq > REORDER_THRESHOLD {
-            for (index, fragment) in self.fragments.iter_mut().enumerate() {
+            for index in self.unacked_sent() {
+                let fragment = &mut self.fragments[index as usize];
                 if fragment.in_flight && fragment.last_seq + REORDER_THRESHOLD <= highest_acked_seq
                 {
                     fragment.in_flight = false;
                     self.in_flight -= 1;
                     if !fragment.queued {
                         fragment.queued = true;
-                        self.lost.push_back(index as u32);
+                        self.lost.push_back(index);
                         outcome.newly_lost += 1;
                     }
                 }
@@ -203,9 +211,16 @@ impl Transfer {
             fragment.in_flight = false;
         }
         self.acked = self.count;
+        self.base = self.count;
         self.in_flight = 0;
         self.lost.clear();
         newly
+    }
+
+    /// The indexes of fragments sent and not yet known to be acknowledged all lie here:
+    /// everything below `base` is acknowledged, nothing from `next_new` on was sent.
+    fn unacked_sent(&self) -> std::ops::Range<u32> {
+        self.base..self.next_new
     }
 
     /// When the fragment last sent as transmission `tx` went out, if one was.
@@ -222,7 +237,7 @@ impl Transfer {
 
     /// When the oldest fragment in flight times out under retransmission timeout `rto`.
     pub fn deadline(&self, rto: Duration) -> Option<Instant> {
-        self.fragments
+        self.fragments[self.base as usize..self.next_new as usize]
             .iter()
             .filter(|f| f.in_flight)
             .filter_map(|f| f.sent_at)
@@ -234,14 +249,15 @@ impl Transfer {
     /// declared lost and queued for resending. Returns how many were queued.
     pub fn on_timeout(&mut self, now: Instant, rto: Duration) -> u32 {
         let mut queued = 0;
-        for (index, fragment) in self.fragments.iter_mut().enumerate() {
+        for index in self.unacked_sent() {
+            let fragment = &mut self.fragments[index as usize];
             let expired = fragment.sent_at.is_some_and(|t| t + rto <= now);
             if fragment.in_flight && expired {
                 fragment.in_flight = false;
                 self.in_flight -= 1;
                 if !fragment.queued {
                     fragment.queued = true;
-                    self.lost.push_back(index as u32);
+                    self.lost.push_back(index);
                     queued += 1;
                 }
             }
