@@ -19,7 +19,7 @@ done
 
 cd "$(dirname "$0")/.."
 if [ "$profile" = release ]; then cargo build --release --locked --quiet; else cargo build --locked --quiet; fi
-bin="target/$profile"
+bin="${CARGO_TARGET_DIR:-target}/$profile"
 logs=$(mktemp -d)
 pids=()
 
