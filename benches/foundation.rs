@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use trireme::faults::FaultSpec;
@@ -90,25 +90,7 @@ fn round_trips(label: &str, faults: &str, traced: bool) {
 
 /// Raw UDP round trip between two std sockets on loopback (no layer), for reference.
 fn raw_udp() {
-    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let b_addr = b.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = b.recv_from(&mut buf) {
-            let _ = b.send_to(&buf[..n], from);
-        }
-    });
-    let mut buf = [0u8; 2048];
-    let mut samples = Vec::with_capacity(REQUESTS);
-    for i in 0..(REQUESTS + 200) {
-        let t = Instant::now();
-        a.send_to(&[7u8; 124], b_addr).unwrap();
-        a.recv_from(&mut buf).unwrap();
-        if i >= 200 {
-            samples.push(t.elapsed());
-        }
-    }
+    let mut samples = support::raw_udp_round_trips(REQUESTS);
     println!(
         "{:<30} {}",
         "raw UDP echo (reference)",

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use trireme::client::{Client, SetrHooks};
+use trireme::client::{Client, SetrHooks, ViewCache};
 use trireme::net::{self, NetConfig};
 use trireme::node::Running;
 
@@ -64,28 +64,55 @@ fn in_process(vl: SocketAddr) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let value = "v".repeat(100);
-    let mut setr = Vec::with_capacity(OPS);
-    for i in 0..OPS {
-        let key = format!("key{}", i % 1000);
-        let t = Instant::now();
-        client(&handle, vl)
-            .setr(&key, &value, SetrHooks::default())
-            .expect("setr");
-        setr.push(t.elapsed());
-    }
-    let mut getr = Vec::with_capacity(OPS);
-    for i in 0..OPS {
-        let key = format!("key{}", i % 1000);
-        let t = Instant::now();
-        client(&handle, vl).getr(&key).expect("getr");
-        getr.push(t.elapsed());
-    }
+    let mut udp = support::raw_udp_round_trips(OPS);
+    let rtt = support::median(&mut udp);
     println!(
         "{:<34} {}",
-        "setr in-process, 100 B values",
-        percentiles(&mut setr)
+        "raw UDP round trip (reference)",
+        percentiles(&mut udp)
     );
-    println!("{:<34} {}", "getr in-process", percentiles(&mut getr));
+    for cached in [false, true] {
+        // A cache shared by every operation's client, as `client bench` keeps one.
+        let cache = cached.then(ViewCache::default);
+        let make = || {
+            let c = client(&handle, vl);
+            match &cache {
+                Some(cache) => c.with_view_cache(cache.clone()),
+                None => c,
+            }
+        };
+        let mut setr = Vec::with_capacity(OPS);
+        for i in 0..OPS {
+            let key = format!("key{}", i % 1000);
+            let t = Instant::now();
+            make()
+                .setr(&key, &value, SetrHooks::default())
+                .expect("setr");
+            setr.push(t.elapsed());
+        }
+        let mut getr = Vec::with_capacity(OPS);
+        for i in 0..OPS {
+            let key = format!("key{}", i % 1000);
+            let t = Instant::now();
+            make().getr(&key).expect("getr");
+            getr.push(t.elapsed());
+        }
+        let how = if cached { "cached view" } else { "view per op" };
+        let ratio = |samples: &mut Vec<Duration>| {
+            support::median(samples).as_secs_f64() / rtt.as_secs_f64()
+        };
+        let (setr_ratio, getr_ratio) = (ratio(&mut setr), ratio(&mut getr));
+        println!(
+            "{:<34} {}  ({setr_ratio:.1} x UDP RTT)",
+            format!("setr in-process, 100 B, {how}"),
+            percentiles(&mut setr)
+        );
+        println!(
+            "{:<34} {}  ({getr_ratio:.1} x UDP RTT)",
+            format!("getr in-process, {how}"),
+            percentiles(&mut getr)
+        );
+    }
 }
 
 /// Measures whole client processes.

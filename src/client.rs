@@ -5,6 +5,7 @@
 //! the whole command (`--timeout-ms`): every request it sends carries what is left of it.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -13,7 +14,7 @@ use log::{debug, info};
 use crate::message::{self, ErrorKind, OpError, Request, Response, TxId};
 use crate::net::{self, Reply};
 use crate::reliable::RequestError;
-use crate::ring;
+use crate::ring::{self, Ring};
 use crate::rng::Rng;
 use crate::view::{Epoch, Member, ServerId, View};
 
@@ -96,6 +97,67 @@ pub struct Client {
     timeout: Option<Duration>,
     /// `--wait`: replicated operations wait for rebalancing to end instead of failing.
     wait: bool,
+    /// A view kept across operations by a long-lived caller, if any.
+    cache: Option<ViewCache>,
+}
+
+/// How long a cached view is used before the view leader is asked again. Replicas refuse an
+/// operation at another epoch than theirs (or while rebalancing), and any such refusal empties
+/// the cache at once; the lease bounds how long a client keeps a view it has no reason to
+/// doubt (a server cut off from the view leader may not know it left the view).
+pub const VIEW_LEASE: Duration = Duration::from_millis(250);
+
+/// A view and its ring as placed by one `query_servers`.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// The view.
+    pub view: Arc<View>,
+    /// Its ring, built once.
+    pub ring: Arc<Ring>,
+}
+
+impl Placement {
+    /// Builds the ring of `view`.
+    fn new(view: View) -> Placement {
+        let ring = Ring::new(&view);
+        Placement {
+            view: Arc::new(view),
+            ring: Arc::new(ring),
+        }
+    }
+
+    /// The replicas of `key`, primary first.
+    pub fn replicas(&self, key: &str) -> Vec<Member> {
+        let count = usize::try_from(self.view.replicas).unwrap_or(usize::MAX);
+        self.ring.replicas(key, count)
+    }
+}
+
+/// The view (and ring) a long-lived caller such as `client bench` keeps across operations,
+/// so that a replicated operation costs no view-leader round trip: used for [`VIEW_LEASE`]
+/// after it was fetched, and dropped as soon as a replica refuses it. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub struct ViewCache(Arc<Mutex<Option<(Placement, Instant)>>>);
+
+impl ViewCache {
+    /// The cached placement, if it is younger than the lease.
+    fn get(&self, now: Instant) -> Option<Placement> {
+        let cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .as_ref()
+            .filter(|(_, fetched)| now.saturating_duration_since(*fetched) < VIEW_LEASE)
+            .map(|(placement, _)| placement.clone())
+    }
+
+    /// Keeps `placement`, fetched at `at`.
+    fn put(&self, placement: Placement, at: Instant) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((placement, at));
+    }
+
+    /// Forgets the cached view (a replica refused it, or could not be reached).
+    fn invalidate(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// How often a `--wait` operation asks whether rebalancing has ended.
@@ -146,6 +208,23 @@ impl Client {
             deadline,
             timeout,
             wait: false,
+            cache: None,
+        }
+    }
+
+    /// Keeps the view in `cache` across operations (see [`ViewCache`]).
+    pub fn with_view_cache(mut self, cache: ViewCache) -> Client {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Forgets a cached view after a failure that may come from it being stale: any
+    /// failure but a key that is missing or an input that is refused.
+    fn doubt_view(&self, error: &OpError) {
+        if let Some(cache) = &self.cache
+            && !matches!(error.kind, ErrorKind::NotFound | ErrorKind::BadInput)
+        {
+            cache.invalidate();
         }
     }
 
@@ -377,7 +456,11 @@ impl Client {
     }
 
     /// The current view, refusing replicated operations while it is empty or rebalancing.
-    fn replicated_view(&mut self) -> Result<View, OpError> {
+    fn replicated_view(&mut self) -> Result<Placement, OpError> {
+        let now = Instant::now();
+        if let Some(placement) = self.cache.as_ref().and_then(|c| c.get(now)) {
+            return Ok(placement);
+        }
         let mut info = self.query_servers()?;
         while self.wait && info.rebalancing {
             if self
@@ -407,7 +490,11 @@ impl Client {
                 format!("epoch {} is still rebalancing", info.view.epoch),
             ));
         }
-        Ok(info.view)
+        let placement = Placement::new(info.view);
+        if let Some(cache) = &self.cache {
+            cache.put(placement.clone(), now);
+        }
+        Ok(placement)
     }
 
     /// Sleeps `pause` (a test hook), failing with `timeout` if it would pass the deadline.
@@ -483,8 +570,20 @@ impl Client {
     ) -> Result<SetrOutcome, OpError> {
         message::check_key(key)?;
         message::check_value(value)?;
-        let view = self.replicated_view()?;
-        let replicas = ring::replicas(&view, key);
+        self.setr_at(key, value, hooks)
+            .inspect_err(|e| self.doubt_view(e))
+    }
+
+    /// [`Client::setr`] after the input checks.
+    fn setr_at(
+        &mut self,
+        key: &str,
+        value: &str,
+        hooks: SetrHooks,
+    ) -> Result<SetrOutcome, OpError> {
+        let placement = self.replicated_view()?;
+        let view = &placement.view;
+        let replicas = placement.replicas(key);
         self.pause(hooks.pause_after_view, "while pausing after the view")?;
         let txid = TxId::random(&mut Rng::from_entropy());
         let remaining = self.deadline.map_or(UNBOUNDED_DECISION_WAIT, |d| {
@@ -629,7 +728,7 @@ impl Client {
     pub fn getr(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
         message::check_key(key)?;
         loop {
-            match self.getr_once(key) {
+            match self.getr_once(key).inspect_err(|e| self.doubt_view(e)) {
                 // The view changed between our `query_servers` and the read, so every replica
                 // refused our epoch. A read can safely be tried again: with `--wait`, fetch
                 // the new view (waiting out its rebalance) and read again.
@@ -649,8 +748,9 @@ impl Client {
 
     /// One replicated read of `key` against the current view (see [`Client::getr`]).
     fn getr_once(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
-        let view = self.replicated_view()?;
-        let replicas = ring::replicas(&view, key);
+        let placement = self.replicated_view()?;
+        let view = &placement.view;
+        let replicas = placement.replicas(key);
         let request = Request::GetR {
             key: key.to_owned(),
             epoch: view.epoch,

@@ -193,6 +193,64 @@ impl Handle {
     }
 }
 
+/// Application logic run on the driver thread itself (see [`spawn_service`]): requests
+/// addressed to this process and the outcomes of its own requests are handed to it there,
+/// with no hop to another thread, and it answers through a [`Local`] context.
+pub trait Service: Send + 'static {
+    /// A request addressed to this process arrived.
+    fn handle_request(&mut self, now: Instant, request: IncomingRequest, net: &mut Local<'_>);
+
+    /// The outcome of a request started with [`Local::request`].
+    fn handle_reply(&mut self, now: Instant, reply: Reply, net: &mut Local<'_>);
+
+    /// The instant from [`Service::poll_timeout`] has come.
+    fn handle_timeout(&mut self, now: Instant, net: &mut Local<'_>);
+
+    /// When [`Service::handle_timeout`] is next due, if ever.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// What a [`Service`] may do from the driver thread: answer requests and start its own.
+pub struct Local<'a> {
+    /// The endpoint.
+    endpoint: &'a mut Endpoint,
+    /// Where request outcomes go.
+    pending: &'a mut HashMap<RequestId, Waiter>,
+    /// The current instant.
+    now: Instant,
+}
+
+impl Local<'_> {
+    /// Answers request `id` with `body`.
+    pub fn respond(&mut self, id: IncomingId, body: Vec<u8>) {
+        if let Err(e) = self.endpoint.respond(self.now, id, body) {
+            warn!("cannot send a response: {e}");
+        }
+    }
+
+    /// Starts a request to `dst`; its outcome comes back through [`Service::handle_reply`]
+    /// with `tag`, unless it cannot even start (returned here).
+    pub fn request(
+        &mut self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        tag: u64,
+    ) -> Result<(), RequestError> {
+        let id = self.endpoint.request(self.now, dst, body, deadline)?;
+        self.pending.insert(id, Waiter::Service(tag));
+        Ok(())
+    }
+}
+
+/// Who waits for the outcome of a request.
+enum Waiter {
+    /// An application thread, on a channel, with its tag.
+    Channel(Sender<Reply>, u64),
+    /// The driver thread's own [`Service`], with its tag.
+    Service(u64),
+}
+
 /// Binds a UDP socket on `addr` with enlarged buffers and ICMP error reporting enabled.
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -344,6 +402,37 @@ pub fn spawn(
     socket: UdpSocket,
     config: NetConfig,
 ) -> io::Result<(Handle, Receiver<IncomingRequest>, JoinHandle<()>)> {
+    let (requests_tx, requests_rx) = crossbeam_channel::unbounded();
+    let (handle, thread) = spawn_driver(socket, config, Inbound::Channel(requests_tx))?;
+    Ok((handle, requests_rx, thread))
+}
+
+/// Starts a driver thread on `socket` that runs `service` itself: every request addressed
+/// to this node, and every outcome of the service's own requests, is handled on the driver
+/// thread. Returns the handle (for stats, shutdown, and requests from other threads) and the
+/// thread's join handle.
+pub fn spawn_service(
+    socket: UdpSocket,
+    config: NetConfig,
+    service: Box<dyn Service>,
+) -> io::Result<(Handle, JoinHandle<()>)> {
+    spawn_driver(socket, config, Inbound::Service(service))
+}
+
+/// Where a driver hands the requests addressed to its node.
+enum Inbound {
+    /// To an application thread, over a channel.
+    Channel(Sender<IncomingRequest>),
+    /// To a service run on the driver thread.
+    Service(Box<dyn Service>),
+}
+
+/// Starts a driver thread on `socket` handing requests to `inbound`.
+fn spawn_driver(
+    socket: UdpSocket,
+    config: NetConfig,
+    inbound: Inbound,
+) -> io::Result<(Handle, JoinHandle<()>)> {
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
     let mut socket = mio::net::UdpSocket::from_std(socket);
@@ -352,7 +441,6 @@ pub fn spawn(
         .register(&mut socket, SOCKET, Interest::READABLE)?;
     let waker = Waker::new(poll.registry(), WAKER)?;
     let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
-    let (requests_tx, requests_rx) = crossbeam_channel::unbounded();
     let mut rng = match config.seed {
         Some(seed) => Rng::seeded(seed),
         None => Rng::from_entropy(),
@@ -377,7 +465,7 @@ pub fn spawn(
         delayed_seq: 0,
         pending: HashMap::new(),
         commands: commands_rx,
-        requests: requests_tx,
+        inbound,
         buffer: vec![0; 65536],
     };
     let thread = std::thread::Builder::new()
@@ -392,7 +480,6 @@ pub fn spawn(
         Handle {
             inner: Arc::new(inner),
         },
-        requests_rx,
         thread,
     ))
 }
@@ -420,11 +507,11 @@ struct Driver {
     /// Sequence numbers keep same-instant delayed datagrams in order.
     delayed_seq: u64,
     /// Where each outstanding request's outcome goes.
-    pending: HashMap<RequestId, (Sender<Reply>, u64)>,
+    pending: HashMap<RequestId, Waiter>,
     /// Commands from handles.
     commands: Receiver<Command>,
-    /// Requests to the application.
-    requests: Sender<IncomingRequest>,
+    /// Where requests addressed to this node go.
+    inbound: Inbound,
     /// Receive buffer.
     buffer: Vec<u8>,
 }
@@ -434,11 +521,16 @@ impl Driver {
     fn run(&mut self) {
         let mut events = Events::with_capacity(64);
         let mut backlog = false;
+        // A service starts with a timer pass, so that it can schedule its first work.
+        let start = Instant::now();
+        self.with_service(start, |service, net| service.handle_timeout(start, net));
+        self.flush(start);
         loop {
             let now = Instant::now();
             let next = [
                 self.endpoint.poll_timeout(),
                 self.delayed.keys().next().map(|k| k.0),
+                self.service_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -464,7 +556,30 @@ impl Driver {
             if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
                 self.endpoint.handle_timeout(now);
             }
+            if self.service_timeout().is_some_and(|t| t <= now) {
+                self.with_service(now, |service, net| service.handle_timeout(now, net));
+            }
             self.flush(now);
+        }
+    }
+
+    /// When the driver thread's service (if any) wants its timer.
+    fn service_timeout(&self) -> Option<Instant> {
+        match &self.inbound {
+            Inbound::Service(service) => service.poll_timeout(),
+            Inbound::Channel(_) => None,
+        }
+    }
+
+    /// Calls `f` on the driver thread's service (if any) with a context for answering.
+    fn with_service(&mut self, now: Instant, f: impl FnOnce(&mut dyn Service, &mut Local<'_>)) {
+        if let Inbound::Service(service) = &mut self.inbound {
+            let mut net = Local {
+                endpoint: &mut self.endpoint,
+                pending: &mut self.pending,
+                now,
+            };
+            f(service.as_mut(), &mut net);
         }
     }
 
@@ -544,7 +659,7 @@ impl Driver {
                     tag,
                 }) => match self.endpoint.request(now, dst, body, deadline) {
                     Ok(id) => {
-                        self.pending.insert(id, (reply, tag));
+                        self.pending.insert(id, Waiter::Channel(reply, tag));
                     }
                     Err(e) => {
                         let _ = reply.send(Reply {
@@ -570,8 +685,52 @@ impl Driver {
     }
 
     /// Sends what the endpoint queued (through fault injection), sends delayed datagrams that
-    /// are due, and hands events to the application.
+    /// are due, and hands events to the application; repeats while handling events (on the
+    /// driver thread's service) queues more.
     fn flush(&mut self, now: Instant) {
+        loop {
+            self.transmit(now);
+            let mut handled = false;
+            while let Some(event) = self.endpoint.poll_event() {
+                handled = true;
+                self.deliver(now, event);
+            }
+            if !handled {
+                return;
+            }
+        }
+    }
+
+    /// Hands one endpoint event to whoever waits for it.
+    fn deliver(&mut self, now: Instant, event: Event) {
+        match event {
+            Event::Request { from, id, body } => {
+                let request = IncomingRequest { from, id, body };
+                match &self.inbound {
+                    // If the application is gone, the request simply goes unanswered.
+                    Inbound::Channel(requests) => {
+                        let _ = requests.send(request);
+                    }
+                    Inbound::Service(_) => self.with_service(now, |service, net| {
+                        service.handle_request(now, request, net)
+                    }),
+                }
+            }
+            Event::Response { id, result } => match self.pending.remove(&id) {
+                Some(Waiter::Channel(reply, tag)) => {
+                    let _ = reply.send(Reply { tag, result });
+                }
+                Some(Waiter::Service(tag)) => self.with_service(now, |service, net| {
+                    service.handle_reply(now, Reply { tag, result }, net)
+                }),
+                None => {}
+            },
+        }
+    }
+
+    /// Puts what the endpoint queued on the wire (through fault injection), and the delayed
+    /// datagrams that are due.
+    fn transmit(&mut self, now: Instant) {
         while let Some(transmit) = self.endpoint.poll_transmit() {
             // Traced as the endpoint emits it, before fault injection: what a capture at the
             // sender would show on a network that loses, delays or duplicates datagrams.
@@ -601,19 +760,6 @@ impl Driver {
             }
             let (dst, payload) = entry.remove();
             self.send_now(now, dst, &payload);
-        }
-        while let Some(event) = self.endpoint.poll_event() {
-            match event {
-                Event::Request { from, id, body } => {
-                    // If the application is gone, the request simply goes unanswered.
-                    let _ = self.requests.send(IncomingRequest { from, id, body });
-                }
-                Event::Response { id, result } => {
-                    if let Some((reply, tag)) = self.pending.remove(&id) {
-                        let _ = reply.send(Reply { tag, result });
-                    }
-                }
-            }
         }
     }
 

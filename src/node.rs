@@ -2,8 +2,9 @@
 //!
 //! A [`Node`] (the view leader, a server) is a sans-IO state machine: it is handed decoded
 //! requests, responses to its own requests, and timer expiries, each with the current instant,
-//! and it hands back [`Action`]s (responses to send, requests to start). [`run`] drives a node
-//! on a real [`net::Handle`]; tests and the simulator can drive the same node directly.
+//! and it hands back [`Action`]s (responses to send, requests to start). [`start`] hosts a node
+//! on a real network driver, on the driver's own thread; tests and the simulator can drive the
+//! same node directly.
 //!
 //! Calling contract: after every `handle_*` call, drain [`Node::poll_action`], then re-read
 //! [`Node::poll_timeout`] and call [`Node::handle_timeout`] once that instant has come.
@@ -12,13 +13,12 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, warn};
 
 use crate::message::{ErrorKind, Request, Response};
-use crate::net::{self, IncomingRequest, NetConfig, Reply};
+use crate::net::{self, IncomingRequest, Local, NetConfig, Reply};
 use crate::reliable::{IncomingId, RequestError};
 
 /// Something a node wants done.
@@ -63,17 +63,13 @@ pub trait Node {
     fn poll_action(&mut self) -> Option<Action>;
 }
 
-/// A node running on its own driver thread and node thread (see [`start`]). Dropping it, or
-/// calling [`Running::stop`], stops the node and its driver.
+/// A node running on its driver's thread (see [`start`]). Dropping it, or calling
+/// [`Running::stop`], stops the node and its driver.
 #[derive(Debug)]
 pub struct Running {
     /// The driver's handle (its address, counters; requests from this process).
     pub handle: net::Handle,
-    /// Dropped to stop the node thread.
-    stop: Sender<()>,
-    /// The node thread.
-    thread: JoinHandle<()>,
-    /// The driver thread.
+    /// The driver thread, which runs the node too.
     driver: JoinHandle<()>,
 }
 
@@ -83,148 +79,117 @@ impl Running {
         self.handle.local_addr()
     }
 
-    /// Stops the node and its driver, and waits for both threads to end (so that nothing
-    /// is sent or traced after it returns).
+    /// Stops the node and its driver, and waits for the thread to end (so that nothing is
+    /// sent or traced after it returns).
     pub fn stop(self) {
-        let Running {
-            handle,
-            stop,
-            thread,
-            driver,
-        } = self;
-        drop(stop);
+        let Running { handle, driver } = self;
         handle.shutdown();
-        let _ = thread.join();
         let _ = driver.join();
     }
 }
 
-/// Runs `node` on `socket`: starts a driver with `config` and a thread that drives the node
-/// with [`run`]. This is how the binaries, benchmarks and tests host a node.
+/// Runs `node` on `socket`: starts a driver with `config` that hosts the node on its own
+/// thread (requests and replies reach the node with no hop between threads). This is how
+/// the binaries, benchmarks and tests host a node.
 pub fn start<N: Node + Send + 'static>(
-    mut node: N,
+    node: N,
     socket: UdpSocket,
     config: NetConfig,
 ) -> io::Result<Running> {
-    let (handle, requests, driver) = net::spawn(socket, config)?;
-    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
-    let node_handle = handle.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("node-{}", handle.local_addr()))
-        .spawn(move || run(&mut node, &node_handle, &requests, &stopped))?;
-    Ok(Running {
-        handle,
-        stop,
-        thread,
-        driver,
-    })
+    let (handle, driver) = net::spawn_service(socket, config, Box::new(Hosted { node }))?;
+    Ok(Running { handle, driver })
 }
 
-/// Drives `node` on a network driver until `shutdown` receives (or disconnects), or the
-/// driver stops. Undecodable requests are answered with a `bad_input` error without
-/// reaching the node.
-pub fn run<N: Node>(
-    node: &mut N,
-    handle: &net::Handle,
-    requests: &Receiver<IncomingRequest>,
-    shutdown: &Receiver<()>,
-) {
-    let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Reply>();
-    let now = Instant::now();
-    node.handle_timeout(now);
-    loop {
-        if !carry_out(node, handle, &reply_tx) {
-            return;
-        }
-        let wait = node
-            .poll_timeout()
-            .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(3600));
-        select! {
-            recv(requests) -> incoming => {
-                let Ok(incoming) = incoming else { return };
-                let now = Instant::now();
-                match Request::decode(&incoming.body) {
-                    Ok(request) => node.handle_request(now, incoming.from, incoming.id, request),
-                    Err(e) => {
-                        debug!("undecodable request from {}: {e}", incoming.from);
-                        let response = Response::error(ErrorKind::BadInput, format!("undecodable request: {e}"));
-                        respond(handle, incoming.id, &response);
-                    }
-                }
+/// A [`Node`] as the driver thread's [`net::Service`]: decodes what arrives, calls the
+/// node, and carries out the actions it queues.
+struct Hosted<N> {
+    /// The node.
+    node: N,
+}
+
+impl<N: Node + Send + 'static> net::Service for Hosted<N> {
+    /// Decodes the request and hands it to the node; an undecodable one is answered with a
+    /// `bad_input` error without reaching the node.
+    fn handle_request(&mut self, now: Instant, incoming: IncomingRequest, net: &mut Local<'_>) {
+        match Request::decode(&incoming.body) {
+            Ok(request) => self
+                .node
+                .handle_request(now, incoming.from, incoming.id, request),
+            Err(e) => {
+                debug!("undecodable request from {}: {e}", incoming.from);
+                let response =
+                    Response::error(ErrorKind::BadInput, format!("undecodable request: {e}"));
+                respond(net, incoming.id, &response);
             }
-            recv(reply_rx) -> reply => {
-                let Ok(reply) = reply else { return };
-                let result = reply.result.map(|body| {
-                    Response::decode(&body).unwrap_or_else(|e| {
-                        Response::error(ErrorKind::BadInput, format!("undecodable response: {e}"))
-                    })
-                });
-                node.handle_response(Instant::now(), reply.tag, result);
-            }
-            recv(shutdown) -> _ => return,
-            default(wait) => {}
         }
-        let now = Instant::now();
-        if node.poll_timeout().is_some_and(|t| t <= now) {
-            node.handle_timeout(now);
-        }
+        carry_out(&mut self.node, now, net);
+    }
+
+    /// Decodes the outcome of one of the node's requests and hands it to the node.
+    fn handle_reply(&mut self, now: Instant, reply: Reply, net: &mut Local<'_>) {
+        let result = reply.result.map(|body| {
+            Response::decode(&body).unwrap_or_else(|e| {
+                Response::error(ErrorKind::BadInput, format!("undecodable response: {e}"))
+            })
+        });
+        self.node.handle_response(now, reply.tag, result);
+        carry_out(&mut self.node, now, net);
+    }
+
+    /// The node's timer came due.
+    fn handle_timeout(&mut self, now: Instant, net: &mut Local<'_>) {
+        self.node.handle_timeout(now);
+        carry_out(&mut self.node, now, net);
+    }
+
+    /// The node's next timer.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.node.poll_timeout()
     }
 }
 
-/// Carries out every action the node queued; false if the driver has stopped.
-fn carry_out<N: Node>(
-    node: &mut N,
-    handle: &net::Handle,
-    replies: &crossbeam_channel::Sender<Reply>,
-) -> bool {
+/// Carries out every action the node queued: responses are sent, requests started (one
+/// that cannot start is reported back to the node at once, so nothing waits for it).
+fn carry_out<N: Node>(node: &mut N, now: Instant, net: &mut Local<'_>) {
     while let Some(action) = node.poll_action() {
         match action {
-            Action::Respond { id, response } => {
-                if !respond(handle, id, &response) {
-                    return false;
-                }
-            }
+            Action::Respond { id, response } => respond(net, id, &response),
             Action::Request {
                 token,
                 dst,
                 request,
                 deadline,
             } => {
-                let body = match request.encode() {
-                    Ok(body) => body,
+                let started = match request.encode() {
+                    Ok(body) => net.request(dst, body, deadline, token),
                     Err(e) => {
-                        // Tell the node, so nothing waits forever for this request.
                         warn!("cannot encode a {} request: {e}", request.name());
                         let limit = crate::codec::MAX_MESSAGE;
-                        let error = RequestError::TooLarge {
+                        Err(RequestError::TooLarge {
                             size: limit + 1,
                             limit,
-                        };
-                        node.handle_response(Instant::now(), token, Err(error));
-                        continue;
+                        })
                     }
                 };
-                if handle.start(dst, body, deadline, replies, token).is_err() {
-                    return false;
+                if let Err(error) = started {
+                    node.handle_response(now, token, Err(error));
                 }
             }
         }
     }
-    true
 }
 
-/// Encodes and sends one response; false if the driver has stopped.
-fn respond(handle: &net::Handle, id: IncomingId, response: &Response) -> bool {
+/// Encodes and sends one response.
+fn respond(net: &mut Local<'_>, id: IncomingId, response: &Response) {
     let body = match response.encode() {
         Ok(body) => body,
         Err(e) => {
             warn!("cannot encode a response: {e}");
             match Response::error(ErrorKind::BadInput, e.to_string()).encode() {
                 Ok(body) => body,
-                Err(_) => return true,
+                Err(_) => return,
             }
         }
     };
-    handle.respond(id, body).is_ok()
+    net.respond(id, body);
 }

@@ -6,8 +6,9 @@
 //! stamps the wall-clock time, copies the bytes and queues them; a writer thread of the
 //! tracer's own synthesizes a link header, an IPv4 (or IPv6) header and a UDP header carrying
 //! the real addresses and ports, and appends the packet to the file (formatted by the
-//! `pcap-file` crate), buffered, flushing whenever its queue runs empty. Each record reaches
-//! the file in one write, so a process killed mid-run leaves whole records behind.
+//! `pcap-file` crate). The writer wakes every few milliseconds (never once per datagram) to
+//! write out and flush what was queued. Each record reaches the file in one write, so a
+//! process killed mid-run leaves whole records behind.
 //!
 //! The link type is Linux cooked capture (`LINUX_SLL`, 113), whose packet type says whether
 //! the process sent (4, "outgoing") or received (0, "to us") the datagram, as a capture on the
@@ -35,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use log::warn;
 use pcap_file::PcapError;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapParser, PcapWriter};
@@ -60,6 +61,9 @@ const SLL_HOST: u16 = 0;
 const SLL_OUTGOING: u16 = 4;
 /// The ARPHRD type written in cooked headers: "no link-layer header" (`ARPHRD_NONE`).
 const ARPHRD_NONE: u16 = 0xfffe;
+
+/// How often the writer thread wakes to write out what was queued (and flush it).
+const WRITER_TICK: Duration = Duration::from_millis(5);
 
 /// The queue cost of one datagram besides its bytes: the queued job itself.
 const ENTRY_OVERHEAD: usize = std::mem::size_of::<Job>();
@@ -287,18 +291,28 @@ fn write_loop(file: File, queue: Receiver<Job>, queued_bytes: Arc<AtomicUsize>, 
             None
         }
     };
-    staging.take();
+    staging.clear();
     let mut packet = Vec::with_capacity(2048);
-    while let Ok(job) = queue.recv() {
-        let mut next = Some(job);
-        while let Some(job) = next {
+    // The writer wakes on a tick and drains the queue, rather than blocking on it: a
+    // receiver blocked on the channel would be woken by every datagram the driver records.
+    loop {
+        let mut disconnected = false;
+        loop {
+            let job = match queue.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            };
             match job {
                 Job::Write(entry) => {
                     let cost = entry.payload.len() + ENTRY_OVERHEAD;
                     if let Some(pcap) = writer.as_mut() {
                         let written = write_entry(pcap, &entry, &mut packet)
                             .map_err(io::Error::other)
-                            .and_then(|()| file.write_all(&staging.take()));
+                            .and_then(|()| staging.write_to(&mut file));
                         if let Err(e) = written {
                             warn!("trace {}: cannot write: {e}; tracing stops", path.display());
                             writer = None;
@@ -311,7 +325,6 @@ fn write_loop(file: File, queue: Receiver<Job>, queued_bytes: Arc<AtomicUsize>, 
                     let _ = done.send(());
                 }
             }
-            next = queue.try_recv().ok();
         }
         if writer.is_some()
             && let Err(e) = file.flush()
@@ -319,8 +332,11 @@ fn write_loop(file: File, queue: Receiver<Job>, queued_bytes: Arc<AtomicUsize>, 
             warn!("trace {}: cannot write: {e}; tracing stops", path.display());
             writer = None;
         }
+        if disconnected {
+            return;
+        }
+        std::thread::sleep(WRITER_TICK);
     }
-    let _ = file.flush();
 }
 
 /// Where [`PcapWriter`] formats one record before it is written out whole (`PcapWriter`
@@ -329,9 +345,17 @@ fn write_loop(file: File, queue: Receiver<Job>, queued_bytes: Arc<AtomicUsize>, 
 struct Staging(Rc<RefCell<Vec<u8>>>);
 
 impl Staging {
-    /// Takes the bytes formatted so far, leaving the buffer empty.
-    fn take(&self) -> Vec<u8> {
-        std::mem::take(&mut *self.0.borrow_mut())
+    /// Discards the bytes formatted so far.
+    fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
+
+    /// Writes the bytes formatted so far to `out` in one write, and empties the buffer.
+    fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
+        let mut bytes = self.0.borrow_mut();
+        let written = out.write_all(&bytes);
+        bytes.clear();
+        written
     }
 }
 

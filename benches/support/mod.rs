@@ -51,3 +51,34 @@ pub fn percentiles(samples: &mut [Duration]) -> String {
         samples[samples.len() - 1].as_secs_f64() * 1e6
     )
 }
+
+/// Round trips of `n` sequential 124-byte datagrams between two plain std sockets on
+/// loopback (an echo thread, no reliable layer): the reference the targets are set against.
+pub fn raw_udp_round_trips(n: usize) -> Vec<Duration> {
+    let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b_addr = b.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = b.recv_from(&mut buf) {
+            let _ = b.send_to(&buf[..n], from);
+        }
+    });
+    let mut buf = [0u8; 2048];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..(n + 200) {
+        let t = Instant::now();
+        a.send_to(&[7u8; 124], b_addr).unwrap();
+        a.recv_from(&mut buf).unwrap();
+        if i >= 200 {
+            samples.push(t.elapsed());
+        }
+    }
+    samples
+}
+
+/// The median of `samples` (sorted in place).
+pub fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
