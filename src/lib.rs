@@ -20,8 +20,8 @@
 //! - [`server`]: one storage node: its bucket and its heartbeats.
 //! - [`client`]: the command-line client's operations, one function per command.
 //! - [`bench`]: `client bench`, the load generator: operation schedule (closed or open
-//!   loop), worker threads, HDR-histogram latency; targets trireme and a loopback UDP echo
-//!   (the floor).
+//!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
+//!   a loopback UDP echo (the floor).
 //! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
 //! - [`view`], [`rng`]: small shared vocabulary: ids, epochs, views; the seeded RNG.
 //!

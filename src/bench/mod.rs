@@ -3,7 +3,8 @@
 //! This module owns the shape of a load and its measurement: which operation and key each
 //! operation gets, when it is due, the worker threads, and the [`Report`]. What the load is put
 //! on is a [`Target`], in a submodule each: [`trireme`] (`setr`/`getr` through
-//! [`crate::client::Client`], the code the `client` commands run) and [`echo`] (a datagram to
+//! [`crate::client::Client`], the code the `client` commands run), [`etcd`] (put and
+//! serializable get through etcd's v3 JSON gateway, for comparison) and [`echo`] (a datagram to
 //! an echo thread in this process and back: the floor any UDP protocol pays on this machine).
 //!
 //! Every operation has an index `i`, drawn from a counter the workers share. The index alone
@@ -23,6 +24,7 @@
 //! the run's length), merged at the end.
 
 pub mod echo;
+pub mod etcd;
 pub mod trireme;
 
 use std::fmt::Write as _;
