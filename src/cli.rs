@@ -382,6 +382,7 @@ fn parse_value_size(text: &str) -> Result<usize, String> {
 
 /// `client bench`'s flags.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Load")]
 pub struct BenchArgs {
     /// The operation.
     #[arg(long, value_enum, default_value_t = BenchOp::Setr)]
