@@ -168,6 +168,15 @@ for i in 0 1 2; do
 done
 endpoints=$(IFS=,; echo "${client_urls[*]}")
 wait_for "etcd" etcdctl --endpoints="$endpoints" endpoint health
+# The leader's URL first: workers take the endpoints in turn, so a single worker talks to the
+# leader (etcd's best case: a follower forwards every put to the leader, one more hop) and
+# more workers spread evenly over the members. Without this the 1-worker figures depend on
+# which member the election happened to pick.
+leader=$(etcdctl --endpoints="$endpoints" endpoint status -w json |
+  jq -r 'map(select(.Status.header.member_id == .Status.leader)) | .[0].Endpoint // empty')
+if [ -n "$leader" ]; then
+  endpoints=$(printf '%s\n' "$leader" "${client_urls[@]}" | awk '!seen[$0]++' | paste -sd, -)
+fi
 etcd_version=$(etcd --version | sed -n 's/^etcd Version: //p')
 
 # ---------------------------------------------------------------------------------------
@@ -239,11 +248,12 @@ done
 cpus=$(nproc)
 echo
 echo "trireme vs etcd $etcd_version, closed loop, $duration s per run, $keys keys, on $cpus cores shared by"
-echo "load generator and clusters (1-minute load average $load_before before measuring, $(cut -d' ' -f1 /proc/loadavg) after)."
+echo "load generator and clusters (1-minute load average before measuring: $load_before)."
 echo "trireme: view leader + 3 servers, replicas 3, release build;"
 echo "etcd: 3 members on 127.0.0.1, data directories on $storage, so fsync costs next to nothing;"
 echo "client: \`client bench\` for both (etcd through its v3 JSON gateway, one HTTP/1.1 keep-alive"
-echo "connection per worker, workers spread over the 3 members). setr = 2PC on 3 replicas vs etcd put;"
+echo "connection per worker, workers spread over the 3 members, leader first, so 1 worker talks to the"
+echo "leader: etcd's best case). setr = 2PC on 3 replicas vs etcd put;"
 echo "getr = read from one replica vs etcd serializable get. Latencies in µs; ratios trireme/etcd."
 echo "Caveat: the JSON gateway turns each request into a gRPC call inside the member, a hop a native"
 echo "gRPC client would not pay, so etcd's figures here are somewhat below what its own clients see."
