@@ -59,7 +59,9 @@ apt_install() {
     command -v sudo >/dev/null || { echo "installing $* needs root (or sudo)" >&2; exit 1; }
     sudo=sudo
   fi
-  if ! apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  local policy
+  policy=$(apt-cache policy "$1" 2>/dev/null || true)
+  if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
     $sudo apt-get update -q
   fi
   echo "installing $* from Debian's packages" >&2
@@ -97,11 +99,24 @@ pids=()
 data=""
 mounted=false
 
-# Stops every process this script started, by PID, and removes etcd's data directories.
+# True while process $1 runs (an exited child stays a zombie until waited for).
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ -n "$state" && "$state" != Z* ]]
+}
+
+# Stops every process this script started, by PID (SIGTERM, then SIGKILL for any still alive
+# 5 s later: an etcd leader whose peers are gone spends seconds trying to hand over
+# leadership), and removes etcd's data directories.
 cleanup() {
-  local pid
+  local pid deadline=$((SECONDS + 5))
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   if [ -n "$data" ]; then
     if $mounted; then umount "$data" 2>/dev/null || true; fi
     rm -rf "$data"
