@@ -19,7 +19,7 @@
 //! - [`viewleader`]: membership (heartbeats, epochs, views) and the lock service.
 //! - [`server`]: one storage node: its bucket and its heartbeats.
 //! - [`client`]: the command-line client's operations, one function per command.
-//! - [`bench`]: `client bench`, the load generator: operation schedule (closed or open
+//! - [`bench`](mod@bench): `client bench`, the load generator: operation schedule (closed or open
 //!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
 //!   a loopback UDP echo (the floor).
 //! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
