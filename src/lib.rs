@@ -21,6 +21,9 @@
 //! - [`viewleader`]: membership (heartbeats, epochs, views) and the lock service.
 //! - [`server`]: one storage node: its bucket and its heartbeats.
 //! - [`client`]: the command-line client's operations, one function per command.
+//! - [`bench`](mod@bench): `client bench`, the load generator: operation schedule (closed or open
+//!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
+//!   a loopback UDP echo (the floor).
 //! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
 //! - [`view`], [`rng`]: small shared vocabulary: ids, epochs, views; the seeded RNG.
 //!
@@ -31,6 +34,7 @@
 //! as an event; the node's state machine ([`viewleader::ViewLeader`], [`server::Server`])
 //! computes a response, which the endpoint caches and sends.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod codec;

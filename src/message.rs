@@ -353,6 +353,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in the contract's order (for tallies that list each kind).
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::NotFound,
+        ErrorKind::Aborted,
+        ErrorKind::Rebalancing,
+        ErrorKind::NoServers,
+        ErrorKind::Timeout,
+        ErrorKind::Unreachable,
+        ErrorKind::BadInput,
+        ErrorKind::NotHolder,
+        ErrorKind::Deadlock,
+    ];
+
     /// The contract's snake_case name of the kind.
     pub fn as_str(self) -> &'static str {
         match self {

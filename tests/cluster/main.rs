@@ -6,6 +6,7 @@
 //! guard that kills it when the test ends. nextest runs at most two of these tests at once
 //! (`.config/nextest.toml`), so two cores are never overloaded into false failure detection.
 
+mod bench;
 mod locks;
 mod membership;
 mod rebalancing;

@@ -1,0 +1,168 @@
+//! The trireme target of `client bench`: `setr` and `getr` through [`Client`], exactly the
+//! code the `client setr`/`getr` commands run (each operation learns the view, then writes by
+//! two-phase commit or reads), with one [`Client`] per operation and `--timeout-ms` bounding
+//! each operation.
+//!
+//! The network driver ([`net::Handle`]) is either one for the whole process, shared by every
+//! worker ([`NetMode::Shared`]), or one per worker, each with its own socket and driver thread
+//! ([`NetMode::PerWorker`]).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::bench::{Connection, Op, Target};
+use crate::client::{self, Client, SetrHooks, ViewCache};
+use crate::message::{ErrorKind, OpError};
+use crate::net::{self, NetConfig};
+
+/// How the workers reach the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetMode {
+    /// One socket and driver thread, shared by every worker.
+    Shared,
+    /// A socket and driver thread per worker.
+    PerWorker,
+}
+
+impl FromStr for NetMode {
+    type Err = String;
+
+    /// Parses `shared` or `per-worker`.
+    fn from_str(text: &str) -> Result<NetMode, String> {
+        match text {
+            "shared" => Ok(NetMode::Shared),
+            "per-worker" => Ok(NetMode::PerWorker),
+            _ => Err(format!("{text:?} is neither shared nor per-worker")),
+        }
+    }
+}
+
+/// A running trireme cluster, reached through its view leader.
+#[derive(Debug)]
+pub struct Trireme {
+    /// The view leader (given, or found once at the start).
+    viewleader: SocketAddr,
+    /// `--server`: unused by replicated operations, but every [`Client`] has one.
+    server: SocketAddr,
+    /// The bound on each operation (`None`: none).
+    timeout: Option<Duration>,
+    /// The network settings of every driver (faults, trace).
+    net: NetConfig,
+    /// Shared or per-worker drivers.
+    mode: NetMode,
+    /// The command's driver: used to find the view leader, and by every worker when shared.
+    shared: net::Handle,
+    /// The view every worker's operations use, fetched again when its lease ends or a
+    /// replica refuses it (so an operation costs no view-leader round trip).
+    views: ViewCache,
+}
+
+/// Starts a network driver on a fresh loopback socket.
+fn spawn_driver(config: NetConfig) -> Result<net::Handle, OpError> {
+    let unreachable = |e: std::io::Error| OpError {
+        kind: ErrorKind::Unreachable,
+        message: format!("cannot start a network driver: {e}"),
+        cycle: Vec::new(),
+    };
+    let socket = net::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(unreachable)?;
+    let (handle, _requests, _thread) = net::spawn(socket, config).map_err(unreachable)?;
+    Ok(handle)
+}
+
+impl Trireme {
+    /// Finds the view leader through `shared` (the command's driver, which shared workers
+    /// use): `viewleader` if given, else the first of `candidates` that answers within
+    /// `timeout`. Per-worker drivers are started with `net`.
+    pub fn connect(
+        shared: net::Handle,
+        viewleader: Option<SocketAddr>,
+        candidates: &[SocketAddr],
+        server: SocketAddr,
+        timeout: Option<Duration>,
+        net: NetConfig,
+        mode: NetMode,
+    ) -> Result<Trireme, OpError> {
+        let viewleader = match viewleader {
+            Some(addr) => addr,
+            None => client::discover(
+                &shared,
+                candidates,
+                timeout.map(|t| std::time::Instant::now() + t),
+            )?,
+        };
+        Ok(Trireme {
+            viewleader,
+            server,
+            timeout,
+            net,
+            mode,
+            shared,
+            views: ViewCache::default(),
+        })
+    }
+}
+
+impl Target for Trireme {
+    /// "trireme via view leader ADDR (shared/per-worker net driver)".
+    fn describe(&self) -> String {
+        let mode = match self.mode {
+            NetMode::Shared => "one shared net driver",
+            NetMode::PerWorker => "a net driver per worker",
+        };
+        format!("trireme via view leader {} ({mode})", self.viewleader)
+    }
+
+    /// The shared driver, or a new one for this worker.
+    fn connect(&self) -> Result<Box<dyn Connection>, OpError> {
+        let handle = match self.mode {
+            NetMode::Shared => self.shared.clone(),
+            NetMode::PerWorker => spawn_driver(self.net.clone())?,
+        };
+        Ok(Box::new(TriremeConnection {
+            handle,
+            viewleader: self.viewleader,
+            server: self.server,
+            timeout: self.timeout,
+            views: self.views.clone(),
+        }))
+    }
+}
+
+/// One worker's way into the cluster.
+struct TriremeConnection {
+    /// The driver this worker sends through.
+    handle: net::Handle,
+    /// The view leader.
+    viewleader: SocketAddr,
+    /// `--server` (unused by replicated operations).
+    server: SocketAddr,
+    /// The bound on each operation.
+    timeout: Option<Duration>,
+    /// The view shared by every worker.
+    views: ViewCache,
+}
+
+impl Connection for TriremeConnection {
+    /// A write is `setr KEY VALUE`, a read `getr KEY`, each a fresh [`Client`] (so each has
+    /// its own deadline, as one `client` command would) sharing the workers' cached view.
+    fn execute(&mut self, op: Op, key: &str, value: &str) -> Result<(), OpError> {
+        let mut client = Client::new(
+            self.handle.clone(),
+            Some(self.viewleader),
+            Vec::new(),
+            self.server,
+            self.timeout,
+        )
+        .with_view_cache(self.views.clone());
+        match op {
+            Op::Write => client.setr(key, value, SetrHooks::default()).map(drop),
+            Op::Read => client.getr(key).map(drop),
+            Op::Echo => Err(OpError {
+                kind: ErrorKind::BadInput,
+                message: "the trireme target does not echo".into(),
+                cycle: Vec::new(),
+            }),
+        }
+    }
+}
