@@ -98,14 +98,17 @@ pub struct Config {
 
 impl Default for Config {
     /// Defaults suited to a LAN or loopback: 1400-byte datagrams, RTO 100 ms initially and
-    /// between 20 ms and 2 s, 64-fragment window.
+    /// between 5 ms and 2 s, 12 attempts (about 8 s of doubling from the floor before a
+    /// silent peer is given up), 64-fragment window. The floor is what a loss costs on
+    /// loopback; below it the receiver's ack of every second fragment (no ack timer) makes
+    /// the timer fire on fragments still waiting for their ack.
     fn default() -> Config {
         Config {
             max_datagram: 1400,
             initial_rto: Duration::from_millis(100),
-            min_rto: Duration::from_millis(20),
+            min_rto: Duration::from_millis(5),
             max_rto: Duration::from_secs(2),
-            max_attempts: 10,
+            max_attempts: 12,
             window: 64,
             max_message: codec::MAX_MESSAGE,
             dedup_ttl: Duration::from_secs(60),

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Measures trireme under datagram loss against the same cluster without it, with `client
+# bench`, and prints one table: p50 latency and throughput of setr and getr, lossy / clean.
+# Every process (view leader, 3 servers, the load generator) injects the loss on its own
+# outgoing datagrams (--faults), so requests, responses and acks are all lost alike.
+set -euo pipefail
+
+duration=3
+loss=0.1
+concurrency="1 16"
+
+usage() {
+  cat <<'EOF'
+Usage: tools/bench-loss.sh [--duration SECS] [--loss P] [--concurrency "1 16"]
+  --duration SECS     length of each measured run (default 3)
+  --loss P            loss probability injected by every process (default 0.1)
+  --concurrency LIST  worker counts (default "1 16")
+  -h, --help          this text
+Starts two clusters on loopback (release build): one clean, one where every process runs
+with --faults loss=P; runs `client bench` setr and getr against each; prints p50 and
+throughput side by side with the ratios the performance issue sets targets for (lossy p50 at
+most 3x the clean p50; lossy throughput at least 50% of clean). Stops what it started by PID.
+EOF
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) duration=$2; shift 2 ;;
+    --loss) loss=$2; shift 2 ;;
+    --concurrency) concurrency=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.."
+command -v jq >/dev/null || { echo "jq is needed (apt-get install jq)" >&2; exit 1; }
+cargo build --release --locked --quiet --bin viewleader --bin server --bin client
+bin="${CARGO_TARGET_DIR:-target}/release"
+out=$(mktemp -d -t trireme-loss.XXXXXX)
+pids=()
+
+# Stops every process this script started, by PID, and removes the scratch directory.
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$out"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Polls command "$@" every 50 ms for up to 20 s; fails otherwise.
+wait_for() {
+  local what=$1; shift
+  local deadline=$((SECONDS + 20))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then echo "$what: not ready after 20 s" >&2; exit 1; fi
+    sleep 0.05
+  done
+}
+
+# Starts a cluster named $1 whose processes inject fault spec $2 (may be empty); prints
+# the view leader's address.
+cluster() {
+  local name=$1 faults=$2 args=()
+  [ -n "$faults" ] && args=(--faults "$faults")
+  "$bin/viewleader" --bind 127.0.0.1:0 "${args[@]}" >"$out/$name-vl.out" 2>/dev/null &
+  pids+=($!)
+  wait_for "$name view leader" grep -q "listening on" "$out/$name-vl.out"
+  local vl
+  vl=$(awk '{print $3; exit}' "$out/$name-vl.out")
+  for n in 1 2 3; do
+    "$bin/server" --bind 127.0.0.1:0 --viewleader "$vl" "${args[@]}" \
+      >"$out/$name-s$n.out" 2>/dev/null &
+    pids+=($!)
+  done
+  wait_for "$name cluster" sh -c "'$bin/client' --viewleader $vl --json query_servers |
+    jq -e '(.servers | length) == 3 and .rebalancing == false' &&
+    '$bin/client' -q --viewleader $vl setr warm-up ok"
+  echo "$vl"
+}
+
+clean_vl=$(cluster clean "")
+lossy_vl=$(cluster lossy "loss=$loss")
+
+# Runs one bench against view leader $1 with faults $2 and options "${@:3}"; prints its JSON.
+bench() {
+  local vl=$1 faults=$2; shift 2
+  local args=()
+  [ -n "$faults" ] && args=(--faults "$faults")
+  "$bin/client" -q --viewleader "$vl" --timeout-ms 10000 "${args[@]}" \
+    bench --duration "$duration" --keys 1000 --json "$@"
+}
+
+printf '%-5s %5s | %10s %9s | %10s %9s | %7s %7s | %s\n' \
+  op conc "clean op/s" "p50 µs" "lossy op/s" "p50 µs" "p50 ×" "ops ×" "targets (p50 ≤ 3×, ops ≥ 0.5×)"
+for conc in $concurrency; do
+  for op in setr getr; do
+    clean=$(bench "$clean_vl" "" --op "$op" --concurrency "$conc")
+    lossy=$(bench "$lossy_vl" "loss=$loss" --op "$op" --concurrency "$conc")
+    jq -rn --argjson c "$clean" --argjson l "$lossy" --arg op "$op" --arg conc "$conc" '
+      ($l.latency_us.p50 / $c.latency_us.p50) as $p |
+      ($l.throughput / $c.throughput) as $t |
+      [$op, $conc, ($c.throughput | round), $c.latency_us.p50, ($l.throughput | round),
+       $l.latency_us.p50, ($p * 100 | round / 100), ($t * 100 | round / 100),
+       (if $p <= 3 and $t >= 0.5 then "met" else "missed" end),
+       ($l.failed | tostring) + " failed"] |
+      "\(.[0]|.[0:5]) \(.[1]) | \(.[2]) \(.[3]) | \(.[4]) \(.[5]) | \(.[6]) \(.[7]) | \(.[8]) (\(.[9]))"'
+  done
+done
+echo "loss=$loss on every process's outgoing datagrams; $duration s per run; 3 servers, replicas 3."
