@@ -22,8 +22,8 @@ mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::net::SocketAddr;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -540,64 +540,6 @@ fn loopback_group() {
     app.join().unwrap();
 }
 
-/// Datagrams sent in each raw UDP measurement.
-const RAW_DATAGRAMS: u64 = 100_000;
-
-/// What a raw UDP run delivered.
-struct RawRun {
-    /// Datagrams received.
-    received: u64,
-    /// Bytes received.
-    bytes: u64,
-    /// From the first send to the last datagram received.
-    elapsed: Duration,
-}
-
-/// Sends [`RAW_DATAGRAMS`] datagrams of the layer's size from one loopback socket to another,
-/// keeping at most `window` unreceived (if set), and reports what the receiver got.
-fn raw_udp(window: Option<u64>) -> RawRun {
-    let size = Config::default().max_datagram;
-    let rx = support::socket();
-    rx.set_nonblocking(false).unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let rx_addr = rx.local_addr().unwrap();
-    let tx: UdpSocket = support::socket();
-    tx.set_nonblocking(false).unwrap();
-    let received = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&received);
-    let started = Instant::now();
-    let receiver = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        let (mut count, mut bytes, mut last) = (0, 0, Instant::now());
-        while let Ok((n, _)) = rx.recv_from(&mut buf) {
-            last = Instant::now();
-            count += 1;
-            bytes += n as u64;
-            counter.store(count, Ordering::Release);
-            if count == RAW_DATAGRAMS {
-                break;
-            }
-        }
-        (count, bytes, last)
-    });
-    let payload = vec![0x5au8; size];
-    for sent in 0..RAW_DATAGRAMS {
-        if let Some(window) = window {
-            while sent - received.load(Ordering::Acquire) >= window {
-                std::hint::spin_loop();
-            }
-        }
-        tx.send_to(black_box(&payload), rx_addr).unwrap();
-    }
-    let (count, bytes, last) = receiver.join().unwrap();
-    RawRun {
-        received: count,
-        bytes,
-        elapsed: last.saturating_duration_since(started),
-    }
-}
-
 /// Raw loopback UDP throughput, windowed like the reliable layer and unthrottled.
 fn udp_group() {
     let size = Config::default().max_datagram;
@@ -609,12 +551,13 @@ fn udp_group() {
         ),
         (format!("raw UDP, {size} B datagrams, unthrottled"), None),
     ] {
-        let run = raw_udp(window);
+        let run = support::raw_udp(window);
         let ns = run.elapsed.as_secs_f64() * 1e9 / run.received.max(1) as f64;
         println!(
-            "{label:<50} {ns:>12.1} ns/datagram {:>9.1} MB/s received, {} of {RAW_DATAGRAMS} lost",
+            "{label:<50} {ns:>12.1} ns/datagram {:>9.1} MB/s received, {} of {} lost",
             run.bytes as f64 / run.elapsed.as_secs_f64() / 1e6,
-            RAW_DATAGRAMS - run.received,
+            support::RAW_DATAGRAMS - run.received,
+            support::RAW_DATAGRAMS,
         );
     }
 }

@@ -82,3 +82,69 @@ pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
+
+/// Datagrams sent in each raw UDP measurement.
+pub const RAW_DATAGRAMS: u64 = 100_000;
+
+/// What a raw UDP run delivered.
+pub struct RawRun {
+    /// Datagrams received.
+    pub received: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// From the first send to the last datagram received.
+    pub elapsed: Duration,
+}
+
+/// Sends [`RAW_DATAGRAMS`] datagrams of the layer's size from one loopback socket to another,
+/// keeping at most `window` unreceived (if set), and reports what the receiver got.
+pub fn raw_udp(window: Option<u64>) -> RawRun {
+    let size = trireme::reliable::Config::default().max_datagram;
+    let rx = socket();
+    rx.set_nonblocking(false).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let rx_addr = rx.local_addr().unwrap();
+    let tx: UdpSocket = socket();
+    tx.set_nonblocking(false).unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&received);
+    let started = Instant::now();
+    let receiver = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let (mut count, mut bytes, mut last) = (0, 0, Instant::now());
+        while let Ok((n, _)) = rx.recv_from(&mut buf) {
+            last = Instant::now();
+            count += 1;
+            bytes += n as u64;
+            counter.store(count, std::sync::atomic::Ordering::Release);
+            if count == RAW_DATAGRAMS {
+                break;
+            }
+        }
+        (count, bytes, last)
+    });
+    let payload = vec![0x5au8; size];
+    for sent in 0..RAW_DATAGRAMS {
+        if let Some(window) = window {
+            while sent - received.load(std::sync::atomic::Ordering::Acquire) >= window {
+                std::hint::spin_loop();
+            }
+        }
+        tx.send_to(std::hint::black_box(&payload), rx_addr).unwrap();
+    }
+    let (count, bytes, last) = receiver.join().unwrap();
+    RawRun {
+        received: count,
+        bytes,
+        elapsed: last.saturating_duration_since(started),
+    }
+}
+
+/// Raw one-way loopback UDP throughput in MB/s at the layer's datagram size, with the
+/// layer's window of datagrams in flight: the reference for transfer throughput.
+pub fn raw_udp_megabytes_per_second() -> f64 {
+    let window = u64::from(trireme::reliable::Config::default().window);
+    let run = raw_udp(Some(window));
+    run.bytes as f64 / run.elapsed.as_secs_f64() / 1e6
+}
