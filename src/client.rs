@@ -99,6 +99,9 @@ pub struct Client {
     wait: bool,
     /// A view kept across operations by a long-lived caller, if any.
     cache: Option<ViewCache>,
+    /// The epoch of the view the current operation used, and whether a replica refused it
+    /// or could not be reached (then a cached view of that epoch is dropped).
+    view_used: Option<(Epoch, bool)>,
 }
 
 /// How long a cached view is used before the view leader is asked again. Replicas refuse an
@@ -136,6 +139,13 @@ impl Placement {
 /// The view (and ring) a long-lived caller such as `client bench` keeps across operations,
 /// so that a replicated operation costs no view-leader round trip: used for [`VIEW_LEASE`]
 /// after it was fetched, and dropped as soon as a replica refuses it. Cloning shares it.
+///
+/// The trade: within the lease, an operation does not ask the view leader, so it neither
+/// sees the rebalancing flag (a replica that already knows the new epoch refuses, with
+/// `aborted` for a prepare) nor learns that a replica left the view. A replica declared
+/// dead but still running, cut off from the view leader, may then answer a read from the
+/// old view: reads through a cache are not linearizable across a view change during the
+/// lease. The command-line client never caches (one operation per process).
 #[derive(Clone, Debug, Default)]
 pub struct ViewCache(Arc<Mutex<Option<(Placement, Instant)>>>);
 
@@ -149,14 +159,27 @@ impl ViewCache {
             .map(|(placement, _)| placement.clone())
     }
 
-    /// Keeps `placement`, fetched at `at`.
+    /// Keeps `placement`, fetched at `at`, unless a newer view is cached already.
     fn put(&self, placement: Placement, at: Instant) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((placement, at));
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if cached
+            .as_ref()
+            .is_none_or(|(old, _)| old.view.epoch <= placement.view.epoch)
+        {
+            *cached = Some((placement, at));
+        }
     }
 
-    /// Forgets the cached view (a replica refused it, or could not be reached).
-    fn invalidate(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// Forgets the cached view if it is of `epoch` (a replica refused it, or could not be
+    /// reached); a newer one cached meanwhile stays.
+    fn invalidate(&self, epoch: Epoch) {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if cached
+            .as_ref()
+            .is_some_and(|(placement, _)| placement.view.epoch == epoch)
+        {
+            *cached = None;
+        }
     }
 }
 
@@ -209,6 +232,7 @@ impl Client {
             timeout,
             wait: false,
             cache: None,
+            view_used: None,
         }
     }
 
@@ -218,21 +242,34 @@ impl Client {
         self
     }
 
-    /// Forgets a cached view after a failure that may come from it being stale: any
-    /// failure but a key that is missing or an input that is refused.
-    fn doubt_view(&self, error: &OpError) {
-        if let Some(cache) = &self.cache
-            && !matches!(error.kind, ErrorKind::NotFound | ErrorKind::BadInput)
-        {
-            cache.invalidate();
-        }
-    }
-
     /// Makes replicated operations wait (within the deadline) for rebalancing to end instead
     /// of failing with `rebalancing`.
     pub fn with_wait(mut self, wait: bool) -> Client {
         self.wait = wait;
         self
+    }
+
+    /// After an operation: forgets the cached view it used if a replica refused it or could
+    /// not be reached, or if the operation failed in any way but a missing key. Only a cached
+    /// view of that same epoch is dropped (another worker may have cached a newer one).
+    fn doubt_view<T>(&mut self, outcome: &Result<T, OpError>) {
+        let Some((epoch, refused)) = self.view_used.take() else {
+            return;
+        };
+        let failed = matches!(outcome, Err(e) if e.kind != ErrorKind::NotFound);
+        if (refused || failed)
+            && let Some(cache) = &self.cache
+        {
+            cache.invalidate(epoch);
+        }
+    }
+
+    /// Notes that a replica refused the view the current operation used, or could not be
+    /// reached, so that a cached view of that epoch is dropped whatever the outcome.
+    fn refused_view(&mut self) {
+        if let Some((_, refused)) = &mut self.view_used {
+            *refused = true;
+        }
     }
 
     /// Sends `request` to `dst` within the command's deadline and returns the answer;
@@ -459,6 +496,7 @@ impl Client {
     fn replicated_view(&mut self) -> Result<Placement, OpError> {
         let now = Instant::now();
         if let Some(placement) = self.cache.as_ref().and_then(|c| c.get(now)) {
+            self.view_used = Some((placement.view.epoch, false));
             return Ok(placement);
         }
         let mut info = self.query_servers()?;
@@ -494,6 +532,7 @@ impl Client {
         if let Some(cache) = &self.cache {
             cache.put(placement.clone(), now);
         }
+        self.view_used = Some((placement.view.epoch, false));
         Ok(placement)
     }
 
@@ -570,8 +609,9 @@ impl Client {
     ) -> Result<SetrOutcome, OpError> {
         message::check_key(key)?;
         message::check_value(value)?;
-        self.setr_at(key, value, hooks)
-            .inspect_err(|e| self.doubt_view(e))
+        let outcome = self.setr_at(key, value, hooks);
+        self.doubt_view(&outcome);
+        outcome
     }
 
     /// [`Client::setr`] after the input checks.
@@ -728,7 +768,9 @@ impl Client {
     pub fn getr(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
         message::check_key(key)?;
         loop {
-            match self.getr_once(key).inspect_err(|e| self.doubt_view(e)) {
+            let outcome = self.getr_once(key);
+            self.doubt_view(&outcome);
+            match outcome {
                 // The view changed between our `query_servers` and the read, so every replica
                 // refused our epoch. A read can safely be tried again: with `--wait`, fetch
                 // the new view (waiting out its rebalance) and read again.
@@ -786,8 +828,14 @@ impl Client {
                     // A replica that is unreachable, or at another epoch than our view (it
                     // refuses with `rebalancing`), has nothing to say about the key.
                     match e.kind {
-                        ErrorKind::Rebalancing => stale = Some(e),
-                        ErrorKind::Unreachable => unreachable = Some(e),
+                        ErrorKind::Rebalancing => {
+                            self.refused_view();
+                            stale = Some(e);
+                        }
+                        ErrorKind::Unreachable => {
+                            self.refused_view();
+                            unreachable = Some(e);
+                        }
                         _ => silent = Some(e),
                     }
                 }
@@ -930,4 +978,43 @@ pub fn discover(
         kind,
         format!("no view leader answers on {first}..={last}"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A placement of one server at `epoch`.
+    fn placement(epoch: u64) -> Placement {
+        Placement::new(View {
+            epoch: Epoch(epoch),
+            members: vec![Member {
+                id: ServerId(1),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            }],
+            replicas: 3,
+            vnodes: 4,
+        })
+    }
+
+    /// The cache never goes back to an older view, drops only the epoch that was doubted,
+    /// and serves a view only within its lease.
+    #[test]
+    fn the_view_cache_keeps_the_newest_view_within_its_lease() {
+        let cache = ViewCache::default();
+        let t0 = Instant::now();
+        cache.put(placement(5), t0);
+        cache.put(placement(4), t0); // a slow worker's older view
+        assert_eq!(cache.get(t0).unwrap().view.epoch, Epoch(5));
+        cache.invalidate(Epoch(4)); // a failure with the older view
+        assert_eq!(cache.get(t0).unwrap().view.epoch, Epoch(5));
+        cache.invalidate(Epoch(5));
+        assert!(cache.get(t0).is_none());
+        cache.put(placement(6), t0);
+        assert!(
+            cache.get(t0 + VIEW_LEASE).is_none(),
+            "expired with its lease"
+        );
+        assert_eq!(placement(6).replicas("k").len(), 1);
+    }
 }

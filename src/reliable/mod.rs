@@ -1344,7 +1344,7 @@ impl Endpoint {
             queued: now,
         });
         let fresh = floor.below == 0;
-        floor.below = floor.below.max(id.request + 1);
+        floor.below = floor.below.max(id.request.saturating_add(1));
         floor.raised = now;
         if fresh || floor.queued + grain <= now {
             floor.queued = now;

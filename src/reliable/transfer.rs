@@ -158,8 +158,10 @@ impl Transfer {
         outcome.rtt_sample = self
             .sent_at_of(echo)
             .map(|t| now.saturating_duration_since(t));
+        // Nothing unsent can have been received: ranges past what was sent are ignored (a
+        // forged or stale ack must not move `base` past `next_new`).
         for &(start, end) in &ack.ranges {
-            for index in start.max(self.base)..end.min(self.count) {
+            for index in start.max(self.base)..end.min(self.next_new) {
                 let fragment = &mut self.fragments[index as usize];
                 if fragment.acked {
                     continue;
@@ -177,7 +179,7 @@ impl Transfer {
         if ack.complete {
             outcome.newly_acked += self.mark_all_acked();
         }
-        while self.base < self.count && self.fragments[self.base as usize].acked {
+        while self.base < self.next_new && self.fragments[self.base as usize].acked {
             self.base += 1;
         }
         if outcome.newly_acked > 0 {
@@ -220,7 +222,7 @@ impl Transfer {
     /// The indexes of fragments sent and not yet known to be acknowledged all lie here:
     /// everything below `base` is acknowledged, nothing from `next_new` on was sent.
     fn unacked_sent(&self) -> std::ops::Range<u32> {
-        self.base..self.next_new
+        self.base.min(self.next_new)..self.next_new
     }
 
     /// When the fragment last sent as transmission `tx` went out, if one was.
@@ -237,7 +239,8 @@ impl Transfer {
 
     /// When the oldest fragment in flight times out under retransmission timeout `rto`.
     pub fn deadline(&self, rto: Duration) -> Option<Instant> {
-        self.fragments[self.base as usize..self.next_new as usize]
+        let sent = self.unacked_sent();
+        self.fragments[sent.start as usize..sent.end as usize]
             .iter()
             .filter(|f| f.in_flight)
             .filter_map(|f| f.sent_at)
@@ -391,5 +394,54 @@ mod tests {
         );
         assert!(t.is_complete());
         assert_eq!(t.deadline(Duration::from_millis(10)), None);
+    }
+
+    /// Regression (review): an ack naming fragments never sent (forged, or stale after a
+    /// restart) acknowledges nothing beyond what was sent and never panics the timer.
+    #[test]
+    fn an_ack_beyond_what_was_sent_is_ignored_past_the_sent_prefix() {
+        let now = Instant::now();
+        let mut t = Transfer::new(vec![1; 25_000], 100);
+        assert_eq!(t.count(), 250);
+        let mut tx = 0;
+        assert_eq!(send_all(&mut t, 64, &mut tx, now).len(), 64);
+        let forged = AckBody {
+            complete: false,
+            unknown: false,
+            ranges: vec![(0, 250)],
+        };
+        let outcome = t.on_ack(&forged, 0, now);
+        assert_eq!(outcome.newly_acked, 64, "only what was sent");
+        assert!(t.deadline(Duration::from_millis(5)).is_none());
+        assert!(!t.is_complete());
+        // The rest still goes out and completes.
+        let rest = send_all(&mut t, 64, &mut tx, now);
+        assert_eq!(rest.first(), Some(&64));
+    }
+
+    proptest::proptest! {
+        /// Arbitrary acks (ranges in any order, beyond the message, complete or not) keep the
+        /// sending state consistent: nothing panics, in-flight counts match the fragments.
+        #[test]
+        fn arbitrary_acks_keep_the_state_consistent(
+            acks in proptest::collection::vec(
+                (proptest::collection::vec((0u32..300, 0u32..300), 0..6), proptest::bool::weighted(0.05)),
+                1..30,
+            )
+        ) {
+            let now = Instant::now();
+            let mut t = Transfer::new(vec![1; 25_000], 100);
+            let mut tx = 0;
+            for (ranges, complete) in acks {
+                send_all(&mut t, 64, &mut tx, now);
+                let ack = AckBody { complete, unknown: false, ranges };
+                t.on_ack(&ack, tx, now);
+                let _ = t.deadline(Duration::from_millis(5));
+                t.on_timeout(now + Duration::from_secs(1), Duration::from_millis(5));
+                let flying = t.fragments.iter().filter(|f| f.in_flight).count() as u32;
+                proptest::prop_assert_eq!(flying, t.in_flight);
+                proptest::prop_assert!(t.base <= t.next_new || t.is_complete());
+            }
+        }
     }
 }
