@@ -74,6 +74,10 @@ pub struct Config {
     pub initial_rto: Duration,
     /// Floor of the retransmission timeout.
     pub min_rto: Duration,
+    /// Floor of the retransmission timeout of a one-fragment request: its answer (or ack)
+    /// comes back at once, with no acknowledgement batching to wait for, so a lost one can
+    /// be resent after little more than a round trip.
+    pub min_rto_lone: Duration,
     /// Ceiling of the retransmission timeout, backoff included.
     pub max_rto: Duration,
     /// Consecutive timeouts without progress after which a request fails with `Timeout`.
@@ -98,7 +102,7 @@ pub struct Config {
 
 impl Default for Config {
     /// Defaults suited to a LAN or loopback: 1400-byte datagrams, RTO 100 ms initially and
-    /// between 5 ms and 2 s, 12 attempts (about 8 s of doubling from the floor before a
+    /// between 5 ms (1 ms for a one-fragment request) and 2 s, 12 attempts (about 8 s of doubling from the floor before a
     /// silent peer is given up), 64-fragment window. The floor is what a loss costs on
     /// loopback; below it the receiver's ack of every second fragment (no ack timer) makes
     /// the timer fire on fragments still waiting for their ack.
@@ -107,6 +111,7 @@ impl Default for Config {
             max_datagram: 1400,
             initial_rto: Duration::from_millis(100),
             min_rto: Duration::from_millis(5),
+            min_rto_lone: Duration::from_millis(1),
             max_rto: Duration::from_secs(2),
             max_attempts: 12,
             window: 64,
@@ -741,10 +746,21 @@ impl Endpoint {
             window,
         );
         let (dst, backoff, deadline) = (out.dst, out.transfer.backoff, out.deadline);
-        let rto = self.rtt_of(dst).rto(backoff);
+        let fragments = out.transfer.count();
+        let floor = self.request_floor(fragments);
+        let rto = self.rtt_of(dst).rto_with_floor(backoff, floor);
         let out = &self.outgoing[&id];
         let at = earliest(out.transfer.deadline(rto), deadline);
         self.arm(TimerKey::Out(id), at);
+    }
+
+    /// The retransmission floor of a request of `fragments` fragments.
+    fn request_floor(&self, fragments: u32) -> Duration {
+        if fragments == 1 {
+            self.config.min_rto_lone
+        } else {
+            self.config.min_rto
+        }
     }
 
     /// Sends what the response transfer of `id` allows and re-arms its timer.
@@ -1187,8 +1203,9 @@ impl Endpoint {
         }
         match &mut out.phase {
             OutPhase::Sending => {
-                let backoff = out.transfer.backoff;
-                let rto = self.rtt_of(peer).rto(backoff);
+                let (backoff, fragments) = (out.transfer.backoff, out.transfer.count());
+                let floor = self.request_floor(fragments);
+                let rto = self.rtt_of(peer).rto_with_floor(backoff, floor);
                 let out = self.outgoing.get_mut(&id).expect("checked above");
                 out.transfer.on_timeout(now, rto);
                 if out.transfer.backoff > max_attempts {

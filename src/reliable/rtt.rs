@@ -55,12 +55,17 @@ impl RttEstimator {
     /// The retransmission timeout after `backoff` consecutive expiries (doubling each time),
     /// clamped to the configured floor and ceiling.
     pub fn rto(&self, backoff: u32) -> Duration {
+        self.rto_with_floor(backoff, self.min)
+    }
+
+    /// [`RttEstimator::rto`] with another floor (at most the ceiling).
+    pub fn rto_with_floor(&self, backoff: u32, floor: Duration) -> Duration {
         let base = match self.srtt {
             None => self.initial,
             Some(srtt) => srtt + (self.rttvar * 4).max(GRANULARITY),
         };
         let backed_off = base.saturating_mul(1u32 << backoff.min(16));
-        backed_off.clamp(self.min, self.max)
+        backed_off.clamp(floor.min(self.max), self.max)
     }
 }
 
