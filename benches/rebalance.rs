@@ -120,7 +120,9 @@ fn main() {
     println!("one leaves: {leave_sent} copies sent, minimum {leave_min}");
 
     let (handle, _requests, _thread) = net::spawn(support::socket(), NetConfig::default()).unwrap();
-    let heartbeat = Duration::from_millis(100);
+    // A short heartbeat, so that the old server learns the view change (from its next
+    // heartbeat acknowledgement) within 20 ms: what is timed is the data moving.
+    let heartbeat = Duration::from_millis(20);
     let vl = support::viewleader();
     let mut nodes: Vec<Running> = vec![support::server(vl.addr(), heartbeat)];
     settle(&handle, vl.addr(), 1);
@@ -141,7 +143,7 @@ fn main() {
     let joiner_addr = joiner.addr();
     nodes.push(joiner);
     // The data phase: from the view change to the last key held by the new server (the
-    // old server learns the view at its next heartbeat, up to 100 ms into this).
+    // old server learns the view at its next heartbeat, up to 20 ms into this).
     while client(&handle, vl.addr(), vl.addr())
         .query_servers()
         .map_or(0, |i| i.view.members.len())
@@ -150,24 +152,33 @@ fn main() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let view_changed = Instant::now();
-    // Batches go out in key order, one at a time per destination: the greatest key arrives
-    // last. (Polling the whole key list instead would slow the transfer it measures.)
+    // Batches go out in key order, a few at a time per destination: once the greatest key
+    // has arrived, only the last batches can be missing. (Polling the whole key list from the
+    // start would slow the transfer it measures.)
     let last = keys.iter().max().expect("keys");
     while client(&handle, vl.addr(), joiner_addr).get(last).is_err() {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let moved = view_changed.elapsed();
-    let held = client(&handle, vl.addr(), joiner_addr)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client(&handle, vl.addr(), joiner_addr)
         .query_all_keys()
-        .map_or(0, |k| k.len());
-    assert_eq!(held, keys.len(), "every key reached the new server");
+        .map_or(0, |k| k.len())
+        < keys.len()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "every key reaches the new server"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let moved = view_changed.elapsed();
     settle(&handle, vl.addr(), 2);
     let took = join.elapsed();
     let megabytes = keys.iter().map(|k| k.len() + value.len()).sum::<usize>() as f64 / 1e6;
     let udp = support::raw_udp_megabytes_per_second();
     let data_rate = megabytes / moved.as_secs_f64();
     println!(
-        "join to completion: {:.2} s for {megabytes:.1} MB = {:.1} MB/s (heartbeat 100 ms)",
+        "join to completion: {:.2} s for {megabytes:.1} MB = {:.1} MB/s (heartbeat 20 ms)",
         took.as_secs_f64(),
         megabytes / took.as_secs_f64()
     );
