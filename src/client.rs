@@ -575,7 +575,9 @@ impl Client {
         drop(tx);
         let mut answers: Vec<Option<Result<Response, OpError>>> = vec![None; to.len()];
         for _ in 0..to.len() {
-            let Ok(reply) = rx.recv() else { break };
+            let Ok(reply) = net::recv_spinning(&rx) else {
+                break;
+            };
             let answer = match reply.result {
                 Ok(bytes) => match Response::decode(&bytes) {
                     Ok(Response::Error(e)) => Err(e),

@@ -168,7 +168,7 @@ impl Handle {
         if self.start(dst, body, deadline, &tx, 0).is_err() {
             return Err(RequestError::Timeout { peer: dst });
         }
-        match rx.recv() {
+        match recv_spinning(&rx) {
             Ok(reply) => reply.result,
             Err(_) => Err(RequestError::Timeout { peer: dst }),
         }
@@ -249,6 +249,32 @@ enum Waiter {
     Channel(Sender<Reply>, u64),
     /// The driver thread's own [`Service`], with its tag.
     Service(u64),
+}
+
+/// How long a caller waiting for a reply polls its channel (yielding the CPU between polls)
+/// before going to sleep on it. A loopback round trip takes tens of microseconds, about what
+/// putting a thread to sleep and waking it again costs: polling first answers most requests
+/// with no wake-up at all.
+pub const REPLY_SPIN: Duration = Duration::from_micros(150);
+
+/// Receives from `rx`, polling it for up to [`REPLY_SPIN`] before blocking.
+pub fn recv_spinning<T>(rx: &Receiver<T>) -> Result<T, crossbeam_channel::RecvError> {
+    let spin_until = Instant::now() + REPLY_SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(value) => return Ok(value),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                return Err(crossbeam_channel::RecvError);
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        if Instant::now() >= spin_until {
+            return rx.recv();
+        }
+        // Yield rather than spin: where threads wait for the CPU (the driver this reply comes
+        // from, among them), they run first.
+        std::thread::yield_now();
+    }
 }
 
 /// Binds a UDP socket on `addr` with enlarged buffers and ICMP error reporting enabled.
