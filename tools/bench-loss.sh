@@ -60,8 +60,9 @@ wait_for() {
   done
 }
 
-# Starts a cluster named $1 whose processes inject fault spec $2 (may be empty); prints
-# the view leader's address.
+# Starts a cluster named $1 whose processes inject fault spec $2 (may be empty) and sets
+# CLUSTER_VL to its view leader's address. (Not called in a command substitution: that would
+# run it in a subshell, whose PIDs the cleanup would never see.)
 cluster() {
   local name=$1 faults=$2 args=()
   [ -n "$faults" ] && args=(--faults "$faults")
@@ -78,11 +79,13 @@ cluster() {
   wait_for "$name cluster" sh -c "'$bin/client' --viewleader $vl --json query_servers |
     jq -e '(.servers | length) == 3 and .rebalancing == false' &&
     '$bin/client' -q --viewleader $vl setr warm-up ok"
-  echo "$vl"
+  CLUSTER_VL=$vl
 }
 
-clean_vl=$(cluster clean "")
-lossy_vl=$(cluster lossy "loss=$loss")
+cluster clean ""
+clean_vl=$CLUSTER_VL
+cluster lossy "loss=$loss"
+lossy_vl=$CLUSTER_VL
 
 # Runs one bench against view leader $1 with faults $2 and options "${@:3}"; prints its JSON.
 bench() {
