@@ -21,24 +21,12 @@ pub const FAULTS: &str = "loss=0.2,dup=0.1,reorder=0.1";
 pub const REBALANCE_FAULTS: &str = "loss=0.1,dup=0.05,reorder=0.1,delay=2ms,jitter=2ms";
 
 /// Defines a module named after the behaviour `$body` with two tests: `clean` runs
-/// `$body(&Env)` on a clean network, `under_faults` with every process injecting [`FAULTS`].
-/// (The three-argument form is accepted for compatibility; its first two names are unused.)
+/// `$body(&Env)` on a clean network, `under_faults` with every process injecting `$faults`
+/// ([`FAULTS`] when not given).
 #[macro_export]
 macro_rules! cluster_test {
     ($body:ident) => {
-        mod $body {
-            /// Runs the behaviour on a clean loopback network.
-            #[test]
-            fn clean() {
-                super::$body(&$crate::util::Env::clean());
-            }
-
-            /// Runs the behaviour with every process injecting `crate::FAULTS` on its datagrams.
-            #[test]
-            fn under_faults() {
-                super::$body(&$crate::util::Env::faulty($crate::FAULTS));
-            }
-        }
+        $crate::cluster_test!($body, $crate::FAULTS);
     };
     ($body:ident, $faults:expr) => {
         mod $body {
@@ -54,8 +42,5 @@ macro_rules! cluster_test {
                 super::$body(&$crate::util::Env::faulty($faults));
             }
         }
-    };
-    ($clean:ident, $faulty:ident, $body:ident) => {
-        $crate::cluster_test!($body);
     };
 }

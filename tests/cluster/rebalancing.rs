@@ -204,6 +204,20 @@ cluster_test!(
     crate::REBALANCE_FAULTS
 );
 
+/// Waits for the servers' view to finish rebalancing, then checks every bucket holds exactly
+/// its keys (`value_of` values) and every key reads back; `what` names the step.
+fn settle_and_check(
+    handle: &Handle,
+    vl: &ViewLeader,
+    servers: &[Server],
+    keys: &[String],
+    what: &str,
+) {
+    let view = wait_rebalanced(handle, vl, servers);
+    assert_exact(handle, vl, &view, keys, value_of, what);
+    read_all(handle, vl, keys, what);
+}
+
 /// Assignment 3.2: as long as fewer than `replicas` holders of a key fail, it survives: two
 /// of five servers killed at once lose nothing.
 fn two_servers_killed_at_once_lose_no_key(env: &Env) {
@@ -212,9 +226,7 @@ fn two_servers_killed_at_once_lose_no_key(env: &Env) {
     write_all(&handle, &vl, &keys, value_of);
     drop(servers.remove(0));
     drop(servers.remove(0));
-    let view = wait_rebalanced(&handle, &vl, &servers);
-    assert_exact(&handle, &vl, &view, &keys, value_of, "two killed at once");
-    read_all(&handle, &vl, &keys, "two killed at once");
+    settle_and_check(&handle, &vl, &servers, &keys, "two killed at once");
 }
 cluster_test!(
     two_servers_killed_at_once_lose_no_key,
@@ -229,9 +241,7 @@ fn a_server_joining_while_another_dies_loses_nothing(env: &Env) {
     write_all(&handle, &vl, &keys, value_of);
     drop(servers.remove(0));
     servers.push(server(env, &vl));
-    let view = wait_rebalanced(&handle, &vl, &servers);
-    assert_exact(&handle, &vl, &view, &keys, value_of, "join while dying");
-    read_all(&handle, &vl, &keys, "join while dying");
+    settle_and_check(&handle, &vl, &servers, &keys, "join while dying");
 }
 cluster_test!(
     a_server_joining_while_another_dies_loses_nothing,

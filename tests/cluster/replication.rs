@@ -354,15 +354,9 @@ struct Staged {
 impl Staged {
     /// Starts the client with `args` (output captured).
     fn start(env: &Env, args: &[&str]) -> Staged {
-        let child = env
-            .command(CLIENT)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("client spawns");
-        Staged { child }
+        Staged {
+            child: spawn_client(env, args),
+        }
     }
 
     /// Starts `client --json --viewleader VL --timeout-ms TIMEOUT setr KEY VALUE HOOK MS`.

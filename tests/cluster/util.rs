@@ -319,17 +319,23 @@ impl Drop for Background {
     }
 }
 
-/// Starts the client with `args` in the background (output captured).
-pub fn client_background(env: &Env, args: &[&str]) -> Background {
-    let child = env
-        .command(CLIENT)
+/// Spawns the client with `args`, stdin closed, stdout and stderr captured. The caller owns
+/// the child and must stop it (the guards below do).
+pub fn spawn_client(env: &Env, args: &[&str]) -> Child {
+    env.command(CLIENT)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("client spawns");
-    Background { child }
+        .expect("client spawns")
+}
+
+/// Starts the client with `args` in the background (output captured).
+pub fn client_background(env: &Env, args: &[&str]) -> Background {
+    Background {
+        child: spawn_client(env, args),
+    }
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
