@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use log::{debug, info};
 
+use crate::coordinator::{Getr, Operation, Setr, unexpected};
+pub use crate::coordinator::{GetrOutcome, SetrHooks, SetrOutcome};
 use crate::message::{self, ErrorKind, OpError, Request, Response, TxId};
 use crate::net::{self, Reply};
 use crate::reliable::RequestError;
@@ -28,46 +30,6 @@ const LOCK_RENEW_BOUND: Duration = Duration::from_millis(300);
 
 /// The longest a withdrawal after giving up on a lock may take, carved out of the deadline.
 const WITHDRAW_RESERVE: Duration = Duration::from_millis(300);
-
-/// The time `setr` keeps, out of its deadline, for sending aborts after a failed vote.
-const ABORT_RESERVE: Duration = Duration::from_millis(500);
-
-/// How long a participant waits for a decision when the command has no deadline.
-const UNBOUNDED_DECISION_WAIT: Duration = Duration::from_secs(30);
-
-/// Test hooks of `setr` (pauses at fixed points of the protocol), so that conflicts, view
-/// changes and coordinator crashes can be staged from outside.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SetrHooks {
-    /// Sleep between learning the view and sending the prepares.
-    pub pause_after_view: Duration,
-    /// Sleep between collecting all votes and sending the decision.
-    pub pause_before_commit: Duration,
-    /// Sleep between the primary's commit acknowledgement and the other commits.
-    pub pause_after_primary_commit: Duration,
-}
-
-/// What a successful `setr` did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SetrOutcome {
-    /// The epoch of the view the replicas were computed from.
-    pub epoch: Epoch,
-    /// The replicas, in ring order (the first is the primary).
-    pub replicas: Vec<Member>,
-    /// The version the write was committed with.
-    pub version: u64,
-}
-
-/// What `getr` found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GetrOutcome {
-    /// The value.
-    pub value: String,
-    /// Its version.
-    pub version: u64,
-    /// The replica that answered.
-    pub from: Member,
-}
 
 /// What `query_servers` reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,12 +83,30 @@ pub struct Placement {
 
 impl Placement {
     /// Builds the ring of `view`.
-    fn new(view: View) -> Placement {
+    pub fn new(view: View) -> Placement {
         let ring = Ring::new(&view);
         Placement {
             view: Arc::new(view),
             ring: Arc::new(ring),
         }
+    }
+
+    /// The placement of a view replicated operations may use: refused while the view is
+    /// empty (`no_servers`) or rebalancing (`rebalancing`).
+    pub fn operable(info: ServersInfo) -> Result<Placement, OpError> {
+        if info.view.members.is_empty() {
+            return Err(op_error(
+                ErrorKind::NoServers,
+                "there are no servers in the view",
+            ));
+        }
+        if info.rebalancing {
+            return Err(op_error(
+                ErrorKind::Rebalancing,
+                format!("epoch {} is still rebalancing", info.view.epoch),
+            ));
+        }
+        Ok(Placement::new(info.view))
     }
 
     /// The replicas of `key`, primary first.
@@ -516,19 +496,7 @@ impl Client {
             std::thread::sleep(REBALANCING_POLL);
             info = self.query_servers()?;
         }
-        if info.view.members.is_empty() {
-            return Err(op_error(
-                ErrorKind::NoServers,
-                "there are no servers in the view",
-            ));
-        }
-        if info.rebalancing {
-            return Err(op_error(
-                ErrorKind::Rebalancing,
-                format!("epoch {} is still rebalancing", info.view.epoch),
-            ));
-        }
-        let placement = Placement::new(info.view);
+        let placement = Placement::operable(info)?;
         if let Some(cache) = &self.cache {
             cache.put(placement.clone(), now);
         }
@@ -536,73 +504,67 @@ impl Client {
         Ok(placement)
     }
 
-    /// Sleeps `pause` (a test hook), failing with `timeout` if it would pass the deadline.
-    fn pause(&self, pause: Duration, what: &str) -> Result<(), OpError> {
-        if pause.is_zero() {
-            return Ok(());
-        }
-        if let Some(deadline) = self.deadline
-            && Instant::now() + pause > deadline
-        {
-            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-            return Err(self.timed(op_error(
-                ErrorKind::Timeout,
-                format!("deadline reached {what}"),
-            )));
-        }
-        std::thread::sleep(pause);
-        Ok(())
-    }
-
-    /// Sends `requests[i]` to `to[i]`, all at once, and collects the answers (in `to`'s
-    /// order; `None` for those not in before `deadline`). Stops early when `stop` says so.
-    fn broadcast(
-        &self,
-        to: &[Member],
-        requests: &[Request],
-        deadline: Option<Instant>,
-        mut stop: impl FnMut(&Result<Response, OpError>) -> bool,
-    ) -> Result<Vec<Option<Result<Response, OpError>>>, OpError> {
+    /// Runs a replicated `operation` on the network driver until it finishes: hands its
+    /// requests to the driver, feeds it their outcomes and its timers, and returns its result.
+    fn run<O: Operation>(&self, operation: &mut O) -> Result<O::Output, OpError> {
         let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
-        for (index, (member, request)) in to.iter().zip(requests).enumerate() {
-            let body = request
-                .encode()
-                .map_err(|e| op_error(ErrorKind::BadInput, e.to_string()))?;
-            self.handle
-                .start(member.addr, body, deadline, &tx, index as u64)
-                .map_err(|e| op_error(ErrorKind::Unreachable, e.to_string()))?;
-        }
-        drop(tx);
-        let mut answers: Vec<Option<Result<Response, OpError>>> = vec![None; to.len()];
-        for _ in 0..to.len() {
-            let Ok(reply) = net::recv_spinning(&rx) else {
-                break;
-            };
-            let answer = match reply.result {
-                Ok(bytes) => match Response::decode(&bytes) {
-                    Ok(Response::Error(e)) => Err(e),
-                    Ok(response) => Ok(response),
-                    Err(e) => Err(op_error(
-                        ErrorKind::BadInput,
-                        format!("undecodable answer: {e}"),
-                    )),
+        loop {
+            while let Some(send) = operation.poll_send() {
+                let started = match send.request.encode() {
+                    Ok(body) => self
+                        .handle
+                        .start(send.dst, body, send.deadline, &tx, send.token)
+                        .map_err(|e| {
+                            debug!("cannot start a request to {}: {e}", send.dst);
+                            RequestError::Unreachable { peer: send.dst }
+                        }),
+                    Err(e) => {
+                        debug!("cannot encode a {} request: {e}", send.request.name());
+                        let limit = crate::codec::MAX_MESSAGE;
+                        Err(RequestError::TooLarge {
+                            size: limit + 1,
+                            limit,
+                        })
+                    }
+                };
+                if let Err(error) = started {
+                    operation.handle_response(Instant::now(), send.token, Err(error));
+                }
+            }
+            if let Some(outcome) = operation.poll_outcome() {
+                return outcome;
+            }
+            // A timer is a test hook's pause: sleep through it (tests tell a client sitting in
+            // its hook by the sleep); answers that come meanwhile wait in the channel.
+            let received = match operation.poll_timeout() {
+                Some(at) => {
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    None
+                }
+                None => match net::recv_spinning(&rx) {
+                    Ok(reply) => Some(reply),
+                    Err(_) => {
+                        return Err(op_error(ErrorKind::Timeout, "the network driver stopped"));
+                    }
                 },
-                Err(e) => Err(transport_error(e)),
             };
-            let done = stop(&answer);
-            if let Some(slot) = answers.get_mut(reply.tag as usize) {
-                *slot = Some(answer);
-            }
-            if done {
-                break;
+            let now = Instant::now();
+            match received {
+                Some(reply) => {
+                    let result = reply.result.map(|bytes| {
+                        Response::decode(&bytes).unwrap_or_else(|e| {
+                            Response::error(ErrorKind::BadInput, format!("undecodable answer: {e}"))
+                        })
+                    });
+                    operation.handle_response(now, reply.tag, result);
+                }
+                None => operation.handle_timeout(now),
             }
         }
-        Ok(answers)
     }
 
-    /// `setr KEY VALUE`: a replicated write by two-phase commit, all or nothing. The client
-    /// coordinates: prepares on every replica of the current view, then commits at the primary
-    /// (the commit point) and, once the primary acknowledged, at the others. Never retries.
+    /// `setr KEY VALUE`: a replicated write by two-phase commit, all or nothing (see
+    /// [`Setr`]). Never retries.
     pub fn setr(
         &mut self,
         key: &str,
@@ -624,145 +586,18 @@ impl Client {
         hooks: SetrHooks,
     ) -> Result<SetrOutcome, OpError> {
         let placement = self.replicated_view()?;
-        let view = &placement.view;
-        let replicas = placement.replicas(key);
-        self.pause(hooks.pause_after_view, "while pausing after the view")?;
         let txid = TxId::random(&mut Rng::from_entropy());
-        let remaining = self.deadline.map_or(UNBOUNDED_DECISION_WAIT, |d| {
-            d.saturating_duration_since(Instant::now())
-        });
-        let reserve = self
-            .timeout
-            .map_or(ABORT_RESERVE, |t| ABORT_RESERVE.min(t / 5));
-        let vote_deadline = self.deadline.map(|d| d - reserve);
-        debug!(
-            "setr {key:?}: transaction {txid} on {} replicas at epoch {}",
-            replicas.len(),
-            view.epoch
+        let mut setr = Setr::new(
+            Instant::now(),
+            key,
+            value,
+            &placement,
+            txid,
+            self.deadline,
+            self.timeout,
+            hooks,
         );
-
-        // Phase one: every replica votes.
-        let prepares: Vec<Request> = replicas
-            .iter()
-            .map(|r| Request::Prepare {
-                txid,
-                key: key.to_owned(),
-                value: value.to_owned(),
-                epoch: view.epoch,
-                expected: r.id,
-                participants: replicas.clone(),
-                timeout_ms: remaining.as_millis().min(u128::from(u32::MAX)) as u32,
-            })
-            .collect();
-        // Stop collecting at the first vote that is not a yes: the outcome is abort anyway.
-        let votes = self
-            .broadcast(&replicas, &prepares, vote_deadline, |vote| {
-                !matches!(vote, Ok(Response::Prepared { .. }))
-            })
-            .inspect_err(|_| self.abort_all(&replicas, txid))?;
-        if let Some(error) = refusal(&replicas, &votes) {
-            self.abort_all(&replicas, txid);
-            return Err(self.timed(error));
-        }
-        let version = votes
-            .iter()
-            .filter_map(|vote| match vote {
-                Some(Ok(Response::Prepared { version })) => *version,
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
-        let Some(version) = version.checked_add(1) else {
-            self.abort_all(&replicas, txid);
-            return Err(op_error(
-                ErrorKind::Aborted,
-                "the key's version cannot grow any further",
-            ));
-        };
-        self.pause(hooks.pause_before_commit, "while pausing before the commit")
-            .inspect_err(|_| self.abort_all(&replicas, txid))?;
-
-        // Phase two: the primary first; it is the commit point.
-        let primary = replicas[0];
-        let commit = Request::Commit { txid, version };
-        match self.call(primary.addr, &commit) {
-            Ok(Response::Done) => {}
-            Ok(other) => {
-                self.abort_all(&replicas[1..], txid);
-                return Err(unexpected(&other));
-            }
-            Err(e) if e.kind == ErrorKind::Aborted => {
-                self.abort_all(&replicas[1..], txid);
-                return Err(op_error(
-                    ErrorKind::Aborted,
-                    format!(
-                        "the primary {} refused the commit: {}",
-                        primary.addr, e.message
-                    ),
-                ));
-            }
-            Err(e) => {
-                return Err(self.timed(op_error(
-                    ErrorKind::Timeout,
-                    format!(
-                        "the commit sent to the primary {} got no answer ({}); outcome unknown",
-                        primary.addr, e.message
-                    ),
-                )));
-            }
-        }
-        self.pause(
-            hooks.pause_after_primary_commit,
-            "after the primary committed; outcome unknown",
-        )?;
-        let others = &replicas[1..];
-        let commits = vec![commit; others.len()];
-        let acks = self.broadcast(others, &commits, self.deadline, |_| false)?;
-        for (replica, ack) in others.iter().zip(acks) {
-            match ack {
-                Some(Ok(Response::Done)) => {}
-                Some(Err(e)) => {
-                    return Err(self.timed(op_error(
-                        ErrorKind::Timeout,
-                        format!("committed at the primary, but replica {} answered: {}; outcome unknown", replica.addr, e.message),
-                    )));
-                }
-                _ => {
-                    return Err(self.timed(op_error(
-                        ErrorKind::Timeout,
-                        format!("committed at the primary, but replica {} has not acknowledged; outcome unknown", replica.addr),
-                    )));
-                }
-            }
-        }
-        Ok(SetrOutcome {
-            epoch: view.epoch,
-            replicas,
-            version,
-        })
-    }
-
-    /// Tells every replica in `to` that `txid` aborted, so they release the key at once;
-    /// waits briefly for their acknowledgements (best effort: a participant that misses it
-    /// learns the outcome through the termination protocol).
-    fn abort_all(&self, to: &[Member], txid: TxId) {
-        let deadline = self
-            .deadline
-            .unwrap_or_else(|| Instant::now() + ABORT_RESERVE);
-        let deadline = deadline.max(Instant::now() + Duration::from_millis(50));
-        let aborts = vec![Request::Abort { txid }; to.len()];
-        match self.broadcast(to, &aborts, Some(deadline), |_| false) {
-            Ok(acks) => {
-                let missing = acks
-                    .iter()
-                    .filter(|a| !matches!(a, Some(Ok(Response::Done))))
-                    .count();
-                if missing > 0 {
-                    debug!("abort of {txid}: {missing} replicas did not acknowledge");
-                }
-            }
-            Err(e) => debug!("abort of {txid} not sent: {}", e.message),
-        }
+        self.run(&mut setr)
     }
 
     /// `getr KEY`: a replicated read. Tries the key's replicas in ring order until one has
@@ -790,69 +625,15 @@ impl Client {
         }
     }
 
-    /// One replicated read of `key` against the current view (see [`Client::getr`]).
+    /// One replicated read of `key` against the current view (see [`Getr`]).
     fn getr_once(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
         let placement = self.replicated_view()?;
-        let view = &placement.view;
-        let replicas = placement.replicas(key);
-        let request = Request::GetR {
-            key: key.to_owned(),
-            epoch: view.epoch,
-        };
-        let mut not_found = 0;
-        // A replica that is reachable but gave no answer may hold the key; one that is
-        // unreachable (or refuses at another epoch) gives no information.
-        let mut silent: Option<OpError> = None;
-        let mut unreachable: Option<OpError> = None;
-        let mut stale: Option<OpError> = None;
-        for (index, replica) in replicas.iter().enumerate() {
-            // Each replica gets its share of the remaining time, so one silent replica
-            // cannot use it all.
-            let left = (replicas.len() - index) as u32;
-            let share = self
-                .deadline
-                .map(|d| Instant::now() + d.saturating_duration_since(Instant::now()) / left);
-            match self.call_until(replica.addr, &request, share) {
-                Ok(Response::Found { value, version }) => {
-                    return Ok(GetrOutcome {
-                        value,
-                        version,
-                        from: *replica,
-                    });
-                }
-                Ok(other) => silent = Some(unexpected(&other)),
-                Err(e) if e.kind == ErrorKind::NotFound => not_found += 1,
-                Err(e) => {
-                    debug!(
-                        "getr {key:?}: replica {} failed: {}",
-                        replica.addr, e.message
-                    );
-                    // A replica that is unreachable, or at another epoch than our view (it
-                    // refuses with `rebalancing`), has nothing to say about the key.
-                    match e.kind {
-                        ErrorKind::Rebalancing => {
-                            self.refused_view();
-                            stale = Some(e);
-                        }
-                        ErrorKind::Unreachable => {
-                            self.refused_view();
-                            unreachable = Some(e);
-                        }
-                        _ => silent = Some(e),
-                    }
-                }
-            }
+        let mut getr = Getr::new(Instant::now(), key, &placement, self.deadline, self.timeout);
+        let outcome = self.run(&mut getr);
+        if getr.is_view_refused() {
+            self.refused_view();
         }
-        // A replica that is reachable but did not answer may hold the key: only when every
-        // replica that could be reached said "not found" is the answer `not_found`.
-        match (silent, stale.or(unreachable)) {
-            (Some(e), _) => Err(e),
-            (None, Some(e)) if not_found == 0 => Err(e),
-            _ => Err(op_error(
-                ErrorKind::NotFound,
-                format!("{key:?} is on none of its {not_found} reachable replicas"),
-            )),
-        }
+        outcome
     }
 
     /// `locate KEY`: the replicas of KEY in the current view, in ring order.
@@ -875,54 +656,6 @@ impl Client {
             other => Err(unexpected(&other)),
         }
     }
-}
-
-/// Why the vote failed, if it did, as the error `setr` reports (the transaction is then
-/// aborted everywhere). An explicit no comes first (kind `aborted`, the most telling), then a
-/// replica that could not vote (its transport kind: `unreachable`, `timeout`), then one
-/// whose vote never came (`timeout`).
-fn refusal(replicas: &[Member], votes: &[Option<Result<Response, OpError>>]) -> Option<OpError> {
-    let pairs = || replicas.iter().zip(votes);
-    let voted_no = pairs().find_map(|(r, v)| match v {
-        Some(Err(e)) if e.kind == ErrorKind::Aborted => Some(op_error(
-            ErrorKind::Aborted,
-            format!("replica {} voted no: {}", r.addr, e.message),
-        )),
-        _ => None,
-    });
-    let failed = || {
-        pairs().find_map(|(r, v)| match v {
-            Some(Err(e)) => Some(op_error(
-                e.kind,
-                format!(
-                    "replica {} could not vote ({}); the transaction was aborted",
-                    r.addr, e.message
-                ),
-            )),
-            Some(Ok(Response::Prepared { .. })) | None => None,
-            Some(Ok(other)) => Some(unexpected(other)),
-        })
-    };
-    let silent = || {
-        pairs().find(|(_, v)| v.is_none()).map(|(r, _)| {
-            op_error(
-                ErrorKind::Timeout,
-                format!(
-                    "replica {} did not vote in time; the transaction was aborted",
-                    r.addr
-                ),
-            )
-        })
-    };
-    voted_no.or_else(failed).or_else(silent)
-}
-
-/// An answer of the wrong type (a peer of another kind answered).
-fn unexpected(response: &Response) -> OpError {
-    op_error(
-        ErrorKind::BadInput,
-        format!("unexpected answer: {response:?}"),
-    )
 }
 
 /// Probes `candidates` in parallel with `query_servers` and returns the first (in order)

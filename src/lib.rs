@@ -21,6 +21,8 @@
 //! - [`viewleader`]: membership (heartbeats, epochs, views) and the lock service.
 //! - [`server`]: one storage node: its bucket and its heartbeats.
 //! - [`client`]: the command-line client's operations, one function per command.
+//! - [`coordinator`]: `setr`'s two-phase commit and `getr`'s read as sans-IO state machines,
+//!   driven by the client on a real network and by the simulator in virtual time.
 //! - [`bench`](mod@bench): `client bench`, the load generator: operation schedule (closed or open
 //!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
 //!   a loopback UDP echo (the floor).
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod commit;
+pub mod coordinator;
 pub mod faults;
 pub mod message;
 pub mod net;

@@ -196,6 +196,19 @@ impl Server {
         self.store.is_empty()
     }
 
+    /// The bucket's keys and values, in key order (for checks from outside, such as the
+    /// simulator's invariants).
+    pub fn bucket(&self) -> impl Iterator<Item = (&str, &Stored)> {
+        self.store
+            .iter()
+            .map(|(key, stored)| (key.as_str(), stored))
+    }
+
+    /// Transactions this server voted yes on and has no decision for (each locks its key).
+    pub fn pending_transactions(&self) -> usize {
+        self.participant.pending_count()
+    }
+
     /// Sends a heartbeat to `viewleader`. Every interval gets its own heartbeat, bounded by
     /// the interval, so one heartbeat stuck in retransmission never delays the next.
     fn send_heartbeat(&mut self, now: Instant, viewleader: SocketAddr) {

@@ -103,18 +103,38 @@ pub enum TraceError {
     },
 }
 
-/// A datagram queued for the writer thread.
-struct Entry {
+/// One traced datagram: what the writer thread is queued, and what [`write_file`] takes.
+#[derive(Clone, Debug)]
+pub struct Entry {
     /// When it was sent or received (wall clock, so traces of several processes merge).
-    time: SystemTime,
-    /// Whether this process sent or received it.
-    direction: Direction,
+    pub time: SystemTime,
+    /// Whether the tracing process sent or received it.
+    pub direction: Direction,
     /// Sender.
-    src: SocketAddr,
+    pub src: SocketAddr,
     /// Receiver.
-    dst: SocketAddr,
+    pub dst: SocketAddr,
     /// The UDP payload.
-    payload: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Writes `entries`, in order, as a trace file at `path`, in the format `--trace` writes
+/// (so `trace-dump` reads it), at once and without a writer thread: for traces made after
+/// the fact, such as a simulated run's.
+pub fn write_file(path: &Path, entries: &[Entry]) -> Result<(), TraceError> {
+    let io_error = |source| TraceError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = BufWriter::new(File::create(path).map_err(io_error)?);
+    let mut writer =
+        PcapWriter::with_header(file, file_header()).map_err(|e| io_error(io::Error::other(e)))?;
+    let mut packet = Vec::with_capacity(2048);
+    for entry in entries {
+        write_entry(&mut writer, entry, &mut packet).map_err(|e| io_error(io::Error::other(e)))?;
+    }
+    let mut file = writer.into_writer();
+    file.flush().map_err(io_error)
 }
 
 /// What the writer thread is asked to do.
@@ -374,8 +394,8 @@ impl Write for Staging {
 
 /// Formats `entry` as one record (cooked header with its direction, then synthesized IP and
 /// UDP headers, then the datagram), built in `packet`.
-fn write_entry(
-    writer: &mut PcapWriter<Staging>,
+fn write_entry<W: Write>(
+    writer: &mut PcapWriter<W>,
     entry: &Entry,
     packet: &mut Vec<u8>,
 ) -> Result<(), PcapError> {
