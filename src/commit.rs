@@ -30,7 +30,7 @@
 //! without a commit and is closed, or is gone with its bucket). The one loss is a commit that
 //! exists only at a primary that died: its bucket dies with it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -90,10 +90,10 @@ pub struct QueryArgs {
 }
 
 /// One round of termination queries.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct Round {
     /// Outstanding queries: token → the peer asked.
-    asked: HashMap<u64, ServerId>,
+    asked: BTreeMap<u64, ServerId>,
     /// Non-primary peers that must answer before the asker may abort.
     needed: Vec<ServerId>,
     /// Peers that answered this round without a decision.
@@ -103,7 +103,7 @@ struct Round {
 }
 
 /// A transaction this participant voted yes on and has no decision for.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Pending {
     /// The key it locks.
     key: String,
@@ -125,7 +125,7 @@ struct Pending {
 }
 
 /// What this participant remembers of a decided (or never seen) transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Record {
     /// Committed with this version.
     Committed(u64),
@@ -179,22 +179,22 @@ pub enum CommitRefusal {
 }
 
 /// The participant table of one server.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Participant {
     /// Transactions voted yes on and undecided.
-    pending: HashMap<TxId, Pending>,
+    pending: BTreeMap<TxId, Pending>,
     /// Bytes of values held by pending transactions.
     pending_bytes: usize,
     /// Which transaction locks each key.
-    locked: HashMap<String, TxId>,
+    locked: BTreeMap<String, TxId>,
     /// Decided outcomes and tombstones.
-    decided: HashMap<TxId, Record>,
+    decided: BTreeMap<TxId, Record>,
     /// The order outcomes were recorded, for forgetting them.
     decided_order: VecDeque<(TxId, Instant)>,
     /// The last token handed out for a termination query.
     last_token: u64,
     /// Which transaction each outstanding termination query is about.
-    queries: HashMap<u64, TxId>,
+    queries: BTreeMap<u64, TxId>,
 }
 
 impl Participant {
@@ -440,7 +440,7 @@ impl Participant {
             let close = view.is_some_and(|v| !v.contains(primary.id));
             pending.next_query = now + TERMINATION_RETRY;
             pending.round = Round {
-                asked: HashMap::new(),
+                asked: BTreeMap::new(),
                 needed: pending
                     .participants
                     .iter()
@@ -626,7 +626,7 @@ mod tests {
 
     /// Starts a termination round at participant `me` (past its deadline) and returns the
     /// query token per peer id.
-    fn start_round(p: &mut Participant, me: u128, at: Instant, v: &View) -> HashMap<u128, u64> {
+    fn start_round(p: &mut Participant, me: u128, at: Instant, v: &View) -> BTreeMap<u128, u64> {
         p.handle_timeout(at, ServerId(me), Some(v))
             .into_iter()
             .filter_map(|e| match e {

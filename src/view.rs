@@ -65,7 +65,7 @@ impl fmt::Display for Epoch {
 }
 
 /// One live server as the view leader sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
     /// The server's current id.
     pub id: ServerId,
