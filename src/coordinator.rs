@@ -311,6 +311,19 @@ impl Setr {
         self.decision_sent
     }
 
+    /// True while every replica voted yes and the decision is not sent yet (the pause before
+    /// the commit): a coordinator crash now leaves prepared participants to the termination
+    /// protocol.
+    pub fn is_between_votes_and_decision(&self) -> bool {
+        matches!(
+            self.phase,
+            SetrPhase::Paused {
+                then: AfterPause::Commit { .. },
+                ..
+            }
+        )
+    }
+
     /// Queues `request` to `dst` within `deadline`, awaited in `slot`.
     fn send(&mut self, dst: SocketAddr, request: Request, deadline: Option<Instant>, slot: usize) {
         self.last_token += 1;

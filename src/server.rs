@@ -52,7 +52,10 @@ pub struct Stored {
 
 /// Tokens at or above this are termination queries (token - QUERY = participant token).
 const QUERY: u64 = 1 << 48;
-/// Tokens at or above this (and below [`QUERY`]) are rebalancing transfers.
+/// Tokens at or above this (and below [`QUERY`]) are the primary's commits to the other
+/// replicas (token - SETTLE = settle sequence number).
+const SETTLE: u64 = 1 << 44;
+/// Tokens at or above this (and below [`SETTLE`]) are rebalancing transfers.
 const TRANSFER: u64 = 1 << 40;
 /// Tokens at or above this (and below [`TRANSFER`]) are heartbeats (token - HEARTBEAT = seq).
 const HEARTBEAT: u64 = 1 << 32;
@@ -65,6 +68,8 @@ const BATCH_BYTES: usize = 1 << 20;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before sending a failed batch again (its target may be dead: a new view will say).
 const TRANSFER_RETRY: Duration = Duration::from_millis(200);
+/// How long one of the primary's commits to another replica may take before it is sent again.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a termination query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_millis(400);
 /// The most replicated reads held back waiting for a decision, in all.
@@ -95,6 +100,20 @@ struct Rebalance {
     started: Instant,
     /// Keys and bytes to send, and the number of destination servers (for the log).
     totals: (usize, usize, usize),
+}
+
+/// A write this server committed as the primary, not yet acknowledged by every other replica.
+/// Until it is, the primary holds back reads of the key: a value only the primary holds would
+/// be lost with the primary (the others, still prepared, would abort it), so no read may see
+/// it before it is everywhere.
+#[derive(Debug)]
+struct Settling {
+    /// The transaction.
+    txid: TxId,
+    /// The version committed.
+    version: u64,
+    /// The other replicas that have not acknowledged the commit.
+    awaiting: Vec<Member>,
 }
 
 /// The server's state machine.
@@ -137,6 +156,17 @@ pub struct Server {
     sent: Epoch,
     /// The rebalancing in progress, if any.
     rebalance: Option<Rebalance>,
+    /// A new view is waiting for undecided transactions before its rebalancing starts.
+    rebalance_deferred: bool,
+    /// Transactions prepared with this server as the primary: their key and participants
+    /// (the primary sends the commit to the others itself, see [`Settling`]).
+    primaried: BTreeMap<TxId, (String, Vec<Member>)>,
+    /// Keys whose last commit here (as the primary) other replicas have yet to acknowledge.
+    settling: BTreeMap<String, Settling>,
+    /// Outstanding commits to other replicas: token → (key, replica).
+    settle_requests: BTreeMap<u64, (String, Member)>,
+    /// The last settle token handed out.
+    last_settle: u64,
     /// The last transfer token handed out.
     last_transfer: u64,
     /// Keys and bytes received by transfers since the last finished rebalance.
@@ -170,6 +200,11 @@ impl Server {
             finished: Epoch(0),
             sent: Epoch(0),
             rebalance: None,
+            rebalance_deferred: false,
+            primaried: BTreeMap::new(),
+            settling: BTreeMap::new(),
+            settle_requests: BTreeMap::new(),
+            last_settle: 0,
             last_transfer: 0,
             received: (0, 0),
             actions: VecDeque::new(),
@@ -314,6 +349,7 @@ impl Server {
                     );
                 }
                 self.view = Some(view);
+                self.prune_settling();
                 self.on_completed(completed);
                 self.maybe_rebalance(now);
                 self.on_delivered(now, delivered);
@@ -335,14 +371,29 @@ impl Server {
                 self.view = None;
                 self.ring = Ring::default();
                 self.rebalance = None;
+                self.rebalance_deferred = false;
                 self.finished = Epoch(0);
                 self.sent = Epoch(0);
                 // Transactions prepared under the old id can no longer commit here.
                 self.participant = Participant::new();
-                let keys: Vec<String> = self.deferred.keys().cloned().collect();
-                for key in keys {
-                    self.answer_deferred(&key);
+                self.primaried.clear();
+                self.settling.clear();
+                self.settle_requests.clear();
+                // Reads held back for a decision are refused, not answered from the emptied
+                // bucket: a `not_found` from a server that left the view would be a lie.
+                let refusal = Response::error(
+                    ErrorKind::Rebalancing,
+                    format!("this server left the view at epoch {}", view.epoch),
+                );
+                for (_, waiting) in std::mem::take(&mut self.deferred) {
+                    for id in waiting {
+                        self.actions.push_back(Action::Respond {
+                            id,
+                            response: refusal.clone(),
+                        });
+                    }
                 }
+                self.deferred_count = 0;
                 self.id_since_seq = self.heartbeat_seq + 1;
                 if let Some(viewleader) = self.viewleader {
                     self.send_heartbeat(now, viewleader);
@@ -437,8 +488,16 @@ impl Server {
                 if let Err(reason) = self.check_participants(&key, &participants) {
                     return Some(Response::error(ErrorKind::Aborted, reason));
                 }
+                if self.settling.contains_key(&key) {
+                    return Some(Response::error(
+                        ErrorKind::Aborted,
+                        format!("key {key:?} has a commit not yet on every replica"),
+                    ));
+                }
                 let current = self.store.get(&key).map(|s| s.version);
                 let timeout = Duration::from_millis(u64::from(timeout_ms));
+                let is_primary = participants.first().is_some_and(|m| m.id == self.id);
+                let remembered = is_primary.then(|| (key.clone(), participants.clone()));
                 let args = PrepareArgs {
                     txid,
                     key,
@@ -452,7 +511,12 @@ impl Server {
                     .participant
                     .prepare(now, self.id, self.epoch(), args, current)
                 {
-                    Ok(version) => Response::Prepared { version },
+                    Ok(version) => {
+                        if let Some(remembered) = remembered {
+                            self.primaried.insert(txid, remembered);
+                        }
+                        Response::Prepared { version }
+                    }
                     Err(reason) => Response::error(ErrorKind::Aborted, reason),
                 }
             }
@@ -461,6 +525,7 @@ impl Server {
                     Ok(Some(write)) => {
                         let key = write.key.clone();
                         self.apply(write);
+                        self.start_settling(now, txid, version);
                         self.answer_deferred(&key);
                         Response::Done
                     }
@@ -483,6 +548,7 @@ impl Server {
                 }
             }
             Request::Abort { txid } => {
+                self.primaried.remove(&txid);
                 if let Some(key) = self.participant.abort(now, txid) {
                     self.answer_deferred(&key);
                 }
@@ -526,7 +592,7 @@ impl Server {
                         ),
                     ));
                 }
-                if self.participant.is_locked(&key) {
+                if self.participant.is_locked(&key) || self.settling.contains_key(&key) {
                     if self.deferred_count >= MAX_DEFERRED_READS {
                         return Some(Response::error(
                             ErrorKind::Aborted,
@@ -608,6 +674,22 @@ impl Server {
         {
             return;
         }
+        // A transaction prepared under the old view may still commit: its write must be in
+        // the bucket before the keys are copied to their new replicas (and before the old
+        // copies are dropped), or it would reach only the old ones. New prepares are refused
+        // while rebalancing, so the wait ends with the last decision.
+        let undecided = self.participant.pending_count();
+        if undecided > 0 {
+            if !self.rebalance_deferred {
+                info!(
+                    "epoch {}: rebalancing waits for {undecided} undecided transactions",
+                    view.epoch
+                );
+                self.rebalance_deferred = true;
+            }
+            return;
+        }
+        self.rebalance_deferred = false;
         if let Some(abandoned) = &self.rebalance {
             info!(
                 "epoch {} arrived before rebalancing for {} finished; planning again",
@@ -661,6 +743,108 @@ impl Server {
             totals: (keys, bytes, plan.sends.len()),
         });
         self.pump_transfers(now);
+    }
+
+    /// After committing `txid` as its primary: sends the commit to the other replicas itself
+    /// (the coordinator does too, but may have died) and holds back reads of the key until
+    /// every one of them acknowledged (see [`Settling`]).
+    fn start_settling(&mut self, now: Instant, txid: TxId, version: u64) {
+        let Some((key, participants)) = self.primaried.remove(&txid) else {
+            return;
+        };
+        let awaiting: Vec<Member> = participants
+            .into_iter()
+            .filter(|m| m.id != self.id)
+            .collect();
+        if awaiting.is_empty() {
+            return;
+        }
+        for member in &awaiting {
+            self.send_settle(now, &key, *member, txid, version);
+        }
+        self.settling.insert(
+            key,
+            Settling {
+                txid,
+                version,
+                awaiting,
+            },
+        );
+    }
+
+    /// Sends the commit of `txid` at `version` (on `key`) to `member`.
+    fn send_settle(&mut self, now: Instant, key: &str, member: Member, txid: TxId, version: u64) {
+        self.last_settle += 1;
+        self.settle_requests
+            .insert(self.last_settle, (key.to_owned(), member));
+        self.actions.push_back(Action::Request {
+            token: SETTLE + self.last_settle,
+            dst: member.addr,
+            request: Request::Commit { txid, version },
+            deadline: Some(now + SETTLE_TIMEOUT),
+        });
+    }
+
+    /// A replica answered the primary's commit (any answer means it has decided: it
+    /// committed, or it was closed by its peers); no answer in time means: send it again,
+    /// unless the replica is gone (unreachable, or out of the view).
+    fn on_settle_answer(
+        &mut self,
+        now: Instant,
+        token: u64,
+        result: Result<Response, RequestError>,
+    ) {
+        let Some((key, member)) = self.settle_requests.remove(&(token - SETTLE)) else {
+            return;
+        };
+        let Some(settling) = self.settling.get(&key) else {
+            return;
+        };
+        let in_view = self.view.as_ref().is_some_and(|v| v.contains(member.id));
+        if matches!(result, Err(RequestError::Timeout { .. })) && in_view {
+            let (txid, version) = (settling.txid, settling.version);
+            self.send_settle(now, &key, member, txid, version);
+            return;
+        }
+        self.settled_at(&key, member.id);
+    }
+
+    /// Notes that replica `id` has the commit of `key` (or is gone); once every replica has,
+    /// the key's reads are answered again.
+    fn settled_at(&mut self, key: &str, id: ServerId) {
+        let Some(settling) = self.settling.get_mut(key) else {
+            return;
+        };
+        settling.awaiting.retain(|m| m.id != id);
+        if settling.awaiting.is_empty() {
+            self.settling.remove(key);
+            self.answer_deferred(key);
+        }
+    }
+
+    /// Stops waiting for replicas that left the view (their copies are gone with them).
+    fn prune_settling(&mut self) {
+        let Some(view) = &self.view else { return };
+        let gone: Vec<(String, ServerId)> = self
+            .settling
+            .iter()
+            .flat_map(|(key, s)| {
+                s.awaiting
+                    .iter()
+                    .filter(|m| !view.contains(m.id))
+                    .map(move |m| (key.clone(), m.id))
+            })
+            .collect();
+        for (key, id) in gone {
+            self.settled_at(&key, id);
+        }
+    }
+
+    /// Starts a rebalancing that waited for undecided transactions, once none is left.
+    fn resume_rebalance(&mut self, now: Instant) {
+        if self.rebalance_deferred && self.participant.pending_count() == 0 {
+            self.maybe_rebalance(now);
+        }
     }
 
     /// Sends the queued batches that are due (one in flight per destination at a time, so a
@@ -817,6 +1001,9 @@ impl Server {
 
     /// Answers every replicated read held back on `key` (its pending write was decided).
     fn answer_deferred(&mut self, key: &str) {
+        if self.participant.is_locked(key) || self.settling.contains_key(key) {
+            return;
+        }
         if let Some(waiting) = self.deferred.remove(key) {
             self.deferred_count -= waiting.len();
             let response = self.read(key);
@@ -838,7 +1025,10 @@ impl Server {
                     self.apply(write);
                     self.answer_deferred(&key);
                 }
-                Effect::Release(key) => self.answer_deferred(&key),
+                Effect::Release(key) => {
+                    self.primaried.retain(|_, (k, _)| *k != key);
+                    self.answer_deferred(&key);
+                }
                 Effect::Query { token, dst, query } => self.actions.push_back(Action::Request {
                     token: QUERY + token,
                     dst,
@@ -856,6 +1046,7 @@ impl Node for Server {
         if let Some(response) = self.serve(now, from, id, request) {
             self.actions.push_back(Action::Respond { id, response });
         }
+        self.resume_rebalance(now);
     }
 
     /// Handles heartbeat answers and discovery probe outcomes.
@@ -875,6 +1066,8 @@ impl Node for Server {
                 self.participant
                     .handle_query_answer(now, token - QUERY, answer, view.as_ref());
             self.carry_out(now, effects);
+        } else if token >= SETTLE {
+            self.on_settle_answer(now, token, result);
         } else if token >= TRANSFER {
             self.on_transfer_answer(now, token, result);
         } else if token >= HEARTBEAT {
@@ -883,6 +1076,7 @@ impl Node for Server {
             let is_viewleader = matches!(result, Ok(Response::Servers { .. }));
             self.on_probe(now, (token - PROBE) as usize, is_viewleader);
         }
+        self.resume_rebalance(now);
     }
 
     /// Sends the next heartbeat (or discovery round) when due.
@@ -892,6 +1086,7 @@ impl Node for Server {
             let view = self.view.clone();
             let effects = self.participant.handle_timeout(now, self.id, view.as_ref());
             self.carry_out(now, effects);
+            self.resume_rebalance(now);
         }
         if now < self.next_heartbeat || self.discovery.is_some() {
             return;

@@ -594,6 +594,9 @@ impl Endpoint {
             .filter(|(_, o)| o.dst == peer)
             .map(|(&id, _)| id)
             .collect();
+        // In request order, so that a replayed run fails them in the same order.
+        let mut failed = failed;
+        failed.sort_unstable();
         for id in failed {
             self.fail(id, RequestError::Unreachable { peer });
         }

@@ -1,0 +1,1439 @@
+//! The simulated world: one view leader, several servers and several clients, running the
+//! real state machines (`ViewLeader`, `Server`, the client's `Setr`/`Getr` coordinators, and
+//! a reliable-layer `Endpoint` under each) in one thread, in virtual time, over a seeded
+//! network that drops, duplicates, reorders and delays datagrams and cuts links. Servers and
+//! clients crash and restart. No sockets, no wall clock, no threads: a seed replays a run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use trireme::client::{Placement, ServersInfo};
+use trireme::coordinator::{Getr, Operation, Setr, SetrHooks};
+use trireme::message::{ErrorKind, OpError, Request, Response, TxId};
+use trireme::node::{Action, Node};
+use trireme::reliable::{self, Endpoint, RequestError, RequestId};
+use trireme::rng::Rng;
+use trireme::server::{Server, ServerConfig};
+use trireme::trace::{Direction, Entry};
+use trireme::view::ServerId;
+use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+
+/// Everything a run does, drawn from its seed.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// The seed.
+    pub seed: u64,
+    /// Servers at the start.
+    pub servers: usize,
+    /// Clients.
+    pub clients: usize,
+    /// Size of the key space (small, so that operations collide).
+    pub keys: usize,
+    /// Replication count.
+    pub replicas: u32,
+    /// Ring points per server.
+    pub vnodes: u32,
+    /// How long clients issue operations and faults are injected.
+    pub active: Duration,
+    /// One-way delay of every datagram.
+    pub latency: Duration,
+    /// Extra random delay, up to this.
+    pub jitter: Duration,
+    /// Probability a datagram is lost.
+    pub loss: f64,
+    /// Probability a datagram is delivered twice.
+    pub dup: f64,
+    /// Probability a datagram is held back (delivered after later ones).
+    pub reorder: f64,
+    /// Mean time between fault events (crash, partition, client kill), if any.
+    pub chaos_every: Option<Duration>,
+    /// Bound of every client operation.
+    pub op_timeout: Duration,
+    /// Longest pause a setr takes between the votes and the decision (0: none).
+    pub pause_before_commit: Duration,
+    /// Longest think time of a client between operations.
+    pub think: Duration,
+    /// Server heartbeat interval.
+    pub heartbeat: Duration,
+    /// The view leader's failure detector.
+    pub dead_after: Duration,
+}
+
+impl Params {
+    /// The parameters of run `seed`: a mix of quiet runs and runs with every fault.
+    pub fn from_seed(seed: u64) -> Params {
+        let mut rng = Rng::seeded(seed ^ 0x5157_0000_0000_0000);
+        let replicas = if rng.chance(0.25) { 2 } else { 3 };
+        let servers = replicas as usize + rng.below(3) as usize;
+        let faulty = !rng.chance(0.1);
+        let ms =
+            |rng: &mut Rng, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo + 1));
+        Params {
+            seed,
+            servers,
+            clients: 2 + rng.below(3) as usize,
+            keys: 1 + rng.below(4) as usize,
+            replicas,
+            vnodes: 8,
+            active: ms(&mut rng, 3_000, 8_000),
+            latency: Duration::from_micros(50 + rng.below(2_000)),
+            jitter: Duration::from_micros(rng.below(1_000)),
+            loss: if faulty { rng.next_f64() * 0.15 } else { 0.0 },
+            dup: if faulty { rng.next_f64() * 0.05 } else { 0.0 },
+            reorder: if faulty { rng.next_f64() * 0.1 } else { 0.0 },
+            chaos_every: faulty.then(|| ms(&mut rng, 300, 2_000)),
+            op_timeout: ms(&mut rng, 1_000, 4_000),
+            pause_before_commit: if rng.chance(0.5) {
+                ms(&mut rng, 0, 400)
+            } else {
+                Duration::ZERO
+            },
+            think: ms(&mut rng, 1, 40),
+            heartbeat: ms(&mut rng, 50, 300),
+            dead_after: ms(&mut rng, 800, 2_000),
+        }
+    }
+}
+
+/// What became of one client operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// setr succeeded with this version.
+    Written {
+        /// The version committed.
+        version: u64,
+    },
+    /// setr failed before any commit was sent: it had no effect.
+    NotWritten(ErrorKind),
+    /// setr failed (or its client died) after the commit was sent: it may have taken effect.
+    MaybeWritten(Option<ErrorKind>),
+    /// getr found this value.
+    Found {
+        /// The value.
+        value: String,
+        /// Its version.
+        version: u64,
+    },
+    /// getr: no replica holds the key.
+    Absent,
+    /// getr failed (or its client died): it says nothing.
+    ReadFailed(Option<ErrorKind>),
+}
+
+/// One client operation of the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The client that ran it.
+    pub client: usize,
+    /// The key.
+    pub key: String,
+    /// For a setr, the value written; `None` for a getr.
+    pub value: Option<String>,
+    /// When it was invoked (virtual time since the start).
+    pub invoked: Duration,
+    /// When it returned (`None`: its client crashed first).
+    pub completed: Option<Duration>,
+    /// What it did.
+    pub outcome: Outcome,
+}
+
+/// Counters of what a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams delivered (duplicates included).
+    pub delivered: u64,
+    /// Datagrams lost by the network or a cut link.
+    pub dropped: u64,
+    /// Datagrams duplicated.
+    pub duplicated: u64,
+    /// Datagrams held back to be reordered.
+    pub reordered: u64,
+    /// Server crashes.
+    pub crashes: u64,
+    /// Links cut.
+    pub partitions: u64,
+    /// Clients killed (with an operation running).
+    pub client_kills: u64,
+    /// Clients killed between the votes and the decision of a setr.
+    pub kills_before_decision: u64,
+}
+
+/// A server's bucket as the checks see it: key → (version, value).
+pub type Bucket = BTreeMap<String, (u64, String)>;
+
+/// The cluster at the end of a run, for the invariants.
+#[derive(Clone, Debug)]
+pub struct Final {
+    /// The view leader's final view, as a placement.
+    pub placement: Placement,
+    /// Each live server's id, bucket, and undecided transactions.
+    pub servers: Vec<(ServerId, Bucket, usize)>,
+    /// Virtual time at the end.
+    pub at: Duration,
+}
+
+/// Something scheduled.
+#[derive(Debug)]
+enum Scheduled {
+    /// A datagram arrives at `to`.
+    Deliver {
+        /// Sender.
+        from: SocketAddr,
+        /// Receiver.
+        to: SocketAddr,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// The OS of `to` reports `peer` unreachable (an ICMP port unreachable came back).
+    Unreachable {
+        /// Who learns it.
+        to: SocketAddr,
+        /// The peer nobody listens at.
+        peer: SocketAddr,
+    },
+    /// A fault: crash a server, cut a link, or kill a client.
+    Chaos,
+    /// Server slot `0` starts again (with a fresh id and an empty bucket).
+    RestartServer(usize),
+    /// Client slot `0` starts again.
+    RestartClient(usize),
+    /// The cut between two addresses heals.
+    Heal(SocketAddr, SocketAddr),
+}
+
+/// The application a host runs.
+enum App {
+    /// The view leader.
+    Leader(Box<ViewLeader>),
+    /// A server.
+    Server(Box<Server>),
+    /// A client.
+    Client(Box<ClientActor>),
+}
+
+/// One simulated process: its address, its reliable endpoint and its application.
+struct Host {
+    /// Its address.
+    addr: SocketAddr,
+    /// Its reliable layer.
+    endpoint: Endpoint,
+    /// What runs on it.
+    app: App,
+    /// The application's tag for each request it started.
+    tokens: BTreeMap<RequestId, u64>,
+}
+
+/// The operation a client is running.
+enum Stage {
+    /// Asking the view leader for the view.
+    View,
+    /// The setr coordinator.
+    Setr(Box<Setr>),
+    /// The getr reader.
+    Getr(Box<Getr>),
+}
+
+/// The operation in progress at a client.
+struct Running {
+    /// Its sequence number at the client (late answers of earlier operations are ignored).
+    seq: u64,
+    /// The key.
+    key: String,
+    /// The value, for a setr.
+    value: Option<String>,
+    /// When it was invoked.
+    invoked: Instant,
+    /// Its deadline.
+    deadline: Instant,
+    /// Where it stands.
+    stage: Stage,
+}
+
+/// A client: runs one operation at a time against random keys, recording each.
+struct ClientActor {
+    /// Its slot.
+    index: usize,
+    /// Which start of this slot it is (values written stay unique across restarts).
+    life: u64,
+    /// The view leader's address.
+    viewleader: SocketAddr,
+    /// Its random source (keys, values, think times, txids).
+    rng: Rng,
+    /// When to start the next operation (`None`: running one, or stopped).
+    next_op: Option<Instant>,
+    /// The operation in progress.
+    running: Option<Running>,
+    /// Operations started so far.
+    seq: u64,
+    /// No new operations (the quiet period at the end of a run).
+    stopped: bool,
+    /// Operations finished since the world last collected them.
+    done: Vec<(Running, Instant, Outcome)>,
+    /// The run's parameters.
+    params: Params,
+}
+
+/// Token bits: the operation's sequence number above, the coordinator's token below.
+const SEQ_SHIFT: u32 = 32;
+/// The token of a view request.
+const VIEW_TOKEN: u64 = (1 << SEQ_SHIFT) - 1;
+
+impl ClientActor {
+    /// Starts the next operation if its time has come.
+    fn handle_timeout(
+        &mut self,
+        now: Instant,
+        endpoint: &mut Endpoint,
+        tokens: &mut BTreeMap<RequestId, u64>,
+    ) {
+        if let Some(at) = self.next_op
+            && now >= at
+        {
+            self.next_op = None;
+            self.start(now, endpoint, tokens);
+            return;
+        }
+        if let Some(running) = &mut self.running {
+            match &mut running.stage {
+                Stage::Setr(op) => op.handle_timeout(now),
+                Stage::Getr(op) => op.handle_timeout(now),
+                Stage::View => {}
+            }
+        }
+        self.drive(now, endpoint, tokens);
+    }
+
+    /// When the client next has timed work.
+    fn poll_timeout(&self) -> Option<Instant> {
+        let op = self.running.as_ref().and_then(|r| match &r.stage {
+            Stage::Setr(op) => op.poll_timeout(),
+            Stage::Getr(op) => op.poll_timeout(),
+            Stage::View => None,
+        });
+        [self.next_op, op].into_iter().flatten().min()
+    }
+
+    /// Invokes a random operation: a setr of a fresh value or a getr, on a random key.
+    fn start(
+        &mut self,
+        now: Instant,
+        endpoint: &mut Endpoint,
+        tokens: &mut BTreeMap<RequestId, u64>,
+    ) {
+        self.seq += 1;
+        let key = format!("k{}", self.rng.below(self.params.keys as u64));
+        let value = self
+            .rng
+            .chance(0.5)
+            .then(|| format!("c{}.{}-{}", self.index, self.life, self.seq));
+        let deadline = now + self.params.op_timeout;
+        self.running = Some(Running {
+            seq: self.seq,
+            key,
+            value,
+            invoked: now,
+            deadline,
+            stage: Stage::View,
+        });
+        match Request::QueryServers.encode() {
+            Ok(body) => match endpoint.request(now, self.viewleader, body, Some(deadline)) {
+                Ok(id) => {
+                    tokens.insert(id, (self.seq << SEQ_SHIFT) | VIEW_TOKEN);
+                }
+                Err(e) => self.view_answered(now, Err(e)),
+            },
+            Err(_) => self.view_answered(now, Err(RequestError::TooLarge { size: 0, limit: 0 })),
+        }
+    }
+
+    /// The view leader answered (or not): start the coordinator on that view.
+    fn view_answered(&mut self, now: Instant, result: Result<Response, RequestError>) {
+        let Some(running) = &mut self.running else {
+            return;
+        };
+        let info = match result {
+            Ok(Response::Servers {
+                view,
+                rebalancing,
+                pending,
+            }) => ServersInfo {
+                view,
+                rebalancing,
+                pending,
+            },
+            Ok(Response::Error(e)) => return self.finish(now, Err(e)),
+            Ok(other) => return self.finish(now, Err(trireme::coordinator::unexpected(&other))),
+            Err(e) => return self.finish(now, Err(trireme::client::transport_error(e))),
+        };
+        let placement = match Placement::operable(info) {
+            Ok(placement) => placement,
+            Err(e) => return self.finish(now, Err(e)),
+        };
+        let timeout = Some(self.params.op_timeout);
+        running.stage = match &running.value {
+            Some(value) => {
+                let pause = self.params.pause_before_commit;
+                let hooks = SetrHooks {
+                    pause_before_commit: if pause.is_zero() {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_micros(self.rng.below(pause.as_micros() as u64 + 1))
+                    },
+                    ..SetrHooks::default()
+                };
+                let txid = TxId::random(&mut self.rng);
+                Stage::Setr(Box::new(Setr::new(
+                    now,
+                    &running.key,
+                    value,
+                    &placement,
+                    txid,
+                    Some(running.deadline),
+                    timeout,
+                    hooks,
+                )))
+            }
+            None => Stage::Getr(Box::new(Getr::new(
+                now,
+                &running.key,
+                &placement,
+                Some(running.deadline),
+                timeout,
+            ))),
+        };
+    }
+
+    /// The outcome of a request this client sent.
+    fn handle_response(
+        &mut self,
+        now: Instant,
+        token: u64,
+        result: Result<Response, RequestError>,
+        endpoint: &mut Endpoint,
+        tokens: &mut BTreeMap<RequestId, u64>,
+    ) {
+        let Some(running) = &mut self.running else {
+            return;
+        };
+        if token >> SEQ_SHIFT != running.seq {
+            return; // a late answer to an earlier operation
+        }
+        let token = token & VIEW_TOKEN;
+        match &mut running.stage {
+            Stage::View if token == VIEW_TOKEN => self.view_answered(now, result),
+            Stage::Setr(op) => op.handle_response(now, token, result),
+            Stage::Getr(op) => op.handle_response(now, token, result),
+            Stage::View => {}
+        }
+        self.drive(now, endpoint, tokens);
+    }
+
+    /// Sends what the coordinator asks for and collects its outcome.
+    fn drive(
+        &mut self,
+        now: Instant,
+        endpoint: &mut Endpoint,
+        tokens: &mut BTreeMap<RequestId, u64>,
+    ) {
+        let Some(running) = &mut self.running else {
+            return;
+        };
+        let seq = running.seq;
+        let outcome = match &mut running.stage {
+            Stage::View => return,
+            Stage::Setr(op) => {
+                let decision = |op: &Setr| op.is_decision_sent();
+                pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
+                    Ok(done) => Outcome::Written {
+                        version: done.version,
+                    },
+                    Err(e) if decision(op) => Outcome::MaybeWritten(Some(e.kind)),
+                    Err(e) => Outcome::NotWritten(e.kind),
+                })
+            }
+            Stage::Getr(op) => {
+                pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
+                    Ok(found) => Outcome::Found {
+                        value: found.value,
+                        version: found.version,
+                    },
+                    Err(e) if e.kind == ErrorKind::NotFound => Outcome::Absent,
+                    Err(e) => Outcome::ReadFailed(Some(e.kind)),
+                })
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.complete(now, outcome);
+        }
+    }
+
+    /// Ends the operation before its coordinator started (the view step failed).
+    fn finish(&mut self, now: Instant, result: Result<(), OpError>) {
+        let Some(running) = &self.running else {
+            return;
+        };
+        let outcome = match (result, &running.value) {
+            (Ok(()), _) => return,
+            (Err(e), Some(_)) => Outcome::NotWritten(e.kind),
+            (Err(e), None) => Outcome::ReadFailed(Some(e.kind)),
+        };
+        self.complete(now, outcome);
+    }
+
+    /// Records the finished operation and schedules the next one.
+    fn complete(&mut self, now: Instant, outcome: Outcome) {
+        if let Some(running) = self.running.take() {
+            self.done.push((running, now, outcome));
+        }
+        let think = Duration::from_micros(self.rng.below(self.params.think.as_micros() as u64 + 1));
+        self.next_op = (!self.stopped).then_some(now + think);
+    }
+
+    /// What the operation in progress leaves behind if the client dies now: a setr whose
+    /// commit may be out may take effect; anything else has no effect.
+    fn killed(&mut self) -> Option<(Running, Outcome)> {
+        let running = self.running.take()?;
+        let outcome = match &running.stage {
+            Stage::Setr(op) if op.is_decision_sent() => Outcome::MaybeWritten(None),
+            _ if running.value.is_some() => Outcome::NotWritten(ErrorKind::Timeout),
+            _ => Outcome::ReadFailed(None),
+        };
+        Some((running, outcome))
+    }
+
+    /// True while a setr sits between its votes and its decision.
+    fn is_between_votes_and_decision(&self) -> bool {
+        matches!(&self.running, Some(Running { stage: Stage::Setr(op), .. }) if op.is_between_votes_and_decision())
+    }
+}
+
+/// Hands `op`'s requests to `endpoint` (tagged with the operation's `seq`) and returns its
+/// outcome once it has one.
+fn pump<O: Operation>(
+    op: &mut O,
+    now: Instant,
+    endpoint: &mut Endpoint,
+    tokens: &mut BTreeMap<RequestId, u64>,
+    seq: u64,
+) -> Option<Result<O::Output, OpError>> {
+    while let Some(send) = op.poll_send() {
+        let started = send
+            .request
+            .encode()
+            .map_err(|_| RequestError::TooLarge { size: 0, limit: 0 })
+            .and_then(|body| endpoint.request(now, send.dst, body, send.deadline));
+        match started {
+            Ok(id) => {
+                tokens.insert(id, (seq << SEQ_SHIFT) | send.token);
+            }
+            Err(e) => op.handle_response(now, send.token, Err(e)),
+        }
+    }
+    op.poll_outcome()
+}
+
+/// Decodes a response body; an undecodable one becomes a `bad_input` error answer.
+fn decode_response(body: Vec<u8>) -> Response {
+    Response::decode(&body).unwrap_or_else(|e| {
+        Response::error(ErrorKind::BadInput, format!("undecodable response: {e}"))
+    })
+}
+
+impl Host {
+    /// A host at `addr` running `app`, with a fresh endpoint (a new incarnation).
+    fn new(addr: SocketAddr, app: App, rng: &mut Rng) -> Host {
+        Host {
+            addr,
+            endpoint: Endpoint::new(reliable::Config::default(), rng),
+            app,
+            tokens: BTreeMap::new(),
+        }
+    }
+
+    /// The node this host runs, if it is a view leader or a server.
+    fn node(app: &mut App) -> Option<&mut dyn Node> {
+        match app {
+            App::Leader(leader) => Some(leader.as_mut()),
+            App::Server(server) => Some(server.as_mut()),
+            App::Client(_) => None,
+        }
+    }
+
+    /// When the host next has timed work.
+    fn poll_timeout(&self) -> Option<Instant> {
+        let app = match &self.app {
+            App::Leader(leader) => leader.poll_timeout(),
+            App::Server(server) => server.poll_timeout(),
+            App::Client(client) => client.poll_timeout(),
+        };
+        [self.endpoint.poll_timeout(), app]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Runs the due timers of the endpoint and the application.
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.endpoint.poll_timeout().is_some_and(|at| at <= now) {
+            self.endpoint.handle_timeout(now);
+        }
+        let Host {
+            endpoint,
+            app,
+            tokens,
+            ..
+        } = self;
+        match app {
+            App::Client(client) => {
+                if client.poll_timeout().is_some_and(|at| at <= now) {
+                    client.handle_timeout(now, endpoint, tokens);
+                }
+            }
+            node => {
+                if let Some(node) = Host::node(node)
+                    && node.poll_timeout().is_some_and(|at| at <= now)
+                {
+                    node.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    /// Hands the endpoint's events to the application and carries out what it asks, until
+    /// nothing is left; returns the datagrams to send.
+    fn pump(&mut self, now: Instant, out: &mut Vec<(SocketAddr, Vec<u8>)>) {
+        loop {
+            let mut busy = false;
+            while let Some(event) = self.endpoint.poll_event() {
+                busy = true;
+                self.handle_event(now, event);
+            }
+            self.carry_out(now);
+            while let Some(transmit) = self.endpoint.poll_transmit() {
+                busy = true;
+                out.push((transmit.dst, transmit.payload));
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    /// One endpoint event: a request for the node, or the outcome of one of our requests.
+    fn handle_event(&mut self, now: Instant, event: reliable::Event) {
+        let Host {
+            endpoint,
+            app,
+            tokens,
+            ..
+        } = self;
+        match event {
+            reliable::Event::Request { from, id, body } => match Host::node(app) {
+                Some(node) => match Request::decode(&body) {
+                    Ok(request) => node.handle_request(now, from, id, request),
+                    Err(e) => {
+                        let answer = Response::error(ErrorKind::BadInput, e.to_string());
+                        if let Ok(body) = answer.encode() {
+                            let _ = endpoint.respond(now, id, body);
+                        }
+                    }
+                },
+                None => {
+                    let answer = Response::error(ErrorKind::BadInput, "a client serves nothing");
+                    if let Ok(body) = answer.encode() {
+                        let _ = endpoint.respond(now, id, body);
+                    }
+                }
+            },
+            reliable::Event::Response { id, result } => {
+                let Some(token) = tokens.remove(&id) else {
+                    return;
+                };
+                let result = result.map(decode_response);
+                match app {
+                    App::Client(client) => {
+                        client.handle_response(now, token, result, endpoint, tokens)
+                    }
+                    node => {
+                        if let Some(node) = Host::node(node) {
+                            node.handle_response(now, token, result);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out the node's queued actions (responses and requests).
+    fn carry_out(&mut self, now: Instant) {
+        let Host {
+            endpoint,
+            app,
+            tokens,
+            ..
+        } = self;
+        let Some(node) = Host::node(app) else {
+            return;
+        };
+        while let Some(action) = node.poll_action() {
+            match action {
+                Action::Respond { id, response } => {
+                    let body = response.encode().unwrap_or_default();
+                    let _ = endpoint.respond(now, id, body);
+                }
+                Action::Request {
+                    token,
+                    dst,
+                    request,
+                    deadline,
+                } => {
+                    let started = request
+                        .encode()
+                        .map_err(|_| RequestError::TooLarge { size: 0, limit: 0 })
+                        .and_then(|body| endpoint.request(now, dst, body, deadline));
+                    match started {
+                        Ok(id) => {
+                            tokens.insert(id, token);
+                        }
+                        Err(e) => node.handle_response(now, token, Err(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A simulated cluster and its network.
+pub struct World {
+    /// The run's parameters.
+    pub params: Params,
+    /// Virtual time 0.
+    start: Instant,
+    /// Virtual now.
+    now: Instant,
+    /// The network's and the fault schedule's random source.
+    rng: Rng,
+    /// Host 0 is the view leader; then servers; then clients (`None`: crashed).
+    hosts: Vec<Option<Host>>,
+    /// Each host slot's address.
+    addrs: Vec<SocketAddr>,
+    /// Scheduled events by (time, sequence).
+    queue: BTreeMap<(Instant, u64), Scheduled>,
+    /// Next event sequence number.
+    seq: u64,
+    /// Cut links (each pair stored in address order).
+    cuts: BTreeSet<(SocketAddr, SocketAddr)>,
+    /// Faults are still being injected.
+    chaos: bool,
+    /// Client starts so far (each start of a client slot is a new life).
+    lives: u64,
+    /// Server failures (crashes, cuts from the view leader) since the cluster was last stable.
+    failures: u32,
+    /// Holders of each key when the cluster was last stable: min(replicas, servers in view).
+    holders: u32,
+    /// Every datagram sent and received, when tracing.
+    trace: Option<Vec<Entry>>,
+    /// The history of client operations.
+    pub history: Vec<Record>,
+    /// What happened.
+    pub stats: Stats,
+    /// A digest of every delivery and outcome (two runs of a seed must agree on it).
+    pub digest: u64,
+    /// Print what happens (operations, faults, views) on stderr, for replaying a failure.
+    pub verbose: bool,
+    /// The last epoch the view leader was seen at (for the log).
+    seen_epoch: u64,
+}
+
+/// The first server slot.
+const FIRST_SERVER: usize = 1;
+
+impl World {
+    /// A world for `params`: the view leader, the servers and the clients, all started at
+    /// virtual time 0. With `trace`, every datagram is recorded for [`World::trace`].
+    pub fn new(params: Params, trace: bool) -> World {
+        let mut rng = Rng::seeded(params.seed);
+        let start = Instant::now();
+        let leader_addr = SocketAddr::from(([10, 0, 0, 1], 39000));
+        let mut addrs = vec![leader_addr];
+        addrs.extend(
+            (0..params.servers).map(|i| SocketAddr::from(([10, 0, 1, 1 + i as u8], 38000))),
+        );
+        addrs.extend(
+            (0..params.clients).map(|i| SocketAddr::from(([10, 0, 2, 1 + i as u8], 40000))),
+        );
+        let leader = ViewLeader::new(ViewLeaderConfig {
+            dead_after: params.dead_after,
+            replicas: params.replicas,
+            vnodes: params.vnodes,
+            ..ViewLeaderConfig::default()
+        });
+        let mut world = World {
+            hosts: Vec::new(),
+            addrs,
+            start,
+            now: start,
+            queue: BTreeMap::new(),
+            seq: 0,
+            cuts: BTreeSet::new(),
+            chaos: true,
+            lives: 0,
+            failures: 0,
+            holders: 0,
+            trace: trace.then(Vec::new),
+            history: Vec::new(),
+            stats: Stats::default(),
+            digest: 0xcbf2_9ce4_8422_2325,
+            verbose: false,
+            seen_epoch: 0,
+            params,
+            rng: Rng::seeded(0),
+        };
+        world.hosts.push(Some(Host::new(
+            leader_addr,
+            App::Leader(Box::new(leader)),
+            &mut rng,
+        )));
+        for slot in FIRST_SERVER..FIRST_SERVER + world.params.servers {
+            let host = world.server_host(slot, &mut rng);
+            world.hosts.push(Some(host));
+        }
+        for slot in world.first_client()..world.addrs.len() {
+            let host = world.client_host(slot, &mut rng);
+            world.hosts.push(Some(host));
+        }
+        world.rng = rng;
+        if let Some(every) = world.params.chaos_every {
+            let at = start + every;
+            world.schedule(at, Scheduled::Chaos);
+        }
+        world
+    }
+
+    /// The first client slot.
+    fn first_client(&self) -> usize {
+        FIRST_SERVER + self.params.servers
+    }
+
+    /// A fresh server for `slot` (a new id, an empty bucket, a new incarnation).
+    fn server_host(&self, slot: usize, rng: &mut Rng) -> Host {
+        let config = ServerConfig {
+            advertise: self.addrs[slot],
+            viewleader: Some(self.addrs[0]),
+            heartbeat_interval: self.params.heartbeat,
+            candidates: Vec::new(),
+        };
+        let server = Server::new(config, rng.fork(), self.now);
+        Host::new(self.addrs[slot], App::Server(Box::new(server)), rng)
+    }
+
+    /// A fresh client for `slot`, starting its first operation soon.
+    fn client_host(&mut self, slot: usize, rng: &mut Rng) -> Host {
+        self.lives += 1;
+        let mut client_rng = rng.fork();
+        let first = self.now + Duration::from_millis(300 + client_rng.below(200));
+        let client = ClientActor {
+            index: slot - self.first_client(),
+            life: self.lives,
+            viewleader: self.addrs[0],
+            rng: client_rng,
+            next_op: Some(first),
+            running: None,
+            seq: 0,
+            stopped: false,
+            done: Vec::new(),
+            params: self.params.clone(),
+        };
+        Host::new(self.addrs[slot], App::Client(Box::new(client)), rng)
+    }
+
+    /// Queues `event` at `at`.
+    fn schedule(&mut self, at: Instant, event: Scheduled) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    /// Virtual time since the start.
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Prints `what` with the virtual time, when verbose.
+    fn log(&self, what: impl FnOnce() -> String) {
+        if self.verbose {
+            eprintln!("[{:>12.6}] {}", self.elapsed().as_secs_f64(), what());
+        }
+    }
+
+    /// Logs the view leader's view when its epoch changed.
+    fn log_view(&mut self) {
+        if !self.verbose {
+            return;
+        }
+        if let Some(Some(Host {
+            app: App::Leader(leader),
+            ..
+        })) = self.hosts.first()
+        {
+            let view = leader.view();
+            if view.epoch.0 != self.seen_epoch {
+                self.seen_epoch = view.epoch.0;
+                let members: Vec<String> = view
+                    .members
+                    .iter()
+                    .map(|m| format!("{}@{}", m.id, m.addr))
+                    .collect();
+                self.log(|| format!("view epoch {} members {}", view.epoch, members.join(" ")));
+            }
+        }
+    }
+
+    /// Folds `bytes` into the run's digest (FNV-1a).
+    fn fold(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.digest = (self.digest ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The slot of the host at `addr`.
+    fn slot(&self, addr: SocketAddr) -> Option<usize> {
+        self.addrs.iter().position(|&a| a == addr)
+    }
+
+    /// Records a datagram in the trace.
+    fn record(&mut self, direction: Direction, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000) + self.elapsed();
+        if let Some(trace) = &mut self.trace {
+            trace.push(Entry {
+                time,
+                direction,
+                src,
+                dst,
+                payload: payload.to_vec(),
+            });
+        }
+    }
+
+    /// Puts a datagram from `from` on the network: lost, cut, duplicated, delayed, held back.
+    fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+        self.stats.sent += 1;
+        self.record(Direction::Sent, from, to, &payload);
+        let pair = if from < to { (from, to) } else { (to, from) };
+        let (loss, dup, reorder) = if self.chaos {
+            (self.params.loss, self.params.dup, self.params.reorder)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        if self.cuts.contains(&pair) || self.rng.chance(loss) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.chance(dup) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let jitter = self.rng.below(self.params.jitter.as_nanos() as u64 + 1);
+            let mut delay = self.params.latency + Duration::from_nanos(jitter);
+            if self.rng.chance(reorder) {
+                self.stats.reordered += 1;
+                delay += self.params.latency * (2 + self.rng.below(8) as u32);
+            }
+            let at = self.now + delay;
+            self.schedule(
+                at,
+                Scheduled::Deliver {
+                    from,
+                    to,
+                    payload: payload.clone(),
+                },
+            );
+        }
+    }
+
+    /// Runs `slot`'s host after an input: hands its output to the network and collects its
+    /// client's finished operations.
+    fn settle_host(&mut self, slot: usize) {
+        let now = self.now;
+        let mut out = Vec::new();
+        let Some(host) = self.hosts[slot].as_mut() else {
+            return;
+        };
+        host.pump(now, &mut out);
+        let from = host.addr;
+        let is_leader = matches!(host.app, App::Leader(_));
+        let finished = match &mut host.app {
+            App::Client(client) => std::mem::take(&mut client.done),
+            _ => Vec::new(),
+        };
+        let index = slot.saturating_sub(self.first_client());
+        for (running, at, outcome) in finished {
+            self.note(index, running, Some(at), outcome);
+        }
+        for (to, payload) in out {
+            self.send(from, to, payload);
+        }
+        if is_leader {
+            self.log_view();
+        }
+    }
+
+    /// Adds a finished (or abandoned) operation to the history.
+    fn note(
+        &mut self,
+        client: usize,
+        running: Running,
+        completed: Option<Instant>,
+        outcome: Outcome,
+    ) {
+        let summary = format!(
+            "{client} {} {:?} {:?} {outcome:?}",
+            running.key,
+            running.value,
+            completed.map(|c| c - self.start)
+        );
+        self.fold(summary.as_bytes());
+        let invoked = (running.invoked - self.start).as_secs_f64();
+        let txid = match &running.stage {
+            Stage::Setr(op) => format!(
+                " tx {} replicas {:?}",
+                op.txid(),
+                op.replicas()
+                    .iter()
+                    .map(|m| m.id.to_string())
+                    .collect::<Vec<_>>()
+            ),
+            _ => String::new(),
+        };
+        self.log(|| {
+            format!(
+                "client {client} done: {} {:?} = {:?} invoked {invoked:.6}{txid}: {outcome:?}",
+                running.key,
+                running.value,
+                completed.is_some()
+            )
+        });
+        self.history.push(Record {
+            client,
+            key: running.key,
+            value: running.value,
+            invoked: running.invoked - self.start,
+            completed: completed.map(|c| c - self.start),
+            outcome,
+        });
+    }
+
+    /// Runs until virtual time `until` (or until nothing is left to do).
+    fn run_until(&mut self, until: Instant) {
+        loop {
+            let event_at = self.queue.first_key_value().map(|(&(at, _), _)| at);
+            let timer = self
+                .hosts
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, h)| {
+                    h.as_ref()
+                        .and_then(|h| h.poll_timeout())
+                        .map(|at| (at, slot))
+                })
+                .min();
+            let next = match (event_at, timer) {
+                (Some(e), Some((t, _))) => e.min(t),
+                (Some(e), None) => e,
+                (None, Some((t, _))) => t,
+                (None, None) => break,
+            };
+            if next > until {
+                break;
+            }
+            self.now = self.now.max(next);
+            if event_at == Some(next) {
+                let Some((_, event)) = self.queue.pop_first() else {
+                    break;
+                };
+                self.handle(event);
+            } else if let Some((_, slot)) = timer {
+                let now = self.now;
+                if let Some(host) = self.hosts[slot].as_mut() {
+                    host.handle_timeout(now);
+                }
+                self.settle_host(slot);
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Carries out one scheduled event.
+    fn handle(&mut self, event: Scheduled) {
+        let now = self.now;
+        match event {
+            Scheduled::Deliver { from, to, payload } => {
+                let Some(slot) = self.slot(to) else {
+                    return;
+                };
+                let pair = if from < to { (from, to) } else { (to, from) };
+                if self.cuts.contains(&pair) {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                match self.hosts[slot].is_some() {
+                    true => {
+                        self.stats.delivered += 1;
+                        let nanos = (now - self.start).as_nanos() as u64;
+                        self.fold(&nanos.to_le_bytes());
+                        self.fold(&payload);
+                        self.record(Direction::Received, from, to, &payload);
+                        if let Some(host) = self.hosts[slot].as_mut() {
+                            host.endpoint.handle_datagram(now, from, &payload);
+                        }
+                        self.settle_host(slot);
+                    }
+                    false => {
+                        // Nobody listens there: the sender's OS hears so (ICMP).
+                        let at = now + self.params.latency;
+                        self.schedule(at, Scheduled::Unreachable { to: from, peer: to });
+                    }
+                }
+            }
+            Scheduled::Unreachable { to, peer } => {
+                if let Some(slot) = self.slot(to)
+                    && let Some(host) = self.hosts[slot].as_mut()
+                {
+                    host.endpoint.handle_unreachable(now, peer);
+                    self.settle_host(slot);
+                }
+            }
+            Scheduled::Chaos => {
+                if !self.chaos {
+                    return;
+                }
+                self.chaos_event();
+                if let Some(every) = self.params.chaos_every {
+                    let next =
+                        every / 2 + Duration::from_micros(self.rng.below(every.as_micros() as u64));
+                    self.schedule(now + next, Scheduled::Chaos);
+                }
+            }
+            Scheduled::RestartServer(slot) => {
+                if self.hosts[slot].is_none() {
+                    let mut rng = self.rng.fork();
+                    let host = self.server_host(slot, &mut rng);
+                    if let App::Server(server) = &host.app {
+                        let id = server.id();
+                        self.log(|| format!("restart server slot {slot} as {id}"));
+                    }
+                    self.hosts[slot] = Some(host);
+                    self.settle_host(slot);
+                }
+            }
+            Scheduled::RestartClient(slot) => {
+                if self.hosts[slot].is_none() {
+                    let mut rng = self.rng.fork();
+                    let mut host = self.client_host(slot, &mut rng);
+                    if !self.chaos
+                        && let App::Client(client) = &mut host.app
+                    {
+                        client.next_op = None;
+                        client.stopped = true;
+                    }
+                    self.hosts[slot] = Some(host);
+                }
+            }
+            Scheduled::Heal(a, b) => {
+                self.log(|| format!("heal {a} - {b}"));
+                self.cuts.remove(&(a, b));
+            }
+        }
+    }
+
+    /// True when the view leader's view holds exactly the live servers, all at its epoch,
+    /// and no rebalancing is in progress: the point from which failures are counted.
+    pub fn is_stable(&self) -> bool {
+        let Some(Some(Host {
+            app: App::Leader(leader),
+            ..
+        })) = self.hosts.first()
+        else {
+            return false;
+        };
+        let view = leader.view();
+        let (rebalancing, _) = leader.rebalancing();
+        let live: BTreeSet<ServerId> = self.servers().map(|s| s.id()).collect();
+        let members: BTreeSet<ServerId> = view.members.iter().map(|m| m.id).collect();
+        !rebalancing
+            && live == members
+            && self
+                .servers()
+                .all(|s| s.epoch() == view.epoch && !s.is_rebalancing())
+    }
+
+    /// The number of servers in the view leader's view.
+    fn view_size(&self) -> u32 {
+        match self.hosts.first() {
+            Some(Some(Host {
+                app: App::Leader(leader),
+                ..
+            })) => leader.view().members.len() as u32,
+            _ => 0,
+        }
+    }
+
+    /// The live servers.
+    fn servers(&self) -> impl Iterator<Item = &Server> {
+        self.hosts[FIRST_SERVER..self.first_client()]
+            .iter()
+            .filter_map(|h| match h {
+                Some(Host {
+                    app: App::Server(server),
+                    ..
+                }) => Some(server.as_ref()),
+                _ => None,
+            })
+    }
+
+    /// Injects one fault: a server crash or a cut between the view leader and a server
+    /// (each only while fewer than `replicas - 1` such failures happened since the cluster
+    /// was last stable, so no acknowledged write may be lost), a cut between other hosts, or
+    /// a client killed (preferably one between the votes and the decision of a setr).
+    fn chaos_event(&mut self) {
+        // A cut between the view leader and a server is a failure in the making (the server
+        // may yet be declared dead): no reset while one lasts.
+        let leader = self.addrs[0];
+        let leader_cut = self.cuts.iter().any(|&(a, b)| a == leader || b == leader);
+        if self.is_stable() && !leader_cut {
+            self.failures = 0;
+        }
+        let failures = self.failures;
+        self.log(|| format!("chaos: {failures} failures since the cluster was last stable"));
+        // A key has min(replicas, servers in the view) holders: fewer than that may fail.
+        if self.failures == 0 {
+            self.holders = self.params.replicas.min(self.view_size());
+        }
+        let holders = self.holders.min(self.params.replicas.min(self.view_size()));
+        let may_fail = self.failures + 1 < holders;
+        let servers: Vec<usize> = (FIRST_SERVER..self.first_client()).collect();
+        let clients: Vec<usize> = (self.first_client()..self.addrs.len()).collect();
+        let now = self.now;
+        match self.rng.below(4) {
+            0 if may_fail => {
+                let live: Vec<usize> = servers
+                    .iter()
+                    .copied()
+                    .filter(|&s| self.hosts[s].is_some())
+                    .collect();
+                if live.len() <= 1 {
+                    return;
+                }
+                let slot = live[self.rng.below(live.len() as u64) as usize];
+                if let Some(Some(Host {
+                    app: App::Server(server),
+                    ..
+                })) = self.hosts.get(slot)
+                {
+                    let id = server.id();
+                    self.log(|| format!("crash server {id} at slot {slot}"));
+                }
+                self.hosts[slot] = None;
+                self.failures += 1;
+                self.stats.crashes += 1;
+                let back = Duration::from_millis(100 + self.rng.below(3_000));
+                self.schedule(now + back, Scheduled::RestartServer(slot));
+            }
+            1 => {
+                // A cut between two hosts; one involving the view leader and a server may get
+                // the server declared dead (it then empties its bucket): a failure.
+                let a = self.rng.below(self.addrs.len() as u64) as usize;
+                let b = self.rng.below(self.addrs.len() as u64) as usize;
+                if a == b {
+                    return;
+                }
+                let leader_cut =
+                    (a == 0 && servers.contains(&b)) || (b == 0 && servers.contains(&a));
+                if leader_cut {
+                    if !may_fail {
+                        return;
+                    }
+                    self.failures += 1;
+                }
+                let (x, y) = (self.addrs[a], self.addrs[b]);
+                let pair = if x < y { (x, y) } else { (y, x) };
+                self.cuts.insert(pair);
+                self.log(|| format!("cut {} - {}", pair.0, pair.1));
+                self.stats.partitions += 1;
+                let heal = Duration::from_millis(50 + self.rng.below(2_500));
+                self.schedule(now + heal, Scheduled::Heal(pair.0, pair.1));
+            }
+            _ => {
+                let deciding: Vec<usize> = clients
+                    .iter()
+                    .copied()
+                    .filter(|&c| {
+                        matches!(&self.hosts[c], Some(Host { app: App::Client(client), .. }) if client.is_between_votes_and_decision())
+                    })
+                    .collect();
+                let live: Vec<usize> = clients
+                    .iter()
+                    .copied()
+                    .filter(|&c| self.hosts[c].is_some())
+                    .collect();
+                let pool = if deciding.is_empty() { live } else { deciding };
+                if pool.is_empty() {
+                    return;
+                }
+                let slot = pool[self.rng.below(pool.len() as u64) as usize];
+                let Some(mut host) = self.hosts[slot].take() else {
+                    return;
+                };
+                self.log(|| format!("kill client slot {slot}"));
+                if let App::Client(client) = &mut host.app {
+                    if client.is_between_votes_and_decision() {
+                        self.stats.kills_before_decision += 1;
+                    }
+                    let index = client.index;
+                    let finished = std::mem::take(&mut client.done);
+                    for (running, at, outcome) in finished {
+                        self.note(index, running, Some(at), outcome);
+                    }
+                    if let Some((running, outcome)) = client.killed() {
+                        self.stats.client_kills += 1;
+                        self.note(index, running, None, outcome);
+                    }
+                }
+                let back = Duration::from_millis(50 + self.rng.below(1_000));
+                self.schedule(now + back, Scheduled::RestartClient(slot));
+            }
+        }
+    }
+
+    /// Runs the whole scenario: the active period with faults, then a quiet period until
+    /// the cluster settles (every fault healed, crashed servers back, no operation running,
+    /// every transaction decided, rebalancing done), bounded by `settle_limit`. Returns the
+    /// final state, or why the cluster did not settle.
+    pub fn run(&mut self, settle_limit: Duration) -> Result<Final, String> {
+        let end = self.start + self.params.active;
+        self.run_until(end);
+        // Quiet: no more faults or new operations; heal everything, bring servers back.
+        self.chaos = false;
+        self.cuts.clear();
+        let first_client = self.first_client();
+        for slot in 0..self.hosts.len() {
+            match &mut self.hosts[slot] {
+                Some(Host {
+                    app: App::Client(client),
+                    ..
+                }) => {
+                    client.next_op = None;
+                    client.stopped = true;
+                }
+                Some(_) => {}
+                None if slot < first_client => {
+                    let now = self.now;
+                    self.schedule(now, Scheduled::RestartServer(slot));
+                }
+                None => {}
+            }
+        }
+        let limit = self.now + settle_limit;
+        let step = Duration::from_millis(100);
+        loop {
+            let at = self.now + step;
+            self.run_until(at);
+            if self.is_settled() {
+                return Ok(self.final_state());
+            }
+            if self.now >= limit {
+                return Err(format!(
+                    "the cluster did not settle within {settle_limit:?} after the faults stopped: {}",
+                    self.describe()
+                ));
+            }
+        }
+    }
+
+    /// True when no client runs an operation, every server has decided every transaction,
+    /// and the view is stable.
+    fn is_settled(&self) -> bool {
+        let idle = self.hosts.iter().flatten().all(|h| match &h.app {
+            App::Client(client) => client.running.is_none(),
+            _ => true,
+        });
+        idle && self.servers().all(|s| s.pending_transactions() == 0) && self.is_stable()
+    }
+
+    /// A line on the cluster's state, for failure messages.
+    fn describe(&self) -> String {
+        let leader = match self.hosts.first() {
+            Some(Some(Host {
+                app: App::Leader(leader),
+                ..
+            })) => {
+                let view = leader.view();
+                format!(
+                    "view epoch {} with {} servers, rebalancing {:?}",
+                    view.epoch,
+                    view.members.len(),
+                    leader.rebalancing()
+                )
+            }
+            _ => "no view leader".into(),
+        };
+        let servers: Vec<String> = self
+            .servers()
+            .map(|s| {
+                format!(
+                    "{} epoch {} pending {} rebalancing {}",
+                    s.id(),
+                    s.epoch(),
+                    s.pending_transactions(),
+                    s.is_rebalancing()
+                )
+            })
+            .collect();
+        let running = self
+            .hosts
+            .iter()
+            .flatten()
+            .filter(|h| matches!(&h.app, App::Client(c) if c.running.is_some()))
+            .count();
+        format!(
+            "{leader}; servers [{}]; {running} client operations running",
+            servers.join("; ")
+        )
+    }
+
+    /// The final state for the checks.
+    fn final_state(&self) -> Final {
+        let view = match self.hosts.first() {
+            Some(Some(Host {
+                app: App::Leader(leader),
+                ..
+            })) => leader.view(),
+            _ => unreachable!("the view leader never crashes"),
+        };
+        let servers = self
+            .servers()
+            .map(|s| {
+                let bucket = s
+                    .bucket()
+                    .map(|(key, stored)| (key.to_owned(), (stored.version, stored.value.clone())))
+                    .collect();
+                (s.id(), bucket, s.pending_transactions())
+            })
+            .collect();
+        Final {
+            placement: Placement::new(view),
+            servers,
+            at: self.elapsed(),
+        }
+    }
+
+    /// The recorded datagrams (empty unless made with `trace`).
+    pub fn trace(&self) -> &[Entry] {
+        self.trace.as_deref().unwrap_or(&[])
+    }
+}
