@@ -274,8 +274,25 @@ fn traces_of_real_runs_decode_filter_summarise_and_follow_a_setr() {
     assert!(!by_peer.is_empty());
     assert!(by_peer.iter().all(|l| l.contains(peer)));
 
-    // --follow-txid: per replica, prepare < vote < commit < commit acked, each delivered.
-    let steps = dump_json(&[&["--follow-txid", &txid], all.as_slice()].concat());
+    // --follow-txid: per replica, prepare < vote < commit < commit acked, each delivered,
+    // between the client and the replica. (The primary also sends the commit to the others
+    // itself: those steps, between two servers, are counted apart.)
+    let all_steps = dump_json(&[&["--follow-txid", &txid], all.as_slice()].concat());
+    let is_server = |v: &Value| {
+        traces
+            .servers
+            .iter()
+            .any(|s| v.as_str() == Some(s.as_str()))
+    };
+    let (between_servers, steps): (Vec<&Value>, Vec<&Value>) = all_steps
+        .iter()
+        .partition(|step| is_server(&step["from"]) && is_server(&step["to"]));
+    assert!(
+        between_servers
+            .iter()
+            .all(|s| s["message"] == "Commit" || s["phase"] == "commit acked"),
+        "only the primary's commits pass between servers: {between_servers:?}"
+    );
     let mut order: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for step in &steps {
         let replica = if step["message"] == "Prepare" || step["message"] == "Commit" {
@@ -298,7 +315,8 @@ fn traces_of_real_runs_decode_filter_summarise_and_follow_a_setr() {
         );
     }
     let followed = dump_lines(&[&["--follow-txid", &txid], all.as_slice()].concat());
-    assert_eq!(followed.len(), 12);
+    assert_eq!(steps.len(), 12);
+    assert_eq!(followed.len(), all_steps.len());
 
     // --summary: the lossy client retransmitted; requesters' traces give RTT samples; the
     // servers' traces count duplicates they suppressed.
