@@ -103,7 +103,8 @@ struct Rebalance {
 }
 
 /// A write this server committed as the primary, not yet acknowledged by every other replica.
-/// Until it is, the primary holds back reads of the key: a value only the primary holds would
+/// Until it is, the primary holds back reads of the key (new prepares are accepted: a newer
+/// commit needs every replica's yes vote, so each has decided this one): a value only the primary holds would
 /// be lost with the primary (the others, still prepared, would abort it), so no read may see
 /// it before it is everywhere.
 #[derive(Debug)]
@@ -163,8 +164,8 @@ pub struct Server {
     primaried: BTreeMap<TxId, (String, Vec<Member>)>,
     /// Keys whose last commit here (as the primary) other replicas have yet to acknowledge.
     settling: BTreeMap<String, Settling>,
-    /// Outstanding commits to other replicas: token → (key, replica).
-    settle_requests: BTreeMap<u64, (String, Member)>,
+    /// Outstanding commits to other replicas: token → (key, replica, transaction).
+    settle_requests: BTreeMap<u64, (String, Member, TxId)>,
     /// The last settle token handed out.
     last_settle: u64,
     /// The last transfer token handed out.
@@ -488,12 +489,6 @@ impl Server {
                 if let Err(reason) = self.check_participants(&key, &participants) {
                     return Some(Response::error(ErrorKind::Aborted, reason));
                 }
-                if self.settling.contains_key(&key) {
-                    return Some(Response::error(
-                        ErrorKind::Aborted,
-                        format!("key {key:?} has a commit not yet on every replica"),
-                    ));
-                }
                 let current = self.store.get(&key).map(|s| s.version);
                 let timeout = Duration::from_millis(u64::from(timeout_ms));
                 let is_primary = participants.first().is_some_and(|m| m.id == self.id);
@@ -776,7 +771,7 @@ impl Server {
     fn send_settle(&mut self, now: Instant, key: &str, member: Member, txid: TxId, version: u64) {
         self.last_settle += 1;
         self.settle_requests
-            .insert(self.last_settle, (key.to_owned(), member));
+            .insert(self.last_settle, (key.to_owned(), member, txid));
         self.actions.push_back(Action::Request {
             token: SETTLE + self.last_settle,
             dst: member.addr,
@@ -794,10 +789,12 @@ impl Server {
         token: u64,
         result: Result<Response, RequestError>,
     ) {
-        let Some((key, member)) = self.settle_requests.remove(&(token - SETTLE)) else {
+        let Some((key, member, txid)) = self.settle_requests.remove(&(token - SETTLE)) else {
             return;
         };
-        let Some(settling) = self.settling.get(&key) else {
+        // A newer commit of the key may have replaced this one (every replica voted for it,
+        // so each had decided this one): only answers about the current one count.
+        let Some(settling) = self.settling.get(&key).filter(|s| s.txid == txid) else {
             return;
         };
         let in_view = self.view.as_ref().is_some_and(|v| v.contains(member.id));

@@ -1004,15 +1004,8 @@ fn an_aborted_key_is_writable_again(env: &Env) {
 
     let mut again = setr(env, &vl, "k", "again");
     if env.faults.is_some() && again.0 != 0 {
-        // Under loss the key may still be locked for a moment: by the aborted transaction
-        // (a replica missed the abort) or by the frozen primary's earlier commit, which it
-        // is still sending to the other replicas.
         let error = again.1["error"].as_str().unwrap_or_default();
-        assert!(
-            error.contains("pending commit") || error.contains("not yet on every replica"),
-            "{}",
-            again.1
-        );
+        assert!(error.contains("pending commit"), "{}", again.1);
         let retried = wait_until(Duration::from_secs(5), || {
             again = setr(env, &vl, "k", "again");
             again.0 == 0
