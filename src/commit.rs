@@ -22,8 +22,9 @@
 //!   except the primary, which answers from its bucket (is this the key's last committed
 //!   transaction?) and otherwise records and answers `Aborted`. If the primary has left the
 //!   view, the asker sends its queries with `close`: a peer still undecided then refuses any
-//!   later commit from the coordinator. Once every other participant answered a closing round
-//!   and none committed, the asker aborts. Otherwise it asks again.
+//!   later commit from the coordinator, and ignores a `Committed` answer from the primary (a
+//!   late one, sent before the primary left). Once every other participant answered a closing
+//!   round and none committed, the asker aborts. Otherwise it asks again.
 //!
 //! Safety in brief: only the primary decides; a non-primary commits only after the primary
 //! committed, and never aborts while a peer could still commit (every peer either answered
@@ -120,7 +121,9 @@ struct Pending {
     /// The current termination round.
     round: Round,
     /// A peer announced it will abort unless someone committed: a commit from the
-    /// coordinator is refused from now on (a peer's `Committed` is still followed).
+    /// coordinator, or the primary's `Committed` answer, is refused from now on (the closer
+    /// may already have aborted on our `Prepared`). A non-primary peer's `Committed` is still
+    /// followed: that peer committed before the closer asked it, so the closer cannot abort.
     closed: bool,
 }
 
@@ -514,6 +517,16 @@ impl Participant {
             return Vec::new(); // decided meanwhile, or an answer from an earlier round
         }
         match answer {
+            Some(TxOutcome::Committed { .. }) if self.closed_primary_answer(txid, token) => {
+                info!(
+                    "transaction {txid}: the primary committed it, but a peer closed it here and \
+                     may have aborted; ignoring"
+                );
+                if let Some(pending) = self.pending.get_mut(&txid) {
+                    pending.round.asked.remove(&token);
+                }
+                self.conclude_round(now, txid, view)
+            }
             Some(TxOutcome::Committed { version }) => {
                 info!("transaction {txid}: a peer committed it (version {version}); committing");
                 self.settle_commit(now, txid, version)
@@ -543,6 +556,14 @@ impl Participant {
                 self.conclude_round(now, txid, view)
             }
         }
+    }
+
+    /// True if `token`'s answer comes from `txid`'s primary and a peer closed `txid` here: a
+    /// closer may already have aborted on our promise, so the primary's commit is not followed.
+    fn closed_primary_answer(&self, txid: TxId, token: u64) -> bool {
+        self.pending.get(&txid).is_some_and(|p| {
+            p.closed && p.round.asked.get(&token) == p.participants.first().map(|m| &m.id)
+        })
     }
 
     /// Aborts `txid` if its current round allows it: the primary is out of `view`, the round
@@ -885,7 +906,7 @@ mod tests {
     }
 
     /// A closing query makes an undecided peer refuse the coordinator's commit, but it still
-    /// follows a peer that committed.
+    /// follows a non-primary peer that committed.
     #[test]
     fn a_closed_participant_refuses_the_coordinator_but_follows_a_peer() {
         let now = Instant::now();
@@ -901,11 +922,52 @@ mod tests {
         let tokens = start_round(&mut p, 3, later, &view(&[1, 2, 3]));
         let effects = p.handle_query_answer(
             later,
-            tokens[&1],
+            tokens[&2],
             Some(TxOutcome::Committed { version: 2 }),
             None,
         );
         assert!(matches!(&effects[..], [Effect::Apply(_)]));
+    }
+
+    /// Regression (found by `tests/model.rs`): a participant closed by a peer ignores the
+    /// primary's late `Committed` answer, since the closer may already have aborted on its
+    /// `Prepared`. Trace: 1 committed, the commits to 2 and 3 were lost; 2 asked 1 while 1 was
+    /// in its view (the answer is delayed); 1 left the view; 3 closed 2 and aborted; then 1's
+    /// answer reached 2.
+    #[test]
+    fn a_closed_participant_ignores_the_primarys_late_commit() {
+        let now = Instant::now();
+        let (mut p2, mut p3) = (Participant::new(), Participant::new());
+        p2.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+            .unwrap();
+        p3.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+            .unwrap();
+        let later = now + Duration::from_secs(3);
+        let asked_by_2 = start_round(&mut p2, 2, later, &view(&[1, 2, 3]));
+        let v = view(&[2, 3]);
+        let asked_by_3 = start_round(&mut p3, 3, later, &v);
+        let (answer, _) = p2.query(later, ServerId(2), &ask(7, 2, true), None);
+        assert_eq!(answer, TxOutcome::Prepared);
+        assert!(
+            p3.handle_query_answer(later, asked_by_3[&1], None, Some(&v))
+                .is_empty()
+        );
+        assert_eq!(
+            p3.handle_query_answer(later, asked_by_3[&2], Some(answer), Some(&v)),
+            vec![Effect::Release("k".into())]
+        );
+        let late = Some(TxOutcome::Committed { version: 5 });
+        let effects = p2.handle_query_answer(later, asked_by_2[&1], late, Some(&v));
+        assert!(effects.is_empty(), "followed the primary: {effects:?}");
+        assert!(p2.is_locked("k"));
+        // 2 then settles as 3 did: its own closing round hears 3's abort.
+        let next = later + TERMINATION_RETRY;
+        let tokens = start_round(&mut p2, 2, next, &v);
+        let (from_3, _) = p3.query(next, ServerId(3), &ask(7, 3, true), None);
+        assert_eq!(
+            p2.handle_query_answer(next, tokens[&3], Some(from_3), Some(&v)),
+            vec![Effect::Release("k".into())]
+        );
     }
 
     /// Decided outcomes are capped: a flood of aborts for random transactions stays bounded.

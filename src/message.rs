@@ -119,7 +119,8 @@ pub enum Request {
         /// The transaction's primary.
         primary: ServerId,
         /// The asker saw the primary leave the view and will abort if nobody committed: a
-        /// peer still undecided must from now on refuse a commit from the coordinator.
+        /// peer still undecided must from now on refuse a commit from the coordinator (or
+        /// relayed by the primary's late answer).
         close: bool,
     },
     /// Rebalancing: a batch of keys a server sends to a new replica of them.
