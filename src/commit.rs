@@ -18,18 +18,20 @@
 //!   prepare arrived) aborts for good, and refuses a commit that arrives later.
 //! - **Termination**: a non-primary participant still undecided a grace period after its
 //!   deadline asks the primary and the other participants (`QueryTx`). Anyone committed →
-//!   commit; anyone aborted → abort. A peer with no record answers `Unknown` (no information),
-//!   except the primary, which answers from its bucket (is this the key's last committed
-//!   transaction?) and otherwise records and answers `Aborted`. If the primary has left the
-//!   view, the asker sends its queries with `close`: a peer still undecided then refuses any
-//!   later commit from the coordinator, and ignores a `Committed` answer from the primary (a
-//!   late one, sent before the primary left). Once every other participant answered a closing
-//!   round and none committed, the asker aborts. Otherwise it asks again.
+//!   commit; anyone aborted → abort. A peer with no record (or a forgotten one) answers from
+//!   its bucket (is this the key's last committed transaction?), and otherwise `Unknown` (no
+//!   information), except the primary, which records and answers `Aborted`. If the primary has
+//!   left the view, the asker sends its queries with `close`: a peer still undecided then
+//!   refuses any later commit from the coordinator, and ignores a `Committed` answer from the
+//!   primary (a late one, sent before the primary left). Once every other participant answered
+//!   a closing round and none committed, the asker aborts. Otherwise it asks again.
 //!
 //! Safety in brief: only the primary decides; a non-primary commits only after the primary
 //! committed, and never aborts while a peer could still commit (every peer either answered
 //! without a commit and is closed, or is gone with its bucket). The one loss is a commit that
 //! exists only at a primary that died: its bucket dies with it.
+//!
+//! `tests/model.rs` checks these properties exhaustively (within bounds) on this code.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -372,14 +374,15 @@ impl Participant {
             }
             return (TxOutcome::Prepared, None);
         }
+        // No record (or a forgotten one): the bucket says whether this transaction committed
+        // here (nothing else can have committed on the key while the asker holds its lock).
+        if let Some((last, version)) = last_committed
+            && last == txid
+        {
+            return (TxOutcome::Committed { version }, None);
+        }
         if args.primary == me {
-            // The commit point itself: its bucket says whether this transaction committed
-            // (nothing else can have committed on the key while the asker holds its lock).
-            if let Some((last, version)) = last_committed
-                && last == txid
-            {
-                return (TxOutcome::Committed { version }, None);
-            }
+            // The commit point itself: not committed here, so never.
             self.decide(now, txid, Record::Aborted);
             return (TxOutcome::Aborted, None);
         }
@@ -577,7 +580,11 @@ impl Participant {
             .first()
             .is_some_and(|p| view.is_some_and(|v| !v.contains(p.id)));
         let round = &pending.round;
-        let everyone_answered = round.needed.iter().all(|id| round.answered.contains(id));
+        // A peer that left the view is gone with its bucket, as the primary is.
+        let everyone_answered = round
+            .needed
+            .iter()
+            .all(|&id| round.answered.contains(&id) || view.is_some_and(|v| !v.contains(id)));
         if !(round.close && primary_gone && everyone_answered) {
             return Vec::new();
         }
@@ -968,6 +975,32 @@ mod tests {
             p2.handle_query_answer(next, tokens[&3], Some(from_3), Some(&v)),
             vec![Effect::Release("k".into())]
         );
+    }
+
+    /// Regression (found by `tests/model.rs`): a non-primary that committed and then forgot
+    /// the outcome (`DECIDED_TTL`) answers from its bucket, not `Unknown`. Trace: 1 and 2
+    /// committed, the commit to 3 was lost and 3's queries too for two minutes; 2 forgot; 1
+    /// left the view; 3's closing round heard `Unknown` from 2 and aborted against 2's write.
+    #[test]
+    fn a_participant_answers_a_forgotten_commit_from_its_bucket() {
+        let now = Instant::now();
+        let mut p2 = Participant::new();
+        p2.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+            .unwrap();
+        assert!(p2.commit(now, TxId(7), 5).unwrap().is_some());
+        let later = now + DECIDED_TTL;
+        let v = view(&[2, 3]);
+        assert!(p2.handle_timeout(later, ServerId(2), Some(&v)).is_empty());
+        assert!(p2.decided.is_empty(), "forgotten");
+        let bucket = Some((TxId(7), 5));
+        let (answer, _) = p2.query(later, ServerId(2), &ask(7, 2, true), bucket);
+        assert_eq!(answer, TxOutcome::Committed { version: 5 });
+        let mut p3 = Participant::new();
+        p3.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+            .unwrap();
+        let tokens = start_round(&mut p3, 3, later, &v);
+        let effects = p3.handle_query_answer(later, tokens[&2], Some(answer), Some(&v));
+        assert!(matches!(&effects[..], [Effect::Apply(w)] if w.version == 5));
     }
 
     /// Decided outcomes are capped: a flood of aborts for random transactions stays bounded.

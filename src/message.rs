@@ -112,7 +112,8 @@ pub enum Request {
     QueryTx {
         /// The transaction.
         txid: TxId,
-        /// The key it writes (the primary checks the key's last committed transaction).
+        /// The key it writes (a peer with no record checks the key's last committed
+        /// transaction).
         key: String,
         /// The id the asker expects the peer to have (a peer with another id knows nothing).
         expected: ServerId,
