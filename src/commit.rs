@@ -23,13 +23,15 @@
 //!   information), except the primary, which records and answers `Aborted`. If the primary has
 //!   left the view, the asker sends its queries with `close`: a peer still undecided then
 //!   refuses any later commit from the coordinator, and ignores a `Committed` answer from the
-//!   primary (a late one, sent before the primary left). Once every other participant answered
-//!   a closing round and none committed, the asker aborts. Otherwise it asks again.
+//!   primary (a late one, sent before the primary left). Once every other participant still in
+//!   the view answered a closing round and none committed, the asker aborts. Otherwise it asks
+//!   again.
 //!
 //! Safety in brief: only the primary decides; a non-primary commits only after the primary
 //! committed, and never aborts while a peer could still commit (every peer either answered
 //! without a commit and is closed, or is gone with its bucket). The one loss is a commit that
-//! exists only at a primary that died: its bucket dies with it.
+//! exists only at participants that left the view (the primary among them): their buckets
+//! leave with them.
 //!
 //! `tests/model.rs` checks these properties exhaustively (within bounds) on this code.
 
@@ -97,7 +99,8 @@ pub struct QueryArgs {
 struct Round {
     /// Outstanding queries: token → the peer asked.
     asked: BTreeMap<u64, ServerId>,
-    /// Non-primary peers that must answer before the asker may abort.
+    /// Non-primary peers that must answer before the asker may abort (unless they left the
+    /// view).
     needed: Vec<ServerId>,
     /// Peers that answered this round without a decision.
     answered: Vec<ServerId>,
@@ -570,7 +573,8 @@ impl Participant {
     }
 
     /// Aborts `txid` if its current round allows it: the primary is out of `view`, the round
-    /// asked everyone to close, and every other participant answered without a decision.
+    /// asked everyone to close, and every other participant still in `view` answered without
+    /// a decision.
     fn conclude_round(&mut self, now: Instant, txid: TxId, view: Option<&View>) -> Vec<Effect> {
         let Some(pending) = self.pending.get(&txid) else {
             return Vec::new();
@@ -1001,6 +1005,24 @@ mod tests {
         let tokens = start_round(&mut p3, 3, later, &v);
         let effects = p3.handle_query_answer(later, tokens[&2], Some(answer), Some(&v));
         assert!(matches!(&effects[..], [Effect::Apply(w)] if w.version == 5));
+    }
+
+    /// Regression (found by `tests/model.rs`): with the primary and the other participant both
+    /// gone from the view, a closing round needs no answer from them: the survivor aborts
+    /// instead of holding the key's lock (voting no on every later write) forever.
+    #[test]
+    fn a_participant_alone_in_the_view_settles_by_itself() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        p.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+            .unwrap();
+        let later = now + Duration::from_secs(3);
+        let effects = p.handle_timeout(later, ServerId(3), Some(&view(&[3, 4])));
+        assert!(
+            effects.contains(&Effect::Release("k".into())),
+            "{effects:?}"
+        );
+        assert!(!p.is_locked("k"));
     }
 
     /// Decided outcomes are capped: a flood of aborts for random transactions stays bounded.
