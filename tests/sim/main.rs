@@ -166,15 +166,14 @@ seed_parts!(
     seeds_7 = 7
 );
 
-/// Runs the seeds that once found bugs, and `TRIREME_SIM_SEED` if set (writing its trace to
-/// `TRIREME_SIM_TRACE` if set), printing what each run did.
+/// Runs `TRIREME_SIM_SEED` if set (writing its trace to `TRIREME_SIM_TRACE` if set), else the
+/// seeds that once found bugs, printing what each run did.
 #[test]
 fn replay() {
-    let mut seeds: Vec<u64> = REGRESSION_SEEDS.to_vec();
-    seeds.extend(env_number("TRIREME_SIM_SEED"));
-    if seeds.is_empty() {
-        seeds.push(1);
-    }
+    let seeds: Vec<u64> = match env_number("TRIREME_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => REGRESSION_SEEDS.to_vec(),
+    };
     let trace = std::env::var_os("TRIREME_SIM_TRACE");
     for seed in seeds {
         let trace = trace.as_deref().map(Path::new);

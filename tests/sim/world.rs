@@ -1207,13 +1207,13 @@ impl World {
         let leader_cut = self.cuts.iter().any(|&(a, b)| a == leader || b == leader);
         if self.is_stable() && !leader_cut {
             self.failures = 0;
+            self.holders = self.params.replicas.min(self.view_size());
         }
         let failures = self.failures;
         self.log(|| format!("chaos: {failures} failures since the cluster was last stable"));
-        // A key has min(replicas, servers in the view) holders: fewer than that may fail.
-        if self.failures == 0 {
-            self.holders = self.params.replicas.min(self.view_size());
-        }
+        // A key has min(replicas, servers in the view) holders, counted when the cluster was
+        // last stable (a server that joined since may not hold its keys yet): fewer than
+        // that may fail.
         let holders = self.holders.min(self.params.replicas.min(self.view_size()));
         let may_fail = self.failures + 1 < holders;
         let servers: Vec<usize> = (FIRST_SERVER..self.first_client()).collect();
