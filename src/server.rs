@@ -572,7 +572,20 @@ impl Server {
                 }
                 Response::TxState { state }
             }
-            Request::Transfer { entries, .. } => {
+            Request::Transfer { epoch, entries } => {
+                // A transfer planned for an epoch this server has left behind (delayed, or
+                // from a plan its sender abandoned) may carry keys that are no longer ours,
+                // arriving after our drops for the newer epoch: it would stay here for good.
+                // The sender plans again for the newer epoch from what it holds.
+                if epoch < self.epoch() {
+                    return Some(Response::error(
+                        ErrorKind::Rebalancing,
+                        format!(
+                            "a transfer for epoch {epoch}, but this server is at epoch {}",
+                            self.epoch()
+                        ),
+                    ));
+                }
                 self.receive_transfer(entries);
                 Response::Done
             }
@@ -1312,5 +1325,279 @@ mod tests {
             panic!("no heartbeat")
         };
         assert_eq!(dst.port(), 2);
+    }
+
+    /// A server at `epoch` in a view of itself and `others` (all at 127.0.0.1), learned from
+    /// a heartbeat acknowledgement whose anchor is `anchor` and delivered epoch `delivered`.
+    fn learn(
+        s: &mut Server,
+        now: Instant,
+        epoch: u64,
+        others: &[u128],
+        anchor: &View,
+        delivered: u64,
+    ) -> View {
+        let mut members = vec![Member {
+            id: s.id(),
+            addr: "127.0.0.1:38000".parse().unwrap(),
+        }];
+        members.extend(others.iter().map(|&n| Member {
+            id: ServerId(n),
+            addr: SocketAddr::from(([127, 0, 0, 1], 38000 + n as u16)),
+        }));
+        members.sort_by_key(|m| m.id);
+        let view = View {
+            epoch: Epoch(epoch),
+            members,
+            replicas: 2,
+            vnodes: 8,
+        };
+        s.handle_response(
+            now,
+            HEARTBEAT + epoch,
+            Ok(Response::HeartbeatAck {
+                view: view.clone(),
+                completed: anchor.clone(),
+                delivered: Epoch(delivered),
+            }),
+        );
+        view
+    }
+
+    /// Every action the server has queued.
+    fn drain(s: &mut Server) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    /// A prepare of `key` = `value` as transaction `txid` with `participants` at `epoch`.
+    fn prepare(
+        txid: u128,
+        key: &str,
+        value: &str,
+        epoch: u64,
+        expected: ServerId,
+        participants: Vec<Member>,
+    ) -> Request {
+        Request::Prepare {
+            txid: TxId(txid),
+            key: key.into(),
+            value: value.into(),
+            epoch: Epoch(epoch),
+            expected,
+            participants,
+            timeout_ms: 5_000,
+        }
+    }
+
+    /// A key whose primary in `view` is (or is not) `me`.
+    fn key_with_primary(view: &View, me: ServerId, is_me: bool) -> (String, Vec<Member>) {
+        let ring = Ring::new(view);
+        (0..1000)
+            .map(|i| format!("k{i}"))
+            .map(|k| {
+                let replicas = ring.replicas(&k, 2);
+                (k, replicas)
+            })
+            .find(|(_, r)| (r[0].id == me) == is_me)
+            .expect("a key")
+    }
+
+    /// Found by the simulator (README "How we test"): a transfer planned for an epoch the
+    /// receiver has left behind is refused, or its keys could stay where they no longer belong.
+    #[test]
+    fn a_transfer_for_an_older_epoch_is_refused() {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        learn(&mut s, t0, 4, &[], &View::default(), 0);
+        drain(&mut s);
+        let entry = |key: &str| Entry {
+            key: key.into(),
+            value: "v".into(),
+            version: 1,
+        };
+        let stale = ask(
+            &mut s,
+            Request::Transfer {
+                epoch: Epoch(3),
+                entries: vec![entry("old")],
+            },
+        );
+        assert!(
+            matches!(stale, Response::Error(ref e) if e.kind == ErrorKind::Rebalancing),
+            "{stale:?}"
+        );
+        assert!(s.bucket().all(|(k, _)| k != "old"));
+        let current = ask(
+            &mut s,
+            Request::Transfer {
+                epoch: Epoch(4),
+                entries: vec![entry("new")],
+            },
+        );
+        assert_eq!(current, Response::Done);
+        assert!(s.bucket().any(|(k, _)| k == "new"));
+    }
+
+    /// Found by the simulator: a transaction prepared under the old view must be decided
+    /// before the server copies its keys to their new replicas, or its write would reach only
+    /// the old ones.
+    #[test]
+    fn rebalancing_waits_for_undecided_transactions() {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        let me = s.id();
+        let alone = learn(&mut s, t0, 2, &[], &View::default(), 0);
+        let alone = learn(&mut s, t0, 2, &[], &alone, 2);
+        drain(&mut s);
+        assert!(!s.is_rebalancing());
+        let single = vec![Member {
+            id: me,
+            addr: "127.0.0.1:38000".parse().unwrap(),
+        }];
+        let vote = ask(&mut s, prepare(7, "k", "new", 2, me, single));
+        assert_eq!(vote, Response::Prepared { version: None });
+        // A server joins: "k" must go to it, but the transaction is undecided.
+        learn(&mut s, t0, 3, &[1], &alone, 2);
+        let transfers = |actions: &[Action]| {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Request {
+                        request: Request::Transfer { entries, .. },
+                        ..
+                    } => Some(entries.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect::<Vec<Entry>>()
+        };
+        assert!(
+            transfers(&drain(&mut s)).is_empty(),
+            "no transfer before the decision"
+        );
+        assert_eq!(
+            ask(
+                &mut s,
+                Request::Commit {
+                    txid: TxId(7),
+                    version: 1
+                }
+            ),
+            Response::Done
+        );
+        let sent = transfers(&drain(&mut s));
+        assert_eq!(
+            sent,
+            vec![Entry {
+                key: "k".into(),
+                value: "new".into(),
+                version: 1
+            }],
+            "the committed value goes to the new replica"
+        );
+    }
+
+    /// Found by the simulator: the primary holds back reads of a key it committed until the
+    /// other replicas acknowledged the commit it sends them itself, so no read sees a value
+    /// that dies with the primary.
+    #[test]
+    fn the_primary_holds_reads_until_the_others_have_its_commit() {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        let me = s.id();
+        let view = learn(&mut s, t0, 2, &[1], &View::default(), 0);
+        learn(&mut s, t0, 2, &[1], &view, 2);
+        drain(&mut s);
+        let (key, participants) = key_with_primary(&view, me, true);
+        let vote = ask(&mut s, prepare(9, &key, "new", 2, me, participants.clone()));
+        assert_eq!(vote, Response::Prepared { version: None });
+        let id = IncomingId {
+            incarnation: 5,
+            request: 4,
+        };
+        let commit = Request::Commit {
+            txid: TxId(9),
+            version: 1,
+        };
+        s.handle_request(t0, "127.0.0.1:1".parse().unwrap(), id, commit);
+        let actions = drain(&mut s);
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Respond {
+                response: Response::Done,
+                ..
+            }
+        )));
+        let settle = actions
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Request {
+                    token,
+                    dst,
+                    request: Request::Commit { txid, version },
+                    ..
+                } => {
+                    assert_eq!((txid, version), (TxId(9), 1));
+                    assert_eq!(dst, participants[1].addr);
+                    Some(token)
+                }
+                _ => None,
+            })
+            .expect("the primary sends the commit to the other replica");
+        let id = IncomingId {
+            incarnation: 5,
+            request: 5,
+        };
+        s.handle_request(
+            t0,
+            "127.0.0.1:1".parse().unwrap(),
+            id,
+            Request::GetR {
+                key: key.clone(),
+                epoch: Epoch(2),
+            },
+        );
+        assert!(drain(&mut s).is_empty(), "the read waits");
+        s.handle_response(t0, settle, Ok(Response::Done));
+        let answers = drain(&mut s);
+        assert!(
+            matches!(&answers[..], [Action::Respond { response: Response::Found { value, version: 1 }, .. }] if value == "new"),
+            "{answers:?}"
+        );
+    }
+
+    /// Found by the simulator: reads held back for a pending commit are refused, not answered
+    /// `not_found` from the emptied bucket, when the server learns it was declared dead.
+    #[test]
+    fn a_server_declared_dead_refuses_the_reads_it_held_back() {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        let me = s.id();
+        let view = learn(&mut s, t0, 2, &[1], &View::default(), 0);
+        learn(&mut s, t0, 2, &[1], &view, 2);
+        drain(&mut s);
+        let (key, participants) = key_with_primary(&view, me, false);
+        let vote = ask(&mut s, prepare(11, &key, "new", 2, me, participants));
+        assert_eq!(vote, Response::Prepared { version: None });
+        let id = IncomingId {
+            incarnation: 5,
+            request: 5,
+        };
+        s.handle_request(
+            t0,
+            "127.0.0.1:1".parse().unwrap(),
+            id,
+            Request::GetR {
+                key,
+                epoch: Epoch(2),
+            },
+        );
+        assert!(drain(&mut s).is_empty(), "the read waits for the decision");
+        s.handle_response(t0, HEARTBEAT + 3, Ok(Response::HeartbeatRefused { view }));
+        let answers = drain(&mut s);
+        assert!(
+            answers.iter().any(|a| matches!(a, Action::Respond { id: i, response: Response::Error(e) } if *i == id && e.kind == ErrorKind::Rebalancing)),
+            "{answers:?}"
+        );
     }
 }

@@ -86,8 +86,14 @@ pub struct ViewLeader {
     dead: HashSet<ServerId>,
     /// The order dead ids were added, for forgetting the oldest.
     dead_order: VecDeque<ServerId>,
-    /// The last view whose rebalancing completed on every server (the anchor of every plan).
+    /// The last view whose rebalancing completed on every server (ends the rebalancing flag).
     completed: View,
+    /// The anchor of every rebalancing plan: the newest view all of whose servers had their
+    /// sends acknowledged while it was current. From then on each of its replicas holds its
+    /// keys, and servers may drop the copies they no longer own; a view change before its
+    /// completion must be planned from it, not from the older completed view (whose holders
+    /// may have dropped their copies since).
+    anchor: View,
     /// When the view first changed after the last completed epoch (for the log).
     epoch_started: Option<Instant>,
     /// The lock service.
@@ -108,6 +114,12 @@ impl ViewLeader {
             dead: HashSet::new(),
             dead_order: VecDeque::new(),
             completed: View {
+                epoch: Epoch(0),
+                members: Vec::new(),
+                replicas,
+                vnodes,
+            },
+            anchor: View {
                 epoch: Epoch(0),
                 members: Vec::new(),
                 replicas,
@@ -154,11 +166,12 @@ impl ViewLeader {
         }
     }
 
-    /// The acknowledgement of a heartbeat: the view, the completed view, the delivered epoch.
+    /// The acknowledgement of a heartbeat: the view, the anchor of plans (in the `completed`
+    /// field), the delivered epoch.
     fn heartbeat_ack(&self) -> Response {
         Response::HeartbeatAck {
             view: self.view(),
-            completed: self.completed.clone(),
+            completed: self.anchor.clone(),
             delivered: self.delivered(),
         }
     }
@@ -166,6 +179,9 @@ impl ViewLeader {
     /// Marks the current epoch completed once every server in the view finished it. The
     /// work is O(servers): the view leader never sees a key.
     fn check_completion(&mut self, now: Instant) {
+        if self.anchor.epoch < self.epoch && self.delivered() == self.epoch {
+            self.anchor = self.view();
+        }
         if self.completed.epoch == self.epoch
             || self.members.values().any(|l| l.finished < self.epoch)
         {
@@ -604,5 +620,42 @@ mod tests {
             panic!("{answer:?}")
         };
         assert_eq!(e.kind, ErrorKind::BadInput);
+    }
+
+    /// Found by the simulator (README "How we test"): once every server of the current view
+    /// had its sends acknowledged, servers drop the copies they no longer own, so a view
+    /// change before that epoch completes is planned from it (the anchor), not from the
+    /// older completed view whose holders may have dropped their copies.
+    #[test]
+    fn plans_are_anchored_on_the_newest_delivered_view() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        let beat = |n: u128, sent: u64, finished: u64| Request::Heartbeat {
+            id: ServerId(n),
+            addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
+            finished: Epoch(finished),
+            sent: Epoch(sent),
+        };
+        let anchor = |answer: Response| match answer {
+            Response::HeartbeatAck { completed, .. } => completed.epoch,
+            other => panic!("{other:?}"),
+        };
+        ask(&mut vl, t0, beat(1, 0, 0));
+        ask(&mut vl, t0, beat(2, 0, 0));
+        ask(&mut vl, t0, beat(1, 2, 2));
+        assert_eq!(anchor(ask(&mut vl, t0, beat(2, 2, 2))), Epoch(2));
+        // Server 3 joins: epoch 3 is delivered (every send acknowledged) but not finished.
+        ask(&mut vl, t0, beat(3, 0, 0));
+        ask(&mut vl, t0, beat(3, 3, 0));
+        ask(&mut vl, t0, beat(1, 3, 2));
+        assert_eq!(anchor(ask(&mut vl, t0, beat(2, 3, 2))), Epoch(3));
+        assert!(vl.rebalancing().0, "epoch 3 is not finished yet");
+        // Server 3 dies before finishing: epoch 4 is planned from epoch 3.
+        let later = t0 + Duration::from_millis(600);
+        ask(&mut vl, later, beat(1, 3, 3));
+        ask(&mut vl, later, beat(2, 3, 3));
+        vl.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(vl.view().epoch, Epoch(4));
+        assert_eq!(anchor(ask(&mut vl, later, beat(1, 3, 3))), Epoch(3));
     }
 }

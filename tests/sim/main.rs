@@ -7,7 +7,7 @@
 //! decision of a setr). Then the faults stop, the cluster settles, and [`checks::check`]
 //! verifies the invariants and the linearizability of every key's history.
 //!
-//! - `TRIREME_SIM_SEEDS=N` runs N seeds in all (default 512), spread over the eight
+//! - `TRIREME_SIM_SEEDS=N` runs N seeds in all (default 2048), spread over the eight
 //!   `seeds_*` tests; `TRIREME_SIM_FIRST_SEED=K` starts at seed K.
 //! - `TRIREME_SIM_SEED=S` makes `replay` run seed S alone, and `TRIREME_SIM_TRACE=FILE`
 //!   writes its datagrams as a trace for `trace-dump`.
@@ -26,12 +26,9 @@ use world::{Params, World};
 const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
 /// Seeds that once found a bug, now fixed; run on every test run (see README "How we test").
-const REGRESSION_SEEDS: &[u64] = &[64, 88, 168, 200, 221, 287, 327, 345, 434];
-
-/// Seeds that find a bug not fixed yet (README "How we test" says which): left out of the
-/// seed runs and run by `open_bugs` (ignored; `cargo nextest run --test sim --run-ignored
-/// only` runs it), so the suite stays green while the failure stays visible.
-const OPEN_BUG_SEEDS: &[u64] = &[275];
+const REGRESSION_SEEDS: &[u64] = &[
+    64, 88, 168, 200, 221, 275, 287, 327, 345, 434, 556, 1449, 1905, 2023, 3630,
+];
 
 /// What one seed's run amounted to.
 #[derive(Debug)]
@@ -87,17 +84,13 @@ fn env_number(name: &str) -> Option<u64> {
 
 /// Runs part `part` of eight of the configured seeds and fails with every failing seed.
 fn run_part(part: u64) {
-    let total = env_number("TRIREME_SIM_SEEDS").unwrap_or(512);
+    let total = env_number("TRIREME_SIM_SEEDS").unwrap_or(2048);
     let first = env_number("TRIREME_SIM_FIRST_SEED").unwrap_or(0);
     let mut failures = Vec::new();
     let mut totals = checks::Checked::default();
     let mut faults = world::Stats::default();
     let mut seeds = 0;
     for seed in (first..first + total).filter(|s| s % 8 == part) {
-        if OPEN_BUG_SEEDS.contains(&seed) {
-            eprintln!("seed {seed} skipped: it finds an open bug (see OPEN_BUG_SEEDS)");
-            continue;
-        }
         seeds += 1;
         match run_seed(seed, None) {
             Ok(summary) => {
@@ -190,17 +183,6 @@ fn replay() {
                 summary.params
             ),
             Err(failure) => panic!("{failure}"),
-        }
-    }
-}
-
-/// The seeds of open bugs, which fail until the bugs are fixed.
-#[test]
-#[ignore = "open bugs: see OPEN_BUG_SEEDS and README \"How we test\""]
-fn open_bugs() {
-    for &seed in OPEN_BUG_SEEDS {
-        if let Err(failure) = run_seed(seed, None) {
-            panic!("{failure}");
         }
     }
 }
