@@ -409,9 +409,15 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Creates an endpoint whose incarnation is drawn from `rng`.
+    /// Creates an endpoint whose incarnation and first request id are drawn from `rng`.
+    ///
+    /// Request ids start at a random point: a response names only the request id (and the
+    /// responder's incarnation), so a late answer meant for an earlier process on the same
+    /// address must not match a request of this one. With both counting from 1, a restarted
+    /// client once took another key's value for its own read (found by the simulator).
     pub fn new(config: Config, rng: &mut Rng) -> Endpoint {
         let incarnation = rng.next_u64();
+        let first_request = rng.next_u64() >> 1;
         Endpoint {
             config,
             wire: Wire {
@@ -420,7 +426,7 @@ impl Endpoint {
                 queue: VecDeque::new(),
                 stats: Stats::default(),
             },
-            last_request: 0,
+            last_request: first_request,
             outgoing: HashMap::new(),
             incoming: HashMap::new(),
             expiry: VecDeque::new(),

@@ -764,3 +764,35 @@ fn forgotten_requests_keep_the_floor_queue_short_and_floors_expire() {
     let responder = sim.node(addr(2));
     assert!(responder.floors.is_empty() && responder.floor_order.is_empty());
 }
+
+/// Found by the simulator (README "How we test"): a late answer to a request of an earlier
+/// process on the same address (a restarted client) is not taken as the answer to a request
+/// of the new process.
+#[test]
+fn a_late_answer_for_an_earlier_process_on_the_same_address_is_not_taken() {
+    let mut rng = Rng::seeded(3);
+    let t0 = Instant::now();
+    let (client, server_addr) = (addr(1), addr(2));
+    let mut server = Endpoint::new(Config::default(), &mut rng);
+    let mut old = Endpoint::new(Config::default(), &mut rng);
+    old.request(t0, server_addr, b"old".to_vec(), None).unwrap();
+    while let Some(t) = old.poll_transmit() {
+        server.handle_datagram(t0, client, &t.payload);
+    }
+    let Some(Event::Request { id, .. }) = server.poll_event() else {
+        panic!("the server got the old request");
+    };
+    drop(old);
+    let mut new = Endpoint::new(Config::default(), &mut rng);
+    new.request(t0, server_addr, b"new".to_vec(), None).unwrap();
+    server
+        .respond(t0, id, b"answer for the old process".to_vec())
+        .unwrap();
+    while let Some(t) = server.poll_transmit() {
+        new.handle_datagram(t0, server_addr, &t.payload);
+    }
+    assert!(
+        !matches!(new.poll_event(), Some(Event::Response { .. })),
+        "the new process took the old one's answer"
+    );
+}
