@@ -180,8 +180,9 @@ pub enum Response {
     HeartbeatAck {
         /// The current view (its epoch included).
         view: View,
-        /// The last view whose rebalancing completed on every server: the anchor of every
-        /// rebalancing plan.
+        /// The anchor of every rebalancing plan: the newest view all of whose servers had
+        /// their sends acknowledged while it was current (named for the completed view it
+        /// used to be; see `viewleader::ViewLeader`'s `anchor`).
         completed: View,
         /// The last epoch whose sends every server has had acknowledged: its copies are all
         /// delivered, so copies kept only in case a sender failed may now be dropped.

@@ -3,9 +3,9 @@
 //!
 //! Servers skip epochs (views reach them only in heartbeat acknowledgements), so a plan
 //! never depends on which views a server happened to see. It is anchored on two views every
-//! server learns from the view leader: the last **completed** view (the newest epoch whose
-//! rebalancing finished on every server: then every bucket held exactly its keys) and the
-//! **newest** view. For each key a server holds:
+//! server learns from the view leader: the **anchor** (the newest view all of whose servers
+//! had their sends acknowledged while it was current: from then on each of its replicas holds
+//! each of its keys; the parameter is still called `completed`) and the **newest** view. For each key a server holds:
 //!
 //! - `old` = the key's replicas in the completed view, `new` = in the newest view, and
 //!   `survivors` = the members of `old` still in the newest view, in ring order.

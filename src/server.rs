@@ -149,7 +149,7 @@ pub struct Server {
     deferred: BTreeMap<String, Vec<IncomingId>>,
     /// How many reads `deferred` holds in all (checked against the bound on every read).
     deferred_count: usize,
-    /// The last completed view the view leader published (the anchor of rebalancing).
+    /// The anchor of rebalancing the view leader published (the newest delivered view).
     completed: Option<View>,
     /// The last epoch this server finished rebalancing for (sends acknowledged, drops done).
     finished: Epoch,
@@ -630,7 +630,7 @@ impl Server {
         self.finished < self.epoch()
     }
 
-    /// Learns the last completed view (the anchor of the next plan).
+    /// Learns the view leader's anchor (the newest delivered view), kept if newer.
     fn on_completed(&mut self, completed: View) {
         if self
             .completed

@@ -27,7 +27,7 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
 /// Seeds that once found a bug, now fixed; run on every test run (see README "How we test").
 const REGRESSION_SEEDS: &[u64] = &[
-    64, 88, 168, 200, 221, 275, 287, 327, 345, 434, 556, 1449, 1905, 2023, 3630,
+    64, 88, 168, 200, 221, 275, 287, 327, 345, 434, 556, 1449, 1905, 2023, 3630, 13441,
 ];
 
 /// What one seed's run amounted to.
