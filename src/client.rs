@@ -551,11 +551,7 @@ impl Client {
             let now = Instant::now();
             match received {
                 Some(reply) => {
-                    let result = reply.result.map(|bytes| {
-                        Response::decode(&bytes).unwrap_or_else(|e| {
-                            Response::error(ErrorKind::BadInput, format!("undecodable answer: {e}"))
-                        })
-                    });
+                    let result = reply.result.map(|bytes| Response::decode_or_error(&bytes));
                     operation.handle_response(now, reply.tag, result);
                 }
                 None => operation.handle_timeout(now),

@@ -155,6 +155,9 @@ pub struct Write {
     pub value: String,
     /// Its version.
     pub version: u64,
+    /// All replicas in ring order (the first is the primary): the primary passes the commit
+    /// on to the others.
+    pub participants: Vec<Member>,
 }
 
 /// What a participant wants done after an input.
@@ -322,6 +325,7 @@ impl Participant {
             key: pending.key,
             value: pending.value,
             version,
+            participants: pending.participants,
         })
     }
 

@@ -311,6 +311,14 @@ impl Response {
         codec::decode_body(bytes)
     }
 
+    /// Decodes a message body as a response; an undecodable one becomes a `bad_input` error
+    /// answer, so callers handle it like any refusal.
+    pub fn decode_or_error(bytes: &[u8]) -> Response {
+        Response::decode(bytes).unwrap_or_else(|e| {
+            Response::error(ErrorKind::BadInput, format!("undecodable answer: {e}"))
+        })
+    }
+
     /// Builds an error response of `kind` with a human explanation.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
         Response::Error(OpError {

@@ -100,6 +100,82 @@ pub fn start<N: Node + Send + 'static>(
     Ok(Running { handle, driver })
 }
 
+/// What a node's glue needs from the network under it: answer a request, start one. The
+/// driver thread's [`Local`] is one; the simulator's in-memory hosts are another, so both run
+/// the very same glue ([`deliver_request`], [`deliver_reply`], [`carry_out`]).
+pub trait NodeNet {
+    /// Sends `body` as the answer to request `id`.
+    fn respond(&mut self, id: IncomingId, body: Vec<u8>);
+
+    /// Starts a request of `body` to `dst` whose outcome comes back tagged `token`; an error
+    /// if it cannot even start.
+    fn request(
+        &mut self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        token: u64,
+    ) -> Result<(), RequestError>;
+}
+
+impl NodeNet for Local<'_> {
+    /// Answers through the driver's endpoint.
+    fn respond(&mut self, id: IncomingId, body: Vec<u8>) {
+        Local::respond(self, id, body);
+    }
+
+    /// Starts the request on the driver's endpoint.
+    fn request(
+        &mut self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        token: u64,
+    ) -> Result<(), RequestError> {
+        Local::request(self, dst, body, deadline, token)
+    }
+}
+
+/// A request body arrived for `node` from `from`: decodes it and hands it to the node (an
+/// undecodable one is answered `bad_input` without reaching the node), then carries out what
+/// the node queued.
+pub fn deliver_request<N: Node + ?Sized>(
+    node: &mut N,
+    now: Instant,
+    from: SocketAddr,
+    id: IncomingId,
+    body: &[u8],
+    net: &mut impl NodeNet,
+) {
+    match Request::decode(body) {
+        Ok(request) => node.handle_request(now, from, id, request),
+        Err(e) => {
+            debug!("undecodable request from {from}: {e}");
+            let response =
+                Response::error(ErrorKind::BadInput, format!("undecodable request: {e}"));
+            respond(net, id, &response);
+        }
+    }
+    carry_out(node, now, net);
+}
+
+/// The outcome of the node's request `token` arrived: decodes it (an undecodable answer
+/// becomes a `bad_input` error answer), hands it to the node, and carries out what it queued.
+pub fn deliver_reply<N: Node + ?Sized>(
+    node: &mut N,
+    now: Instant,
+    token: u64,
+    result: Result<Vec<u8>, RequestError>,
+    net: &mut impl NodeNet,
+) {
+    node.handle_response(
+        now,
+        token,
+        result.map(|body| Response::decode_or_error(&body)),
+    );
+    carry_out(node, now, net);
+}
+
 /// A [`Node`] as the driver thread's [`net::Service`]: decodes what arrives, calls the
 /// node, and carries out the actions it queues.
 struct Hosted<N> {
@@ -108,32 +184,21 @@ struct Hosted<N> {
 }
 
 impl<N: Node + Send + 'static> net::Service for Hosted<N> {
-    /// Decodes the request and hands it to the node; an undecodable one is answered with a
-    /// `bad_input` error without reaching the node.
+    /// Hands the request to the node ([`deliver_request`]).
     fn handle_request(&mut self, now: Instant, incoming: IncomingRequest, net: &mut Local<'_>) {
-        match Request::decode(&incoming.body) {
-            Ok(request) => self
-                .node
-                .handle_request(now, incoming.from, incoming.id, request),
-            Err(e) => {
-                debug!("undecodable request from {}: {e}", incoming.from);
-                let response =
-                    Response::error(ErrorKind::BadInput, format!("undecodable request: {e}"));
-                respond(net, incoming.id, &response);
-            }
-        }
-        carry_out(&mut self.node, now, net);
+        deliver_request(
+            &mut self.node,
+            now,
+            incoming.from,
+            incoming.id,
+            &incoming.body,
+            net,
+        );
     }
 
-    /// Decodes the outcome of one of the node's requests and hands it to the node.
+    /// Hands the outcome of one of the node's requests to it ([`deliver_reply`]).
     fn handle_reply(&mut self, now: Instant, reply: Reply, net: &mut Local<'_>) {
-        let result = reply.result.map(|body| {
-            Response::decode(&body).unwrap_or_else(|e| {
-                Response::error(ErrorKind::BadInput, format!("undecodable response: {e}"))
-            })
-        });
-        self.node.handle_response(now, reply.tag, result);
-        carry_out(&mut self.node, now, net);
+        deliver_reply(&mut self.node, now, reply.tag, reply.result, net);
     }
 
     /// The node's timer came due.
@@ -150,7 +215,7 @@ impl<N: Node + Send + 'static> net::Service for Hosted<N> {
 
 /// Carries out every action the node queued: responses are sent, requests started (one
 /// that cannot start is reported back to the node at once, so nothing waits for it).
-fn carry_out<N: Node>(node: &mut N, now: Instant, net: &mut Local<'_>) {
+pub fn carry_out<N: Node + ?Sized>(node: &mut N, now: Instant, net: &mut impl NodeNet) {
     while let Some(action) = node.poll_action() {
         match action {
             Action::Respond { id, response } => respond(net, id, &response),
@@ -180,7 +245,7 @@ fn carry_out<N: Node>(node: &mut N, now: Instant, net: &mut Local<'_>) {
 }
 
 /// Encodes and sends one response.
-fn respond(net: &mut Local<'_>, id: IncomingId, response: &Response) {
+fn respond(net: &mut impl NodeNet, id: IncomingId, response: &Response) {
     let body = match response.encode() {
         Ok(body) => body,
         Err(e) => {

@@ -159,9 +159,6 @@ pub struct Server {
     rebalance: Option<Rebalance>,
     /// A new view is waiting for undecided transactions before its rebalancing starts.
     rebalance_deferred: bool,
-    /// Transactions prepared with this server as the primary: their key and participants
-    /// (the primary sends the commit to the others itself, see [`Settling`]).
-    primaried: BTreeMap<TxId, (String, Vec<Member>)>,
     /// Keys whose last commit here (as the primary) other replicas have yet to acknowledge.
     settling: BTreeMap<String, Settling>,
     /// Outstanding commits to other replicas: token → (key, replica, transaction).
@@ -202,7 +199,6 @@ impl Server {
             sent: Epoch(0),
             rebalance: None,
             rebalance_deferred: false,
-            primaried: BTreeMap::new(),
             settling: BTreeMap::new(),
             settle_requests: BTreeMap::new(),
             last_settle: 0,
@@ -377,7 +373,6 @@ impl Server {
                 self.sent = Epoch(0);
                 // Transactions prepared under the old id can no longer commit here.
                 self.participant = Participant::new();
-                self.primaried.clear();
                 self.settling.clear();
                 self.settle_requests.clear();
                 // Reads held back for a decision are refused, not answered from the emptied
@@ -491,8 +486,6 @@ impl Server {
                 }
                 let current = self.store.get(&key).map(|s| s.version);
                 let timeout = Duration::from_millis(u64::from(timeout_ms));
-                let is_primary = participants.first().is_some_and(|m| m.id == self.id);
-                let remembered = is_primary.then(|| (key.clone(), participants.clone()));
                 let args = PrepareArgs {
                     txid,
                     key,
@@ -506,12 +499,7 @@ impl Server {
                     .participant
                     .prepare(now, self.id, self.epoch(), args, current)
                 {
-                    Ok(version) => {
-                        if let Some(remembered) = remembered {
-                            self.primaried.insert(txid, remembered);
-                        }
-                        Response::Prepared { version }
-                    }
+                    Ok(version) => Response::Prepared { version },
                     Err(reason) => Response::error(ErrorKind::Aborted, reason),
                 }
             }
@@ -519,8 +507,9 @@ impl Server {
                 match self.participant.commit(now, txid, version) {
                     Ok(Some(write)) => {
                         let key = write.key.clone();
+                        let participants = write.participants.clone();
                         self.apply(write);
-                        self.start_settling(now, txid, version);
+                        self.start_settling(now, txid, version, &key, participants);
                         self.answer_deferred(&key);
                         Response::Done
                     }
@@ -543,7 +532,6 @@ impl Server {
                 }
             }
             Request::Abort { txid } => {
-                self.primaried.remove(&txid);
                 if let Some(key) = self.participant.abort(now, txid) {
                     self.answer_deferred(&key);
                 }
@@ -753,13 +741,21 @@ impl Server {
         self.pump_transfers(now);
     }
 
-    /// After committing `txid` as its primary: sends the commit to the other replicas itself
-    /// (the coordinator does too, but may have died) and holds back reads of the key until
-    /// every one of them acknowledged (see [`Settling`]).
-    fn start_settling(&mut self, now: Instant, txid: TxId, version: u64) {
-        let Some((key, participants)) = self.primaried.remove(&txid) else {
+    /// After committing `txid` on `key` at `version`: if this server is the primary (first of
+    /// `participants`), sends the commit to the other replicas itself (the coordinator does
+    /// too, but may have died) and holds back reads of the key until every one of them
+    /// acknowledged (see [`Settling`]).
+    fn start_settling(
+        &mut self,
+        now: Instant,
+        txid: TxId,
+        version: u64,
+        key: &str,
+        participants: Vec<Member>,
+    ) {
+        if participants.first().is_none_or(|m| m.id != self.id) {
             return;
-        };
+        }
         let awaiting: Vec<Member> = participants
             .into_iter()
             .filter(|m| m.id != self.id)
@@ -767,6 +763,7 @@ impl Server {
         if awaiting.is_empty() {
             return;
         }
+        let key = key.to_owned();
         for member in &awaiting {
             self.send_settle(now, &key, *member, txid, version);
         }
@@ -1036,7 +1033,6 @@ impl Server {
                     self.answer_deferred(&key);
                 }
                 Effect::Release(key) => {
-                    self.primaried.retain(|_, (k, _)| *k != key);
                     self.answer_deferred(&key);
                 }
                 Effect::Query { token, dst, query } => self.actions.push_back(Action::Request {
@@ -1364,6 +1360,27 @@ mod tests {
         view
     }
 
+    /// Delivers `request` as request `n` of a client and returns every action it caused
+    /// (for requests whose answer may be held back, or comes with other actions).
+    fn deliver(s: &mut Server, now: Instant, n: u64, request: Request) -> Vec<Action> {
+        let id = IncomingId {
+            incarnation: 5,
+            request: n,
+        };
+        s.handle_request(now, "127.0.0.1:1".parse().unwrap(), id, request);
+        drain(s)
+    }
+
+    /// A server settled at epoch 2 in a view with one other server (anchor and delivered
+    /// epoch 2, nothing queued); returns it and the view.
+    fn settled_in_a_pair(now: Instant) -> (Server, View) {
+        let mut s = server(now);
+        let view = learn(&mut s, now, 2, &[1], &View::default(), 0);
+        learn(&mut s, now, 2, &[1], &view, 2);
+        drain(&mut s);
+        (s, view)
+    }
+
     /// Every action the server has queued.
     fn drain(s: &mut Server) -> Vec<Action> {
         std::iter::from_fn(|| s.poll_action()).collect()
@@ -1503,24 +1520,16 @@ mod tests {
     #[test]
     fn the_primary_holds_reads_until_the_others_have_its_commit() {
         let t0 = Instant::now();
-        let mut s = server(t0);
+        let (mut s, view) = settled_in_a_pair(t0);
         let me = s.id();
-        let view = learn(&mut s, t0, 2, &[1], &View::default(), 0);
-        learn(&mut s, t0, 2, &[1], &view, 2);
-        drain(&mut s);
         let (key, participants) = key_with_primary(&view, me, true);
         let vote = ask(&mut s, prepare(9, &key, "new", 2, me, participants.clone()));
         assert_eq!(vote, Response::Prepared { version: None });
-        let id = IncomingId {
-            incarnation: 5,
-            request: 4,
-        };
         let commit = Request::Commit {
             txid: TxId(9),
             version: 1,
         };
-        s.handle_request(t0, "127.0.0.1:1".parse().unwrap(), id, commit);
-        let actions = drain(&mut s);
+        let actions = deliver(&mut s, t0, 4, commit);
         assert!(actions.iter().any(|a| matches!(
             a,
             Action::Respond {
@@ -1544,20 +1553,11 @@ mod tests {
                 _ => None,
             })
             .expect("the primary sends the commit to the other replica");
-        let id = IncomingId {
-            incarnation: 5,
-            request: 5,
+        let read = Request::GetR {
+            key: key.clone(),
+            epoch: Epoch(2),
         };
-        s.handle_request(
-            t0,
-            "127.0.0.1:1".parse().unwrap(),
-            id,
-            Request::GetR {
-                key: key.clone(),
-                epoch: Epoch(2),
-            },
-        );
-        assert!(drain(&mut s).is_empty(), "the read waits");
+        assert!(deliver(&mut s, t0, 5, read).is_empty(), "the read waits");
         s.handle_response(t0, settle, Ok(Response::Done));
         let answers = drain(&mut s);
         assert!(
@@ -1571,28 +1571,23 @@ mod tests {
     #[test]
     fn a_server_declared_dead_refuses_the_reads_it_held_back() {
         let t0 = Instant::now();
-        let mut s = server(t0);
+        let (mut s, view) = settled_in_a_pair(t0);
         let me = s.id();
-        let view = learn(&mut s, t0, 2, &[1], &View::default(), 0);
-        learn(&mut s, t0, 2, &[1], &view, 2);
-        drain(&mut s);
         let (key, participants) = key_with_primary(&view, me, false);
         let vote = ask(&mut s, prepare(11, &key, "new", 2, me, participants));
         assert_eq!(vote, Response::Prepared { version: None });
+        let read = Request::GetR {
+            key,
+            epoch: Epoch(2),
+        };
+        assert!(
+            deliver(&mut s, t0, 5, read).is_empty(),
+            "the read waits for the decision"
+        );
         let id = IncomingId {
             incarnation: 5,
             request: 5,
         };
-        s.handle_request(
-            t0,
-            "127.0.0.1:1".parse().unwrap(),
-            id,
-            Request::GetR {
-                key,
-                epoch: Epoch(2),
-            },
-        );
-        assert!(drain(&mut s).is_empty(), "the read waits for the decision");
         s.handle_response(t0, HEARTBEAT + 3, Ok(Response::HeartbeatRefused { view }));
         let answers = drain(&mut s);
         assert!(

@@ -1661,7 +1661,7 @@ fn a_coordinator_ignoring_the_reported_versions_is_caught_with_two_transactions(
 /// primary may crash, each server's timer twice (four firings in all). Run with
 /// `cargo nextest run --test model --run-ignored all`.
 #[test]
-#[ignore = "about four minutes"]
+#[ignore = "about four minutes of one core, more than the rest of the suite: run by hand with --run-ignored all"]
 fn deep_one_transaction_with_two_rounds_per_server() {
     let cfg = Config {
         total_rounds: 4,
@@ -1671,10 +1671,9 @@ fn deep_one_transaction_with_two_rounds_per_server() {
     explore_ok("deep", cfg, 10_000_000);
 }
 
-/// Deeper, about ten seconds: two transactions under message loss (coordinator crashes add
+/// Deeper (about ten seconds, run in CI): two transactions under message loss (coordinator crashes add
 /// no state then: a crash is a timeout whose aborts are all lost).
 #[test]
-#[ignore = "about ten seconds"]
 fn deep_two_transactions_under_loss() {
     let cfg = Config {
         lose: true,
@@ -1684,10 +1683,9 @@ fn deep_two_transactions_under_loss() {
     explore_ok("deep two transactions under loss", cfg, 1_000_000);
 }
 
-/// Deeper, about half a minute: two transactions with the termination rounds of the primary
+/// Deeper (about half a minute, run in CI): two transactions with the termination rounds of the primary
 /// and one non-primary during the search (one each), the primary may crash, no loss.
 #[test]
-#[ignore = "about half a minute"]
 fn deep_two_transactions_with_termination_rounds() {
     let cfg = Config {
         rounds: 1,

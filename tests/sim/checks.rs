@@ -20,6 +20,17 @@ pub struct Checked {
     pub reads: usize,
 }
 
+impl Checked {
+    /// Adds another run's counts to these.
+    pub fn add(&mut self, other: &Checked) {
+        self.keys += other.keys;
+        self.ops += other.ops;
+        self.acked_writes += other.acked_writes;
+        self.unknown_writes += other.unknown_writes;
+        self.reads += other.reads;
+    }
+}
+
 /// Checks a run: no transaction left undecided (no key stays locked); every bucket holds
 /// exactly its keys and every key's replicas agree; no acknowledged setr is lost; two setrs
 /// never both commit the same version of a key; and per key, the history of setr and getr

@@ -94,18 +94,8 @@ fn run_part(part: u64) {
         seeds += 1;
         match run_seed(seed, None) {
             Ok(summary) => {
-                totals.ops += summary.checked.ops;
-                totals.acked_writes += summary.checked.acked_writes;
-                totals.unknown_writes += summary.checked.unknown_writes;
-                totals.reads += summary.checked.reads;
-                faults.dropped += summary.stats.dropped;
-                faults.duplicated += summary.stats.duplicated;
-                faults.reordered += summary.stats.reordered;
-                faults.crashes += summary.stats.crashes;
-                faults.partitions += summary.stats.partitions;
-                faults.client_kills += summary.stats.client_kills;
-                faults.kills_before_decision += summary.stats.kills_before_decision;
-                faults.delivered += summary.stats.delivered;
+                totals.add(&summary.checked);
+                faults.add(&summary.stats);
             }
             Err(failure) => failures.push(failure),
         }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use trireme::client::{Placement, ServersInfo};
 use trireme::coordinator::{Getr, Operation, Setr, SetrHooks};
 use trireme::message::{ErrorKind, OpError, Request, Response, TxId};
-use trireme::node::{Action, Node};
-use trireme::reliable::{self, Endpoint, RequestError, RequestId};
+use trireme::node::{self, Node, NodeNet};
+use trireme::reliable::{self, Endpoint, IncomingId, RequestError, RequestId};
 use trireme::rng::Rng;
 use trireme::server::{Server, ServerConfig};
 use trireme::trace::{Direction, Entry};
@@ -159,6 +159,21 @@ pub struct Stats {
     pub client_kills: u64,
     /// Clients killed between the votes and the decision of a setr.
     pub kills_before_decision: u64,
+}
+
+impl Stats {
+    /// Adds another run's counters to these.
+    pub fn add(&mut self, other: &Stats) {
+        self.sent += other.sent;
+        self.delivered += other.delivered;
+        self.dropped += other.dropped;
+        self.duplicated += other.duplicated;
+        self.reordered += other.reordered;
+        self.crashes += other.crashes;
+        self.partitions += other.partitions;
+        self.client_kills += other.client_kills;
+        self.kills_before_decision += other.kills_before_decision;
+    }
 }
 
 /// A server's bucket as the checks see it: key → (version, value).
@@ -535,11 +550,35 @@ fn pump<O: Operation>(
     op.poll_outcome()
 }
 
-/// Decodes a response body; an undecodable one becomes a `bad_input` error answer.
-fn decode_response(body: Vec<u8>) -> Response {
-    Response::decode(&body).unwrap_or_else(|e| {
-        Response::error(ErrorKind::BadInput, format!("undecodable response: {e}"))
-    })
+/// A host's endpoint and request tags as the network under its node: the simulator runs the
+/// same node glue as the driver thread ([`node::deliver_request`] and friends).
+struct HostNet<'a> {
+    /// The host's endpoint.
+    endpoint: &'a mut Endpoint,
+    /// The node's tag for each request it started.
+    tokens: &'a mut BTreeMap<RequestId, u64>,
+    /// Virtual now.
+    now: Instant,
+}
+
+impl NodeNet for HostNet<'_> {
+    /// Answers through the endpoint.
+    fn respond(&mut self, id: IncomingId, body: Vec<u8>) {
+        let _ = self.endpoint.respond(self.now, id, body);
+    }
+
+    /// Starts the request on the endpoint and remembers its tag.
+    fn request(
+        &mut self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        token: u64,
+    ) -> Result<(), RequestError> {
+        let id = self.endpoint.request(self.now, dst, body, deadline)?;
+        self.tokens.insert(id, token);
+        Ok(())
+    }
 }
 
 impl Host {
@@ -597,6 +636,12 @@ impl Host {
                     && node.poll_timeout().is_some_and(|at| at <= now)
                 {
                     node.handle_timeout(now);
+                    let mut net = HostNet {
+                        endpoint,
+                        tokens,
+                        now,
+                    };
+                    node::carry_out(node, now, &mut net);
                 }
             }
         }
@@ -611,7 +656,6 @@ impl Host {
                 busy = true;
                 self.handle_event(now, event);
             }
-            self.carry_out(now);
             while let Some(transmit) = self.endpoint.poll_transmit() {
                 busy = true;
                 out.push((transmit.dst, transmit.payload));
@@ -630,75 +674,40 @@ impl Host {
             tokens,
             ..
         } = self;
-        match event {
-            reliable::Event::Request { from, id, body } => match Host::node(app) {
-                Some(node) => match Request::decode(&body) {
-                    Ok(request) => node.handle_request(now, from, id, request),
-                    Err(e) => {
-                        let answer = Response::error(ErrorKind::BadInput, e.to_string());
-                        if let Ok(body) = answer.encode() {
-                            let _ = endpoint.respond(now, id, body);
-                        }
-                    }
-                },
-                None => {
-                    let answer = Response::error(ErrorKind::BadInput, "a client serves nothing");
-                    if let Ok(body) = answer.encode() {
-                        let _ = endpoint.respond(now, id, body);
-                    }
-                }
-            },
-            reliable::Event::Response { id, result } => {
-                let Some(token) = tokens.remove(&id) else {
-                    return;
-                };
-                let result = result.map(decode_response);
-                match app {
-                    App::Client(client) => {
-                        client.handle_response(now, token, result, endpoint, tokens)
-                    }
-                    node => {
-                        if let Some(node) = Host::node(node) {
-                            node.handle_response(now, token, result);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Carries out the node's queued actions (responses and requests).
-    fn carry_out(&mut self, now: Instant) {
-        let Host {
-            endpoint,
-            app,
-            tokens,
-            ..
-        } = self;
-        let Some(node) = Host::node(app) else {
-            return;
-        };
-        while let Some(action) = node.poll_action() {
-            match action {
-                Action::Respond { id, response } => {
-                    let body = response.encode().unwrap_or_default();
+        match (event, app) {
+            (reliable::Event::Request { id, .. }, App::Client(_)) => {
+                let answer = Response::error(ErrorKind::BadInput, "a client serves nothing");
+                if let Ok(body) = answer.encode() {
                     let _ = endpoint.respond(now, id, body);
                 }
-                Action::Request {
-                    token,
-                    dst,
-                    request,
-                    deadline,
-                } => {
-                    let started = request
-                        .encode()
-                        .map_err(|_| RequestError::TooLarge { size: 0, limit: 0 })
-                        .and_then(|body| endpoint.request(now, dst, body, deadline));
-                    match started {
-                        Ok(id) => {
-                            tokens.insert(id, token);
+            }
+            (reliable::Event::Response { id, result }, App::Client(client)) => {
+                if let Some(token) = tokens.remove(&id) {
+                    let result = result.map(|body| Response::decode_or_error(&body));
+                    client.handle_response(now, token, result, endpoint, tokens);
+                }
+            }
+            (event, node) => {
+                let Some(node) = Host::node(node) else {
+                    return;
+                };
+                let token = match &event {
+                    reliable::Event::Response { id, .. } => tokens.remove(id),
+                    reliable::Event::Request { .. } => None,
+                };
+                let mut net = HostNet {
+                    endpoint,
+                    tokens,
+                    now,
+                };
+                match event {
+                    reliable::Event::Request { from, id, body } => {
+                        node::deliver_request(node, now, from, id, &body, &mut net);
+                    }
+                    reliable::Event::Response { result, .. } => {
+                        if let Some(token) = token {
+                            node::deliver_reply(node, now, token, result, &mut net);
                         }
-                        Err(e) => node.handle_response(now, token, Err(e)),
                     }
                 }
             }
@@ -1081,23 +1090,20 @@ impl World {
                     self.stats.dropped += 1;
                     return;
                 }
-                match self.hosts[slot].is_some() {
-                    true => {
-                        self.stats.delivered += 1;
-                        let nanos = (now - self.start).as_nanos() as u64;
-                        self.fold(&nanos.to_le_bytes());
-                        self.fold(&payload);
-                        self.record(Direction::Received, from, to, &payload);
-                        if let Some(host) = self.hosts[slot].as_mut() {
-                            host.endpoint.handle_datagram(now, from, &payload);
-                        }
-                        self.settle_host(slot);
+                if self.hosts[slot].is_some() {
+                    self.stats.delivered += 1;
+                    let nanos = (now - self.start).as_nanos() as u64;
+                    self.fold(&nanos.to_le_bytes());
+                    self.fold(&payload);
+                    self.record(Direction::Received, from, to, &payload);
+                    if let Some(host) = self.hosts[slot].as_mut() {
+                        host.endpoint.handle_datagram(now, from, &payload);
                     }
-                    false => {
-                        // Nobody listens there: the sender's OS hears so (ICMP).
-                        let at = now + self.params.latency;
-                        self.schedule(at, Scheduled::Unreachable { to: from, peer: to });
-                    }
+                    self.settle_host(slot);
+                } else {
+                    // Nobody listens there: the sender's OS hears so (ICMP).
+                    let at = now + self.params.latency;
+                    self.schedule(at, Scheduled::Unreachable { to: from, peer: to });
                 }
             }
             Scheduled::Unreachable { to, peer } => {
