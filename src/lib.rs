@@ -27,7 +27,8 @@
 //!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
 //!   a loopback UDP echo (the floor).
 //! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
-//! - [`view`], [`rng`]: small shared vocabulary: ids, epochs, views; the seeded RNG.
+//! - [`view`], [`rng`], [`ratelimit`]: small shared vocabulary: ids, epochs, views; the
+//!   seeded RNG; the limiter of log lines about hostile input.
 //!
 //! Data flow of a request: an application calls [`net::Handle::call`]; the driver thread
 //! hands the body to its [`reliable::Endpoint`], which fragments it into datagrams (encoded by
@@ -46,6 +47,7 @@ pub mod faults;
 pub mod message;
 pub mod net;
 pub mod node;
+pub mod ratelimit;
 pub mod rebalance;
 pub mod reliable;
 pub mod ring;
