@@ -22,7 +22,9 @@ use crate::client::{Client, GetrOutcome, ServersInfo, SetrHooks, SetrOutcome};
 use crate::faults::FaultSpec;
 use crate::message::{ErrorKind, OpError};
 use crate::net::{self, NetConfig};
+use crate::auth::{Auth, ClusterKey};
 use crate::node;
+use crate::reliable;
 use crate::rng::Rng;
 use crate::server::{Server, ServerConfig};
 use crate::trace::{TraceError, Tracer};
@@ -46,6 +48,17 @@ pub struct CommonArgs {
     /// trace-dump, tshark or Wireshark).
     #[arg(long, global = true, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// Authenticate every datagram with the cluster key in FILE (at least 16 bytes of secret;
+    /// make one with `head -c 32 /dev/urandom | base64 > FILE`). Datagrams without the right
+    /// MAC, or replayed outside a 30 s window, are dropped unanswered. Every process of a
+    /// cluster needs the same key; without one, the cluster must sit on a trusted network.
+    #[arg(long, global = true, value_name = "FILE", value_parser = parse_key_file)]
+    pub cluster_key_file: Option<ClusterKey>,
+}
+
+/// Reads a `--cluster-key-file` (an unreadable or too short file is a usage error, exit 2).
+fn parse_key_file(text: &str) -> Result<ClusterKey, String> {
+    ClusterKey::load(std::path::Path::new(text)).map_err(|e| e.to_string())
 }
 
 /// Parses an address flag: `IP:PORT`, or `:PORT` for 127.0.0.1 (so `--bind :0` lets the OS
@@ -113,6 +126,10 @@ impl CommonArgs {
         NetConfig {
             faults,
             trace: trace.cloned(),
+            reliable: reliable::Config {
+                auth: self.cluster_key_file.clone().map(Auth::new),
+                ..reliable::Config::default()
+            },
             ..NetConfig::default()
         }
     }

@@ -23,6 +23,11 @@
 //! | 36 | 4 | fragment count |
 //! | 40 | 4 | message length (bytes of the whole reassembled body) |
 //! | 44 | 16 | MAC (zero unless [`FLAG_MAC`] is set) |
+//! | 60 | 8 | only with [`FLAG_MAC`]: stamp, the send time in µs since the Unix epoch |
+//!
+//! With a cluster key ([`crate::auth`]) every datagram sets [`FLAG_MAC`], carries its stamp,
+//! and its MAC covers every byte of the datagram with the MAC slot taken as zeros:
+//! [`seal`] writes it, [`verify`] checks it. Without a key the header is 60 bytes.
 //!
 //! Decoding never panics on arbitrary bytes; errors tell [`DecodeError::Truncated`] (too
 //! short) from [`DecodeError::Malformed`] (the bytes are there but wrong).
@@ -30,6 +35,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
+
+use crate::auth::{ClusterKey, macs_equal};
 
 /// The four bytes every trireme datagram starts with.
 pub const MAGIC: [u8; 4] = *b"TRIR";
@@ -39,6 +46,12 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 60;
 /// Size of the reserved MAC slot in bytes.
 pub const MAC_LEN: usize = 16;
+/// Where the MAC slot starts.
+pub const MAC_OFFSET: usize = 44;
+/// Size of the stamp that follows the fixed header when [`FLAG_MAC`] is set.
+pub const STAMP_LEN: usize = 8;
+/// The longest header: the fixed part and the stamp.
+pub const MAX_HEADER_LEN: usize = HEADER_LEN + STAMP_LEN;
 /// The largest message body (after reassembly) anyone will encode or accept: a 1 MiB value
 /// plus its key and framing fits with room to spare; rebalance batches stay below it.
 pub const MAX_MESSAGE: usize = 8 << 20;
@@ -48,7 +61,8 @@ pub const MAX_MESSAGE: usize = 8 << 20;
 /// fragment table for a small message.
 pub const MIN_FRAGMENT_PAYLOAD: usize = 256;
 
-/// Header flag: the MAC slot holds a MAC over header and payload (cluster key in use).
+/// Header flag: the MAC slot holds a MAC over header and payload, and the stamp follows the
+/// fixed header (cluster key in use).
 pub const FLAG_MAC: u16 = 0x0001;
 /// Header flag on an `Ack`: it acknowledges fragments of a response (else of a request).
 pub const FLAG_ACK_RESPONSE: u16 = 0x0002;
@@ -62,8 +76,13 @@ pub enum Kind {
     Response = 2,
     /// A selective acknowledgement of fragments (payload: [`AckBody`]).
     Ack = 3,
-    /// A requester asking what became of a fully delivered request (no payload).
+    /// A requester asking what became of a fully delivered request (payload: empty, or the
+    /// address-validation token a `Retry` carried).
     Probe = 4,
+    /// A responder asking the requester to prove it receives at its address before it
+    /// sends a reply larger than the anti-amplification limit (payload: a token, to be echoed
+    /// in a `Probe`).
+    Retry = 5,
 }
 
 impl Kind {
@@ -74,6 +93,7 @@ impl Kind {
             2 => Some(Kind::Response),
             3 => Some(Kind::Ack),
             4 => Some(Kind::Probe),
+            5 => Some(Kind::Retry),
             _ => None,
         }
     }
@@ -85,6 +105,7 @@ impl Kind {
             Kind::Response => "response",
             Kind::Ack => "ack",
             Kind::Probe => "probe",
+            Kind::Retry => "retry",
         }
     }
 }
@@ -112,6 +133,8 @@ pub struct Header {
     pub message_len: u32,
     /// The MAC slot: all zero unless [`FLAG_MAC`] is set.
     pub mac: [u8; MAC_LEN],
+    /// The send time in µs since the Unix epoch; on the wire only with [`FLAG_MAC`].
+    pub stamp: u64,
 }
 
 /// Why a datagram or body could not be decoded.
@@ -160,10 +183,20 @@ impl Header {
             frag_count: 1,
             message_len: 0,
             mac: [0; MAC_LEN],
+            stamp: 0,
         }
     }
 
-    /// Appends the 60-byte wire form of this header to `out`.
+    /// The length of this header on the wire: 60 bytes, 68 with [`FLAG_MAC`].
+    pub fn encoded_len(&self) -> usize {
+        if self.flags & FLAG_MAC != 0 {
+            MAX_HEADER_LEN
+        } else {
+            HEADER_LEN
+        }
+    }
+
+    /// Appends the wire form of this header (60 bytes, 68 with [`FLAG_MAC`]) to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -177,6 +210,9 @@ impl Header {
         out.extend_from_slice(&self.frag_count.to_be_bytes());
         out.extend_from_slice(&self.message_len.to_be_bytes());
         out.extend_from_slice(&self.mac);
+        if self.flags & FLAG_MAC != 0 {
+            out.extend_from_slice(&self.stamp.to_be_bytes());
+        }
     }
 
     /// Decodes the header at the start of `datagram` and returns it with the payload.
@@ -209,7 +245,7 @@ impl Header {
         let kind_byte = r.u8()?;
         let kind = Kind::from_byte(kind_byte)
             .ok_or_else(|| DecodeError::Malformed(format!("unknown kind {kind_byte}")))?;
-        let header = Header {
+        let mut header = Header {
             kind,
             flags: r.u16()?,
             incarnation: r.u64()?,
@@ -223,7 +259,11 @@ impl Header {
                 .take(MAC_LEN)?
                 .try_into()
                 .map_err(|_| DecodeError::Malformed("mac".into()))?,
+            stamp: 0,
         };
+        if header.flags & FLAG_MAC != 0 {
+            header.stamp = r.u64()?;
+        }
         if header.frag_count == 0 || header.frag_index >= header.frag_count {
             return Err(DecodeError::Malformed(format!(
                 "fragment {} of {}",
@@ -242,8 +282,28 @@ impl Header {
                 header.message_len
             )));
         }
-        Ok((header, &datagram[HEADER_LEN..]))
+        Ok((header, &datagram[header.encoded_len()..]))
     }
+}
+
+/// Writes the MAC of `datagram` (a whole encoded datagram with [`FLAG_MAC`] set and a zero
+/// MAC slot) into its slot, with `key`.
+pub fn seal(datagram: &mut [u8], key: &ClusterKey) {
+    let mac = key.mac(&datagram[..MAC_OFFSET], &datagram[MAC_OFFSET + MAC_LEN..]);
+    datagram[MAC_OFFSET..MAC_OFFSET + MAC_LEN].copy_from_slice(&mac);
+}
+
+/// Whether the MAC in `datagram`'s slot is the one `key` gives for the rest of its bytes.
+/// False for anything shorter than a header.
+pub fn verify(datagram: &[u8], key: &ClusterKey) -> bool {
+    if datagram.len() < HEADER_LEN {
+        return false;
+    }
+    let carried: &[u8; MAC_LEN] = datagram[MAC_OFFSET..MAC_OFFSET + MAC_LEN]
+        .try_into()
+        .expect("slice of MAC_LEN bytes");
+    let expected = key.mac(&datagram[..MAC_OFFSET], &datagram[MAC_OFFSET + MAC_LEN..]);
+    macs_equal(carried, &expected)
 }
 
 /// Builds a whole datagram: `header` followed by `payload`.
@@ -308,6 +368,11 @@ impl AckBody {
             out.extend_from_slice(&end.to_be_bytes());
         }
         out
+    }
+
+    /// Bytes [`AckBody::encode`] produces for this ack.
+    pub fn encoded_len(&self) -> usize {
+        3 + 8 * self.ranges.len().min(MAX_ACK_RANGES)
     }
 
     /// Decodes an ack payload, checking that ranges are non-empty, ascending and disjoint.
@@ -463,6 +528,7 @@ mod tests {
             frag_count: 3,
             message_len: 4000,
             mac: [0; MAC_LEN],
+            stamp: 0,
         }
     }
 
@@ -470,7 +536,13 @@ mod tests {
     /// after its 60 bytes comes back intact.
     #[test]
     fn header_round_trips_for_every_kind() {
-        for kind in [Kind::Request, Kind::Response, Kind::Ack, Kind::Probe] {
+        for kind in [
+            Kind::Request,
+            Kind::Response,
+            Kind::Ack,
+            Kind::Probe,
+            Kind::Retry,
+        ] {
             let header = sample_header(kind);
             let bytes = encode_datagram(&header, b"payload");
             assert_eq!(bytes.len(), HEADER_LEN + 7);
@@ -478,6 +550,39 @@ mod tests {
             assert_eq!(decoded, header);
             assert_eq!(payload, b"payload");
         }
+    }
+
+    /// With [`FLAG_MAC`] the stamp follows the fixed header, the payload comes after it, and
+    /// a sealed datagram verifies with its key only, and only while every byte is intact.
+    #[test]
+    fn a_sealed_datagram_carries_its_stamp_and_verifies_only_intact() {
+        let key = ClusterKey::from_secret(b"a cluster key for the codec test").unwrap();
+        let other = ClusterKey::from_secret(b"another cluster key, not the one").unwrap();
+        let mut header = sample_header(Kind::Request);
+        header.flags |= FLAG_MAC;
+        header.stamp = 0x1122_3344_5566_7788;
+        let mut bytes = encode_datagram(&header, b"payload");
+        assert_eq!(bytes.len(), MAX_HEADER_LEN + 7);
+        assert_eq!(&bytes[60..68], &header.stamp.to_be_bytes());
+        assert!(!verify(&bytes, &key), "not sealed yet");
+        seal(&mut bytes, &key);
+        assert!(verify(&bytes, &key));
+        assert!(!verify(&bytes, &other));
+        let (decoded, payload) = Header::decode(&bytes).unwrap();
+        assert_eq!(decoded.stamp, header.stamp);
+        assert_eq!(payload, b"payload");
+        for i in 0..bytes.len() {
+            let mut flipped = bytes.clone();
+            flipped[i] ^= 0x20;
+            assert!(!verify(&flipped, &key), "byte {i} flipped still verifies");
+        }
+        assert!(!verify(&bytes[..bytes.len() - 1], &key), "truncated");
+        assert!(!verify(&bytes[..20], &key), "shorter than a header");
+        let cut = &bytes[..HEADER_LEN + 3];
+        assert!(
+            matches!(Header::decode(cut), Err(DecodeError::Truncated { .. })),
+            "a MAC'd header without its whole stamp is truncated"
+        );
     }
 
     /// README: the 60-byte big-endian header of protocol version 1 is frozen; pins each field's

@@ -11,6 +11,8 @@
 //!   bincode-encoded message bodies. Everyone (the three programs, the tests, the trace tool)
 //!   encodes and decodes through it.
 //! - [`message`]: the request and response types every program exchanges.
+//! - [`auth`]: the cluster key (`--cluster-key-file`): datagram MACs, the wall clock the
+//!   replay window is read on, and address-validation tokens.
 //! - [`reliable`]: the reliable request layer (sans-IO): retransmission with an adaptive RTO,
 //!   at-most-once execution through a response cache, fragmentation with selective acks.
 //! - [`faults`]: parsing of `--faults` specs and the seeded fault injector on the send path.
@@ -37,6 +39,7 @@
 //! as an event; the node's state machine ([`viewleader::ViewLeader`], [`server::Server`])
 //! computes a response, which the endpoint caches and sends.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;

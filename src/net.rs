@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{debug, warn};
+use log::{debug, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -493,6 +493,7 @@ fn spawn_driver(
         commands: commands_rx,
         inbound,
         buffer: vec![0; 65536],
+        drops_reported: (Instant::now(), Stats::default()),
     };
     let thread = std::thread::Builder::new()
         .name(format!("net-{local_addr}"))
@@ -540,7 +541,13 @@ struct Driver {
     inbound: Inbound,
     /// Receive buffer.
     buffer: Vec<u8>,
+    /// When dropped input was last reported, and the counters then.
+    drops_reported: (Instant, Stats),
 }
+
+/// Dropped or refused input (junk, failed authentication, replays, bounds) is summed up in
+/// one log line at most this often.
+const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Driver {
     /// The thread's loop: wait for the socket, a command or the next timer; handle it; flush.
@@ -586,7 +593,26 @@ impl Driver {
                 self.with_service(now, |service, net| service.handle_timeout(now, net));
             }
             self.flush(now);
+            self.report_drops(now);
         }
+    }
+
+    /// Logs, at most once per [`DROP_REPORT_INTERVAL`], what the endpoint dropped or refused
+    /// since the last report (each drop is also logged at debug level, rate limited).
+    fn report_drops(&mut self, now: Instant) {
+        let (last, earlier) = &self.drops_reported;
+        if now.saturating_duration_since(*last) < DROP_REPORT_INTERVAL {
+            return;
+        }
+        let stats = self.endpoint.stats();
+        if let Some(summary) = stats.drops_since(earlier) {
+            info!(
+                "{}: in the last {} s: {summary}",
+                self.local_addr,
+                now.saturating_duration_since(*last).as_secs()
+            );
+        }
+        self.drops_reported = (now, stats.clone());
     }
 
     /// When the driver thread's service (if any) wants its timer.

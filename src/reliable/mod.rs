@@ -29,6 +29,7 @@
 //! unambiguous RTT samples: every datagram carries a fresh transmission number and answers
 //! echo the number they answer.
 
+mod guard;
 mod reassembly;
 mod rtt;
 mod transfer;
@@ -44,9 +45,13 @@ use std::time::{Duration, Instant};
 use log::debug;
 use thiserror::Error;
 
-use crate::codec::{self, AckBody, FLAG_ACK_RESPONSE, HEADER_LEN, Header, Kind};
+use crate::auth::{Auth, ClusterKey};
+use crate::codec::{self, AckBody, FLAG_ACK_RESPONSE, FLAG_MAC, HEADER_LEN, Header, Kind};
+use crate::ratelimit::LogLimiter;
 use crate::rng::Rng;
 
+pub use self::guard::AMPLIFICATION_FACTOR;
+use self::guard::Guard;
 use self::reassembly::{Insert, Reassembly};
 use self::rtt::RttEstimator;
 use self::transfer::Transfer;
@@ -98,6 +103,19 @@ pub struct Config {
     pub reassembly_total: usize,
     /// A partly reassembled message with no new fragment for this long is dropped.
     pub reassembly_timeout: Duration,
+    /// Most requester incarnations whose forgotten requests are remembered (floors); past
+    /// it the oldest floor is dropped (counted in [`Stats::floors_evicted`]).
+    pub floors_max: usize,
+    /// The cluster key, if any: every datagram is then sealed with a MAC and stamped, and
+    /// one that fails the MAC or the replay window is dropped unanswered.
+    pub auth: Option<Auth>,
+    /// Whether replies to unvalidated addresses obey the anti-amplification limit (no need
+    /// with a cluster key: every accepted datagram is then authenticated).
+    pub validate_addresses: bool,
+    /// How long a validated address stays validated.
+    pub validated_ttl: Duration,
+    /// Most validated addresses remembered.
+    pub validated_max: usize,
 }
 
 impl Default for Config {
@@ -122,6 +140,11 @@ impl Default for Config {
             reassembly_per_peer: 16 << 20,
             reassembly_total: 64 << 20,
             reassembly_timeout: Duration::from_secs(10),
+            floors_max: 100_000,
+            auth: None,
+            validate_addresses: true,
+            validated_ttl: Duration::from_secs(600),
+            validated_max: 65_536,
         }
     }
 }
@@ -225,6 +248,44 @@ pub struct Stats {
     pub refused_over_limit: u64,
     /// Requests that failed with `Timeout`.
     pub timeouts: u64,
+    /// Datagrams dropped because the cluster key did not authenticate them (no MAC, or a
+    /// wrong one).
+    pub auth_failures: u64,
+    /// Authenticated datagrams dropped because their stamp lies outside the replay window
+    /// or before this process started: replays, or a sender whose clock is far off.
+    pub replays_refused: u64,
+    /// Replies held until the requester's address is validated (anti-amplification).
+    pub replies_held: u64,
+    /// `Retry` datagrams sent (each asks a requester to echo a token).
+    pub retries_sent: u64,
+    /// Addresses validated by an echoed token.
+    pub addresses_validated: u64,
+    /// Floors dropped because [`Config::floors_max`] was reached.
+    pub floors_evicted: u64,
+}
+
+impl Stats {
+    /// A one-line account of what was refused or dropped since `earlier` (bad datagrams,
+    /// authentication failures, refused replays, work refused over a bound, floors
+    /// forgotten), or `None` if nothing was.
+    pub fn drops_since(&self, earlier: &Stats) -> Option<String> {
+        let counts = [
+            (self.bad_datagrams - earlier.bad_datagrams, "malformed or unexpected"),
+            (self.auth_failures - earlier.auth_failures, "failed the cluster key"),
+            (self.replays_refused - earlier.replays_refused, "replays refused"),
+            (
+                self.refused_over_limit - earlier.refused_over_limit,
+                "refused over a memory bound",
+            ),
+            (self.floors_evicted - earlier.floors_evicted, "floors forgotten"),
+        ];
+        let parts: Vec<String> = counts
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
 }
 
 /// Where a request we sent stands.
@@ -295,6 +356,11 @@ struct Incoming {
     responded_at: Option<Instant>,
     /// The instant the timer is armed for (stale heap entries are ignored).
     timer_at: Option<Instant>,
+    /// Bytes of the request's datagrams (headers included, each fragment once): what the
+    /// anti-amplification limit compares the response with.
+    request_bytes: usize,
+    /// The response waits for the requester's address to be validated.
+    held: bool,
 }
 
 /// What a heap entry's timer belongs to.
@@ -312,6 +378,10 @@ enum TimerKey {
 struct Wire {
     /// Our incarnation, stamped on every datagram.
     incarnation: u64,
+    /// The cluster key every datagram is sealed with, if any.
+    key: Option<ClusterKey>,
+    /// The stamp of datagrams sent now (µs since the Unix epoch; set at every entry point).
+    stamp: u64,
     /// The last transmission number used.
     last_tx: u32,
     /// Datagrams waiting for [`Endpoint::poll_transmit`].
@@ -330,12 +400,29 @@ impl Wire {
     /// Queues a datagram with `header` (whose transmission number is filled in here).
     fn send(&mut self, dst: SocketAddr, mut header: Header, payload: &[u8]) -> u32 {
         header.transmission = self.next_tx();
+        if self.key.is_some() {
+            header.flags |= FLAG_MAC;
+            header.stamp = self.stamp;
+        }
+        let mut datagram = codec::encode_datagram(&header, payload);
+        if let Some(key) = &self.key {
+            codec::seal(&mut datagram, key);
+        }
         self.queue.push_back(Transmit {
             dst,
-            payload: codec::encode_datagram(&header, payload),
+            payload: datagram,
         });
         self.stats.datagrams_sent += 1;
         header.transmission
+    }
+
+    /// Bytes of the header of every datagram sent: 60, or 68 with a cluster key.
+    fn header_len(&self) -> usize {
+        if self.key.is_some() {
+            codec::MAX_HEADER_LEN
+        } else {
+            HEADER_LEN
+        }
     }
 
     /// Queues an ack about request `request_id` answering transmission `echo`.
@@ -406,6 +493,10 @@ pub struct Endpoint {
     timers: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Events waiting for [`Endpoint::poll_event`].
     events: VecDeque<Event>,
+    /// Validated addresses and address-validation tokens (anti-amplification).
+    guard: Guard,
+    /// Rate limit of the debug lines about datagrams the cluster key refused.
+    auth_log: LogLimiter,
 }
 
 impl Endpoint {
@@ -418,10 +509,18 @@ impl Endpoint {
     pub fn new(config: Config, rng: &mut Rng) -> Endpoint {
         let incarnation = rng.next_u64();
         let first_request = rng.next_u64() >> 1;
+        let mut token_seed = [0; 32];
+        for chunk in token_seed.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        let guard = Guard::new(token_seed, config.validated_ttl, config.validated_max);
+        let key = config.auth.as_ref().map(|a| a.key.clone());
         Endpoint {
             config,
             wire: Wire {
                 incarnation,
+                key,
+                stamp: 0,
                 last_tx: 0,
                 queue: VecDeque::new(),
                 stats: Stats::default(),
@@ -437,6 +536,8 @@ impl Endpoint {
             rtt: HashMap::new(),
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
+            guard,
+            auth_log: LogLimiter::default(),
         }
     }
 
@@ -492,6 +593,7 @@ impl Endpoint {
                 limit: self.config.max_message,
             });
         }
+        self.tick(now);
         self.last_request += 1;
         let id = self.last_request;
         let transfer = Transfer::new(body, self.max_payload());
@@ -541,7 +643,9 @@ impl Endpoint {
                 limit: self.config.max_message,
             });
         }
+        self.tick(now);
         let max_payload = self.max_payload();
+        let header_len = self.header_len();
         let Some(entry) = self.incoming.get_mut(&id) else {
             debug!("respond: request {id:?} is no longer known (evicted?)");
             return Ok(());
@@ -551,10 +655,32 @@ impl Endpoint {
             return Ok(());
         }
         self.cached_bytes += body.len();
-        entry.phase = InPhase::Responded(Transfer::new(body, max_payload));
+        let transfer = Transfer::new(body, max_payload);
+        let fragments = transfer.count();
+        let response_bytes = fragments as usize * header_len + transfer.body_len();
+        entry.phase = InPhase::Responded(transfer);
         entry.responded_at = Some(now);
         self.expiry.push_back((id, now));
-        self.pump_in(now, id);
+        // A fragmented response is retransmitted on a timer, with nothing from the peer to
+        // pay for it: it goes only to a validated address. A one-fragment response goes
+        // only if it is small enough.
+        let (peer, echo) = (entry.peer, entry.last_rx_tx);
+        if fragments > 1 && needs_validation(&self.config, &self.guard, now, peer)
+            || !may_reply(
+                &self.config,
+                &self.guard,
+                now,
+                peer,
+                entry.request_bytes,
+                response_bytes,
+            )
+        {
+            entry.held = true;
+            self.wire.stats.replies_held += 1;
+            self.send_retry(now, peer, id.request, echo);
+        } else {
+            self.pump_in(now, id);
+        }
         self.enforce_cache_bounds(now);
         Ok(())
     }
@@ -562,6 +688,7 @@ impl Endpoint {
     /// Handles one datagram received from `from` at `now`. Anything malformed or unexpected
     /// is counted and dropped; nothing a peer sends can make this panic.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.tick(now);
         self.wire.stats.datagrams_received += 1;
         let (header, payload) = match Header::decode(datagram) {
             Ok(decoded) => decoded,
@@ -574,6 +701,9 @@ impl Endpoint {
                 return;
             }
         };
+        if !self.authentic(now, from, &header, datagram) {
+            return;
+        }
         match header.kind {
             Kind::Request => self.on_request_fragment(now, from, &header, payload),
             Kind::Response => self.on_response_fragment(now, from, &header, payload),
@@ -587,8 +717,94 @@ impl Endpoint {
                     debug!("dropping a bad ack from {from}: {e}");
                 }
             },
-            Kind::Probe => self.on_probe(now, from, &header),
+            Kind::Probe => self.on_probe(now, from, &header, payload),
+            Kind::Retry => self.on_retry(from, &header, payload),
         }
+    }
+
+    /// Whether `datagram` (decoded as `header`) passes the cluster key: it carries a MAC
+    /// the key gives, and a stamp inside the replay window and not before this process
+    /// started. Without a key every datagram passes. A failure is counted and logged at
+    /// debug level, at most once a second.
+    fn authentic(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        header: &Header,
+        datagram: &[u8],
+    ) -> bool {
+        let Some(auth) = &self.config.auth else {
+            return true;
+        };
+        let refusal = if header.flags & FLAG_MAC == 0 {
+            self.wire.stats.auth_failures += 1;
+            "carries no MAC".to_string()
+        } else if !codec::verify(datagram, &auth.key) {
+            self.wire.stats.auth_failures += 1;
+            "fails the MAC check".to_string()
+        } else {
+            let wall = auth.clock.micros(now);
+            let window = auth.replay_window.as_micros() as u64;
+            if header.stamp.abs_diff(wall) <= window && header.stamp >= auth.clock.origin_micros() {
+                return true;
+            }
+            self.wire.stats.replays_refused += 1;
+            format!(
+                "is stamped {} ms from now, outside the {} ms replay window or before this process started",
+                (header.stamp as i128 - wall as i128) / 1000,
+                window / 1000
+            )
+        };
+        if let Some(held_back) = self.auth_log.allow(now) {
+            debug!(
+                "dropping a {}-byte datagram from {from} that {refusal} (cluster key; {held_back} more refused since the last such line)",
+                datagram.len()
+            );
+        }
+        false
+    }
+
+    /// Sets the stamp of datagrams sent at `now` (with a cluster key).
+    fn tick(&mut self, now: Instant) {
+        if let Some(auth) = &self.config.auth {
+            self.wire.stamp = auth.clock.micros(now);
+        }
+    }
+
+    /// Bytes of the header of every datagram this endpoint sends.
+    fn header_len(&self) -> usize {
+        self.wire.header_len()
+    }
+
+    /// Asks the requester of `request_id` at `peer` to prove its address: a `Retry`
+    /// carrying a token, answering transmission `echo`.
+    fn send_retry(&mut self, now: Instant, peer: SocketAddr, request_id: u64, echo: u32) {
+        let token = self.guard.token(now, peer);
+        let mut header = Header::new(Kind::Retry, self.wire.incarnation, request_id, 0);
+        header.echo = echo;
+        self.wire.stats.retries_sent += 1;
+        self.wire.send(peer, header, &token);
+    }
+
+    /// Handles a `Retry` about a request we sent: echoes its token in a probe, which
+    /// proves we receive at our address.
+    fn on_retry(&mut self, from: SocketAddr, header: &Header, token: &[u8]) {
+        let id = header.request_id;
+        if self.outgoing.get(&id).is_none_or(|o| o.dst != from) {
+            return;
+        }
+        if token.len() != crate::auth::TOKEN_LEN {
+            self.wire.stats.bad_datagrams += 1;
+            debug!(
+                "dropping a retry from {from} with a {}-byte token",
+                token.len()
+            );
+            return;
+        }
+        let mut probe = Header::new(Kind::Probe, self.wire.incarnation, id, 0);
+        probe.echo = header.transmission;
+        self.wire.stats.probes_sent += 1;
+        self.wire.send(from, probe, token);
     }
 
     /// The OS reported `peer` unreachable (e.g. ICMP port unreachable): every request to it
@@ -633,6 +849,7 @@ impl Endpoint {
 
     /// Runs every timer due at `now`: retransmissions, probes, deadlines, cache expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
         while let Some(Reverse((at, key))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -701,7 +918,10 @@ impl Endpoint {
 
     /// Payload bytes one datagram can carry.
     fn max_payload(&self) -> usize {
-        self.config.max_datagram.saturating_sub(HEADER_LEN).max(1)
+        self.config
+            .max_datagram
+            .saturating_sub(self.header_len())
+            .max(1)
     }
 
     /// The RTT estimator for `peer`, created on first use.
@@ -778,6 +998,9 @@ impl Endpoint {
         let Some(entry) = self.incoming.get_mut(&id) else {
             return;
         };
+        if entry.held {
+            return;
+        }
         let InPhase::Responded(transfer) = &mut entry.phase else {
             return;
         };
@@ -832,6 +1055,7 @@ impl Endpoint {
         }
         entry.last_rx_tx = header.transmission;
         entry.last_rx_at = now;
+        let received = header.encoded_len() + payload.len();
         match &mut entry.phase {
             InPhase::Receiving(r) => {
                 let (insert, ack_now) = r.insert(header, payload, now);
@@ -842,8 +1066,12 @@ impl Endpoint {
                 }
                 if ack_now {
                     let ack = r.ack();
-                    self.wire
-                        .send_ack(from, id.request, 0, header.transmission, &ack);
+                    let ack_bytes = self.wire.header_len() + ack.encoded_len();
+                    // Acks are advisory: one too large for an unvalidated peer is skipped.
+                    if may_reply(&self.config, &self.guard, now, from, received, ack_bytes) {
+                        self.wire
+                            .send_ack(from, id.request, 0, header.transmission, &ack);
+                    }
                 }
                 if r.is_complete() {
                     let InPhase::Receiving(r) =
@@ -868,13 +1096,56 @@ impl Endpoint {
                 self.wire
                     .send_ack(from, id.request, 0, header.transmission, &ack);
             }
-            InPhase::Responded(transfer) => {
+            InPhase::Responded(_) => {
                 self.wire.stats.duplicates_suppressed += 1;
-                if transfer.count() == 1 {
-                    self.resend_cached(from, id, header.transmission);
-                }
+                self.answer_again(now, from, id, header.transmission, received);
             }
             InPhase::Delivered => self.wire.stats.duplicates_suppressed += 1,
+        }
+    }
+
+    /// Answers a duplicate of answered request `id` (a request datagram or probe of
+    /// `received` bytes, transmission `echo`): a held response goes out once `from` is
+    /// validated, else a `Retry` asks for that; a one-fragment response is sent again if
+    /// the anti-amplification limit allows, else a `Retry` goes instead. A fragmented
+    /// response being sent is left to its own timer.
+    fn answer_again(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: IncomingId,
+        echo: u32,
+        received: usize,
+    ) {
+        let header_len = self.header_len();
+        let Some(entry) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        let InPhase::Responded(transfer) = &entry.phase else {
+            return;
+        };
+        let response_bytes = header_len + transfer.body_len();
+        let single = transfer.count() == 1;
+        if entry.held {
+            if needs_validation(&self.config, &self.guard, now, from) {
+                self.send_retry(now, from, id.request, echo);
+            } else {
+                entry.held = false;
+                self.pump_in(now, id);
+            }
+        } else if single {
+            if may_reply(
+                &self.config,
+                &self.guard,
+                now,
+                from,
+                received,
+                response_bytes,
+            ) {
+                self.resend_cached(from, id, echo);
+            } else {
+                self.send_retry(now, from, id.request, echo);
+            }
         }
     }
 
@@ -901,6 +1172,8 @@ impl Endpoint {
             debug!("refusing a request from {from}: the response cache is full");
             return;
         }
+        let request_bytes =
+            header.frag_count as usize * header.encoded_len() + header.message_len as usize;
         if header.frag_count == 1 {
             if payload.len() != header.message_len as usize {
                 self.wire.stats.bad_datagrams += 1;
@@ -915,6 +1188,8 @@ impl Endpoint {
                     last_rx_at: now,
                     responded_at: None,
                     timer_at: None,
+                    request_bytes,
+                    held: false,
                 },
             );
             self.deliver_request(from, id, payload.to_vec());
@@ -935,10 +1210,14 @@ impl Endpoint {
             debug!("dropping a first fragment from {from} that does not fit its own header");
             return;
         }
+        let received = header.encoded_len() + payload.len();
         if ack_now {
             let ack = r.ack();
-            self.wire
-                .send_ack(from, id.request, 0, header.transmission, &ack);
+            let ack_bytes = self.wire.header_len() + ack.encoded_len();
+            if may_reply(&self.config, &self.guard, now, from, received, ack_bytes) {
+                self.wire
+                    .send_ack(from, id.request, 0, header.transmission, &ack);
+            }
         }
         self.incoming.insert(
             id,
@@ -949,6 +1228,8 @@ impl Endpoint {
                 last_rx_at: now,
                 responded_at: None,
                 timer_at: None,
+                request_bytes,
+                held: false,
             },
         );
         self.arm(TimerKey::In(id), Some(now + self.config.reassembly_timeout));
@@ -986,6 +1267,10 @@ impl Endpoint {
         payload: &[u8],
     ) {
         let id = header.request_id;
+        if self.outgoing.get(&id).is_some_and(|o| o.dst == from) {
+            // It answers our random request id: it receives at its address.
+            self.guard.validate(now, from);
+        }
         let Some(out) = self.outgoing.get_mut(&id).filter(|o| o.dst == from) else {
             // A late copy of an answer we already have: make a fragmented sender stop.
             if header.frag_count > 1 {
@@ -1072,6 +1357,8 @@ impl Endpoint {
         let Some(out) = self.outgoing.get_mut(&id).filter(|o| o.dst == from) else {
             return;
         };
+        // It names our random request id: it receives at its address.
+        self.guard.validate(now, from);
         out.last_rx_tx = header.transmission;
         if ack.unknown {
             // The responder has no record of this request (it restarted, or evicted it):
@@ -1154,13 +1441,25 @@ impl Endpoint {
         self.pump_in(now, id);
     }
 
-    /// Handles a probe: a requester asking what became of a request it fully delivered.
-    fn on_probe(&mut self, now: Instant, from: SocketAddr, header: &Header) {
+    /// Handles a probe: a requester asking what became of a request it fully delivered,
+    /// or echoing (in `payload`) the token of a `Retry`, which validates its address.
+    fn on_probe(&mut self, now: Instant, from: SocketAddr, header: &Header, payload: &[u8]) {
         let id = IncomingId {
             incarnation: header.incarnation,
             request: header.request_id,
         };
         let echo = header.transmission;
+        let received = header.encoded_len() + payload.len();
+        if !payload.is_empty() {
+            if self.guard.check_token(now, from, payload) {
+                if self.guard.validate(now, from) {
+                    self.wire.stats.addresses_validated += 1;
+                }
+            } else {
+                self.wire.stats.bad_datagrams += 1;
+                debug!("a probe from {from} carries a token that is not ours, or expired");
+            }
+        }
         let forgotten = self
             .floors
             .get(&id.incarnation)
@@ -1188,15 +1487,16 @@ impl Endpoint {
                 unknown: false,
                 ranges: Vec::new(),
             },
-            Some(InPhase::Responded(t)) => {
-                if t.count() == 1 {
-                    self.resend_cached(from, id, echo);
-                }
+            Some(InPhase::Responded(_)) => {
+                self.answer_again(now, from, id, echo, received);
                 return;
             }
             Some(InPhase::Delivered) => return,
         };
-        self.wire.send_ack(from, id.request, 0, echo, &ack);
+        let ack_bytes = self.wire.header_len() + ack.encoded_len();
+        if may_reply(&self.config, &self.guard, now, from, received, ack_bytes) {
+            self.wire.send_ack(from, id.request, 0, echo, &ack);
+        }
     }
 
     /// Runs the timer of request `id` that we sent.
@@ -1376,7 +1676,37 @@ impl Endpoint {
             floor.queued = now;
             self.floor_order.push_back((id.incarnation, now));
         }
+        if fresh {
+            self.enforce_floor_bound();
+        }
         true
+    }
+
+    /// Drops the floors raised longest ago while more than [`Config::floors_max`] are held
+    /// (a flood of requests from ever new incarnations must not grow them without bound).
+    /// A dropped floor's late duplicates are then refused only by the replay window of a
+    /// cluster key, if one is in force.
+    fn enforce_floor_bound(&mut self) {
+        while self.floors.len() > self.config.floors_max.max(1) {
+            let Some((incarnation, at)) = self.floor_order.pop_front() else {
+                return;
+            };
+            // Each floor has exactly one queue entry stamped with its `queued` time.
+            if self
+                .floors
+                .get(&incarnation)
+                .is_some_and(|f| f.queued == at)
+            {
+                self.floors.remove(&incarnation);
+                self.wire.stats.floors_evicted += 1;
+                if let Some(held_back) = self.auth_log.allow(at) {
+                    debug!(
+                        "forgot the floor of requester incarnation {incarnation:#x}: more than {} floors ({held_back} more such lines held back)",
+                        self.config.floors_max
+                    );
+                }
+            }
+        }
     }
 
     /// Forgets the oldest answered entry that may be forgotten; false if there is none.
@@ -1416,6 +1746,27 @@ fn echo_sample(out: &Outgoing, echo: u32, now: Instant) -> Option<Duration> {
     out.transfer
         .sent_at_of(echo)
         .map(|sent| now.saturating_duration_since(sent))
+}
+
+/// Whether a reply to `peer` at `now` must wait for its address to be validated: the
+/// anti-amplification check is on, no cluster key authenticated the request, and `peer` was
+/// not validated recently.
+fn needs_validation(config: &Config, guard: &Guard, now: Instant, peer: SocketAddr) -> bool {
+    config.validate_addresses && config.auth.is_none() && !guard.is_validated(now, peer)
+}
+
+/// Whether a reply of `reply_bytes` may go to `peer` at `now` in answer to datagrams of
+/// `received` bytes: always to a validated address or under a cluster key, otherwise only
+/// within [`AMPLIFICATION_FACTOR`] times `received`.
+fn may_reply(
+    config: &Config,
+    guard: &Guard,
+    now: Instant,
+    peer: SocketAddr,
+    received: usize,
+    reply_bytes: usize,
+) -> bool {
+    reply_bytes <= AMPLIFICATION_FACTOR * received || !needs_validation(config, guard, now, peer)
 }
 
 /// The earlier of two optional instants.

@@ -227,10 +227,13 @@ impl Sim {
 }
 
 /// The simulated application's answer to a request: the body reversed, or, for a body
-/// starting with `big:`, a 1 MiB response.
+/// starting with `big:`, a 1 MiB response, and for one starting with `wide:`, 1000 bytes
+/// (one fragment, but more than three times a small request).
 fn answer_for(body: &[u8]) -> Vec<u8> {
     if body.starts_with(b"big:") {
         (0..(1 << 20)).map(|i: u32| (i % 251) as u8).collect()
+    } else if body.starts_with(b"wide:") {
+        pattern(1000)
     } else {
         body.iter().rev().copied().collect()
     }
@@ -795,4 +798,289 @@ fn a_late_answer_for_an_earlier_process_on_the_same_address_is_not_taken() {
         !matches!(new.poll_event(), Some(Event::Response { .. })),
         "the new process took the old one's answer"
     );
+}
+
+/// The wall-clock time (µs since the Unix epoch) the keyed tests' clocks start at.
+const WALL_T0: u64 = 1_700_000_000_000_000;
+
+/// A config with the cluster key derived from `secret`, its wall clock reading [`WALL_T0`]
+/// at `origin`.
+fn keyed(secret: &[u8], origin: Instant) -> Config {
+    keyed_at(secret, origin, WALL_T0)
+}
+
+/// A config with the cluster key derived from `secret`, its wall clock reading
+/// `origin_micros` at `origin` (the process's start).
+fn keyed_at(secret: &[u8], origin: Instant, origin_micros: u64) -> Config {
+    Config {
+        auth: Some(Auth {
+            key: ClusterKey::from_secret(secret).expect("a long enough secret"),
+            replay_window: Auth::DEFAULT_WINDOW,
+            clock: crate::auth::WallClock::anchored(origin, origin_micros),
+        }),
+        ..Config::default()
+    }
+}
+
+impl Sim {
+    /// Replaces the endpoint at `at` with a fresh one (a restarted process) with `config`.
+    fn replace(&mut self, at: SocketAddr, config: Config) {
+        let endpoint = Endpoint::new(config, &mut self.rng);
+        self.nodes.insert(at, endpoint);
+    }
+}
+
+/// A request datagram from requester incarnation `incarnation`, id `request`, carrying
+/// `body` in one fragment (no MAC).
+fn request_datagram(incarnation: u64, request: u64, body: &[u8]) -> Vec<u8> {
+    let mut h = Header::new(Kind::Request, incarnation, request, 1);
+    h.message_len = body.len() as u32;
+    codec::encode_datagram(&h, body)
+}
+
+/// Issue 8: endpoints sharing a cluster key talk (every datagram sealed and stamped, a
+/// fragmented exchange included); one with another key, or none, gets no reply at all, and
+/// nothing is executed.
+#[test]
+fn with_a_cluster_key_only_key_holders_are_answered() {
+    let secret = b"the cluster key of this test";
+    let mut sim = Sim::new(2, Config::default(), 40);
+    let origin = sim.now;
+    sim.replace(addr(1), keyed(secret, origin));
+    sim.replace(addr(2), keyed(secret, origin));
+    sim.rule = Some(Box::new(|h, _, _| {
+        assert!(h.flags & codec::FLAG_MAC != 0, "every datagram is sealed");
+        assert!(h.stamp >= WALL_T0, "and stamped");
+        false
+    }));
+    let id = sim.request(addr(1), addr(2), b"abc".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"cba");
+    let id = sim.request(addr(1), addr(2), b"big:".to_vec());
+    assert_eq!(sim.outcome(id).unwrap().len(), 1 << 20);
+    assert_eq!(sim.executions(addr(2)), 2);
+    assert_eq!(sim.node(addr(2)).stats().auth_failures, 0);
+    assert_eq!(
+        sim.node(addr(2)).stats().retries_sent,
+        0,
+        "keyed: no validation needed"
+    );
+    sim.rule = None;
+
+    for (name, config) in [
+        (
+            "another key",
+            keyed(b"not the cluster key of this test", origin),
+        ),
+        ("no key", Config::default()),
+    ] {
+        sim.replace(addr(1), config);
+        let sent_before = sim.node(addr(2)).stats().datagrams_sent;
+        let failures_before = sim.node(addr(2)).stats().auth_failures;
+        let id = sim.request(addr(1), addr(2), b"set x".to_vec());
+        assert!(
+            matches!(sim.outcome(id), Err(RequestError::Timeout { .. })),
+            "{name}: no answer"
+        );
+        let stats = sim.node(addr(2)).stats().clone();
+        assert_eq!(
+            stats.datagrams_sent, sent_before,
+            "{name}: not one datagram back"
+        );
+        assert!(stats.auth_failures > failures_before, "{name}: counted");
+        assert_eq!(sim.executions(addr(2)), 2, "{name}: nothing executed");
+    }
+}
+
+/// Issue 8: a replayed (captured) request is answered from the dedup cache inside the
+/// replay window, refused past it, and refused by a process started after it was sent;
+/// it is executed once in all.
+#[test]
+fn a_replayed_datagram_is_answered_from_the_cache_then_refused() {
+    let t0 = Instant::now();
+    let config = keyed(b"the cluster key of this test", t0);
+    let mut rng = Rng::seeded(41);
+    let mut a = Endpoint::new(config.clone(), &mut rng);
+    let mut b = Endpoint::new(config.clone(), &mut rng);
+    a.request(t0, addr(2), b"set x 1".to_vec(), None).unwrap();
+    let captured = a.poll_transmit().unwrap().payload;
+    b.handle_datagram(t0, addr(1), &captured);
+    let Some(Event::Request { id, .. }) = b.poll_event() else {
+        panic!("the request is raised");
+    };
+    b.respond(t0, id, b"ok".to_vec()).unwrap();
+    let answer = b.poll_transmit().unwrap().payload;
+
+    // Inside the window: the cached answer, not a second execution.
+    let t1 = t0 + Duration::from_secs(10);
+    b.handle_timeout(t1);
+    b.handle_datagram(t1, addr(1), &captured);
+    assert_eq!(b.poll_event(), None, "not executed again");
+    let again = b.poll_transmit().expect("the cached answer").payload;
+    assert_eq!(
+        Header::decode(&again).unwrap().1,
+        Header::decode(&answer).unwrap().1
+    );
+    assert_eq!(b.stats().responses_from_cache, 1);
+
+    // Past the window (the cache still holds the entry: the window is shorter): refused.
+    let t2 = t0 + Auth::DEFAULT_WINDOW + Duration::from_secs(1);
+    b.handle_timeout(t2);
+    assert_eq!(b.cached_entries(), 1);
+    b.handle_datagram(t2, addr(1), &captured);
+    assert_eq!((b.poll_event(), b.poll_transmit()), (None, None));
+    assert_eq!(b.stats().replays_refused, 1);
+
+    // A process started after the datagram was sent refuses it, however young it is.
+    let restarted_at = t0 + Duration::from_secs(2);
+    let mut restarted = Endpoint::new(
+        keyed_at(
+            b"the cluster key of this test",
+            restarted_at,
+            WALL_T0 + 2_000_000,
+        ),
+        &mut rng,
+    );
+    restarted.handle_datagram(restarted_at, addr(1), &captured);
+    assert_eq!(
+        (restarted.poll_event(), restarted.poll_transmit()),
+        (None, None)
+    );
+    assert_eq!(restarted.stats().replays_refused, 1);
+    assert_eq!(b.stats().requests_executed, 1);
+}
+
+/// Issue 8 (anti-amplification): a request from a forged address gets back at most three
+/// times its bytes: a large answer is held and only a small `Retry` goes out, again for
+/// every copy or probe, never a fragment of the answer, however long one waits. A probe with
+/// a forged token validates nothing.
+#[test]
+fn a_forged_source_gets_at_most_three_times_what_it_sent() {
+    let t0 = Instant::now();
+    let mut rng = Rng::seeded(42);
+    let mut b = Endpoint::new(Config::default(), &mut rng);
+    let victim = addr(9);
+    for (request, body) in [(7, &b"big:"[..]), (8, &b"wide:"[..])] {
+        let datagram = request_datagram(0xbad, request, body);
+        let mut sent = 0;
+        let mut received = 0;
+        for copy in 0..3u64 {
+            let now = t0 + Duration::from_secs(copy);
+            b.handle_datagram(now, victim, &datagram);
+            received += datagram.len();
+            if let Some(Event::Request { id, body, .. }) = b.poll_event() {
+                b.respond(now, id, answer_for(&body)).unwrap();
+            }
+            let mut probe = Header::new(Kind::Probe, 0xbad, request, 1);
+            probe.message_len = 0;
+            let forged = codec::encode_datagram(&probe, &[0x55; crate::auth::TOKEN_LEN]);
+            b.handle_datagram(now, victim, &forged);
+            received += forged.len();
+            b.handle_timeout(now + Duration::from_millis(900));
+            while let Some(t) = b.poll_transmit() {
+                assert_eq!(t.dst, victim);
+                let kind = Header::decode(&t.payload).unwrap().0.kind;
+                assert_eq!(
+                    kind,
+                    Kind::Retry,
+                    "only retries go to an unvalidated address"
+                );
+                sent += t.payload.len();
+            }
+        }
+        assert!(sent > 0, "the victim is asked to prove its address");
+        assert!(
+            sent <= AMPLIFICATION_FACTOR * received,
+            "{sent} bytes sent for {received} received"
+        );
+        b.handle_timeout(t0 + Duration::from_secs(50));
+        assert_eq!(
+            b.poll_transmit(),
+            None,
+            "nothing more, however long one waits"
+        );
+    }
+    let stats = b.stats();
+    assert_eq!(stats.requests_executed, 2);
+    assert_eq!(stats.replies_held, 2);
+    assert_eq!(stats.addresses_validated, 0);
+    assert!(stats.bad_datagrams >= 6, "forged tokens are counted");
+}
+
+/// Issue 8 (anti-amplification): an honest requester echoes the token and gets its large
+/// answer, one round trip later; its address is then remembered, and a small answer never
+/// needed the detour.
+#[test]
+fn an_honest_requester_proves_its_address_once() {
+    let mut sim = Sim::new(2, Config::default(), 43);
+    let id = sim.request(addr(1), addr(2), b"abc".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), b"cba");
+    assert_eq!(
+        sim.node(addr(2)).stats().retries_sent,
+        0,
+        "small answers go at once"
+    );
+    let id = sim.request(addr(1), addr(2), b"wide:".to_vec());
+    assert_eq!(sim.outcome(id).unwrap(), pattern(1000));
+    assert_eq!(sim.node(addr(2)).stats().retries_sent, 1);
+    assert_eq!(sim.node(addr(2)).stats().addresses_validated, 1);
+    let id = sim.request(addr(1), addr(2), b"big:".to_vec());
+    assert_eq!(sim.outcome(id).unwrap().len(), 1 << 20);
+    assert_eq!(
+        sim.node(addr(2)).stats().retries_sent,
+        1,
+        "the address is remembered"
+    );
+    // The other way round, node 1 asked node 2 and heard back: already validated.
+    let id = sim.request(addr(2), addr(1), b"big:".to_vec());
+    assert_eq!(sim.outcome(id).unwrap().len(), 1 << 20);
+    assert_eq!(sim.node(addr(1)).stats().retries_sent, 0);
+    assert_eq!(sim.executions(addr(2)), 3);
+}
+
+/// Issue 8 (anti-amplification) under loss: retries, token probes and held answers may be
+/// lost, and every request still completes exactly once.
+#[test]
+fn address_validation_survives_loss_and_duplication() {
+    let mut sim = Sim::new(3, Config::default(), 44);
+    sim.loss = 0.2;
+    sim.dup = 0.1;
+    sim.reorder = 0.1;
+    let mut ids = Vec::new();
+    for i in 0..20u8 {
+        let body = if i % 2 == 0 {
+            b"wide:".to_vec()
+        } else {
+            vec![b'w', b'i', b'd', b'e', b':', i]
+        };
+        ids.push(sim.request(addr(1 + i % 2), addr(3), body));
+    }
+    for id in ids {
+        assert_eq!(sim.outcome(id).unwrap(), pattern(1000));
+    }
+    assert_eq!(sim.executions(addr(3)), 20);
+}
+
+/// Issue 8 (bounded resources): a flood of requests from ever new incarnations leaves at
+/// most `floors_max` floors behind, and says how many it dropped.
+#[test]
+fn floors_are_bounded() {
+    let config = Config {
+        floors_max: 10,
+        dedup_max_entries: 5,
+        ..Config::default()
+    };
+    let t0 = Instant::now();
+    let mut b = Endpoint::new(config, &mut Rng::seeded(45));
+    for incarnation in 1..=50u64 {
+        b.handle_datagram(t0, addr(1), &request_datagram(incarnation, 3, b"x"));
+        while let Some(Event::Request { id, .. }) = b.poll_event() {
+            b.respond(t0, id, b"y".to_vec()).unwrap();
+        }
+    }
+    assert!(b.cached_entries() <= 5);
+    assert!(b.floors.len() <= 10, "{} floors", b.floors.len());
+    assert_eq!(b.stats().floors_evicted, 50 - 5 - 10);
+    // The newest floors still refuse their late duplicates.
+    b.handle_datagram(t0, addr(1), &request_datagram(44, 3, b"x"));
+    assert_eq!(b.poll_event(), None);
 }

@@ -198,7 +198,7 @@ fn exchange_of(
 ) -> Exchange {
     let from_requester = match header.kind {
         Kind::Request | Kind::Probe => true,
-        Kind::Response => false,
+        Kind::Response | Kind::Retry => false,
         // An ack of response fragments comes from the requester; of request ones, from the
         // responder.
         Kind::Ack => header.flags & codec::FLAG_ACK_RESPONSE != 0,
@@ -259,7 +259,7 @@ fn annotate(observations: &mut [Observation]) -> usize {
         if partial.done {
             continue;
         }
-        let body = payload.get(codec::HEADER_LEN..).unwrap_or_default();
+        let body = payload.get(header.encoded_len()..).unwrap_or_default();
         let shape = (header.message_len, header.frag_count);
         let expected = codec::fragment_range(
             header.message_len as usize,

@@ -72,6 +72,7 @@ fn header_kind(observation: &Observation) -> &'static str {
             Kind::Response => "response",
             Kind::Ack => "ack",
             Kind::Probe => "probe",
+            Kind::Retry => "retry",
         },
         Err(_) => "garbage",
     }
@@ -195,7 +196,7 @@ fn describe(observation: &Observation) -> String {
                 }
             }
         }
-        Kind::Ack | Kind::Probe => {
+        Kind::Ack | Kind::Probe | Kind::Retry => {
             if let Some(request) = info.request {
                 parts.push(format!("(re {request}"));
                 about(&mut parts, info);
@@ -259,7 +260,7 @@ pub fn line(observation: &Observation, names: &[String], start: Duration) -> Str
                         }
                     }
                 }
-                Kind::Probe => text.push_str(&format!(" {} B", observation.bytes)),
+                Kind::Probe | Kind::Retry => text.push_str(&format!(" {} B", observation.bytes)),
             }
             let message = describe(observation);
             if !message.is_empty() {
