@@ -14,6 +14,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use log::{LevelFilter, error, warn};
 use serde_json::json;
 
+use crate::auth::{Auth, ClusterKey};
 use crate::bench::echo::UdpEcho;
 use crate::bench::etcd::{Endpoint, Etcd};
 use crate::bench::trireme::{NetMode, Trireme};
@@ -22,7 +23,6 @@ use crate::client::{Client, GetrOutcome, ServersInfo, SetrHooks, SetrOutcome};
 use crate::faults::FaultSpec;
 use crate::message::{ErrorKind, OpError};
 use crate::net::{self, NetConfig};
-use crate::auth::{Auth, ClusterKey};
 use crate::node;
 use crate::reliable;
 use crate::rng::Rng;

@@ -270,14 +270,26 @@ impl Stats {
     /// forgotten), or `None` if nothing was.
     pub fn drops_since(&self, earlier: &Stats) -> Option<String> {
         let counts = [
-            (self.bad_datagrams - earlier.bad_datagrams, "malformed or unexpected"),
-            (self.auth_failures - earlier.auth_failures, "failed the cluster key"),
-            (self.replays_refused - earlier.replays_refused, "replays refused"),
+            (
+                self.bad_datagrams - earlier.bad_datagrams,
+                "malformed or unexpected",
+            ),
+            (
+                self.auth_failures - earlier.auth_failures,
+                "failed the cluster key",
+            ),
+            (
+                self.replays_refused - earlier.replays_refused,
+                "replays refused",
+            ),
             (
                 self.refused_over_limit - earlier.refused_over_limit,
                 "refused over a memory bound",
             ),
-            (self.floors_evicted - earlier.floors_evicted, "floors forgotten"),
+            (
+                self.floors_evicted - earlier.floors_evicted,
+                "floors forgotten",
+            ),
         ];
         let parts: Vec<String> = counts
             .iter()

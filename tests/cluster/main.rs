@@ -12,6 +12,7 @@ mod membership;
 mod rebalancing;
 mod replication;
 mod robustness;
+mod security;
 mod tracing;
 mod util;
 
