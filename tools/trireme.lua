@@ -39,7 +39,10 @@
 
 local trireme = Proto("trireme", "Trireme Protocol")
 
-local HEADER_LEN = 60
+local FIXED_HEADER_LEN = 60
+-- With the MAC flag (a cluster key) the 8-byte stamp follows the fixed header: the header of
+-- the datagram being dissected is then 68 bytes. Set at the start of every dissection.
+local HEADER_LEN = FIXED_HEADER_LEN
 local VERSION = 1
 local MAX_MESSAGE = 8 * 1024 * 1024
 local MIN_FRAGMENT_PAYLOAD = 256
@@ -48,7 +51,7 @@ local MAX_ACK_RANGES = 128
 -- Bit test without the bit32 library (so the file also loads on a Lua 5.1 or 5.3+ Wireshark).
 local function has_bit(value, bit) return math.floor(value / bit) % 2 == 1 end
 
-local KIND_NAMES = { [1] = "Request", [2] = "Response", [3] = "Ack", [4] = "Probe" }
+local KIND_NAMES = { [1] = "Request", [2] = "Response", [3] = "Ack", [4] = "Probe", [5] = "Retry" }
 
 -- Variant order of `enum Request` / `enum Response` in src/message.rs (= bincode variant index).
 local REQUEST_NAMES = {
@@ -84,6 +87,8 @@ local F = {
     frag_count   = ProtoField.uint32("trireme.frag_count", "Fragment count", base.DEC),
     message_len  = ProtoField.uint32("trireme.message_len", "Message length", base.DEC),
     mac          = ProtoField.bytes("trireme.mac", "MAC"),
+    stamp        = ProtoField.uint64("trireme.stamp", "Stamp (µs since the Unix epoch)"),
+    token        = ProtoField.bytes("trireme.token", "Address-validation token"),
     payload      = ProtoField.bytes("trireme.payload", "Fragment payload"),
 
     -- Ack body
@@ -129,7 +134,8 @@ local F = {
 
 local FIELD_ORDER = {
     "magic", "version", "kind", "flags", "flag_mac", "flag_ackresp", "flag_other", "incarnation",
-    "request_id", "transmission", "echo", "frag_index", "frag_count", "message_len", "mac", "payload",
+    "request_id", "transmission", "echo", "frag_index", "frag_count", "message_len", "mac", "stamp",
+    "token", "payload",
     "ack_flags", "ack_complete", "ack_unknown", "ack_range_count", "ack_range", "ack_range_start",
     "ack_range_end", "message", "variant", "key", "value", "value_len", "value_version", "epoch",
     "txid", "server_id", "addr", "timeout_ms", "lock", "requester", "holder", "position", "text",
@@ -653,6 +659,10 @@ local function dissect(tvb, pinfo, root)
         return "Not trireme"
     end
     tree:add(F.magic, tvb(0, 4), "TRIR")
+    HEADER_LEN = FIXED_HEADER_LEN
+    if len >= 8 and has_bit(tvb(6, 2):uint(), 0x0001) then
+        HEADER_LEN = FIXED_HEADER_LEN + 8
+    end
     if len < HEADER_LEN then
         if len >= 5 then tree:add(F.version, tvb(4, 1)) end
         if len >= 6 then tree:add(F.kind, tvb(5, 1)) end
@@ -690,6 +700,7 @@ local function dissect(tvb, pinfo, root)
     tree:add(F.frag_count, tvb(36, 4))
     local ml = tree:add(F.message_len, tvb(40, 4))
     tree:add(F.mac, tvb(44, 16))
+    if HEADER_LEN > FIXED_HEADER_LEN then tree:add(F.stamp, tvb(60, 8)) end
 
     local kind_name = KIND_NAMES[kind] or ("Kind " .. kind)
     local head = kind_name .. " " .. tostring(hdr.request_id)
@@ -748,9 +759,14 @@ local function dissect(tvb, pinfo, root)
         end
         return text .. dissect_ack(tvb, tree)
     else
+        -- A retry carries a token; a probe is empty or echoes one.
         if payload_len > 0 then
-            local pt = captured > 0 and tree:add(F.payload, tvb(HEADER_LEN, captured)) or tree
-            malformed(pt, "probe with a payload")
+            local pt = captured > 0 and tree:add(F.token, tvb(HEADER_LEN, captured)) or tree
+            if payload_len ~= 20 then
+                malformed(pt, string.format("%d-byte token, expected 20", payload_len))
+            end
+        elseif kind == 5 then
+            malformed(tree, "retry without a token")
         end
         return head .. tx .. echo
     end
@@ -779,7 +795,7 @@ local function heuristic(tvb, pinfo, root)
     if tvb(0, 4):raw() ~= "TRIR" then return false end
     if tvb(4, 1):uint() ~= VERSION then return false end
     local kind = tvb(5, 1):uint()
-    if kind < 1 or kind > 4 then return false end
+    if kind < 1 or kind > 5 then return false end
     dissector(tvb, pinfo, root)
     return true
 end

@@ -15,11 +15,11 @@ use crate::util::{self, Env, Run};
 const TRACE_DUMP: &str = env!("CARGO_BIN_EXE_trace-dump");
 
 /// A scratch directory removed when dropped.
-struct ScratchDir(PathBuf);
+pub struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     /// Creates a fresh directory named after `name` and this process.
-    fn new(name: &str) -> ScratchDir {
+    pub fn new(name: &str) -> ScratchDir {
         let dir = std::env::temp_dir().join(format!("trireme-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -27,7 +27,7 @@ impl ScratchDir {
     }
 
     /// A path inside the directory, as a string for command lines.
-    fn file(&self, name: &str) -> String {
+    pub fn file(&self, name: &str) -> String {
         self.0.join(name).to_string_lossy().into_owned()
     }
 }
@@ -45,7 +45,7 @@ fn trace_dump(args: &[&str]) -> Run {
 }
 
 /// Runs trace-dump with `args`, asserts success, and returns its stdout lines.
-fn dump_lines(args: &[&str]) -> Vec<String> {
+pub fn dump_lines(args: &[&str]) -> Vec<String> {
     let run = trace_dump(args);
     assert_eq!(run.code, 0, "trace-dump {args:?} failed: {}", run.stderr);
     run.stdout.lines().map(str::to_owned).collect()
@@ -361,14 +361,25 @@ fn traces_of_real_runs_decode_filter_summarise_and_follow_a_setr() {
 
     // An independent reader: tshark sees the same datagrams with the same addresses.
     if let Some(tshark) = tshark() {
-        check_with_tshark(&tshark, &traces.setr);
+        check_with_tshark(
+            &tshark,
+            &traces.setr,
+            &[
+                "QueryServers",
+                "Servers",
+                "Prepare",
+                "Prepared",
+                "Commit",
+                "Done",
+            ],
+        );
     }
     drop(traces.dir);
 }
 
 /// The tshark binary, or `None` with a loud message (a failure when
 /// `TRIREME_REQUIRE_TSHARK=1`, as CI sets it once it has installed tshark).
-fn tshark() -> Option<String> {
+pub fn tshark() -> Option<String> {
     let found = Command::new("tshark")
         .arg("--version")
         .output()
@@ -387,8 +398,9 @@ fn tshark() -> Option<String> {
 }
 
 /// Checks `trace` with tshark: the same UDP datagrams, addresses and ports as the project's
-/// reader sees, and our Lua dissector decodes every one as trireme.
-fn check_with_tshark(tshark: &str, trace: &str) {
+/// reader sees, and our Lua dissector decodes every one as trireme, naming at least the
+/// messages in `names`.
+pub fn check_with_tshark(tshark: &str, trace: &str, names: &[&str]) {
     let ours = trireme::trace::read_file(Path::new(trace)).unwrap();
     let output = Command::new(tshark)
         .args(["-n", "-r", trace, "-T", "fields", "-E", "separator=,"])
@@ -476,18 +488,11 @@ fn check_with_tshark(tshark: &str, trace: &str) {
         "-e",
         "trireme.message",
     ]);
-    let names: BTreeSet<&str> = messages.lines().collect();
-    for name in [
-        "QueryServers",
-        "Servers",
-        "Prepare",
-        "Prepared",
-        "Commit",
-        "Done",
-    ] {
+    let named: BTreeSet<&str> = messages.lines().collect();
+    for name in names {
         assert!(
-            names.contains(name),
-            "the dissector named no {name}: {names:?}"
+            named.contains(name),
+            "the dissector named no {name}: {named:?}"
         );
     }
 }
