@@ -101,7 +101,7 @@ fn run_part(part: u64) {
         }
     }
     eprintln!(
-        "{seeds} seeds: {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads); faults: {} datagrams dropped, {} duplicated, {} reordered of {} delivered, {} server crashes, {} cuts, {} clients killed ({} between votes and decision)",
+        "{seeds} seeds: {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads); faults: {} datagrams dropped, {} duplicated, {} reordered of {} delivered, {} server crashes, {} cuts, {} clients killed ({} between votes and decision); {} runs with a cluster key; {} replies held for address validation",
         totals.ops,
         totals.acked_writes,
         totals.unknown_writes,
@@ -113,7 +113,9 @@ fn run_part(part: u64) {
         faults.crashes,
         faults.partitions,
         faults.client_kills,
-        faults.kills_before_decision
+        faults.kills_before_decision,
+        faults.keyed_runs,
+        faults.retries
     );
     assert!(
         failures.is_empty(),

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use trireme::auth::{Auth, ClusterKey, WallClock};
 use trireme::client::{Placement, ServersInfo};
+use trireme::codec::Kind;
 use trireme::coordinator::{Getr, Operation, Setr, SetrHooks};
 use trireme::message::{ErrorKind, OpError, Request, Response, TxId};
 use trireme::node::{self, Node, NodeNet};
@@ -58,7 +60,12 @@ pub struct Params {
     pub heartbeat: Duration,
     /// The view leader's failure detector.
     pub dead_after: Duration,
+    /// Every host seals its datagrams with a cluster key (and checks its peers').
+    pub keyed: bool,
 }
+
+/// The wall-clock time (µs since the Unix epoch) a simulation starts at.
+const SIM_WALL_START: u64 = 1_750_000_000_000_000;
 
 impl Params {
     /// The parameters of run `seed`: a mix of quiet runs and runs with every fault.
@@ -92,6 +99,8 @@ impl Params {
             think: ms(&mut rng, 1, 40),
             heartbeat: ms(&mut rng, 50, 300),
             dead_after: ms(&mut rng, 800, 2_000),
+            // Drawn last, so that the other parameters of a seed stay what they were.
+            keyed: rng.chance(0.5),
         }
     }
 }
@@ -159,6 +168,10 @@ pub struct Stats {
     pub client_kills: u64,
     /// Clients killed between the votes and the decision of a setr.
     pub kills_before_decision: u64,
+    /// Runs with a cluster key (every datagram sealed and checked).
+    pub keyed_runs: u64,
+    /// `Retry` datagrams sent: replies held until the requester proved its address.
+    pub retries: u64,
 }
 
 impl Stats {
@@ -173,6 +186,8 @@ impl Stats {
         self.partitions += other.partitions;
         self.client_kills += other.client_kills;
         self.kills_before_decision += other.kills_before_decision;
+        self.keyed_runs += other.keyed_runs;
+        self.retries += other.retries;
     }
 }
 
@@ -582,11 +597,11 @@ impl NodeNet for HostNet<'_> {
 }
 
 impl Host {
-    /// A host at `addr` running `app`, with a fresh endpoint (a new incarnation).
-    fn new(addr: SocketAddr, app: App, rng: &mut Rng) -> Host {
+    /// A host at `addr` running `app`, with a fresh endpoint (a new incarnation) on `config`.
+    fn new(addr: SocketAddr, app: App, config: reliable::Config, rng: &mut Rng) -> Host {
         Host {
             addr,
-            endpoint: Endpoint::new(reliable::Config::default(), rng),
+            endpoint: Endpoint::new(config, rng),
             app,
             tokens: BTreeMap::new(),
         }
@@ -794,16 +809,21 @@ impl World {
             holders: 0,
             trace: trace.then(Vec::new),
             history: Vec::new(),
-            stats: Stats::default(),
+            stats: Stats {
+                keyed_runs: u64::from(params.keyed),
+                ..Stats::default()
+            },
             digest: 0xcbf2_9ce4_8422_2325,
             verbose: false,
             seen_epoch: 0,
             params,
             rng: Rng::seeded(0),
         };
+        let config = world.endpoint_config();
         world.hosts.push(Some(Host::new(
             leader_addr,
             App::Leader(Box::new(leader)),
+            config,
             &mut rng,
         )));
         for slot in FIRST_SERVER..FIRST_SERVER + world.params.servers {
@@ -836,7 +856,26 @@ impl World {
             candidates: Vec::new(),
         };
         let server = Server::new(config, rng.fork(), self.now);
-        Host::new(self.addrs[slot], App::Server(Box::new(server)), rng)
+        let config = self.endpoint_config();
+        Host::new(self.addrs[slot], App::Server(Box::new(server)), config, rng)
+    }
+
+    /// The reliable layer's configuration of a host started now: with the simulation's
+    /// cluster key in keyed runs, its wall clock anchored on the virtual one (the same for
+    /// every host; a host's start is now).
+    fn endpoint_config(&self) -> reliable::Config {
+        let auth = self.params.keyed.then(|| {
+            let since = self.now.saturating_duration_since(self.start);
+            Auth {
+                key: ClusterKey::from_secret(b"the simulated cluster's key").expect("long enough"),
+                replay_window: Auth::DEFAULT_WINDOW,
+                clock: WallClock::anchored(self.now, SIM_WALL_START + since.as_micros() as u64),
+            }
+        });
+        reliable::Config {
+            auth,
+            ..reliable::Config::default()
+        }
     }
 
     /// A fresh client for `slot`, starting its first operation soon.
@@ -856,7 +895,8 @@ impl World {
             done: Vec::new(),
             params: self.params.clone(),
         };
-        Host::new(self.addrs[slot], App::Client(Box::new(client)), rng)
+        let config = self.endpoint_config();
+        Host::new(self.addrs[slot], App::Client(Box::new(client)), config, rng)
     }
 
     /// Queues `event` at `at`.
@@ -929,6 +969,9 @@ impl World {
     /// Puts a datagram from `from` on the network: lost, cut, duplicated, delayed, held back.
     fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
         self.stats.sent += 1;
+        if payload.get(5) == Some(&(Kind::Retry as u8)) {
+            self.stats.retries += 1;
+        }
         self.record(Direction::Sent, from, to, &payload);
         let pair = if from < to { (from, to) } else { (to, from) };
         let (loss, dup, reorder) = if self.chaos {
