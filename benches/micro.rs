@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use trireme::auth::{Auth, ClusterKey};
 use trireme::codec::{self, AckBody, HEADER_LEN, Header, Kind};
 use trireme::message::{Request, Response, TxId};
 use trireme::net::{self, NetConfig};
@@ -225,6 +226,28 @@ fn codec_group() {
         }),
     );
 
+    let key = ClusterKey::from_secret(b"the micro-benchmark's cluster key").unwrap();
+    for payload in [64, 1332] {
+        let mut sealed = header;
+        sealed.flags |= codec::FLAG_MAC;
+        let mut datagram = codec::encode_datagram(&sealed, &vec![0; payload]);
+        let len = datagram.len();
+        report(
+            &format!("codec::seal, {len} B datagram (cluster key)"),
+            Some(len),
+            &measure(|| {
+                codec::seal(black_box(&mut datagram), &key);
+            }),
+        );
+        report(
+            &format!("codec::verify, {len} B datagram (cluster key)"),
+            Some(len),
+            &measure(|| {
+                assert!(codec::verify(black_box(&datagram), &key));
+            }),
+        );
+    }
+
     for value_len in [100, 4096] {
         let request = prepare(value_len);
         let body = codec::encode_body(&request).unwrap();
@@ -414,6 +437,23 @@ fn exchange_group() {
     echo_exchanges("64 B exchange, small response cache", config, 0);
 }
 
+/// 64-byte echo exchanges between endpoints sharing a cluster key: every datagram sealed,
+/// checked and stamped.
+fn exchange_keyed_group() {
+    let config = Config {
+        dedup_ttl: Duration::from_millis(10),
+        auth: Some(Auth::new(
+            ClusterKey::from_secret(b"the micro-benchmark's cluster key").unwrap(),
+        )),
+        ..Config::default()
+    };
+    echo_exchanges(
+        "64 B exchange, small response cache, cluster key",
+        config,
+        0,
+    );
+}
+
 /// 64-byte echo exchanges with the default configuration once the response cache is full
 /// (100 000 entries, one evicted per new request): a busy node's steady state.
 fn exchange_full_group() {
@@ -569,13 +609,18 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let groups: [(&str, &str, fn()); 7] = [
+    let groups: [(&str, &str, fn()); 8] = [
         ("codec", "codec", codec_group),
         ("ring", "ring, 64 vnodes per server", ring_group),
         (
             "exchange",
             "reliable layer, sans-IO: 64-byte request echoed back, response cache small",
             exchange_group,
+        ),
+        (
+            "exchange-keyed",
+            "reliable layer, sans-IO: 64-byte request echoed back, cluster key",
+            exchange_keyed_group,
         ),
         (
             "exchange-full",
