@@ -3,18 +3,22 @@
 # bench`, and prints one table: p50 latency and throughput of setr and getr, lossy / clean.
 # Every process (view leader, 3 servers, the load generator) injects the loss on its own
 # outgoing datagrams (--faults), so requests, responses and acks are all lost alike.
+# With --key the second cluster is not lossy but keyed: every process runs with
+# --cluster-key-file, and the table shows what the MACs cost.
 set -euo pipefail
 
 duration=3
 loss=0.1
 concurrency="1 16"
+mode=loss
 
 usage() {
   cat <<'EOF'
-Usage: tools/bench-loss.sh [--duration SECS] [--loss P] [--concurrency "1 16"]
+Usage: tools/bench-loss.sh [--duration SECS] [--loss P] [--concurrency "1 16"] [--key]
   --duration SECS     length of each measured run (default 3)
   --loss P            loss probability injected by every process (default 0.1)
   --concurrency LIST  worker counts (default "1 16")
+  --key               compare with a clean cluster using a cluster key instead of a lossy one
   -h, --help          this text
 Starts two clusters on loopback (release build): one clean, one where every process runs
 with --faults loss=P; runs `client bench` setr and getr against each; prints p50 and
@@ -28,6 +32,7 @@ while [ $# -gt 0 ]; do
     --duration) duration=$2; shift 2 ;;
     --loss) loss=$2; shift 2 ;;
     --concurrency) concurrency=$2; shift 2 ;;
+    --key) mode=key; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -60,12 +65,22 @@ wait_for() {
   done
 }
 
-# Starts a cluster named $1 whose processes inject fault spec $2 (may be empty) and sets
+# The flags of the second cluster's processes: the loss, or the cluster key.
+if [ "$mode" = key ]; then
+  head -c 32 /dev/urandom | base64 >"$out/cluster.key"
+  variant=(--cluster-key-file "$out/cluster.key")
+  label=keyed
+else
+  variant=(--faults "loss=$loss")
+  label=lossy
+fi
+
+# Starts a cluster named $1 whose processes take the flags "${@:2}" (maybe none) and sets
 # CLUSTER_VL to its view leader's address. (Not called in a command substitution: that would
 # run it in a subshell, whose PIDs the cleanup would never see.)
 cluster() {
-  local name=$1 faults=$2 args=()
-  [ -n "$faults" ] && args=(--faults "$faults")
+  local name=$1; shift
+  local args=("$@")
   "$bin/viewleader" --bind 127.0.0.1:0 "${args[@]}" >"$out/$name-vl.out" 2>/dev/null &
   pids+=($!)
   wait_for "$name view leader" grep -q "listening on" "$out/$name-vl.out"
@@ -76,40 +91,49 @@ cluster() {
       >"$out/$name-s$n.out" 2>/dev/null &
     pids+=($!)
   done
-  wait_for "$name cluster" sh -c "'$bin/client' --viewleader $vl --json query_servers |
+  local flags=""
+  [ ${#args[@]} -gt 0 ] && flags=$(printf " '%s'" "${args[@]}")
+  wait_for "$name cluster" sh -c "'$bin/client'$flags --viewleader $vl --json query_servers |
     jq -e '(.servers | length) == 3 and .rebalancing == false' &&
-    '$bin/client' -q --viewleader $vl setr warm-up ok"
+    '$bin/client'$flags -q --viewleader $vl setr warm-up ok"
   CLUSTER_VL=$vl
 }
 
-cluster clean ""
+cluster clean
 clean_vl=$CLUSTER_VL
-cluster lossy "loss=$loss"
+cluster "$label" "${variant[@]}"
 lossy_vl=$CLUSTER_VL
 
-# Runs one bench against view leader $1 with faults $2 and options "${@:3}"; prints its JSON.
+# Runs one bench against view leader $1 with options "${@:2}", the second cluster's flags
+# first if $1 is that cluster; prints its JSON.
 bench() {
-  local vl=$1 faults=$2; shift 2
+  local vl=$1; shift
   local args=()
-  [ -n "$faults" ] && args=(--faults "$faults")
+  [ "$vl" = "$lossy_vl" ] && args=("${variant[@]}")
   "$bin/client" -q --viewleader "$vl" --timeout-ms 10000 "${args[@]}" \
     bench --duration "$duration" --keys 1000 --json "$@"
 }
 
 printf '%-5s %5s | %10s %9s | %10s %9s | %7s %7s | %s\n' \
-  op conc "clean op/s" "p50 µs" "lossy op/s" "p50 µs" "p50 ×" "ops ×" "targets (p50 ≤ 3×, ops ≥ 0.5×)"
+  op conc "clean op/s" "p50 µs" "$label op/s" "p50 µs" "p50 ×" "ops ×" \
+  "$([ "$mode" = loss ] && echo "targets (p50 ≤ 3×, ops ≥ 0.5×)")"
 for conc in $concurrency; do
   for op in setr getr; do
-    clean=$(bench "$clean_vl" "" --op "$op" --concurrency "$conc")
-    lossy=$(bench "$lossy_vl" "loss=$loss" --op "$op" --concurrency "$conc")
-    jq -rn --argjson c "$clean" --argjson l "$lossy" --arg op "$op" --arg conc "$conc" '
+    clean=$(bench "$clean_vl" --op "$op" --concurrency "$conc")
+    lossy=$(bench "$lossy_vl" --op "$op" --concurrency "$conc")
+    jq -rn --argjson c "$clean" --argjson l "$lossy" --arg op "$op" --arg conc "$conc" \
+      --arg mode "$mode" '
       ($l.latency_us.p50 / $c.latency_us.p50) as $p |
       ($l.throughput / $c.throughput) as $t |
       [$op, $conc, ($c.throughput | round), $c.latency_us.p50, ($l.throughput | round),
        $l.latency_us.p50, ($p * 100 | round / 100), ($t * 100 | round / 100),
-       (if $p <= 3 and $t >= 0.5 then "met" else "missed" end),
+       (if $mode == "key" then "" elif $p <= 3 and $t >= 0.5 then "met" else "missed" end),
        ($l.failed | tostring) + " failed"] |
       "\(.[0]|.[0:5]) \(.[1]) | \(.[2]) \(.[3]) | \(.[4]) \(.[5]) | \(.[6]) \(.[7]) | \(.[8]) (\(.[9]))"'
   done
 done
-echo "loss=$loss on every process's outgoing datagrams; $duration s per run; 3 servers, replicas 3."
+if [ "$mode" = key ]; then
+  echo "second cluster: every process with --cluster-key-file; $duration s per run; 3 servers, replicas 3."
+else
+  echo "loss=$loss on every process's outgoing datagrams; $duration s per run; 3 servers, replicas 3."
+fi
