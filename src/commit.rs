@@ -54,13 +54,19 @@ const TERMINATION_RETRY: Duration = Duration::from_millis(500);
 const MAX_DECISION_WAIT: Duration = Duration::from_secs(30);
 /// How long decided outcomes are remembered (answering late queries and late prepares).
 const DECIDED_TTL: Duration = Duration::from_secs(120);
-/// The most decided outcomes remembered (the oldest are forgotten first; the primary still
-/// answers a forgotten commit from its bucket).
-const DECIDED_MAX: usize = 200_000;
-/// The most transactions pending at once; more are voted down.
-const PENDING_MAX: usize = 10_000;
+/// The most decided outcomes remembered of transactions prepared or asked about here (the
+/// oldest are forgotten first; a forgotten commit is still answered from the bucket).
+pub const DECIDED_MAX: usize = 200_000;
+/// The most aborts remembered for transactions never prepared here (an abort that overtook
+/// its prepare, or one from a stranger): kept apart from [`DECIDED_MAX`], so a flood of
+/// aborts for made-up transactions never pushes out the outcomes of real ones. The oldest
+/// are forgotten first; forgetting one only lets its late prepare lock the key until its
+/// deadline.
+pub const UNSEEN_ABORTS_MAX: usize = 100_000;
+/// The most transactions pending (voted yes, undecided) at once; more are voted down.
+pub const PENDING_MAX: usize = 10_000;
 /// The most bytes of values pending at once; more are voted down.
-const PENDING_BYTES_MAX: usize = 256 << 20;
+pub const PENDING_BYTES_MAX: usize = 256 << 20;
 
 /// A `Prepare` request's arguments.
 #[derive(Clone, Debug)]
@@ -178,6 +184,57 @@ pub enum Effect {
     },
 }
 
+/// Why a participant voted no on a prepare.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VoteNo {
+    /// The transaction was aborted here already (or a peer asked about it before its prepare
+    /// arrived).
+    #[error("transaction {0} was already aborted here")]
+    AlreadyAborted(TxId),
+    /// The transaction was committed here already.
+    #[error("transaction {0} was already decided")]
+    AlreadyDecided(TxId),
+    /// The coordinator expected another server id (this server restarted or rejoined).
+    #[error("server id mismatch: expected {expected}, this is {me}")]
+    IdMismatch {
+        /// The id the coordinator expected.
+        expected: ServerId,
+        /// Our id.
+        me: ServerId,
+    },
+    /// The coordinator computed the replicas from another view.
+    #[error("epoch mismatch: the coordinator is at epoch {theirs}, this replica at {ours}")]
+    EpochMismatch {
+        /// The coordinator's epoch.
+        theirs: Epoch,
+        /// Ours.
+        ours: Epoch,
+    },
+    /// This server is not among the participants named.
+    #[error("{0} is not among the participants")]
+    NotAParticipant(ServerId),
+    /// Another transaction holds the key.
+    #[error("key {key:?} has a pending commit ({holder})")]
+    KeyLocked {
+        /// The key.
+        key: String,
+        /// The transaction holding it.
+        holder: TxId,
+    },
+    /// The pending table is full ([`PENDING_MAX`] transactions or [`PENDING_BYTES_MAX`] bytes
+    /// of values).
+    #[error(
+        "too many transactions are pending here ({pending} of at most {PENDING_MAX}, \
+         {bytes} bytes of values of at most {PENDING_BYTES_MAX})"
+    )]
+    Full {
+        /// Transactions pending.
+        pending: usize,
+        /// Bytes of values pending, this prepare's included.
+        bytes: usize,
+    },
+}
+
 /// Why a commit was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommitRefusal {
@@ -185,7 +242,8 @@ pub enum CommitRefusal {
     Aborted,
     /// A peer is settling the outcome without the coordinator (the primary left the view).
     Closed,
-    /// No record of the transaction (it was never prepared here).
+    /// No record of the transaction: it was never prepared here, or it was decided so long
+    /// ago that the outcome is forgotten. Nothing changed.
     Unknown,
 }
 
@@ -200,8 +258,12 @@ pub struct Participant {
     locked: BTreeMap<String, TxId>,
     /// Decided outcomes and tombstones.
     decided: BTreeMap<TxId, Record>,
-    /// The order outcomes were recorded, for forgetting them.
+    /// The order outcomes of transactions prepared or asked about here were recorded, for
+    /// forgetting them (at most [`DECIDED_MAX`]).
     decided_order: VecDeque<(TxId, Instant)>,
+    /// The order aborts of transactions never prepared here were recorded, for forgetting
+    /// them (at most [`UNSEEN_ABORTS_MAX`]).
+    unseen_order: VecDeque<(TxId, Instant)>,
     /// The last token handed out for a termination query.
     last_token: u64,
     /// Which transaction each outstanding termination query is about.
@@ -224,6 +286,18 @@ impl Participant {
         self.pending.len()
     }
 
+    /// Number of outcomes remembered (decided transactions, tombstones, and aborts of
+    /// transactions never prepared here).
+    pub fn remembered_count(&self) -> usize {
+        self.decided.len()
+    }
+
+    /// True if this participant knows `txid`: it is pending here, or its outcome (or a
+    /// tombstone) is remembered. A commit for a transaction not known changes nothing.
+    pub fn knows(&self, txid: TxId) -> bool {
+        self.pending.contains_key(&txid) || self.decided.contains_key(&txid)
+    }
+
     /// Votes on a prepare. `me` and `epoch` are this server's id and epoch; `current` is its
     /// version of the key. Returns `Ok(current)` for a yes vote, or the reason for a no.
     pub fn prepare(
@@ -233,47 +307,44 @@ impl Participant {
         epoch: Epoch,
         args: PrepareArgs,
         current: Option<u64>,
-    ) -> Result<Option<u64>, String> {
+    ) -> Result<Option<u64>, VoteNo> {
         match self.decided.get(&args.txid) {
             Some(Record::Aborted | Record::Tombstone) => {
-                return Err(format!(
-                    "transaction {} was already aborted here",
-                    args.txid
-                ));
+                return Err(VoteNo::AlreadyAborted(args.txid));
             }
-            Some(Record::Committed(_)) => {
-                return Err(format!("transaction {} was already decided", args.txid));
-            }
+            Some(Record::Committed(_)) => return Err(VoteNo::AlreadyDecided(args.txid)),
             None => {}
         }
         if self.pending.contains_key(&args.txid) {
             return Ok(current);
         }
         if args.expected != me {
-            return Err(format!(
-                "server id mismatch: expected {}, this is {me}",
-                args.expected
-            ));
+            return Err(VoteNo::IdMismatch {
+                expected: args.expected,
+                me,
+            });
         }
         if args.epoch != epoch {
-            return Err(format!(
-                "epoch mismatch: the coordinator is at epoch {}, this replica at {epoch}",
-                args.epoch
-            ));
+            return Err(VoteNo::EpochMismatch {
+                theirs: args.epoch,
+                ours: epoch,
+            });
         }
         let Some(position) = args.participants.iter().position(|m| m.id == me) else {
-            return Err(format!("{me} is not among the participants"));
+            return Err(VoteNo::NotAParticipant(me));
         };
-        if let Some(holder) = self.locked.get(&args.key) {
-            return Err(format!(
-                "key {:?} has a pending commit ({holder})",
-                args.key
-            ));
+        if let Some(&holder) = self.locked.get(&args.key) {
+            return Err(VoteNo::KeyLocked {
+                key: args.key,
+                holder,
+            });
         }
-        if self.pending.len() >= PENDING_MAX
-            || self.pending_bytes + args.value.len() > PENDING_BYTES_MAX
-        {
-            return Err("too many transactions are pending here".to_owned());
+        let bytes = self.pending_bytes + args.value.len();
+        if self.pending.len() >= PENDING_MAX || bytes > PENDING_BYTES_MAX {
+            return Err(VoteNo::Full {
+                pending: self.pending.len(),
+                bytes,
+            });
         }
         let deadline = now + args.timeout.min(MAX_DECISION_WAIT);
         self.pending_bytes += args.value.len();
@@ -329,8 +400,9 @@ impl Participant {
         })
     }
 
-    /// Applies an abort decision; returns the key it unlocks, if it held one. An abort for an
-    /// unknown transaction is recorded, so a late prepare is refused.
+    /// Applies an abort decision; returns the key it unlocks, if it held one. An abort for a
+    /// transaction never prepared here unlocks nothing; it is recorded (apart, at most
+    /// [`UNSEEN_ABORTS_MAX`]), so a late prepare is refused. A committed one stays committed.
     pub fn abort(&mut self, now: Instant, txid: TxId) -> Option<String> {
         if let Some(pending) = self.pending.remove(&txid) {
             self.pending_bytes -= pending.value.len();
@@ -338,8 +410,19 @@ impl Participant {
             self.decide(now, txid, Record::Aborted);
             return Some(pending.key);
         }
-        if !matches!(self.decided.get(&txid), Some(Record::Committed(_))) {
-            self.decide(now, txid, Record::Aborted);
+        match self.decided.get_mut(&txid) {
+            Some(Record::Committed(_)) => {}
+            // Already in a table: the record changes, its place in the order does not.
+            Some(record) => *record = Record::Aborted,
+            None => {
+                self.decided.insert(txid, Record::Aborted);
+                self.unseen_order.push_back((txid, now));
+                while self.unseen_order.len() > UNSEEN_ABORTS_MAX {
+                    if let Some((old, _)) = self.unseen_order.pop_front() {
+                        self.decided.remove(&old);
+                    }
+                }
+            }
         }
         None
     }
@@ -411,7 +494,8 @@ impl Participant {
             })
             .min();
         let forget = self.decided_order.front().map(|&(_, at)| at + DECIDED_TTL);
-        [pending, forget].into_iter().flatten().min()
+        let forget_unseen = self.unseen_order.front().map(|&(_, at)| at + DECIDED_TTL);
+        [pending, forget, forget_unseen].into_iter().flatten().min()
     }
 
     /// Runs due timers: a primary past its deadline aborts; a non-primary past its deadline
@@ -497,12 +581,14 @@ impl Participant {
             // With no other participant to hear from, a closing round decides at once.
             effects.extend(self.conclude_round(now, txid, view));
         }
-        while let Some(&(txid, at)) = self.decided_order.front() {
-            if at + DECIDED_TTL > now {
-                break;
+        for order in [&mut self.decided_order, &mut self.unseen_order] {
+            while let Some(&(txid, at)) = order.front() {
+                if at + DECIDED_TTL > now {
+                    break;
+                }
+                order.pop_front();
+                self.decided.remove(&txid);
             }
-            self.decided_order.pop_front();
-            self.decided.remove(&txid);
         }
         effects
     }
@@ -686,7 +772,7 @@ mod tests {
             Ok(Some(3))
         );
         let second = p.prepare(now, ServerId(2), Epoch(4), prepare(11, "k", 2), Some(3));
-        assert!(second.unwrap_err().contains("pending commit"));
+        assert!(second.unwrap_err().to_string().contains("pending commit"));
         assert!(
             p.prepare(now, ServerId(2), Epoch(4), prepare(12, "other", 2), None)
                 .is_ok()
@@ -700,9 +786,14 @@ mod tests {
         let now = Instant::now();
         let mut p = Participant::new();
         let wrong_id = p.prepare(now, ServerId(2), Epoch(4), prepare(1, "k", 3), None);
-        assert!(wrong_id.unwrap_err().contains("id mismatch"));
+        assert!(wrong_id.unwrap_err().to_string().contains("id mismatch"));
         let wrong_epoch = p.prepare(now, ServerId(2), Epoch(5), prepare(2, "k", 2), None);
-        assert!(wrong_epoch.unwrap_err().contains("epoch mismatch"));
+        assert!(
+            wrong_epoch
+                .unwrap_err()
+                .to_string()
+                .contains("epoch mismatch")
+        );
         assert!(!p.is_locked("k"));
     }
 
@@ -1029,14 +1120,79 @@ mod tests {
         assert!(!p.is_locked("k"));
     }
 
-    /// Decided outcomes are capped: a flood of aborts for random transactions stays bounded.
+    /// Issue 8 (bounded resources): a flood of aborts for made-up transactions stays within
+    /// [`UNSEEN_ABORTS_MAX`] and never pushes out the outcome of a transaction prepared here,
+    /// so a retransmitted commit of it is still answered "done".
     #[test]
-    fn the_decided_table_is_bounded() {
+    fn a_flood_of_unknown_aborts_is_bounded_and_spares_real_outcomes() {
         let now = Instant::now();
         let mut p = Participant::new();
-        for tx in 0..(DECIDED_MAX as u128 + 1000) {
-            p.abort(now, TxId(tx));
+        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+            .unwrap();
+        assert!(p.commit(now, TxId(7), 5).unwrap().is_some());
+        for tx in 1_000..(1_000 + UNSEEN_ABORTS_MAX as u128 + 1000) {
+            assert_eq!(p.abort(now, TxId(tx)), None);
         }
-        assert!(p.decided.len() <= DECIDED_MAX);
+        assert_eq!(p.remembered_count(), UNSEEN_ABORTS_MAX + 1);
+        assert_eq!(
+            p.commit(now, TxId(7), 5),
+            Ok(None),
+            "still known as committed"
+        );
+        assert!(p.knows(TxId(7)));
+        assert!(
+            !p.knows(TxId(1_000)),
+            "the oldest unknown abort is forgotten"
+        );
+        assert!(p.knows(TxId(1_000 + UNSEEN_ABORTS_MAX as u128 + 999)));
+    }
+
+    /// Issue 8 (membership): a commit for a transaction never seen changes nothing (no
+    /// write, no lock, no record) and says so; an abort for one unlocks nothing.
+    #[test]
+    fn a_commit_for_an_unknown_transaction_changes_nothing() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+            .unwrap();
+        let before = p.clone();
+        assert_eq!(p.commit(now, TxId(8), 9), Err(CommitRefusal::Unknown));
+        assert_eq!(p, before, "nothing changed");
+        assert!(!p.knows(TxId(8)));
+        assert_eq!(p.abort(now, TxId(8)), None);
+        assert!(p.is_locked("k"), "the pending transaction keeps its lock");
+        assert_eq!(p.pending_count(), 1);
+    }
+
+    /// Issue 8 (bounded resources): beyond [`PENDING_MAX`] pending transactions a prepare is
+    /// voted down with the bound named, and nothing is locked.
+    #[test]
+    fn prepares_beyond_the_pending_bound_are_voted_down() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        for tx in 0..PENDING_MAX as u128 {
+            p.prepare(
+                now,
+                ServerId(2),
+                Epoch(4),
+                prepare(tx, &format!("k{tx}"), 2),
+                None,
+            )
+            .unwrap();
+        }
+        let vote = p.prepare(
+            now,
+            ServerId(2),
+            Epoch(4),
+            prepare(1 << 40, "last", 2),
+            None,
+        );
+        assert!(
+            matches!(vote, Err(VoteNo::Full { pending, .. }) if pending == PENDING_MAX),
+            "{vote:?}"
+        );
+        assert!(vote.unwrap_err().to_string().contains("at most 10000"));
+        assert!(!p.is_locked("last"));
+        assert_eq!(p.pending_count(), PENDING_MAX);
     }
 }

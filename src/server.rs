@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs, QueryArgs, Write};
+use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs, QueryArgs, VoteNo, Write};
 use crate::message::{self, Entry, ErrorKind, Request, Response, TxId};
 use crate::node::{Action, Node};
+use crate::ratelimit::LogLimiter;
 use crate::rebalance::{self, Held};
 use crate::reliable::{IncomingId, RequestError};
 use crate::ring::Ring;
@@ -72,8 +73,45 @@ const TRANSFER_RETRY: Duration = Duration::from_millis(200);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a termination query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_millis(400);
-/// The most replicated reads held back waiting for a decision, in all.
-const MAX_DEFERRED_READS: usize = 10_000;
+/// The most replicated reads held back waiting for a decision, in all; more are refused.
+pub const MAX_DEFERRED_READS: usize = 10_000;
+/// The most keys whose commit this server (as the primary) is still passing on to the other
+/// replicas. A prepare that would make this server the primary of one more is voted down
+/// beyond it (so at most this many plus [`crate::commit::PENDING_MAX`] ever settle at once).
+pub const MAX_SETTLING: usize = 10_000;
+
+/// What a server refused because the sender had no right to ask, or because a bound was
+/// reached. The counts only grow; each kind is also logged, at most once a second.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Transfers and termination queries from an address that is no server of our view.
+    pub not_a_member: u64,
+    /// Commits for a transaction this server does not know (nothing changed).
+    pub unknown_commits: u64,
+    /// Aborts for a transaction never prepared here (only recorded, so a late prepare is
+    /// refused; bounded by [`crate::commit::UNSEEN_ABORTS_MAX`]).
+    pub unknown_aborts: u64,
+    /// Prepares voted down because [`crate::commit::PENDING_MAX`] transactions (or
+    /// [`crate::commit::PENDING_BYTES_MAX`] bytes) are pending, or [`MAX_SETTLING`] keys settle.
+    pub pending_full: u64,
+    /// Replicated reads refused because [`MAX_DEFERRED_READS`] are held back.
+    pub deferred_full: u64,
+}
+
+/// One rate limiter per kind of refusal, so a flood of one kind never hides another.
+#[derive(Debug, Default)]
+struct RefusalLogs {
+    /// Transfers and queries from non-members.
+    not_a_member: LogLimiter,
+    /// Commits and aborts for unknown transactions.
+    unknown: LogLimiter,
+    /// Prepares voted down by a bound.
+    pending_full: LogLimiter,
+    /// Reads refused by a bound.
+    deferred_full: LogLimiter,
+    /// Heartbeats the view leader answered with an error.
+    heartbeat: LogLimiter,
+}
 
 /// A round of view leader probes in progress.
 #[derive(Debug)]
@@ -169,6 +207,10 @@ pub struct Server {
     last_transfer: u64,
     /// Keys and bytes received by transfers since the last finished rebalance.
     received: (usize, usize),
+    /// What was refused, by kind.
+    refusals: Refusals,
+    /// Rate limits of the refusals' log lines.
+    refusal_logs: RefusalLogs,
     /// Actions waiting for [`Node::poll_action`].
     actions: VecDeque<Action>,
 }
@@ -204,8 +246,15 @@ impl Server {
             last_settle: 0,
             last_transfer: 0,
             received: (0, 0),
+            refusals: Refusals::default(),
+            refusal_logs: RefusalLogs::default(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// What this server refused so far, by kind (see [`Refusals`]).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
     }
 
     /// The server's current id.
@@ -395,6 +444,15 @@ impl Server {
                     self.send_heartbeat(now, viewleader);
                 }
             }
+            Ok(Response::Error(e)) => {
+                if let Some(held_back) = self.refusal_logs.heartbeat.allow(now) {
+                    warn!(
+                        "the view leader refused heartbeat {seq}: {}: {} \
+                         ({held_back} more refusals not logged)",
+                        e.kind, e.message
+                    );
+                }
+            }
             Ok(other) => warn!("unexpected answer to a heartbeat: {other:?}"),
             Err(RequestError::Timeout { .. }) => debug!("heartbeat {seq} got no answer in time"),
             Err(e) => warn!("heartbeat failed: {e}"),
@@ -484,6 +542,15 @@ impl Server {
                 if let Err(reason) = self.check_participants(&key, &participants) {
                     return Some(Response::error(ErrorKind::Aborted, reason));
                 }
+                let primary = participants.first().is_some_and(|m| m.id == self.id);
+                if primary && self.settling.len() >= MAX_SETTLING {
+                    let reason = format!(
+                        "too many commits are settling here ({} keys, at most {MAX_SETTLING})",
+                        self.settling.len()
+                    );
+                    self.count_pending_full(now, &reason);
+                    return Some(Response::error(ErrorKind::Aborted, reason));
+                }
                 let current = self.store.get(&key).map(|s| s.version);
                 let timeout = Duration::from_millis(u64::from(timeout_ms));
                 let args = PrepareArgs {
@@ -500,7 +567,12 @@ impl Server {
                     .prepare(now, self.id, self.epoch(), args, current)
                 {
                     Ok(version) => Response::Prepared { version },
-                    Err(reason) => Response::error(ErrorKind::Aborted, reason),
+                    Err(no @ VoteNo::Full { .. }) => {
+                        let reason = no.to_string();
+                        self.count_pending_full(now, &reason);
+                        Response::error(ErrorKind::Aborted, reason)
+                    }
+                    Err(no) => Response::error(ErrorKind::Aborted, no.to_string()),
                 }
             }
             Request::Commit { txid, version } => {
@@ -525,13 +597,24 @@ impl Server {
                              its primary left the view"
                         ),
                     ),
-                    Err(CommitRefusal::Unknown) => Response::error(
-                        ErrorKind::Aborted,
-                        format!("transaction {txid} was never prepared here"),
-                    ),
+                    Err(CommitRefusal::Unknown) => {
+                        self.refusals.unknown_commits += 1;
+                        self.log_unknown(now, from, "commit", txid);
+                        Response::error(
+                            ErrorKind::NotFound,
+                            format!(
+                                "commit refused: transaction {txid} is not known here (never \
+                                 prepared, or decided and forgotten); nothing changed"
+                            ),
+                        )
+                    }
                 }
             }
             Request::Abort { txid } => {
+                if !self.participant.knows(txid) {
+                    self.refusals.unknown_aborts += 1;
+                    self.log_unknown(now, from, "abort", txid);
+                }
                 if let Some(key) = self.participant.abort(now, txid) {
                     self.answer_deferred(&key);
                 }
@@ -544,6 +627,9 @@ impl Server {
                 primary,
                 close,
             } => {
+                if let Err(refusal) = self.check_member(now, from, "termination query") {
+                    return Some(refusal);
+                }
                 let last = self
                     .store
                     .get(&key)
@@ -561,6 +647,11 @@ impl Server {
                 Response::TxState { state }
             }
             Request::Transfer { epoch, entries } => {
+                // Only a server of our view may write into the bucket this way. One of a newer
+                // view we have not learned yet is refused too: its sender tries again.
+                if let Err(refusal) = self.check_member(now, from, "transfer") {
+                    return Some(refusal);
+                }
                 // A transfer planned for an epoch this server has left behind (delayed, or
                 // from a plan its sender abandoned) may carry keys that are no longer ours,
                 // arriving after our drops for the newer epoch: it would stay here for good.
@@ -590,10 +681,19 @@ impl Server {
                 }
                 if self.participant.is_locked(&key) || self.settling.contains_key(&key) {
                     if self.deferred_count >= MAX_DEFERRED_READS {
-                        return Some(Response::error(
-                            ErrorKind::Aborted,
-                            "too many reads are waiting for pending commits",
-                        ));
+                        self.refusals.deferred_full += 1;
+                        let reason = format!(
+                            "too many reads are waiting for pending commits here \
+                             (at most {MAX_DEFERRED_READS})"
+                        );
+                        if let Some(held_back) = self.refusal_logs.deferred_full.allow(now) {
+                            warn!(
+                                "refused a getr of {key:?} from {from}: {reason} \
+                                 ({} such refusals, {held_back} not logged)",
+                                self.refusals.deferred_full
+                            );
+                        }
+                        return Some(Response::error(ErrorKind::Aborted, reason));
                     }
                     // Answer once the pending write is decided, never with the old value.
                     self.deferred.entry(key).or_default().push(id);
@@ -611,6 +711,53 @@ impl Server {
             ),
         };
         Some(response)
+    }
+
+    /// Checks that `from` is the address of a server in our current view, for a
+    /// server-to-server request (`what`, for the message). A refusal is counted, logged (rate
+    /// limited) and returned as the answer: kind `rebalancing`, since the sender may simply be
+    /// in a view we have not learned yet (it asks again).
+    fn check_member(&mut self, now: Instant, from: SocketAddr, what: &str) -> Result<(), Response> {
+        let epoch = self.epoch();
+        if self
+            .view
+            .as_ref()
+            .is_some_and(|v| v.members.iter().any(|m| m.addr == from))
+        {
+            return Ok(());
+        }
+        self.refusals.not_a_member += 1;
+        let reason = format!("refused: {from} is not a server in view {epoch}");
+        if let Some(held_back) = self.refusal_logs.not_a_member.allow(now) {
+            debug!(
+                "{what} {reason} ({} such refusals, {held_back} not logged)",
+                self.refusals.not_a_member
+            );
+        }
+        Err(Response::error(ErrorKind::Rebalancing, reason))
+    }
+
+    /// Counts a prepare voted down by a bound and logs it (rate limited).
+    fn count_pending_full(&mut self, now: Instant, reason: &str) {
+        self.refusals.pending_full += 1;
+        if let Some(held_back) = self.refusal_logs.pending_full.allow(now) {
+            warn!(
+                "voted no: {reason} ({} such votes, {held_back} not logged)",
+                self.refusals.pending_full
+            );
+        }
+    }
+
+    /// Logs (rate limited, debug) a commit or abort for a transaction this server does not
+    /// know; the caller counts it.
+    fn log_unknown(&mut self, now: Instant, from: SocketAddr, what: &str, txid: TxId) {
+        if let Some(held_back) = self.refusal_logs.unknown.allow(now) {
+            debug!(
+                "{what} from {from} for transaction {txid}, unknown here ({} commits and {} \
+                 aborts so far, {held_back} not logged)",
+                self.refusals.unknown_commits, self.refusals.unknown_aborts
+            );
+        }
     }
 
     /// True while this server has not finished rebalancing for the epoch it knows.
@@ -1142,13 +1289,18 @@ mod tests {
         Server::new(config, Rng::seeded(1), now)
     }
 
-    /// Sends `request` and returns the response.
+    /// Sends `request` from a client (not a server of any view) and returns the response.
     fn ask(s: &mut Server, request: Request) -> Response {
+        ask_from(s, "127.0.0.1:1".parse().unwrap(), request)
+    }
+
+    /// Sends `request` from `from` and returns the response.
+    fn ask_from(s: &mut Server, from: SocketAddr, request: Request) -> Response {
         let id = IncomingId {
             incarnation: 1,
             request: 1,
         };
-        s.handle_request(Instant::now(), "127.0.0.1:1".parse().unwrap(), id, request);
+        s.handle_request(Instant::now(), from, id, request);
         match s.poll_action() {
             Some(Action::Respond { response, .. }) => response,
             other => panic!("expected a response, got {other:?}"),
@@ -1425,13 +1577,14 @@ mod tests {
     fn a_transfer_for_an_older_epoch_is_refused() {
         let t0 = Instant::now();
         let mut s = server(t0);
-        learn(&mut s, t0, 4, &[], &View::default(), 0);
+        learn(&mut s, t0, 4, &[1], &View::default(), 0);
         drain(&mut s);
         let entry = |key: &str| Entry {
             key: key.into(),
             value: "v".into(),
             version: 1,
         };
+        let ask = |s: &mut Server, request| ask_from(s, PEER.parse().unwrap(), request);
         let stale = ask(
             &mut s,
             Request::Transfer {
@@ -1594,5 +1747,177 @@ mod tests {
             answers.iter().any(|a| matches!(a, Action::Respond { id: i, response: Response::Error(e) } if *i == id && e.kind == ErrorKind::Rebalancing)),
             "{answers:?}"
         );
+    }
+
+    /// The address of server 1 in the views [`learn`] builds.
+    const PEER: &str = "127.0.0.1:38001";
+
+    /// Issue 8 (membership): a transfer is accepted only from a server of the receiver's
+    /// view; from anyone else it is refused (kind `rebalancing`, naming the address and the
+    /// view), counted, and writes nothing.
+    #[test]
+    fn a_transfer_from_a_non_member_is_refused() {
+        let t0 = Instant::now();
+        let (mut s, _) = settled_in_a_pair(t0);
+        let transfer = || Request::Transfer {
+            epoch: Epoch(2),
+            entries: vec![Entry {
+                key: "forged".into(),
+                value: "v".into(),
+                version: 99,
+            }],
+        };
+        let refused = ask(&mut s, transfer());
+        let Response::Error(e) = refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::Rebalancing);
+        assert_eq!(e.message, "refused: 127.0.0.1:1 is not a server in view 2");
+        assert!(s.is_empty(), "nothing written");
+        assert_eq!(s.refusals().not_a_member, 1);
+        assert_eq!(
+            ask_from(&mut s, PEER.parse().unwrap(), transfer()),
+            Response::Done
+        );
+        assert_eq!(s.len(), 1);
+    }
+
+    /// Issue 8 (membership): a termination query from a non-member is refused and changes
+    /// nothing: a closing query from it does not make the participant refuse the
+    /// coordinator's commit, as one from a server of the view does.
+    #[test]
+    fn a_termination_query_from_a_non_member_is_refused() {
+        let t0 = Instant::now();
+        let (mut s, view) = settled_in_a_pair(t0);
+        let me = s.id();
+        let (key, participants) = key_with_primary(&view, me, false);
+        let primary = participants[0].id;
+        let vote = ask(&mut s, prepare(21, &key, "v", 2, me, participants.clone()));
+        assert_eq!(vote, Response::Prepared { version: None });
+        let close = Request::QueryTx {
+            txid: TxId(21),
+            key: key.clone(),
+            expected: me,
+            primary,
+            close: true,
+        };
+        let refused = ask(&mut s, close.clone());
+        assert!(
+            matches!(&refused, Response::Error(e) if e.kind == ErrorKind::Rebalancing
+                && e.message.contains("127.0.0.1:1 is not a server in view 2")),
+            "{refused:?}"
+        );
+        assert_eq!(s.refusals().not_a_member, 1);
+        let commit = Request::Commit {
+            txid: TxId(21),
+            version: 3,
+        };
+        assert_eq!(
+            ask(&mut s, commit),
+            Response::Done,
+            "not closed by a stranger"
+        );
+        // The same query from the primary (a server of the view) is answered.
+        let (mut s, _) = settled_in_a_pair(t0);
+        assert_eq!(s.id(), me, "the same seed, the same id");
+        ask(&mut s, prepare(21, &key, "v", 2, me, participants));
+        let answer = ask_from(&mut s, PEER.parse().unwrap(), close);
+        assert_eq!(
+            answer,
+            Response::TxState {
+                state: message::TxOutcome::Prepared
+            }
+        );
+    }
+
+    /// Issue 8 (membership): a commit for a transaction never prepared here writes nothing,
+    /// locks nothing, is answered `not_found` and counted; an abort for one is counted too.
+    #[test]
+    fn a_commit_for_an_unknown_transaction_changes_nothing() {
+        let t0 = Instant::now();
+        let (mut s, _) = settled_in_a_pair(t0);
+        let answer = ask(
+            &mut s,
+            Request::Commit {
+                txid: TxId(404),
+                version: 7,
+            },
+        );
+        let Response::Error(e) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains("not known here"), "{}", e.message);
+        assert!(s.is_empty());
+        assert_eq!(s.pending_transactions(), 0);
+        assert_eq!(s.refusals().unknown_commits, 1);
+        assert_eq!(
+            ask(&mut s, Request::Abort { txid: TxId(405) }),
+            Response::Done
+        );
+        assert_eq!(s.refusals().unknown_aborts, 1);
+        assert_eq!(s.pending_transactions(), 0);
+    }
+
+    /// Issue 8 (bounded resources): a primary passing on [`MAX_SETTLING`] commits to a silent
+    /// replica votes no on a prepare that would add one more, with the bound named; it still
+    /// votes yes where it is not the primary.
+    #[test]
+    fn a_primary_with_too_many_settling_commits_votes_no() {
+        let t0 = Instant::now();
+        let (mut s, view) = settled_in_a_pair(t0);
+        let me = s.id();
+        let ring = Ring::new(&view);
+        let mut keys = (0..).map(|i| format!("k{i}")).map(|k| {
+            let replicas = ring.replicas(&k, 2);
+            (k, replicas)
+        });
+        let mut primary_keys = keys.by_ref().filter(|(_, r)| r[0].id == me);
+        for tx in 0..MAX_SETTLING as u128 {
+            let (key, participants) = primary_keys.next().unwrap();
+            ask(&mut s, prepare(tx, &key, "v", 2, me, participants));
+            let commit = Request::Commit {
+                txid: TxId(tx),
+                version: 1,
+            };
+            deliver(&mut s, t0, 10, commit);
+        }
+        assert_eq!(s.pending_transactions(), 0);
+        let (key, participants) = primary_keys.next().unwrap();
+        let vote = ask(&mut s, prepare(1 << 50, &key, "v", 2, me, participants));
+        assert!(
+            matches!(&vote, Response::Error(e) if e.kind == ErrorKind::Aborted
+                && e.message.contains("too many commits are settling")),
+            "{vote:?}"
+        );
+        assert_eq!(s.refusals().pending_full, 1);
+        let (key, participants) = keys.find(|(_, r)| r[0].id != me).unwrap();
+        let vote = ask(&mut s, prepare(1 << 51, &key, "v", 2, me, participants));
+        assert_eq!(vote, Response::Prepared { version: None });
+    }
+
+    /// Issue 8 (bounded resources): beyond [`MAX_DEFERRED_READS`] held-back reads, a read of a
+    /// key with a pending commit is refused at once, counted.
+    #[test]
+    fn reads_held_back_are_bounded() {
+        let t0 = Instant::now();
+        let (mut s, view) = settled_in_a_pair(t0);
+        let me = s.id();
+        let (key, participants) = key_with_primary(&view, me, false);
+        ask(&mut s, prepare(5, &key, "v", 2, me, participants));
+        let read = || Request::GetR {
+            key: key.clone(),
+            epoch: Epoch(2),
+        };
+        for n in 0..MAX_DEFERRED_READS as u64 {
+            assert!(deliver(&mut s, t0, n, read()).is_empty());
+        }
+        let refused = ask(&mut s, read());
+        assert!(
+            matches!(&refused, Response::Error(e) if e.kind == ErrorKind::Aborted
+                && e.message.contains("at most 10000")),
+            "{refused:?}"
+        );
+        assert_eq!(s.refusals().deferred_full, 1);
     }
 }

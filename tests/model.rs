@@ -802,6 +802,7 @@ impl State {
                 // The server refuses a prepare from another epoch before its participant sees it.
                 let vote = if epoch == args.epoch {
                     p.prepare(now, id(i), epoch, args, current)
+                        .map_err(|e| e.to_string())
                 } else {
                     Err("epoch mismatch".to_owned())
                 };
