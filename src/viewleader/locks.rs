@@ -15,8 +15,19 @@
 //!
 //! Every operation on a lock first applies that lock's due timeouts, so the outcome does not
 //! depend on how promptly the driver calls [`LockTable::handle_timeout`].
+//!
+//! # Bounds
+//!
+//! A flood of `lock_get` with fresh lock or requester names must not grow the table without
+//! bound nor make each request slower and slower. [`LockConfig`] bounds the entries (held
+//! locks plus waiting requests, which also bounds the wait-for graph), the waiters of one
+//! lock, and the requesters one deadlock check may visit; beyond any of them a `get` returns
+//! [`LockGetOutcome::Busy`] with the bound named and changes nothing. Timers are kept in a
+//! queue, so finding the next one costs nothing however many locks are held.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
@@ -27,21 +38,66 @@ pub struct LockConfig {
     /// How long a waiting request lives without a renewal, and how long a grant made to a
     /// waiter stays unconfirmed before it is revoked.
     pub renew_timeout: Duration,
-    /// The most distinct locks the table holds at once; a `get` that would add one more
-    /// returns [`LockGetOutcome::Busy`].
-    pub max_locks: usize,
+    /// The most entries the table holds at once: held locks plus waiting requests (every
+    /// edge of the wait-for graph is one of them). A `get` that would add one more returns
+    /// [`LockGetOutcome::Busy`].
+    pub max_entries: usize,
     /// The most waiting requests one lock queues; a `get` that would queue one more returns
     /// [`LockGetOutcome::Busy`].
     pub max_waiters_per_lock: usize,
+    /// The most requesters one deadlock check visits in the wait-for graph; a wait whose
+    /// check would visit more returns [`LockGetOutcome::Busy`] (its cycle, if any, cannot be
+    /// ruled out at a bounded cost).
+    pub max_deadlock_walk: usize,
 }
 
+/// Default of [`LockConfig::max_entries`].
+pub const MAX_ENTRIES: usize = 100_000;
+/// Default of [`LockConfig::max_waiters_per_lock`].
+pub const MAX_WAITERS_PER_LOCK: usize = 1_000;
+/// Default of [`LockConfig::max_deadlock_walk`].
+pub const MAX_DEADLOCK_WALK: usize = 10_000;
+
 impl Default for LockConfig {
-    /// The contract's values: a 1 s renewal timeout, 100 000 locks, 10 000 waiters per lock.
+    /// A 1 s renewal timeout (the contract's "about 1 s"), [`MAX_ENTRIES`] entries,
+    /// [`MAX_WAITERS_PER_LOCK`] waiters per lock, [`MAX_DEADLOCK_WALK`] requesters per check.
     fn default() -> LockConfig {
         LockConfig {
             renew_timeout: Duration::from_secs(1),
-            max_locks: 100_000,
-            max_waiters_per_lock: 10_000,
+            max_entries: MAX_ENTRIES,
+            max_waiters_per_lock: MAX_WAITERS_PER_LOCK,
+            max_deadlock_walk: MAX_DEADLOCK_WALK,
+        }
+    }
+}
+
+/// Which bound refused a `get` ([`LockGetOutcome::Busy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// The table holds [`LockConfig::max_entries`] entries.
+    Entries(usize),
+    /// The lock's queue holds [`LockConfig::max_waiters_per_lock`] requests.
+    WaitersPerLock(usize),
+    /// The deadlock check would visit more than [`LockConfig::max_deadlock_walk`] requesters.
+    DeadlockWalk(usize),
+}
+
+impl fmt::Display for Bound {
+    /// A phrase naming the bound, for the error message.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Bound::Entries(max) => write!(
+                f,
+                "the lock table is full ({max} entries: held locks plus waiting requests)"
+            ),
+            Bound::WaitersPerLock(max) => {
+                write!(f, "the lock's queue is full ({max} waiting requests)")
+            }
+            Bound::DeadlockWalk(max) => write!(
+                f,
+                "the wait-for graph behind this lock is too large to check for a deadlock \
+                 (over {max} requesters)"
+            ),
         }
     }
 }
@@ -67,10 +123,8 @@ pub enum LockGetOutcome {
         /// the requester.
         cycle: Vec<String>,
     },
-    /// A bound was reached: the lock would be one more than [`LockConfig::max_locks`], or its
-    /// queue one longer than [`LockConfig::max_waiters_per_lock`]. Nothing changed; the
-    /// client may retry later.
-    Busy,
+    /// A bound was reached (see [`Bound`]). Nothing changed; the client may retry later.
+    Busy(Bound),
 }
 
 /// The answer to a `lock_release`.
@@ -127,25 +181,40 @@ impl LockState {
 struct WaitIndex {
     /// Requester name to the names of the locks it waits for; never holds an empty set.
     by_requester: HashMap<String, BTreeSet<String>>,
+    /// The number of edges (waiting requests in all queues).
+    edges: usize,
 }
 
 impl WaitIndex {
     /// Records that `requester` waits for `lock`.
     fn add(&mut self, requester: &str, lock: &str) {
-        self.by_requester
+        if self
+            .by_requester
             .entry(requester.to_owned())
             .or_default()
-            .insert(lock.to_owned());
+            .insert(lock.to_owned())
+        {
+            self.edges += 1;
+        }
     }
 
     /// Forgets that `requester` waits for `lock` (no-op if it did not).
     fn remove(&mut self, requester: &str, lock: &str) {
         if let Some(locks) = self.by_requester.get_mut(requester) {
-            locks.remove(lock);
+            if locks.remove(lock) {
+                self.edges -= 1;
+            }
             if locks.is_empty() {
                 self.by_requester.remove(requester);
             }
         }
+    }
+
+    /// Forgets every wait of `requester`; returns the locks it waited for (empty if none).
+    fn remove_requester(&mut self, requester: &str) -> BTreeSet<String> {
+        let locks = self.by_requester.remove(requester).unwrap_or_default();
+        self.edges -= locks.len();
+        locks
     }
 
     /// Returns the locks `requester` waits for, in name order (empty if none).
@@ -166,6 +235,12 @@ pub struct LockTable {
     locks: HashMap<String, LockState>,
     /// Which locks each requester waits for (for the deadlock walk).
     waits: WaitIndex,
+    /// When to look at which lock's timeouts, earliest first. May hold stale entries (the
+    /// lock was renewed, released or removed since): an entry counts only while `scheduled`
+    /// names its instant for its lock, so a stale one only costs an early look.
+    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    /// The live entry of `timers` per lock: never later than the lock's earliest deadline.
+    scheduled: HashMap<String, Instant>,
 }
 
 impl LockTable {
@@ -175,7 +250,15 @@ impl LockTable {
             config,
             locks: HashMap::new(),
             waits: WaitIndex::default(),
+            timers: BinaryHeap::new(),
+            scheduled: HashMap::new(),
         }
+    }
+
+    /// The number of entries: held locks plus waiting requests (see
+    /// [`LockConfig::max_entries`]).
+    pub fn entries(&self) -> usize {
+        self.locks.len() + self.waits.edges
     }
 
     /// Handles `lock_get lock requester` at `now`: a first request or a renewal. Grants a
@@ -183,6 +266,13 @@ impl LockTable {
     /// with `Deadlock` or `Busy`; see [`LockGetOutcome`].
     pub fn get(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
         self.expire(now, lock);
+        let outcome = self.get_unexpired(now, lock, requester);
+        self.schedule(lock);
+        outcome
+    }
+
+    /// [`LockTable::get`] once `lock`'s due timeouts are applied.
+    fn get_unexpired(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
         let holder = match self.locks.get_mut(lock) {
             None => return self.grant_free(now, lock, requester),
             Some(state) if state.holder.name == requester => {
@@ -194,12 +284,40 @@ impl LockTable {
             }
             Some(state) => state.holder.name.clone(),
         };
+        let renewal = self
+            .locks
+            .get(lock)
+            .is_some_and(|state| state.queue_index(requester).is_some());
+        // Bounds first (a renewal adds nothing), so a refused wait costs no graph walk.
+        if !renewal {
+            if let Some(state) = self.locks.get(lock)
+                && state.waiters.len() >= self.config.max_waiters_per_lock
+            {
+                debug!("lock {lock}: {requester} refused, queue full");
+                return LockGetOutcome::Busy(Bound::WaitersPerLock(
+                    self.config.max_waiters_per_lock,
+                ));
+            }
+            if self.entries() >= self.config.max_entries {
+                debug!("lock {lock}: {requester} refused, table full");
+                return LockGetOutcome::Busy(Bound::Entries(self.config.max_entries));
+            }
+        }
         // A renewal is checked too: grants passed on since the wait began can close a cycle
         // when several clients share a requester name.
-        if let Some(cycle) = self.find_cycle(lock, requester, &holder) {
-            self.remove_waiter(lock, requester);
-            info!("lock {lock}: {requester} refused, deadlock {cycle:?}");
-            return LockGetOutcome::Deadlock { cycle };
+        match self.find_cycle(lock, requester, &holder) {
+            Walk::Clear => {}
+            Walk::Cycle(cycle) => {
+                self.remove_waiter(lock, requester);
+                info!("lock {lock}: {requester} refused, deadlock {cycle:?}");
+                return LockGetOutcome::Deadlock { cycle };
+            }
+            Walk::TooLong => {
+                // Neither a deadlock nor its absence is known: no new wait (a renewal is not
+                // recorded either, so its wait lapses unless a later check succeeds).
+                debug!("lock {lock}: {requester} refused, wait-for graph too large");
+                return LockGetOutcome::Busy(Bound::DeadlockWalk(self.config.max_deadlock_walk));
+            }
         }
         self.enqueue_or_renew(now, lock, requester, holder)
     }
@@ -213,6 +331,7 @@ impl LockTable {
         }
         info!("lock {lock}: released by {requester}");
         self.pass_on(now, lock);
+        self.schedule(lock);
         LockReleaseOutcome::Released
     }
 
@@ -228,6 +347,7 @@ impl LockTable {
         if self.holder(lock) == Some(requester) {
             info!("lock {lock}: {requester} withdrew after being granted; releasing");
             self.pass_on(now, lock);
+            self.schedule(lock);
             return true;
         }
         false
@@ -238,10 +358,7 @@ impl LockTable {
     /// sorted.
     pub fn release_all_of(&mut self, now: Instant, requesters: &[&str]) -> Vec<String> {
         for &name in requesters {
-            let Some(waited) = self.waits.by_requester.remove(name) else {
-                continue;
-            };
-            for lock in waited {
+            for lock in self.waits.remove_requester(name) {
                 if let Some(state) = self.locks.get_mut(&lock) {
                     state.waiters.retain(|w| w.name != name);
                     debug!("lock {lock}: request of departed {name} removed");
@@ -259,35 +376,59 @@ impl LockTable {
         for lock in &held {
             info!("lock {lock}: released, its holder left the view");
             self.pass_on(now, lock);
+            self.schedule(lock);
         }
         held
     }
 
     /// Applies every due timeout at `now`: drops waiting requests not renewed within
     /// `renew_timeout`, and revokes unconfirmed grants older than that (passing them on).
+    /// Looks only at the locks whose timer came due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let timeout = self.config.renew_timeout;
-        let waits = &mut self.waits;
-        self.locks
-            .retain(|lock, state| expire_state(lock, state, waits, now, timeout));
+        while let Some(Reverse((at, _))) = self.timers.peek()
+            && *at <= now
+        {
+            let Some(Reverse((at, lock))) = self.timers.pop() else {
+                break;
+            };
+            if self.scheduled.get(&lock) != Some(&at) {
+                continue; // stale: the lock's live entry is another one
+            }
+            self.scheduled.remove(&lock);
+            self.expire(now, &lock);
+            self.schedule(&lock);
+        }
     }
 
-    /// Returns the earliest instant at which [`LockTable::handle_timeout`] has work (a
-    /// waiter's renewal or an unconfirmed grant's confirmation falls due), or None.
+    /// Returns an instant at which [`LockTable::handle_timeout`] may have work (a waiter's
+    /// renewal or an unconfirmed grant's confirmation falls due), or None. Never later than
+    /// the earliest such deadline; it may be earlier (a renewal since), in which case
+    /// `handle_timeout` changes nothing and the next call returns a later instant.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // A plain scan of every lock and waiter: tables are small, and a scan cannot drift
-        // out of step the way a separate timer index could.
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Makes sure `lock`'s earliest deadline (if any) has a timer no later than it. Called
+    /// after every change to the lock.
+    fn schedule(&mut self, lock: &str) {
         let timeout = self.config.renew_timeout;
-        self.locks
-            .values()
-            .flat_map(|state| {
-                let grant = (!state.holder.confirmed).then_some(state.holder.granted_at);
-                grant
-                    .into_iter()
-                    .chain(state.waiters.iter().map(|w| w.renewed_at))
-            })
+        let Some(state) = self.locks.get(lock) else {
+            return;
+        };
+        let grant = (!state.holder.confirmed).then_some(state.holder.granted_at);
+        let Some(earliest) = grant
+            .into_iter()
+            .chain(state.waiters.iter().map(|w| w.renewed_at))
             .filter_map(|since| since.checked_add(timeout))
             .min()
+        else {
+            return;
+        };
+        if self.scheduled.get(lock).is_some_and(|&at| at <= earliest) {
+            return;
+        }
+        self.scheduled.insert(lock.to_owned(), earliest);
+        self.timers.push(Reverse((earliest, lock.to_owned())));
     }
 
     /// Returns the name of `lock`'s holder (confirmed or not), or None if it is free.
@@ -308,9 +449,9 @@ impl LockTable {
     /// Grants the absent (free) `lock` to `requester` at `now`, confirmed, unless the table
     /// is full (`Busy`).
     fn grant_free(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
-        if self.locks.len() >= self.config.max_locks {
+        if self.entries() >= self.config.max_entries {
             debug!("lock {lock}: {requester} refused, table full");
-            return LockGetOutcome::Busy;
+            return LockGetOutcome::Busy(Bound::Entries(self.config.max_entries));
         }
         let holder = Holder {
             name: requester.to_owned(),
@@ -328,8 +469,8 @@ impl LockTable {
         LockGetOutcome::Granted
     }
 
-    /// Renews `requester`'s existing wait for `lock` at `now`, or queues a new one unless the
-    /// queue is full (`Busy`). `holder` is the lock's current holder, for the answer.
+    /// Renews `requester`'s existing wait for `lock` at `now`, or queues a new one (the
+    /// caller checked the bounds). `holder` is the lock's current holder, for the answer.
     fn enqueue_or_renew(
         &mut self,
         now: Instant,
@@ -349,10 +490,6 @@ impl LockTable {
                 holder,
                 position: index + 1,
             };
-        }
-        if state.waiters.len() >= self.config.max_waiters_per_lock {
-            debug!("lock {lock}: {requester} refused, queue full");
-            return LockGetOutcome::Busy;
         }
         state.waiters.push_back(Waiter {
             name: requester.to_owned(),
@@ -407,14 +544,10 @@ impl LockTable {
 
     /// Looks for a wait-for cycle that `requester` waiting for `lock` (held by `holder`)
     /// would close. Walks depth-first from `holder` through the locks each requester waits
-    /// for and their holders, visiting each requester once. Returns the cycle in wait order
-    /// (see [`LockGetOutcome::Deadlock`]) or None.
-    fn find_cycle<'a>(
-        &'a self,
-        lock: &'a str,
-        requester: &'a str,
-        holder: &'a str,
-    ) -> Option<Vec<String>> {
+    /// for and their holders, visiting each requester once and at most
+    /// [`LockConfig::max_deadlock_walk`] of them. Returns the cycle in wait order (see
+    /// [`LockGetOutcome::Deadlock`]), that there is none, or that the walk was cut short.
+    fn find_cycle<'a>(&'a self, lock: &'a str, requester: &'a str, holder: &'a str) -> Walk {
         // For each requester reached: (the lock it holds that led here, the waiter on it).
         let mut parent: HashMap<&str, (&str, &str)> = HashMap::new();
         let mut visited: HashSet<&str> = HashSet::from([holder]);
@@ -427,20 +560,33 @@ impl LockTable {
                 .filter_map(|waited| Some((waited, self.locks.get(waited)?.holder.name.as_str())))
                 .collect();
             if let Some(&(waited, _)) = edges.iter().find(|&&(_, next)| next == requester) {
-                return Some(trace_cycle(
+                return Walk::Cycle(trace_cycle(
                     &parent, lock, requester, holder, waited, current,
                 ));
             }
             // Pushed in reverse so that the walk explores them in name order.
             for &(waited, next) in edges.iter().rev() {
                 if visited.insert(next) {
+                    if visited.len() > self.config.max_deadlock_walk {
+                        return Walk::TooLong;
+                    }
                     parent.insert(next, (waited, current));
                     stack.push(next);
                 }
             }
         }
-        None
+        Walk::Clear
     }
+}
+
+/// The outcome of a deadlock check ([`LockTable::find_cycle`]).
+enum Walk {
+    /// No cycle.
+    Clear,
+    /// This cycle, in wait order.
+    Cycle(Vec<String>),
+    /// The walk reached [`LockConfig::max_deadlock_walk`] requesters before finishing.
+    TooLong,
 }
 
 /// Builds the cycle found by [`LockTable::find_cycle`]: `requester` waits for `lock` held by
@@ -912,34 +1058,126 @@ mod tests {
         t.get(at(t0, 100), "L", "b");
         t.get(at(t0, 200), "L", "c");
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_100)));
+        // b renews: its old deadline (1 100) stays armed, the earliest one true deadline
+        // after it is c's (1 200).
         t.get(at(t0, 300), "L", "b");
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_100)));
+        t.handle_timeout(at(t0, 1_100));
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_200)));
         // An unconfirmed grant counts too.
         t.release(at(t0, 400), "L", "a");
         assert_eq!(t.holder("L"), Some("b"));
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_200)));
         t.withdraw(at(t0, 400), "L", "c");
+        t.handle_timeout(at(t0, 1_200));
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_400)));
     }
 
-    /// At `max_locks` a request for a new lock is `Busy` and creates nothing; existing locks still
-    /// work, and freeing one makes room.
+    /// Issue 8 (bounded resources): at `max_entries` (held locks plus waiting requests) a
+    /// request for a new lock, or a new wait, is `Busy` and creates nothing; existing locks
+    /// still work, and freeing one makes room.
     #[test]
-    fn busy_when_max_locks_reached() {
+    fn busy_when_max_entries_reached() {
         let t0 = Instant::now();
         let mut t = LockTable::new(LockConfig {
-            max_locks: 2,
+            max_entries: 3,
             ..LockConfig::default()
         });
         t.get(t0, "A", "a");
         t.get(t0, "B", "a");
-        assert_eq!(t.get(t0, "C", "a"), LockGetOutcome::Busy);
+        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        assert_eq!(t.entries(), 3);
+        let full = LockGetOutcome::Busy(Bound::Entries(3));
+        assert_eq!(t.get(t0, "C", "a"), full);
+        assert_eq!(t.get(t0, "B", "c"), full, "a new wait is an entry too");
         assert_eq!(t.len(), 2);
         assert_eq!(t.holder("C"), None);
-        // Existing locks still work, and freeing one makes room.
+        assert_eq!(queue(&t, "B"), Vec::<String>::new());
+        // A renewal and the holders' own requests still work, and freeing one makes room.
         assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        assert_eq!(t.get(t0, "A", "a"), LockGetOutcome::Granted);
         t.release(t0, "B", "a");
         assert_eq!(t.get(t0, "C", "a"), LockGetOutcome::Granted);
+        assert!(
+            Bound::Entries(3)
+                .to_string()
+                .contains("lock table is full (3 entries")
+        );
+    }
+
+    /// Issue 8 (bounded resources): a flood of requests with fresh names stays within
+    /// `max_entries`, and the wait-for index with it.
+    #[test]
+    fn a_flood_of_fresh_names_stays_within_the_bound() {
+        let t0 = Instant::now();
+        let mut t = LockTable::new(LockConfig {
+            max_entries: 1_000,
+            ..LockConfig::default()
+        });
+        let mut busy = 0;
+        for i in 0..5_000 {
+            // Fresh locks, and fresh waiters on the locks already held.
+            let outcome = if i % 2 == 0 {
+                t.get(t0, &format!("L{i}"), &format!("r{i}"))
+            } else {
+                t.get(t0, &format!("L{}", i % 100 * 2), &format!("w{i}"))
+            };
+            busy += usize::from(matches!(outcome, LockGetOutcome::Busy(_)));
+        }
+        assert_eq!(t.entries(), 1_000);
+        assert_eq!(t.entries(), t.len() + t.waits.edges);
+        assert_eq!(busy, 4_000);
+        // The waiters lapse unrenewed; the room they leave is free again.
+        t.handle_timeout(at(t0, 1_000));
+        assert_eq!(t.entries(), t.len());
+        assert!(t.waits.by_requester.is_empty());
+    }
+
+    /// Issue 8 (bounded resources): a deadlock check that would visit more than
+    /// `max_deadlock_walk` requesters refuses the wait as `Busy` instead of walking on.
+    #[test]
+    fn a_deadlock_check_past_its_bound_is_busy() {
+        let t0 = Instant::now();
+        let mut t = LockTable::new(LockConfig {
+            max_deadlock_walk: 3,
+            ..LockConfig::default()
+        });
+        // A chain: r{i} holds L{i} and waits for L{i+1}.
+        for i in 0..6 {
+            t.get(t0, &format!("L{i}"), &format!("r{i}"));
+        }
+        for i in 0..5 {
+            assert!(matches!(
+                t.get(t0, &format!("L{}", i + 1), &format!("r{i}")),
+                LockGetOutcome::Waiting { .. }
+            ));
+        }
+        // Waiting behind r0 would walk r0, r1, r2, r3, ...: past the bound.
+        assert_eq!(
+            t.get(t0, "L0", "x"),
+            LockGetOutcome::Busy(Bound::DeadlockWalk(3))
+        );
+        assert!(queue(&t, "L0").is_empty());
+        // Behind r4 (r3 waits there already) the walk is short.
+        assert_eq!(t.get(t0, "L4", "x"), waiting("r4", 2));
+    }
+
+    /// Timers: a stale timer (the waiter renewed since) costs one early look that changes
+    /// nothing, after which the true deadline is due.
+    #[test]
+    fn a_renewal_moves_the_timer_after_one_early_look() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a");
+        t.get(t0, "L", "b");
+        t.get(at(t0, 600), "L", "b");
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_000)), "never later");
+        t.handle_timeout(at(t0, 1_000));
+        assert_eq!(queue(&t, "L"), ["b"]);
+        assert_eq!(t.poll_timeout(), Some(at(t0, 1_600)));
+        t.handle_timeout(at(t0, 1_600));
+        assert!(queue(&t, "L").is_empty());
+        assert_eq!(t.poll_timeout(), None);
     }
 
     /// At `max_waiters_per_lock` a new waiter is `Busy`, while a renewal of an existing wait is
@@ -953,7 +1191,10 @@ mod tests {
         });
         t.get(t0, "A", "a");
         assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
-        assert_eq!(t.get(t0, "A", "c"), LockGetOutcome::Busy);
+        assert_eq!(
+            t.get(t0, "A", "c"),
+            LockGetOutcome::Busy(Bound::WaitersPerLock(1))
+        );
         assert_eq!(queue(&t, "A"), ["b"]);
         // A renewal of an existing wait is not refused.
         assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));

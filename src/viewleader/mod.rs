@@ -17,6 +17,7 @@ use log::{info, warn};
 
 use crate::message::{self, ErrorKind, OpError, Request, Response};
 use crate::node::{Action, Node};
+use crate::ratelimit::LogLimiter;
 use crate::reliable::{IncomingId, RequestError};
 use crate::view::{Epoch, Member, ServerId, View};
 
@@ -27,6 +28,27 @@ pub const DEFAULT_PORTS: std::ops::RangeInclusive<u16> = 39000..=39010;
 
 /// How many ids of dead servers are remembered (to refuse their late heartbeats).
 const DEAD_IDS_REMEMBERED: usize = 10_000;
+/// Default of [`ViewLeaderConfig::max_servers`].
+pub const MAX_SERVERS: usize = 1024;
+
+/// What the view leader refused because a bound was reached. The counts only grow; each
+/// kind is also logged, at most once a second.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Heartbeats of new servers while the view held [`ViewLeaderConfig::max_servers`].
+    pub view_full: u64,
+    /// `lock_get` requests refused by a bound of the lock table ([`locks::Bound`]).
+    pub lock_busy: u64,
+}
+
+/// One rate limiter per kind of refusal.
+#[derive(Debug, Default)]
+struct RefusalLogs {
+    /// Heartbeats refused, the view being full.
+    view_full: LogLimiter,
+    /// Lock requests refused by a bound.
+    lock_busy: LogLimiter,
+}
 
 /// The addresses clients and servers probe, in order, when no `--viewleader` is given.
 pub fn default_candidates() -> Vec<SocketAddr> {
@@ -46,16 +68,21 @@ pub struct ViewLeaderConfig {
     pub vnodes: u32,
     /// Lock service settings.
     pub locks: LockConfig,
+    /// The most servers in the view; a heartbeat from one more new server is refused (with
+    /// an error answer: it stays out of the view and keeps trying).
+    pub max_servers: usize,
 }
 
 impl Default for ViewLeaderConfig {
-    /// The contract's defaults: 2000 ms, 3 replicas, 64 vnodes.
+    /// The contract's defaults: 2000 ms, 3 replicas, 64 vnodes; [`MAX_SERVERS`] servers and
+    /// the lock table's default bounds.
     fn default() -> ViewLeaderConfig {
         ViewLeaderConfig {
             dead_after: Duration::from_millis(2000),
             replicas: 3,
             vnodes: 64,
             locks: LockConfig::default(),
+            max_servers: MAX_SERVERS,
         }
     }
 }
@@ -98,6 +125,10 @@ pub struct ViewLeader {
     epoch_started: Option<Instant>,
     /// The lock service.
     locks: LockTable,
+    /// What was refused, by kind.
+    refusals: Refusals,
+    /// Rate limits of the refusals' log lines.
+    refusal_logs: RefusalLogs,
     /// Actions waiting for [`Node::poll_action`].
     actions: VecDeque<Action>,
 }
@@ -127,8 +158,15 @@ impl ViewLeader {
             },
             epoch_started: None,
             locks,
+            refusals: Refusals::default(),
+            refusal_logs: RefusalLogs::default(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// What the view leader refused so far, by kind (see [`Refusals`]).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
     }
 
     /// The current view.
@@ -238,6 +276,22 @@ impl ViewLeader {
             .filter(|(_, l)| l.addr == addr)
             .map(|(&old, _)| old)
             .collect();
+        if stale.is_empty() && self.members.len() >= self.config.max_servers {
+            self.refusals.view_full += 1;
+            let reason = format!(
+                "refused: the view is full ({} servers, at most {})",
+                self.members.len(),
+                self.config.max_servers
+            );
+            if let Some(held_back) = self.refusal_logs.view_full.allow(now) {
+                warn!(
+                    "heartbeat of new server {id} at {addr} {reason} ({} such refusals, \
+                     {held_back} not logged)",
+                    self.refusals.view_full
+                );
+            }
+            return Response::error(ErrorKind::Aborted, reason);
+        }
         for old in stale {
             self.remove(now, old, "replaced by a new server on the same address");
         }
@@ -313,9 +367,19 @@ impl ViewLeader {
                 ),
                 cycle,
             }),
-            LockGetOutcome::Busy => {
-                warn!("lock table full: refusing {requester}'s request for {lock}");
-                Response::error(ErrorKind::Aborted, "the lock table is full")
+            LockGetOutcome::Busy(bound) => {
+                self.refusals.lock_busy += 1;
+                if let Some(held_back) = self.refusal_logs.lock_busy.allow(now) {
+                    warn!(
+                        "refused {requester}'s request for {lock}: {bound} ({} such refusals, \
+                         {held_back} not logged)",
+                        self.refusals.lock_busy
+                    );
+                }
+                Response::error(
+                    ErrorKind::Aborted,
+                    format!("lock_get {lock} refused: {bound}"),
+                )
             }
         }
     }
@@ -657,5 +721,76 @@ mod tests {
         vl.handle_timeout(t0 + Duration::from_secs(1));
         assert_eq!(vl.view().epoch, Epoch(4));
         assert_eq!(anchor(ask(&mut vl, later, beat(1, 3, 3))), Epoch(3));
+    }
+
+    /// Issue 8 (bounded resources): beyond `max_servers` a heartbeat from a new server is
+    /// refused with an error naming the bound, counted, and the view does not change; a
+    /// member's heartbeat, and a new id on a member's address, are still accepted.
+    #[test]
+    fn a_full_view_refuses_new_servers() {
+        let mut vl = ViewLeader::new(ViewLeaderConfig {
+            max_servers: 2,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        ask(&mut vl, t0, heartbeat(1));
+        ask(&mut vl, t0, heartbeat(2));
+        let answer = ask(&mut vl, t0, heartbeat(3));
+        let Response::Error(e) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::Aborted);
+        assert_eq!(
+            e.message,
+            "refused: the view is full (2 servers, at most 2)"
+        );
+        assert_eq!(vl.refusals().view_full, 1);
+        assert_eq!(vl.view().epoch, Epoch(2));
+        assert!(matches!(
+            ask(&mut vl, t0, heartbeat(2)),
+            Response::HeartbeatAck { .. }
+        ));
+        let replacement = Request::Heartbeat {
+            id: ServerId(9),
+            addr: SocketAddr::from(([127, 0, 0, 1], 2)),
+            finished: Epoch(0),
+            sent: Epoch(0),
+        };
+        assert!(matches!(
+            ask(&mut vl, t0, replacement),
+            Response::HeartbeatAck { .. }
+        ));
+        assert_eq!(vl.view().members.len(), 2);
+    }
+
+    /// Issue 8 (bounded resources): a `lock_get` refused by a bound of the lock table fails
+    /// at once with `aborted`, naming the bound, and is counted.
+    #[test]
+    fn a_lock_get_beyond_the_table_bound_is_refused() {
+        let mut vl = ViewLeader::new(ViewLeaderConfig {
+            locks: LockConfig {
+                max_entries: 1,
+                ..LockConfig::default()
+            },
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let get = |lock: &str| Request::LockGet {
+            lock: lock.into(),
+            requester: "r".into(),
+        };
+        assert_eq!(ask(&mut vl, t0, get("A")), Response::LockGranted);
+        let answer = ask(&mut vl, t0, get("B"));
+        let Response::Error(e) = answer else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(e.kind, ErrorKind::Aborted);
+        assert!(
+            e.message
+                .starts_with("lock_get B refused: the lock table is full (1 entries"),
+            "{}",
+            e.message
+        );
+        assert_eq!(vl.refusals().lock_busy, 1);
     }
 }
