@@ -7,6 +7,7 @@
 //! (`.config/nextest.toml`), so two cores are never overloaded into false failure detection.
 
 mod bench;
+mod flood;
 mod locks;
 mod membership;
 mod rebalancing;
