@@ -7,6 +7,19 @@
 //! rejoins under a fresh id. It serves `print`, `set`, `get` and `query_all_keys` on its own
 //! bucket, takes part in two-phase commits as a participant ([`crate::commit`]), and serves
 //! replicated reads, holding back a read of a key with a prepared write until it is decided.
+//!
+//! # Who may ask, and how much
+//!
+//! Server-to-server requests that write or settle (`Transfer`, `QueryTx`) are served only
+//! when they come from the address of a server in this server's current view; anyone else
+//! (or a server of a view not learned yet, which asks again) is refused with `rebalancing`.
+//! Commits for a transaction this server does not know change nothing and are answered
+//! `not_found`. What an outsider can make a server hold is bounded: pending transactions
+//! ([`crate::commit::PENDING_MAX`], [`crate::commit::PENDING_BYTES_MAX`]), remembered
+//! outcomes ([`crate::commit::DECIDED_MAX`], [`crate::commit::UNSEEN_ABORTS_MAX`]), reads held
+//! back ([`MAX_DEFERRED_READS`]) and commits still settling ([`MAX_SETTLING`]). Every
+//! refusal is counted in [`Refusals`] and logged at most once a second per kind. The bucket
+//! itself is not bounded: it is the data.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;

@@ -6,6 +6,10 @@
 //! bucket and rejoin under a fresh id. When a server leaves, the locks held by requesters
 //! named after its id or its address are released. The view leader never stores anything
 //! about keys.
+//!
+//! Bounds: at most [`ViewLeaderConfig::max_servers`] servers (a new one beyond it is refused),
+//! 10 000 remembered dead ids, and the lock table's bounds ([`locks::LockConfig`]).
+//! Refusals are counted in [`Refusals`] and logged at most once a second per kind.
 
 pub mod locks;
 
