@@ -517,6 +517,18 @@ impl Setr {
                 );
                 self.abort(now, 1, error);
             }
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                // It rejoined with an empty state, or decided and forgot the transaction:
+                // whether it committed cannot be told from here.
+                let error = self.bound.timed(op_error(
+                    ErrorKind::Timeout,
+                    format!(
+                        "the primary {} does not know the transaction ({}); outcome unknown",
+                        primary.addr, e.message
+                    ),
+                ));
+                self.fail(error);
+            }
             Err(e) => {
                 let error = self.bound.timed(op_error(
                     ErrorKind::Timeout,
