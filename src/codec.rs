@@ -66,6 +66,9 @@ pub const MIN_FRAGMENT_PAYLOAD: usize = 256;
 pub const FLAG_MAC: u16 = 0x0001;
 /// Header flag on an `Ack`: it acknowledges fragments of a response (else of a request).
 pub const FLAG_ACK_RESPONSE: u16 = 0x0002;
+/// Header flag on a one-fragment `Request`: zeros follow the message to fill the datagram
+/// (a first contact pads so that the answer fits the anti-amplification limit).
+pub const FLAG_PADDED: u16 = 0x0004;
 
 /// What a datagram carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -304,6 +307,18 @@ pub fn verify(datagram: &[u8], key: &ClusterKey) -> bool {
         .expect("slice of MAC_LEN bytes");
     let expected = key.mac(&datagram[..MAC_OFFSET], &datagram[MAC_OFFSET + MAC_LEN..]);
     macs_equal(carried, &expected)
+}
+
+/// The payload of a datagram decoded as `header` without its padding, if it is flagged
+/// [`FLAG_PADDED`]: only a one-fragment request may be padded, and only with zeros after its
+/// whole message. `None` if a padded datagram breaks those rules.
+pub fn strip_padding<'a>(header: &Header, payload: &'a [u8]) -> Option<&'a [u8]> {
+    if header.flags & FLAG_PADDED == 0 {
+        return Some(payload);
+    }
+    let len = header.message_len as usize;
+    let fits = header.kind == Kind::Request && header.frag_count == 1 && payload.len() >= len;
+    (fits && payload[len..].iter().all(|&b| b == 0)).then(|| &payload[..len])
 }
 
 /// Builds a whole datagram: `header` followed by `payload`.

@@ -78,7 +78,8 @@ local F = {
     flags        = ProtoField.uint16("trireme.flags", "Flags", base.HEX),
     flag_mac     = ProtoField.bool("trireme.flags.mac", "MAC present", 16, nil, 0x0001),
     flag_ackresp = ProtoField.bool("trireme.flags.ack_response", "Acknowledges a response", 16, nil, 0x0002),
-    flag_other   = ProtoField.uint16("trireme.flags.reserved", "Reserved bits", base.HEX, nil, 0xfffc),
+    flag_padded  = ProtoField.bool("trireme.flags.padded", "Padded (first contact)", 16, nil, 0x0004),
+    flag_other   = ProtoField.uint16("trireme.flags.reserved", "Reserved bits", base.HEX, nil, 0xfff8),
     incarnation  = ProtoField.uint64("trireme.incarnation", "Incarnation", base.HEX),
     request_id   = ProtoField.uint64("trireme.request_id", "Request id", base.DEC),
     transmission = ProtoField.uint32("trireme.transmission", "Transmission", base.DEC),
@@ -133,7 +134,8 @@ local F = {
 }
 
 local FIELD_ORDER = {
-    "magic", "version", "kind", "flags", "flag_mac", "flag_ackresp", "flag_other", "incarnation",
+    "magic", "version", "kind", "flags", "flag_mac", "flag_ackresp", "flag_padded", "flag_other",
+    "incarnation",
     "request_id", "transmission", "echo", "frag_index", "frag_count", "message_len", "mac", "stamp",
     "token", "payload",
     "ack_flags", "ack_complete", "ack_unknown", "ack_range_count", "ack_range", "ack_range_start",
@@ -691,6 +693,7 @@ local function dissect(tvb, pinfo, root)
     local ft = tree:add(F.flags, tvb(6, 2))
     ft:add(F.flag_mac, tvb(6, 2))
     ft:add(F.flag_ackresp, tvb(6, 2))
+    ft:add(F.flag_padded, tvb(6, 2))
     ft:add(F.flag_other, tvb(6, 2))
     tree:add(F.incarnation, tvb(8, 8))
     tree:add(F.request_id, tvb(16, 8))
@@ -735,6 +738,11 @@ local function dissect(tvb, pinfo, root)
         if captured > 0 then pt = tree:add(F.payload, tvb(HEADER_LEN, captured)) end
         if not header_ok then return head .. frag .. tx .. echo end
         local expected = fragment_len(hdr.message_len, hdr.frag_count, hdr.frag_index)
+        -- A padded one-fragment request: zeros follow the message.
+        if has_bit(flags, 0x0004) and kind == 1 and hdr.frag_count == 1 and payload_len >= expected then
+            payload_len = expected
+            captured = math.min(captured, expected)
+        end
         if payload_len ~= expected then
             malformed(pt or tree, string.format("fragment payload is %d bytes, expected %d", payload_len, expected))
         end

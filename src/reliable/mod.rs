@@ -46,7 +46,9 @@ use log::debug;
 use thiserror::Error;
 
 use crate::auth::{Auth, ClusterKey};
-use crate::codec::{self, AckBody, FLAG_ACK_RESPONSE, FLAG_MAC, HEADER_LEN, Header, Kind};
+use crate::codec::{
+    self, AckBody, FLAG_ACK_RESPONSE, FLAG_MAC, FLAG_PADDED, HEADER_LEN, Header, Kind,
+};
 use crate::ratelimit::LogLimiter;
 use crate::rng::Rng;
 
@@ -337,6 +339,9 @@ struct Outgoing {
     sampled_echo: u32,
     /// The instant the timer is armed for (stale heap entries are ignored).
     timer_at: Option<Instant>,
+    /// Every datagram of the request is padded to this many bytes (0: none): a first
+    /// contact, so that the answer fits the peer's anti-amplification limit.
+    pad_to: usize,
 }
 
 /// Where a request we received stands.
@@ -410,13 +415,30 @@ impl Wire {
     }
 
     /// Queues a datagram with `header` (whose transmission number is filled in here).
-    fn send(&mut self, dst: SocketAddr, mut header: Header, payload: &[u8]) -> u32 {
+    fn send(&mut self, dst: SocketAddr, header: Header, payload: &[u8]) -> u32 {
+        self.send_padded(dst, header, payload, 0)
+    }
+
+    /// Queues a datagram with `header` and `payload`, padded with zeros to `pad_to` bytes
+    /// (flagged [`FLAG_PADDED`]) if it is shorter.
+    fn send_padded(
+        &mut self,
+        dst: SocketAddr,
+        mut header: Header,
+        payload: &[u8],
+        pad_to: usize,
+    ) -> u32 {
         header.transmission = self.next_tx();
         if self.key.is_some() {
             header.flags |= FLAG_MAC;
             header.stamp = self.stamp;
         }
+        let padding = pad_to.saturating_sub(header.encoded_len() + payload.len());
+        if padding > 0 {
+            header.flags |= FLAG_PADDED;
+        }
         let mut datagram = codec::encode_datagram(&header, payload);
+        datagram.resize(datagram.len() + padding, 0);
         if let Some(key) = &self.key {
             codec::seal(&mut datagram, key);
         }
@@ -447,7 +469,7 @@ impl Wire {
     }
 
     /// Sends every fragment of `transfer` its window allows, as datagrams of `kind` about
-    /// request `request_id`, answering `echo`.
+    /// request `request_id`, answering `echo`, each padded to `pad_to` bytes.
     #[allow(clippy::too_many_arguments)]
     fn pump(
         &mut self,
@@ -458,6 +480,7 @@ impl Wire {
         echo: u32,
         transfer: &mut Transfer,
         window: u32,
+        pad_to: usize,
     ) {
         while let Some(index) = transfer.next_to_send(window) {
             let mut header = Header::new(kind, self.incarnation, request_id, 0);
@@ -465,7 +488,7 @@ impl Wire {
             header.frag_index = index;
             header.frag_count = transfer.count();
             header.message_len = transfer.body_len() as u32;
-            let tx = self.send(dst, header, transfer.fragment(index));
+            let tx = self.send_padded(dst, header, transfer.fragment(index), pad_to);
             if transfer.on_sent(index, tx, now) {
                 self.stats.retransmissions += 1;
             }
@@ -609,6 +632,16 @@ impl Endpoint {
         self.last_request += 1;
         let id = self.last_request;
         let transfer = Transfer::new(body, self.max_payload());
+        // QUIC pads its first datagrams for the same reason: until the peer knows our address
+        // is real, it may send back only three times what we sent, and a small request's
+        // answer (a view, a value) often needs more. Padding a first contact's one-fragment
+        // request to a third of a datagram lets any one-datagram answer come straight back.
+        let pad_to =
+            if transfer.count() == 1 && needs_validation(&self.config, &self.guard, now, dst) {
+                self.config.max_datagram.div_ceil(AMPLIFICATION_FACTOR)
+            } else {
+                0
+            };
         self.outgoing.insert(
             id,
             Outgoing {
@@ -619,6 +652,7 @@ impl Endpoint {
                 last_rx_tx: 0,
                 sampled_echo: 0,
                 timer_at: None,
+                pad_to,
             },
         );
         self.wire.stats.requests_sent += 1;
@@ -716,8 +750,14 @@ impl Endpoint {
         if !self.authentic(now, from, &header, datagram) {
             return;
         }
+        let Some(payload) = codec::strip_padding(&header, payload) else {
+            self.wire.stats.bad_datagrams += 1;
+            debug!("dropping a badly padded datagram from {from}");
+            return;
+        };
+        let received = datagram.len();
         match header.kind {
-            Kind::Request => self.on_request_fragment(now, from, &header, payload),
+            Kind::Request => self.on_request_fragment(now, from, &header, payload, received),
             Kind::Response => self.on_response_fragment(now, from, &header, payload),
             Kind::Ack => match AckBody::decode(payload) {
                 Ok(ack) if header.flags & FLAG_ACK_RESPONSE != 0 => {
@@ -729,7 +769,7 @@ impl Endpoint {
                     debug!("dropping a bad ack from {from}: {e}");
                 }
             },
-            Kind::Probe => self.on_probe(now, from, &header, payload),
+            Kind::Probe => self.on_probe(now, from, &header, payload, received),
             Kind::Retry => self.on_retry(from, &header, payload),
         }
     }
@@ -985,6 +1025,7 @@ impl Endpoint {
             echo,
             &mut out.transfer,
             window,
+            out.pad_to,
         );
         let (dst, backoff, deadline) = (out.dst, out.transfer.backoff, out.deadline);
         let fragments = out.transfer.count();
@@ -1026,6 +1067,7 @@ impl Endpoint {
             echo,
             transfer,
             window,
+            0,
         );
         // A one-fragment response is never acknowledged: it just sits in the cache.
         let timer = if transfer.count() > 1 {
@@ -1048,13 +1090,14 @@ impl Endpoint {
         from: SocketAddr,
         header: &Header,
         payload: &[u8],
+        received: usize,
     ) {
         let id = IncomingId {
             incarnation: header.incarnation,
             request: header.request_id,
         };
         let Some(entry) = self.incoming.get_mut(&id) else {
-            self.on_new_request(now, from, id, header, payload);
+            self.on_new_request(now, from, id, header, payload, received);
             return;
         };
         if entry.peer != from {
@@ -1067,7 +1110,6 @@ impl Endpoint {
         }
         entry.last_rx_tx = header.transmission;
         entry.last_rx_at = now;
-        let received = header.encoded_len() + payload.len();
         match &mut entry.phase {
             InPhase::Receiving(r) => {
                 let (insert, ack_now) = r.insert(header, payload, now);
@@ -1162,6 +1204,7 @@ impl Endpoint {
     }
 
     /// Handles the first datagram of a request not seen before.
+    #[allow(clippy::too_many_arguments)]
     fn on_new_request(
         &mut self,
         now: Instant,
@@ -1169,6 +1212,7 @@ impl Endpoint {
         id: IncomingId,
         header: &Header,
         payload: &[u8],
+        received: usize,
     ) {
         if self
             .floors
@@ -1184,8 +1228,13 @@ impl Endpoint {
             debug!("refusing a request from {from}: the response cache is full");
             return;
         }
-        let request_bytes =
-            header.frag_count as usize * header.encoded_len() + header.message_len as usize;
+        // A one-fragment request counts with its padding; a fragmented one as if every
+        // fragment had come once.
+        let request_bytes = if header.frag_count == 1 {
+            received
+        } else {
+            header.frag_count as usize * header.encoded_len() + header.message_len as usize
+        };
         if header.frag_count == 1 {
             if payload.len() != header.message_len as usize {
                 self.wire.stats.bad_datagrams += 1;
@@ -1222,7 +1271,6 @@ impl Endpoint {
             debug!("dropping a first fragment from {from} that does not fit its own header");
             return;
         }
-        let received = header.encoded_len() + payload.len();
         if ack_now {
             let ack = r.ack();
             let ack_bytes = self.wire.header_len() + ack.encoded_len();
@@ -1455,13 +1503,19 @@ impl Endpoint {
 
     /// Handles a probe: a requester asking what became of a request it fully delivered,
     /// or echoing (in `payload`) the token of a `Retry`, which validates its address.
-    fn on_probe(&mut self, now: Instant, from: SocketAddr, header: &Header, payload: &[u8]) {
+    fn on_probe(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        header: &Header,
+        payload: &[u8],
+        received: usize,
+    ) {
         let id = IncomingId {
             incarnation: header.incarnation,
             request: header.request_id,
         };
         let echo = header.transmission;
-        let received = header.encoded_len() + payload.len();
         if !payload.is_empty() {
             if self.guard.check_token(now, from, payload) {
                 if self.guard.validate(now, from) {

@@ -1084,3 +1084,52 @@ fn floors_are_bounded() {
     b.handle_datagram(t0, addr(1), &request_datagram(44, 3, b"x"));
     assert_eq!(b.poll_event(), None);
 }
+
+/// Issue 8 (anti-amplification), QUIC's first-contact padding: a one-fragment request to a
+/// peer never heard from is padded to a third of a datagram, so a one-datagram answer comes
+/// straight back without a `Retry`; later requests go unpadded. Padding anywhere else, or
+/// not made of zeros, is refused.
+#[test]
+fn a_first_contact_is_padded_so_a_one_datagram_answer_needs_no_retry() {
+    let mut sim = Sim::new(2, Config::default(), 46);
+    let id = sim.request(addr(1), addr(2), b"wide:".to_vec());
+    let flight = sim
+        .wire
+        .values()
+        .next()
+        .expect("the first request in flight");
+    assert_eq!(
+        flight.payload.len(),
+        Config::default().max_datagram.div_ceil(3),
+        "padded"
+    );
+    assert_eq!(sim.outcome(id).unwrap(), pattern(1000));
+    assert_eq!(sim.node(addr(2)).stats().retries_sent, 0);
+    let id = sim.request(addr(1), addr(2), b"abc".to_vec());
+    let flight = sim
+        .wire
+        .values()
+        .next()
+        .expect("the second request in flight");
+    assert_eq!(
+        flight.payload.len(),
+        HEADER_LEN + 3,
+        "not padded once heard from"
+    );
+    assert_eq!(sim.outcome(id).unwrap(), b"cba");
+
+    let now = sim.now;
+    let mut bad = request_datagram(9, 1, b"xyz");
+    bad[6..8].copy_from_slice(&codec::FLAG_PADDED.to_be_bytes());
+    bad.extend([0, 0, 1]);
+    sim.node(addr(2)).handle_datagram(now, addr(1), &bad);
+    let mut response = Header::new(Kind::Response, 9, 2, 1);
+    response.flags = codec::FLAG_PADDED;
+    response.message_len = 1;
+    let mut padded_response = codec::encode_datagram(&response, b"r");
+    padded_response.extend([0; 8]);
+    sim.node(addr(2))
+        .handle_datagram(now, addr(1), &padded_response);
+    assert_eq!(sim.node(addr(2)).stats().bad_datagrams, 2);
+    assert_eq!(sim.node(addr(2)).poll_event(), None);
+}

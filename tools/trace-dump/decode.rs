@@ -260,6 +260,7 @@ fn annotate(observations: &mut [Observation]) -> usize {
             continue;
         }
         let body = payload.get(header.encoded_len()..).unwrap_or_default();
+        let body = codec::strip_padding(header, body).unwrap_or(body);
         let shape = (header.message_len, header.frag_count);
         let expected = codec::fragment_range(
             header.message_len as usize,
