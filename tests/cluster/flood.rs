@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use trireme::codec::{self, Header, Kind};
-use trireme::message::{Entry, Request, TxId};
+use trireme::message::{Entry, Request};
 use trireme::ring;
 use trireme::view::{Epoch, Member, ServerId, View};
 
@@ -26,34 +26,6 @@ const SOURCES: usize = 4;
 /// transactions 100 000 records, lock table 100 000 entries; plus about 16 MiB for the
 /// program itself. The sum, 64 + 64 + 16 plus under 16 for the tables, is under 160 MiB.
 const MEMORY_BOUND_MIB: u64 = 160;
-
-/// A small deterministic generator (xorshift), so a failing run can be replayed.
-struct Rand(u64);
-
-impl Rand {
-    /// The next pseudo-random 64 bits.
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A pseudo-random number below `n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// `len` pseudo-random bytes.
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    /// A fresh transaction id.
-    fn txid(&mut self) -> TxId {
-        TxId((u128::from(self.next()) << 64) | u128::from(self.next()))
-    }
-}
 
 /// A one-fragment request datagram carrying `body`, as request `request_id` of
 /// `incarnation`.
@@ -307,18 +279,21 @@ fn a_flood_of_junk_and_hostile_datagrams_leaves_every_node_serving_within_its_me
     let before = wait_until_settled(&env, &vl, 3);
     let view = view_of(&before);
     let vl_addr = vl.addr.to_string();
-    let setr = client(
-        &env,
-        &[
-            "--viewleader",
-            &vl_addr,
-            "--timeout-ms",
-            "10000",
-            "setr",
-            "k",
-            "before",
-        ],
-    );
+    let setr_k = |value: &str| {
+        client(
+            &env,
+            &[
+                "--viewleader",
+                &vl_addr,
+                "--timeout-ms",
+                "10000",
+                "setr",
+                "k",
+                value,
+            ],
+        )
+    };
+    let setr = setr_k("before");
     assert_eq!(setr.code, 0, "{setr:?}");
 
     let mut targets = vec![Target {
@@ -363,18 +338,7 @@ fn a_flood_of_junk_and_hostile_datagrams_leaves_every_node_serving_within_its_me
         "the view changed: {after}"
     );
     assert_eq!(after["epoch"], before["epoch"], "{after}");
-    let setr = client(
-        &env,
-        &[
-            "--viewleader",
-            &vl_addr,
-            "--timeout-ms",
-            "10000",
-            "setr",
-            "k",
-            "after",
-        ],
-    );
+    let setr = setr_k("after");
     assert_eq!(setr.code, 0, "{setr:?}");
     let getr = client(
         &env,

@@ -7,24 +7,6 @@ use std::time::{Duration, Instant};
 use crate::cluster_test;
 use crate::util::*;
 
-/// A tiny deterministic generator for junk bytes (the tests need no real randomness).
-struct Junk(u64);
-
-impl Junk {
-    /// The next pseudo-random byte.
-    fn byte(&mut self) -> u8 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 24) as u8
-    }
-
-    /// `len` pseudo-random bytes.
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.byte()).collect()
-    }
-}
-
 /// A valid 60-byte header (protocol version 1) of `kind` with the given fragment fields.
 fn header(
     kind: u8,
@@ -52,12 +34,12 @@ fn header(
 /// Sends 10 000 junk and half-valid datagrams to `target`.
 fn flood(target: std::net::SocketAddr) {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mut junk = Junk(0x9E37_79B9_7F4A_7C15);
+    let mut junk = Rand(0x9E37_79B9_7F4A_7C15);
     for i in 0..10_000u32 {
         let datagram = match i % 8 {
             // Pure noise of any length.
             0 | 6 => {
-                let len = usize::from(junk.byte()) * 5;
+                let len = usize::from(junk.next() as u8) * 5;
                 junk.bytes(len)
             }
             // A valid header and a garbage one-fragment body (a request that cannot decode).
@@ -80,7 +62,7 @@ fn flood(target: std::net::SocketAddr) {
             // Acks and probes about requests nobody sent.
             _ => {
                 let mut d = header(3 + (i % 2) as u8, u64::from(i), 0, 1, 0);
-                let len = usize::from(junk.byte() % 20);
+                let len = usize::from(junk.next() as u8 % 20);
                 d.extend(junk.bytes(len));
                 d
             }

@@ -466,3 +466,31 @@ pub fn last_learned_epoch(s: &Server) -> Option<u64> {
         })
         .next_back()
 }
+
+/// A small deterministic generator (xorshift), so a failing run can be replayed.
+pub struct Rand(pub u64);
+
+impl Rand {
+    /// The next pseudo-random 64 bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A pseudo-random number below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// `len` pseudo-random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    /// A fresh transaction id.
+    pub fn txid(&mut self) -> trireme::message::TxId {
+        trireme::message::TxId((u128::from(self.next()) << 64) | u128::from(self.next()))
+    }
+}
