@@ -1717,7 +1717,8 @@ impl Endpoint {
         if entry.responded_at != Some(stamp) {
             return false;
         }
-        if matches!(&entry.phase, InPhase::Responded(t) if t.count() > 1) {
+        // A held response waits for an address that may never prove itself: forgettable.
+        if !entry.held && matches!(&entry.phase, InPhase::Responded(t) if t.count() > 1) {
             entry.responded_at = Some(now);
             self.expiry.push_back((id, now));
             return false;

@@ -1133,3 +1133,29 @@ fn a_first_contact_is_padded_so_a_one_datagram_answer_needs_no_retry() {
     assert_eq!(sim.node(addr(2)).stats().bad_datagrams, 2);
     assert_eq!(sim.node(addr(2)).poll_event(), None);
 }
+
+/// Issue 8 (bounded resources): answers held for addresses that never prove themselves are
+/// forgotten like any answer, under cache pressure and at expiry; a flood of forged large
+/// requests cannot pin the cache and shut honest requesters out.
+#[test]
+fn held_answers_for_forged_addresses_do_not_pin_the_cache() {
+    let config = Config {
+        dedup_max_entries: 8,
+        dedup_max_bytes: 3 << 20,
+        ..Config::default()
+    };
+    let t0 = Instant::now();
+    let mut b = Endpoint::new(config.clone(), &mut Rng::seeded(47));
+    for i in 0..50u64 {
+        let victim = SocketAddr::from(([10, 0, 0, 1], 1000 + i as u16));
+        b.handle_datagram(t0, victim, &request_datagram(0xbad0 + i, 1, b"big:"));
+        while let Some(Event::Request { id, body, .. }) = b.poll_event() {
+            b.respond(t0, id, answer_for(&body)).unwrap();
+        }
+        assert!(b.cached_entries() <= 8);
+        assert!(b.cached_bytes <= 3 << 20, "{} bytes cached", b.cached_bytes);
+    }
+    assert_eq!(b.stats().requests_executed, 50, "no request was refused");
+    b.handle_timeout(t0 + config.dedup_ttl + Duration::from_secs(1));
+    assert_eq!(b.cached_entries(), 0, "and they expire");
+}
