@@ -29,6 +29,8 @@
 //!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
 //!   a loopback UDP echo (the floor).
 //! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
+//! - [`fuzzing`]: the properties the `cargo fuzz` targets in `fuzz/` check (codec, fragment
+//!   reassembly, trace reader), shared with the tests that replay the fuzz corpus.
 //! - [`view`], [`rng`], [`ratelimit`]: small shared vocabulary: ids, epochs, views; the
 //!   seeded RNG; the limiter of log lines about hostile input.
 //!
@@ -47,6 +49,7 @@ pub mod codec;
 pub mod commit;
 pub mod coordinator;
 pub mod faults;
+pub mod fuzzing;
 pub mod message;
 pub mod net;
 pub mod node;
