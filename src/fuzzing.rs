@@ -152,7 +152,8 @@ pub fn datagram(data: &[u8]) -> Result<(), Violation> {
 }
 
 /// The header property: a header that decodes is valid, encodes back to exactly the bytes it
-/// came from, and decodes equal again; `Truncated` only for input shorter than a header.
+/// came from, and decodes equal again; `Truncated` only for input shorter than its header
+/// (60 bytes, 68 with the MAC flag and its stamp).
 /// Returns the decode result for further checks.
 fn check_header(data: &[u8]) -> Result<Result<(Header, &[u8]), DecodeError>, Violation> {
     let decoded = Header::decode(data);
@@ -180,12 +181,23 @@ fn check_header(data: &[u8]) -> Result<Result<(Header, &[u8]), DecodeError>, Vio
                 other => return Err(round_trip("header", format!("{header:?} -> {other:?}"))),
             }
         }
-        Err(error @ DecodeError::Truncated { .. }) if data.len() >= HEADER_LEN => {
+        Err(error @ DecodeError::Truncated { .. }) if data.len() >= header_len_of(data) => {
             return Err(wrong_error("header", error, data.len()));
         }
         Err(_) => {}
     }
     Ok(decoded)
+}
+
+/// The length of the header `data` starts with, as its flags say (60 bytes before the flags
+/// are there).
+fn header_len_of(data: &[u8]) -> usize {
+    match data.get(6..8) {
+        Some(&[hi, lo]) if u16::from_be_bytes([hi, lo]) & codec::FLAG_MAC != 0 => {
+            codec::MAX_HEADER_LEN
+        }
+        _ => HEADER_LEN,
+    }
 }
 
 /// The ack property: a decoded ack has non-empty, ascending, disjoint ranges, at most
@@ -382,6 +394,8 @@ pub fn small_config() -> reliable::Config {
         reassembly_per_peer: 3000,
         reassembly_total: 5000,
         reassembly_timeout: Duration::from_millis(300),
+        // Address validation stays on: held answers, retries and padding are fuzzed too.
+        ..reliable::Config::default()
     }
 }
 
@@ -1044,6 +1058,8 @@ fn check_transmit(step: usize, datagram: &[u8], max_datagram: usize) -> Result<(
             AckBody::decode(payload).map_err(|e| bad(format!("ack does not decode: {e}")))?;
         }
         Kind::Request | Kind::Response => {
+            let payload = codec::strip_padding(&header, payload)
+                .ok_or_else(|| bad("badly padded".to_string()))?;
             let range = codec::fragment_range(
                 header.message_len as usize,
                 header.frag_count,
@@ -1059,7 +1075,15 @@ fn check_transmit(step: usize, datagram: &[u8], max_datagram: usize) -> Result<(
                 )));
             }
         }
-        Kind::Probe => {}
+        Kind::Probe if payload.is_empty() || payload.len() == crate::auth::TOKEN_LEN => {}
+        Kind::Retry if payload.len() == crate::auth::TOKEN_LEN => {}
+        Kind::Probe | Kind::Retry => {
+            return Err(bad(format!(
+                "a {} carrying {} bytes",
+                header.kind.name(),
+                payload.len()
+            )));
+        }
     }
     Ok(())
 }

@@ -98,13 +98,45 @@ fn real_datagrams() -> Vec<Vec<u8>> {
         &Header::new(Kind::Probe, 0xDEAD_BEEF, 41, 9),
         &[],
     ));
+    // Issue 8: a retry and a probe carrying a token, a padded first contact, a sealed and
+    // stamped request.
+    let token = [0x5a; trireme::auth::TOKEN_LEN];
+    out.push(codec::encode_datagram(
+        &Header::new(Kind::Retry, 0xDEAD_BEEF, 41, 10),
+        &token,
+    ));
+    out.push(codec::encode_datagram(
+        &Header::new(Kind::Probe, 0xDEAD_BEEF, 41, 11),
+        &token,
+    ));
+    let body = &templates()[0];
+    let mut padded = Header::new(Kind::Request, 0xDEAD_BEEF, 42, 12);
+    padded.flags = codec::FLAG_PADDED;
+    padded.message_len = body.len() as u32;
+    let mut datagram = codec::encode_datagram(&padded, body);
+    datagram.resize(467.max(datagram.len()), 0);
+    out.push(datagram);
+    let key = trireme::auth::ClusterKey::from_secret(b"the fuzz seeds' cluster key").unwrap();
+    let mut sealed = Header::new(Kind::Request, 0xDEAD_BEEF, 43, 13);
+    sealed.flags = codec::FLAG_MAC;
+    sealed.stamp = 1_764_000_000_000_000;
+    sealed.message_len = body.len() as u32;
+    let mut datagram = codec::encode_datagram(&sealed, body);
+    codec::seal(&mut datagram, &key);
+    out.push(datagram);
     out
 }
 
 /// A header with every field drawn, the fragment fields consistent (so it decodes).
 fn valid_header() -> impl Strategy<Value = Header> {
     (
-        prop::sample::select(vec![Kind::Request, Kind::Response, Kind::Ack, Kind::Probe]),
+        prop::sample::select(vec![
+            Kind::Request,
+            Kind::Response,
+            Kind::Ack,
+            Kind::Probe,
+            Kind::Retry,
+        ]),
         any::<u16>(),
         any::<u64>(),
         any::<u64>(),
@@ -121,6 +153,9 @@ fn valid_header() -> impl Strategy<Value = Header> {
                 header.frag_count =
                     1 + c % codec::fragment_count(len as usize, MIN_FRAGMENT_PAYLOAD);
                 header.frag_index = i % header.frag_count;
+                if flags & codec::FLAG_MAC != 0 {
+                    header.stamp = incarnation.rotate_left(17);
+                }
                 header
             },
         )
