@@ -55,7 +55,9 @@ const MAX_DECISION_WAIT: Duration = Duration::from_secs(30);
 /// How long decided outcomes are remembered (answering late queries and late prepares).
 const DECIDED_TTL: Duration = Duration::from_secs(120);
 /// The most decided outcomes remembered of transactions prepared or asked about here (the
-/// oldest are forgotten first; a forgotten commit is still answered from the bucket).
+/// oldest are forgotten first; a termination query about a forgotten commit is still
+/// answered from the bucket's last transaction, while a late `Commit` for it gets
+/// `not_found` and changes nothing).
 pub const DECIDED_MAX: usize = 200_000;
 /// The most aborts remembered for transactions never prepared here (an abort that overtook
 /// its prepare, or one from a stranger): kept apart from [`DECIDED_MAX`], so a flood of

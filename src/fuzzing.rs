@@ -391,8 +391,8 @@ pub fn small_config() -> reliable::Config {
         dedup_ttl: Duration::from_secs(1),
         dedup_max_entries: 6,
         dedup_max_bytes: 4000,
-        reassembly_per_peer: 3000,
-        reassembly_total: 5000,
+        reassembly_per_peer: 9000,
+        reassembly_total: 13_000,
         reassembly_timeout: Duration::from_millis(300),
         // Address validation stays on: held answers, retries and padding are fuzzed too.
         ..reliable::Config::default()

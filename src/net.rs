@@ -453,6 +453,22 @@ enum Inbound {
     Service(Box<dyn Service>),
 }
 
+/// 32 bytes from the operating system's entropy source, for the endpoint's token secret
+/// (never from the protocol RNG, whose draws peers can reconstruct). Falls back to hashing
+/// the clock, the process id and an address on the stack if the source fails.
+fn os_secret() -> [u8; 32] {
+    let mut secret = [0; 32];
+    if getrandom::fill(&mut secret).is_err() {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+        hash.update(std::process::id().to_be_bytes());
+        hash.update((&secret as *const _ as usize).to_be_bytes());
+        secret = hash.finalize().into();
+    }
+    secret
+}
+
 /// Starts a driver thread on `socket` handing requests to `inbound`.
 fn spawn_driver(
     socket: UdpSocket,
@@ -471,7 +487,11 @@ fn spawn_driver(
         Some(seed) => Rng::seeded(seed),
         None => Rng::from_entropy(),
     };
-    let endpoint = Endpoint::new(config.reliable.clone(), &mut rng);
+    let mut reliable = config.reliable.clone();
+    if reliable.token_secret.is_none() {
+        reliable.token_secret = Some(os_secret());
+    }
+    let endpoint = Endpoint::new(reliable, &mut rng);
     let faults = match config.seed {
         // A seeded run replays its faults too, unless the spec names its own seed.
         Some(_) if config.faults.seed.is_none() => {

@@ -118,6 +118,12 @@ pub struct Config {
     pub validated_ttl: Duration,
     /// Most validated addresses remembered.
     pub validated_max: usize,
+    /// The secret address-validation tokens are minted with. The network driver fills it
+    /// from the operating system's entropy; when `None` (deterministic tests and the
+    /// simulator) it is drawn from the endpoint's RNG, whose draws a peer can reconstruct
+    /// from the incarnation it sees in every header (found in review: a forged token then
+    /// validated a victim's address), so that is not for real use.
+    pub token_secret: Option<[u8; 32]>,
 }
 
 impl Default for Config {
@@ -147,6 +153,7 @@ impl Default for Config {
             validate_addresses: true,
             validated_ttl: Duration::from_secs(600),
             validated_max: 65_536,
+            token_secret: None,
         }
     }
 }
@@ -166,6 +173,16 @@ pub struct IncomingId {
     pub incarnation: u64,
     /// The requester's request id.
     pub request: u64,
+}
+
+impl IncomingId {
+    /// The request a datagram with `header` from its requester belongs to.
+    fn of(header: &Header) -> IncomingId {
+        IncomingId {
+            incarnation: header.incarnation,
+            request: header.request_id,
+        }
+    }
 }
 
 /// A datagram to put on the wire.
@@ -532,6 +549,8 @@ pub struct Endpoint {
     guard: Guard,
     /// Rate limit of the debug lines about datagrams the cluster key refused.
     auth_log: LogLimiter,
+    /// Rate limit of the debug lines about floors forgotten over the bound.
+    floor_log: LogLimiter,
 }
 
 impl Endpoint {
@@ -541,13 +560,23 @@ impl Endpoint {
     /// responder's incarnation), so a late answer meant for an earlier process on the same
     /// address must not match a request of this one. With both counting from 1, a restarted
     /// client once took another key's value for its own read (found by the simulator).
-    pub fn new(config: Config, rng: &mut Rng) -> Endpoint {
+    ///
+    /// A cluster key's replay window is kept at most half the dedup cache's lifetime, so that
+    /// a replay young enough to be accepted always meets its request's cached answer.
+    pub fn new(mut config: Config, rng: &mut Rng) -> Endpoint {
+        let longest_window = config.dedup_ttl / 2;
+        if let Some(auth) = &mut config.auth {
+            auth.replay_window = auth.replay_window.min(longest_window);
+        }
         let incarnation = rng.next_u64();
         let first_request = rng.next_u64() >> 1;
-        let mut token_seed = [0; 32];
-        for chunk in token_seed.chunks_mut(8) {
-            chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
-        }
+        let token_seed = config.token_secret.unwrap_or_else(|| {
+            let mut seed = [0; 32];
+            for chunk in seed.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            seed
+        });
         let guard = Guard::new(token_seed, config.validated_ttl, config.validated_max);
         let key = config.auth.as_ref().map(|a| a.key.clone());
         Endpoint {
@@ -573,6 +602,7 @@ impl Endpoint {
             events: VecDeque::new(),
             guard,
             auth_log: LogLimiter::default(),
+            floor_log: LogLimiter::default(),
         }
     }
 
@@ -1092,10 +1122,7 @@ impl Endpoint {
         payload: &[u8],
         received: usize,
     ) {
-        let id = IncomingId {
-            incarnation: header.incarnation,
-            request: header.request_id,
-        };
+        let id = IncomingId::of(header);
         let Some(entry) = self.incoming.get_mut(&id) else {
             self.on_new_request(now, from, id, header, payload, received);
             return;
@@ -1477,10 +1504,7 @@ impl Endpoint {
 
     /// Handles an ack about fragments of a response we are sending.
     fn on_response_ack(&mut self, now: Instant, from: SocketAddr, header: &Header, ack: &AckBody) {
-        let id = IncomingId {
-            incarnation: header.incarnation,
-            request: header.request_id,
-        };
+        let id = IncomingId::of(header);
         let Some(entry) = self.incoming.get_mut(&id).filter(|e| e.peer == from) else {
             return;
         };
@@ -1511,10 +1535,7 @@ impl Endpoint {
         payload: &[u8],
         received: usize,
     ) {
-        let id = IncomingId {
-            incarnation: header.incarnation,
-            request: header.request_id,
-        };
+        let id = IncomingId::of(header);
         let echo = header.transmission;
         if !payload.is_empty() {
             if self.guard.check_token(now, from, payload) {
@@ -1744,7 +1765,7 @@ impl Endpoint {
             self.floor_order.push_back((id.incarnation, now));
         }
         if fresh {
-            self.enforce_floor_bound();
+            self.enforce_floor_bound(now);
         }
         true
     }
@@ -1753,7 +1774,7 @@ impl Endpoint {
     /// (a flood of requests from ever new incarnations must not grow them without bound).
     /// A dropped floor's late duplicates are then refused only by the replay window of a
     /// cluster key, if one is in force.
-    fn enforce_floor_bound(&mut self) {
+    fn enforce_floor_bound(&mut self, now: Instant) {
         while self.floors.len() > self.config.floors_max.max(1) {
             let Some((incarnation, at)) = self.floor_order.pop_front() else {
                 return;
@@ -1766,7 +1787,7 @@ impl Endpoint {
             {
                 self.floors.remove(&incarnation);
                 self.wire.stats.floors_evicted += 1;
-                if let Some(held_back) = self.auth_log.allow(at) {
+                if let Some(held_back) = self.floor_log.allow(now) {
                     debug!(
                         "forgot the floor of requester incarnation {incarnation:#x}: more than {} floors ({held_back} more such lines held back)",
                         self.config.floors_max

@@ -1159,3 +1159,32 @@ fn held_answers_for_forged_addresses_do_not_pin_the_cache() {
     b.handle_timeout(t0 + config.dedup_ttl + Duration::from_secs(1));
     assert_eq!(b.cached_entries(), 0, "and they expire");
 }
+
+/// Issue 8 review: first fragments of small requests that never finish are charged at least
+/// `MIN_FOOTPRINT` each, so they run into the reassembly bound long before they could fill
+/// the response cache's entries, and a new request is still executed.
+#[test]
+fn small_unfinished_requests_cannot_fill_the_cache() {
+    let config = Config {
+        dedup_max_entries: 50,
+        reassembly_per_peer: 64 << 10,
+        reassembly_total: 64 << 10,
+        ..Config::default()
+    };
+    let t0 = Instant::now();
+    let mut b = Endpoint::new(config, &mut Rng::seeded(48));
+    for incarnation in 0..200u64 {
+        let mut h = Header::new(Kind::Request, incarnation, 1, 1);
+        h.frag_count = 2;
+        h.message_len = 257;
+        let len = codec::fragment_range(257, 2, 0).len();
+        b.handle_datagram(t0, addr(1), &codec::encode_datagram(&h, &vec![1; len]));
+    }
+    assert_eq!(
+        b.cached_entries(),
+        16,
+        "64 KiB of reassembly holds 16 of them"
+    );
+    b.handle_datagram(t0, addr(2), &request_datagram(9999, 1, b"honest"));
+    assert!(matches!(b.poll_event(), Some(Event::Request { .. })));
+}

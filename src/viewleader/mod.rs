@@ -43,6 +43,8 @@ pub struct Refusals {
     pub view_full: u64,
     /// `lock_get` requests refused by a bound of the lock table ([`locks::Bound`]).
     pub lock_busy: u64,
+    /// Heartbeats naming an address other than the one they came from.
+    pub wrong_source: u64,
 }
 
 /// One rate limiter per kind of refusal.
@@ -52,6 +54,8 @@ struct RefusalLogs {
     view_full: LogLimiter,
     /// Lock requests refused by a bound.
     lock_busy: LogLimiter,
+    /// Heartbeats from another address than the one they name.
+    wrong_source: LogLimiter,
 }
 
 /// The addresses clients and servers probe, in order, when no `--viewleader` is given.
@@ -403,6 +407,33 @@ impl ViewLeader {
     }
 }
 
+impl ViewLeader {
+    /// Refuses a heartbeat from `from` naming another address, `addr`: servers are reached
+    /// at the address they name, so one forged heartbeat would otherwise turn every server's
+    /// rebalance transfers on a victim (found in review). Counts and logs (at most once a
+    /// second) the refusal and returns the `bad_input` answer.
+    fn wrong_source(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        server: ServerId,
+        addr: SocketAddr,
+    ) -> Response {
+        self.refusals.wrong_source += 1;
+        let reason = format!(
+            "heartbeat of {server} from {from} names the address {addr}: a server must send \
+             from the address it advertises (--advertise)"
+        );
+        if let Some(held_back) = self.refusal_logs.wrong_source.allow(now) {
+            warn!(
+                "refused: {reason} ({} such refusals, {held_back} not logged)",
+                self.refusals.wrong_source
+            );
+        }
+        Response::error(ErrorKind::BadInput, reason)
+    }
+}
+
 /// Checks the lock and requester names of a lock request.
 fn check_names(lock: &str, requester: &str) -> Result<(), OpError> {
     message::check_lock_name("lock name", lock)?;
@@ -413,6 +444,9 @@ impl Node for ViewLeader {
     /// Answers heartbeats, `query_servers` and lock requests; refuses storage requests.
     fn handle_request(&mut self, now: Instant, from: SocketAddr, id: IncomingId, request: Request) {
         let response = match request {
+            Request::Heartbeat {
+                id: server, addr, ..
+            } if addr != from => self.wrong_source(now, from, server, addr),
             Request::Heartbeat {
                 id: server,
                 addr,
@@ -507,7 +541,12 @@ mod tests {
             incarnation: 1,
             request: 1,
         };
-        vl.handle_request(now, "127.0.0.1:1".parse().unwrap(), id, request);
+        // A heartbeat comes from the address it names.
+        let from = match &request {
+            Request::Heartbeat { addr, .. } => *addr,
+            _ => "127.0.0.1:1".parse().unwrap(),
+        };
+        vl.handle_request(now, from, id, request);
         match vl.poll_action() {
             Some(Action::Respond { response, .. }) => response,
             other => panic!("expected a response, got {other:?}"),
@@ -796,5 +835,37 @@ mod tests {
             e.message
         );
         assert_eq!(vl.refusals().lock_busy, 1);
+    }
+
+    /// Issue 8 review: a heartbeat naming an address it does not come from is refused and
+    /// changes nothing (a forged one would aim every server's transfers at a victim).
+    #[test]
+    fn a_heartbeat_naming_another_address_is_refused() {
+        let mut vl = ViewLeader::new(ViewLeaderConfig::default());
+        let t0 = Instant::now();
+        let id = IncomingId {
+            incarnation: 1,
+            request: 1,
+        };
+        vl.handle_request(t0, "10.0.0.9:5".parse().unwrap(), id, heartbeat(1));
+        let Some(Action::Respond {
+            response: Response::Error(e),
+            ..
+        }) = vl.poll_action()
+        else {
+            panic!("refused");
+        };
+        assert_eq!(e.kind, ErrorKind::BadInput);
+        assert!(
+            e.message.contains("names the address 127.0.0.1:1"),
+            "{}",
+            e.message
+        );
+        assert_eq!(vl.refusals().wrong_source, 1);
+        assert!(vl.view().members.is_empty());
+        assert!(matches!(
+            ask(&mut vl, t0, heartbeat(1)),
+            Response::HeartbeatAck { .. }
+        ));
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use trireme::codec::{self, Header, Kind};
 use trireme::message::{Entry, Request};
 use trireme::ring;
-use trireme::view::{Epoch, Member, ServerId, View};
+use trireme::view::{ServerId, View};
 
 use crate::util::*;
 
@@ -226,25 +226,6 @@ fn pace(marker: &UdpSocket, target: SocketAddr, incarnation: u64, id: u64) -> bo
     false
 }
 
-/// The view in a `query_servers --json` answer.
-fn view_of(json: &serde_json::Value) -> View {
-    let members = json["servers"]
-        .as_array()
-        .expect("servers")
-        .iter()
-        .map(|s| Member {
-            id: ServerId::from_str(s["id"].as_str().expect("id")).expect("hex id"),
-            addr: s["addr"].as_str().expect("addr").parse().expect("address"),
-        })
-        .collect();
-    View {
-        epoch: Epoch(json["epoch"].as_u64().expect("epoch")),
-        members,
-        replicas: json["replicas"].as_u64().expect("replicas") as u32,
-        vnodes: json["vnodes"].as_u64().expect("vnodes") as u32,
-    }
-}
-
 /// Waits (up to 10 s) until the view holds `n` servers and is not rebalancing.
 fn wait_until_settled(env: &Env, vl: &ViewLeader, n: usize) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
@@ -404,8 +385,11 @@ fn a_flood_of_junk_and_hostile_datagrams_leaves_every_node_serving_within_its_me
          unanswered; peak memory: {}",
         peaks.join(", ")
     );
+    // Serving *during* the flood: each round's marker request was answered within 2 s
+    // (allowing 1% lost to a busy CI machine).
+    let markers = sent / u64::from(ROUND);
     assert!(
-        took < Duration::from_secs(45),
-        "the flood took {took:?}: the nodes fell behind"
+        lost * 100 <= markers,
+        "{lost} of {markers} pacing markers got no answer within 2 s during the flood"
     );
 }

@@ -17,7 +17,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trireme::view::{Epoch, Member, View};
+use trireme::view::{Member, View};
 
 use crate::cluster_test;
 use crate::util::*;
@@ -252,44 +252,6 @@ fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R>
 // ---------------------------------------------------------------------------------------
 // Views, placement and cluster start-up
 // ---------------------------------------------------------------------------------------
-
-/// A member (`{"id","addr"}`) of a JSON answer.
-fn member_of(json: &Value) -> Member {
-    Member {
-        id: json["id"]
-            .as_str()
-            .and_then(|id| id.parse().ok())
-            .unwrap_or_else(|| panic!("bad member id in {json}")),
-        addr: json["addr"]
-            .as_str()
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("bad member addr in {json}")),
-    }
-}
-
-/// The members of a JSON array of `{"id","addr"}`, in order.
-fn members_of(json: &Value) -> Vec<Member> {
-    json.as_array()
-        .unwrap_or_else(|| panic!("not a list of servers: {json}"))
-        .iter()
-        .map(member_of)
-        .collect()
-}
-
-/// The library's [`View`] for a `query_servers --json` answer.
-fn view_of(json: &Value) -> View {
-    let number = |field: &str| {
-        json[field]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {field} in {json}"))
-    };
-    View {
-        epoch: Epoch(number("epoch")),
-        members: members_of(&json["servers"]),
-        replicas: number("replicas") as u32,
-        vnodes: number("vnodes") as u32,
-    }
-}
 
 /// The replicas of `key` in `view` by the library's allocator, primary first.
 fn replicas_of(view: &View, key: &str) -> Vec<Member> {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use trireme::view::{Epoch, Member, View};
 
 /// The fault spec the current test runs under (set per test by the `with_faults!` macro's
 /// generated tests through [`Env`]).
@@ -492,5 +493,43 @@ impl Rand {
     /// A fresh transaction id.
     pub fn txid(&mut self) -> trireme::message::TxId {
         trireme::message::TxId((u128::from(self.next()) << 64) | u128::from(self.next()))
+    }
+}
+
+/// A member (`{"id","addr"}`) of a JSON answer.
+pub fn member_of(json: &Value) -> Member {
+    Member {
+        id: json["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("bad member id in {json}")),
+        addr: json["addr"]
+            .as_str()
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("bad member addr in {json}")),
+    }
+}
+
+/// The members of a JSON array of `{"id","addr"}`, in order.
+pub fn members_of(json: &Value) -> Vec<Member> {
+    json.as_array()
+        .unwrap_or_else(|| panic!("not a list of servers: {json}"))
+        .iter()
+        .map(member_of)
+        .collect()
+}
+
+/// The library's [`View`] for a `query_servers --json` answer.
+pub fn view_of(json: &Value) -> View {
+    let number = |field: &str| {
+        json[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {field} in {json}"))
+    };
+    View {
+        epoch: Epoch(number("epoch")),
+        members: members_of(&json["servers"]),
+        replicas: number("replicas") as u32,
+        vnodes: number("vnodes") as u32,
     }
 }

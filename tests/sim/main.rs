@@ -101,7 +101,7 @@ fn run_part(part: u64) {
         }
     }
     eprintln!(
-        "{seeds} seeds: {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads); faults: {} datagrams dropped, {} duplicated, {} reordered of {} delivered, {} server crashes, {} cuts, {} clients killed ({} between votes and decision); {} runs with a cluster key; {} replies held for address validation",
+        "{seeds} seeds: {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads); faults: {} datagrams dropped, {} duplicated, {} reordered of {} delivered, {} server crashes, {} cuts, {} clients killed ({} between votes and decision); {} runs with a cluster key; {} Retry datagrams (replies held for address validation)",
         totals.ops,
         totals.acked_writes,
         totals.unknown_writes,
