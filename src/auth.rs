@@ -206,7 +206,11 @@ impl TokenMinter {
     /// The MAC part of the token for `addr` at `secs`.
     fn tag(&self, addr: std::net::SocketAddr, secs: u32) -> [u8; MAC_LEN] {
         let mut mac = self.keyed.clone();
-        mac.update(addr.to_string().as_bytes());
+        match addr.ip() {
+            std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
+            std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
+        }
+        mac.update(&addr.port().to_be_bytes());
         mac.update(&secs.to_be_bytes());
         truncate(mac)
     }

@@ -323,7 +323,7 @@ pub fn strip_padding<'a>(header: &Header, payload: &'a [u8]) -> Option<&'a [u8]>
 
 /// Builds a whole datagram: `header` followed by `payload`.
 pub fn encode_datagram(header: &Header, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut out = Vec::with_capacity(header.encoded_len() + payload.len());
     header.encode_into(&mut out);
     out.extend_from_slice(payload);
     out

@@ -605,9 +605,32 @@ fn pick_count(c: &mut Cursor<'_>, len: u32) -> u32 {
     }
 }
 
+/// Reads which request a request-fragment step is about, from `c`: peer, sender, request
+/// id, then the message length and fragment count (mostly the natural ones).
+fn read_request_shape(c: &mut Cursor<'_>) -> (u8, u8, u8, u32, u32) {
+    let (peer, sender, request) = (c.u8() % PEERS, c.u8() % SENDERS, c.u8());
+    let request = request % REQUEST_IDS;
+    let key = request_key(sender_incarnation(sender), u64::from(request));
+    let len = pick_len(c, key);
+    let count = pick_count(c, len);
+    (peer, sender, request, len, count)
+}
+
+/// Reads which response a response-fragment step is about, from `c`: the slot of the
+/// endpoint's request, then the response length and fragment count.
+fn read_response_shape(c: &mut Cursor<'_>) -> (u8, u32, u32) {
+    let slot = c.u8();
+    let len = u32::from(c.u16()) % 7000;
+    let count = pick_count(c, len);
+    (slot, len, count)
+}
+
 /// Reads a sequence of steps off fuzz input. Besides single steps it has "whole message"
 /// steps: every fragment of one request or response, in order, minus those a drop mask
 /// removes and plus a duplicated one, so complete messages are common.
+///
+/// (The byte format is the committed corpus's: a change here changes what every corpus file
+/// means.)
 pub fn steps_from_bytes(data: &[u8]) -> Vec<Step> {
     let mut c = Cursor {
         bytes: data,
@@ -617,11 +640,7 @@ pub fn steps_from_bytes(data: &[u8]) -> Vec<Step> {
     while !c.is_empty() && steps.len() < MAX_STEPS {
         match c.u8() % 14 {
             0 | 1 => {
-                let (peer, sender, request) = (c.u8() % PEERS, c.u8() % SENDERS, c.u8());
-                let request = request % REQUEST_IDS;
-                let key = request_key(sender_incarnation(sender), u64::from(request));
-                let len = pick_len(&mut c, key);
-                let count = pick_count(&mut c, len);
+                let (peer, sender, request, len, count) = read_request_shape(&mut c);
                 let index = u32::from(c.u8()) % (count + 1);
                 steps.push(Step::RequestFragment {
                     peer,
@@ -633,11 +652,7 @@ pub fn steps_from_bytes(data: &[u8]) -> Vec<Step> {
                 });
             }
             2..=4 => {
-                let (peer, sender, request) = (c.u8() % PEERS, c.u8() % SENDERS, c.u8());
-                let request = request % REQUEST_IDS;
-                let key = request_key(sender_incarnation(sender), u64::from(request));
-                let len = pick_len(&mut c, key);
-                let count = pick_count(&mut c, len);
+                let (peer, sender, request, len, count) = read_request_shape(&mut c);
                 let (drop_mask, duplicate) = (c.u16(), c.u8());
                 for index in 0..count.min(64) {
                     if drop_mask & (1 << (index % 16)) != 0 && index >= 2 {
@@ -658,9 +673,7 @@ pub fn steps_from_bytes(data: &[u8]) -> Vec<Step> {
                 }
             }
             5 => {
-                let slot = c.u8();
-                let len = u32::from(c.u16()) % 7000;
-                let count = pick_count(&mut c, len);
+                let (slot, len, count) = read_response_shape(&mut c);
                 let drop_mask = c.u16();
                 for index in 0..count.min(64) {
                     if drop_mask & (1 << (index % 16)) == 0 {
@@ -674,9 +687,7 @@ pub fn steps_from_bytes(data: &[u8]) -> Vec<Step> {
                 }
             }
             6 => {
-                let slot = c.u8();
-                let len = u32::from(c.u16()) % 7000;
-                let count = pick_count(&mut c, len);
+                let (slot, len, count) = read_response_shape(&mut c);
                 let index = u32::from(c.u8()) % (count + 1);
                 steps.push(Step::ResponseFragment {
                     slot,

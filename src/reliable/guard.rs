@@ -62,9 +62,17 @@ impl Guard {
 
     /// Remembers `peer` as validated at `now`, forgetting expired or, past the bound, the
     /// oldest addresses. Returns whether it was not validated before.
+    ///
+    /// Called for every answer a peer sends us, so a validation younger than half its
+    /// lifetime is left as it is: the common case costs one lookup, no queue entry.
     pub(super) fn validate(&mut self, now: Instant, peer: SocketAddr) -> bool {
         let fresh = !self.is_validated(now, peer);
-        if !fresh && self.validated.get(&peer).is_some_and(|&at| at == now) {
+        if !fresh
+            && self
+                .validated
+                .get(&peer)
+                .is_some_and(|&at| now.saturating_duration_since(at) < self.ttl / 2)
+        {
             return false;
         }
         self.validated.insert(peer, now);
@@ -137,12 +145,22 @@ mod tests {
         assert_eq!(guard.validated.len(), 2, "bounded: the oldest went");
         assert!(!guard.is_validated(t0 + Duration::from_secs(3), addr(1)));
         assert!(guard.is_validated(t0 + Duration::from_secs(3), addr(3)));
+        // Answers within half the lifetime leave the validation as it is (no queue entry)...
+        let queued = guard.order.len();
         for i in 0..1000 {
             guard.validate(
                 t0 + Duration::from_secs(4) + Duration::from_millis(i),
                 addr(3),
             );
         }
+        assert_eq!(guard.order.len(), queued);
+        // ...later ones refresh it, and stale queue entries never pile up.
+        for i in 0..1000 {
+            let at = t0 + Duration::from_secs(4 + 6 * i);
+            guard.validate(at, addr(3));
+            assert!(guard.is_validated(at + Duration::from_secs(4), addr(3)));
+        }
+        assert!(guard.order.len() <= 4, "{} queued", guard.order.len());
         assert!(
             guard.order.len() <= 4,
             "the queue stays bounded: {}",

@@ -454,7 +454,9 @@ impl Wire {
         if padding > 0 {
             header.flags |= FLAG_PADDED;
         }
-        let mut datagram = codec::encode_datagram(&header, payload);
+        let mut datagram = Vec::with_capacity(header.encoded_len() + payload.len() + padding);
+        header.encode_into(&mut datagram);
+        datagram.extend_from_slice(payload);
         datagram.resize(datagram.len() + padding, 0);
         if let Some(key) = &self.key {
             codec::seal(&mut datagram, key);
@@ -819,28 +821,30 @@ impl Endpoint {
             return true;
         };
         let refusal = if header.flags & FLAG_MAC == 0 {
-            self.wire.stats.auth_failures += 1;
-            "carries no MAC".to_string()
+            Refusal::NoMac
         } else if !codec::verify(datagram, &auth.key) {
-            self.wire.stats.auth_failures += 1;
-            "fails the MAC check".to_string()
+            Refusal::BadMac
         } else {
             let wall = auth.clock.micros(now);
             let window = auth.replay_window.as_micros() as u64;
             if header.stamp.abs_diff(wall) <= window && header.stamp >= auth.clock.origin_micros() {
                 return true;
             }
-            self.wire.stats.replays_refused += 1;
-            format!(
-                "is stamped {} ms from now, outside the {} ms replay window or before this process started",
-                (header.stamp as i128 - wall as i128) / 1000,
-                window / 1000
-            )
+            Refusal::Stale {
+                offset_ms: (i128::from(header.stamp) - i128::from(wall)) / 1000,
+                window_ms: window / 1000,
+            }
         };
+        match refusal {
+            Refusal::Stale { .. } => self.wire.stats.replays_refused += 1,
+            _ => self.wire.stats.auth_failures += 1,
+        }
+        // Formatted only when a line goes out: under a flood most are held back.
         if let Some(held_back) = self.auth_log.allow(now) {
             debug!(
-                "dropping a {}-byte datagram from {from} that {refusal} (cluster key; {held_back} more refused since the last such line)",
-                datagram.len()
+                "dropping a {}-byte datagram from {from} that {} (cluster key; {held_back} more refused since the last such line)",
+                datagram.len(),
+                refusal.describe()
             );
         }
         false
@@ -1834,6 +1838,38 @@ fn echo_sample(out: &Outgoing, echo: u32, now: Instant) -> Option<Duration> {
     out.transfer
         .sent_at_of(echo)
         .map(|sent| now.saturating_duration_since(sent))
+}
+
+/// Why the cluster key refused a datagram.
+enum Refusal {
+    /// It carries no MAC.
+    NoMac,
+    /// Its MAC is not the one the key gives.
+    BadMac,
+    /// Its stamp lies outside the replay window, or before this process started.
+    Stale {
+        /// Stamp minus the receiver's clock, in ms.
+        offset_ms: i128,
+        /// The replay window, in ms.
+        window_ms: u64,
+    },
+}
+
+impl Refusal {
+    /// The refusal as the end of a log line ("a datagram that ...").
+    fn describe(&self) -> String {
+        match self {
+            Refusal::NoMac => "carries no MAC".into(),
+            Refusal::BadMac => "fails the MAC check".into(),
+            Refusal::Stale {
+                offset_ms,
+                window_ms,
+            } => format!(
+                "is stamped {offset_ms} ms from now, outside the {window_ms} ms replay window or \
+                 before this process started"
+            ),
+        }
+    }
 }
 
 /// Whether a reply to `peer` at `now` must wait for its address to be validated: the

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use trireme::auth::{Auth, ClusterKey, WallClock};
 use trireme::client::{Placement, ServersInfo};
-use trireme::codec::Kind;
+use trireme::codec::{Header, Kind};
 use trireme::coordinator::{Getr, Operation, Setr, SetrHooks};
 use trireme::message::{ErrorKind, OpError, Request, Response, TxId};
 use trireme::node::{self, Node, NodeNet};
@@ -969,7 +969,7 @@ impl World {
     /// Puts a datagram from `from` on the network: lost, cut, duplicated, delayed, held back.
     fn send(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
         self.stats.sent += 1;
-        if payload.get(5) == Some(&(Kind::Retry as u8)) {
+        if Header::decode(&payload).is_ok_and(|(header, _)| header.kind == Kind::Retry) {
             self.stats.retries += 1;
         }
         self.record(Direction::Sent, from, to, &payload);
