@@ -76,6 +76,7 @@ fn copies(before: &View, after: &View, keys: &[String]) -> (usize, usize) {
                 bucket.iter().map(|k| Held {
                     key: k,
                     stray: false,
+                    candidate: false,
                 }),
             )
             .copies()

@@ -622,7 +622,14 @@ pub enum Outcome {
     /// `query_all_keys`.
     Keys(Vec<String>),
     /// `query_servers`.
-    Servers(ServersInfo),
+    Servers {
+        /// The view and its rebalancing status.
+        info: ServersInfo,
+        /// The view-leader member that answered (the leader).
+        leader: SocketAddr,
+        /// The whole view-leader group (a single view leader: itself).
+        viewleaders: Vec<SocketAddr>,
+    },
     /// `lock_get` granted.
     Locked {
         /// The lock.
@@ -672,7 +679,7 @@ impl Outcome {
             Outcome::Stored { key } => format!("stored {key}"),
             Outcome::Value { value, .. } => value.clone(),
             Outcome::Keys(keys) => keys.join("\n"),
-            Outcome::Servers(info) => {
+            Outcome::Servers { info, .. } => {
                 let mut out = format!(
                     "epoch {} rebalancing {} replicas {} vnodes {} servers {}",
                     info.view.epoch,
@@ -716,8 +723,14 @@ impl Outcome {
             Outcome::Stored { key } => json!({"ok": true, "key": key}),
             Outcome::Value { key, value } => json!({"ok": true, "key": key, "value": value}),
             Outcome::Keys(keys) => json!({"ok": true, "keys": keys}),
-            Outcome::Servers(info) => json!({
+            Outcome::Servers {
+                info,
+                leader,
+                viewleaders,
+            } => json!({
                 "ok": true,
+                "leader": leader.to_string(),
+                "viewleaders": viewleaders.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "epoch": info.view.epoch.0,
                 "rebalancing": info.rebalancing,
                 "pending": info.pending.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -851,7 +864,14 @@ fn run_client_command(
         }
         ClientCommand::Get { key } => client.get(&key).map(|value| Outcome::Value { key, value }),
         ClientCommand::QueryAllKeys => client.query_all_keys().map(Outcome::Keys),
-        ClientCommand::QueryServers => client.query_servers().map(Outcome::Servers),
+        ClientCommand::QueryServers => client.query_servers().and_then(|info| {
+            let leader = client.viewleader()?;
+            Ok(Outcome::Servers {
+                info,
+                leader,
+                viewleaders: vec![leader],
+            })
+        }),
         ClientCommand::LockGet { lock, requester } => client
             .lock_get(&lock, &requester, cancel)
             .map(|()| Outcome::Locked { lock, requester }),
@@ -1027,9 +1047,15 @@ mod tests {
             rebalancing: false,
             pending: vec![],
         };
+        let leader: SocketAddr = "127.0.0.1:39000".parse().unwrap();
+        let servers = Outcome::Servers {
+            info,
+            leader,
+            viewleaders: vec![leader],
+        };
         assert_eq!(
-            Outcome::Servers(info).json().to_string(),
-            r#"{"epoch":7,"ok":true,"pending":[],"rebalancing":false,"replicas":3,"servers":[{"addr":"127.0.0.1:38001","id":"00000000000000000000000000000001"}],"vnodes":64}"#
+            servers.json().to_string(),
+            r#"{"epoch":7,"leader":"127.0.0.1:39000","ok":true,"pending":[],"rebalancing":false,"replicas":3,"servers":[{"addr":"127.0.0.1:38001","id":"00000000000000000000000000000001"}],"viewleaders":["127.0.0.1:39000"],"vnodes":64}"#
         );
         let value = Outcome::Value {
             key: "k".into(),

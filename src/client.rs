@@ -94,16 +94,18 @@ impl Placement {
     /// The placement of a view replicated operations may use: refused while the view is
     /// empty (`no_servers`) or rebalancing (`rebalancing`).
     pub fn operable(info: ServersInfo) -> Result<Placement, OpError> {
-        if info.view.members.is_empty() {
-            return Err(op_error(
-                ErrorKind::NoServers,
-                "there are no servers in the view",
-            ));
-        }
+        // Rebalancing first: an empty view that is rebalancing is gathering the servers that
+        // came back (see `viewleader`), and `--wait` waits that out.
         if info.rebalancing {
             return Err(op_error(
                 ErrorKind::Rebalancing,
                 format!("epoch {} is still rebalancing", info.view.epoch),
+            ));
+        }
+        if info.view.members.is_empty() {
+            return Err(op_error(
+                ErrorKind::NoServers,
+                "there are no servers in the view",
             ));
         }
         Ok(Placement::new(info.view))

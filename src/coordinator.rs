@@ -435,7 +435,12 @@ impl Setr {
             })
             .max()
             .unwrap_or(0);
-        let Some(version) = version.checked_add(1) else {
+        // Above every replica's copy, and at least the view's floor: versions are ordered
+        // across epochs (see `Epoch::version_floor`).
+        let Some(version) = version
+            .checked_add(1)
+            .map(|v| v.max(self.epoch.version_floor()))
+        else {
             let error = op_error(
                 ErrorKind::Aborted,
                 "the key's version cannot grow any further",

@@ -36,6 +36,9 @@ pub enum Request {
         finished: Epoch,
         /// The last epoch all of whose sends from this server were acknowledged.
         sent: Epoch,
+        /// The newest epoch this server has learned (kept across a rejoin): a restarted view
+        /// leader publishes no view below the highest it hears, so epochs never go backwards.
+        epoch: Epoch,
     },
     /// Asks the view leader for the current view.
     QueryServers,
@@ -188,8 +191,8 @@ pub enum Response {
         /// delivered, so copies kept only in case a sender failed may now be dropped.
         delivered: Epoch,
     },
-    /// The heartbeat came from a server already declared dead: it must empty its bucket
-    /// and rejoin under a fresh id.
+    /// The heartbeat came from a server already declared dead: it rejoins under a fresh id,
+    /// keeping its bucket as unserved candidates until rebalancing reconciles them.
     HeartbeatRefused {
         /// The current view, for the log line.
         view: View,
@@ -456,6 +459,7 @@ mod tests {
                 addr: "127.0.0.1:38000".parse().unwrap(),
                 finished: Epoch(2),
                 sent: Epoch(2),
+                epoch: Epoch(3),
             },
             Request::Transfer {
                 epoch: Epoch(3),

@@ -568,12 +568,15 @@ struct Driver {
 /// Dropped or refused input (junk, failed authentication, replays, bounds) is summed up in
 /// one log line at most this often.
 const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// How many full receive batches in a row may defer the service's timers (see `Driver::run`).
+const MAX_DEFERRED_BATCHES: u32 = 16;
 
 impl Driver {
     /// The thread's loop: wait for the socket, a command or the next timer; handle it; flush.
     fn run(&mut self) {
         let mut events = Events::with_capacity(64);
         let mut backlog = false;
+        let mut timers_deferred = 0;
         // A service starts with a timer pass, so that it can schedule its first work.
         let start = Instant::now();
         self.with_service(start, |service, net| service.handle_timeout(start, net));
@@ -606,10 +609,21 @@ impl Driver {
             if !self.take_commands(now) {
                 return;
             }
+            // What was already read goes to the application before any timer runs: a view
+            // leader that was descheduled must see the heartbeats waiting for it before it
+            // expires anyone. Datagrams still queued in the socket (a full batch) defer the
+            // service's timers too, for a bounded number of batches so a flood cannot
+            // starve them.
+            self.flush(now);
+            timers_deferred = if backlog && timers_deferred < MAX_DEFERRED_BATCHES {
+                timers_deferred + 1
+            } else {
+                0
+            };
             if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
                 self.endpoint.handle_timeout(now);
             }
-            if self.service_timeout().is_some_and(|t| t <= now) {
+            if timers_deferred == 0 && self.service_timeout().is_some_and(|t| t <= now) {
                 self.with_service(now, |service, net| service.handle_timeout(now, net));
             }
             self.flush(now);

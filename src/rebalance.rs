@@ -16,6 +16,12 @@
 //!   new replica but itself: duplicates are possible, loss is not.
 //! - A **stray** key (a raw `set`, which may exist on no other replica) is sent by its holder
 //!   to every new replica but itself.
+//! - A **candidate** (kept by a server the view leader declared dead, which rejoined under a
+//!   fresh id) is sent the same way, whatever the anchor says: its holder was no replica of
+//!   anything since its old id left the view, yet it may hold the newest or the only copy.
+//!   Receivers keep the higher version, so after every send of the epoch is delivered each
+//!   new replica holds the best copy any holder had; the candidate holder then serves its
+//!   copy (it received the current holders' copies, if any) or has dropped it.
 //! - A sender that is not in `new` drops the key once its sends are acknowledged. A holder
 //!   that is not the sender and not in `new` keeps its copy until the newest epoch completes
 //!   (if the sender fails meanwhile, the next plan still finds the key), then drops it.
@@ -58,6 +64,8 @@ pub struct Held<'a> {
     pub key: &'a str,
     /// Written by a raw `set` and not yet sent to its replicas.
     pub stray: bool,
+    /// Kept from before its holder was declared dead; not yet reconciled.
+    pub candidate: bool,
 }
 
 /// Plans server `me`'s part of bringing `keys` from the `completed` view to the `newest`.
@@ -78,7 +86,7 @@ pub fn plan<'a>(
     for held in keys {
         let new = new_ring.replicas(held.key, new_count);
         let in_new = new.iter().any(|m| m.id == me);
-        let targets: Vec<Member> = if held.stray {
+        let targets: Vec<Member> = if held.stray || held.candidate {
             new.iter().copied().filter(|m| m.id != me).collect()
         } else {
             let old = old_ring.replicas(held.key, old_count);
@@ -111,7 +119,8 @@ pub fn plan<'a>(
 }
 
 /// The keys server `me` should drop once `completed` is complete: those it holds (not
-/// strays) whose replicas in `completed` do not include it.
+/// strays, not candidates: their plans send and drop them) whose replicas in `completed` do
+/// not include it.
 pub fn leftovers<'a>(
     me: ServerId,
     completed: &View,
@@ -120,7 +129,7 @@ pub fn leftovers<'a>(
     let ring = Ring::new(completed);
     let count = completed.replicas as usize;
     keys.into_iter()
-        .filter(|held| !held.stray)
+        .filter(|held| !held.stray && !held.candidate)
         .filter(|held| !ring.replicas(held.key, count).iter().any(|m| m.id == me))
         .map(|held| held.key.to_owned())
         .collect()
@@ -187,6 +196,7 @@ mod tests {
                 let held = keys.iter().map(|k| Held {
                     key: k,
                     stray: false,
+                    candidate: false,
                 });
                 (id, plan(id, completed, newest, held))
             })
@@ -210,6 +220,7 @@ mod tests {
             let held = held.iter().map(|k| Held {
                 key: k,
                 stray: false,
+                candidate: false,
             });
             for key in leftovers(*id, newest, held) {
                 bucket.remove(&key);
@@ -329,6 +340,7 @@ mod tests {
                 held.iter().map(|k| Held {
                     key: k,
                     stray: false,
+                    candidate: false,
                 }),
             );
             for (target, (_, keys)) in p.sends {
@@ -363,11 +375,58 @@ mod tests {
             [Held {
                 key: &key,
                 stray: true,
+                candidate: false,
             }],
         );
         let targets: BTreeSet<ServerId> = p.sends.keys().copied().collect();
         let replicas: BTreeSet<ServerId> = ring.replicas(&key, 3).iter().map(|m| m.id).collect();
         assert_eq!(targets, replicas);
         assert_eq!(p.drop_after_sending, vec![key]);
+    }
+
+    /// Issue 14 (keep, never wipe): a candidate is sent to every replica of the key in the
+    /// newest view whatever the anchor claims (its holder may have the only copy), dropped
+    /// after sending by a holder that is no replica, kept (for reconciliation) by one that
+    /// is, and never counted among the leftovers an anchor would drop.
+    #[test]
+    fn a_candidate_is_sent_to_every_replica_whatever_the_anchor_says() {
+        let all = servers(5, 11);
+        let anchor = view(3, &all[..4]);
+        // The candidate's holder rejoined under a fresh id: all[4] is new in epoch 4.
+        let newest = view(4, &all);
+        let ring = Ring::new(&newest);
+        let me = all[4].id;
+        let mine = (0..)
+            .map(|i| format!("c{i}"))
+            .find(|k| ring.replicas(k, 3).iter().any(|m| m.id == me))
+            .unwrap();
+        let other = (0..)
+            .map(|i| format!("d{i}"))
+            .find(|k| !ring.replicas(k, 3).iter().any(|m| m.id == me))
+            .unwrap();
+        let held = [&mine, &other].map(|k| Held {
+            key: k,
+            stray: false,
+            candidate: true,
+        });
+        let p = plan(me, &anchor, &newest, held);
+        for key in [&mine, &other] {
+            let expected: BTreeSet<ServerId> = ring
+                .replicas(key, 3)
+                .iter()
+                .map(|m| m.id)
+                .filter(|&id| id != me)
+                .collect();
+            let sent: BTreeSet<ServerId> = p
+                .sends
+                .iter()
+                .filter(|(_, (_, keys))| keys.contains(key))
+                .map(|(&id, _)| id)
+                .collect();
+            assert_eq!(sent, expected, "{key}");
+        }
+        assert_eq!(p.drop_after_sending, vec![other.clone()]);
+        assert!(p.settle_after_sending.is_empty());
+        assert!(leftovers(me, &newest, held).is_empty());
     }
 }

@@ -62,6 +62,10 @@ pub struct Stored {
     pub txid: Option<TxId>,
     /// Written by a raw `set` and not yet sent to the key's replicas (rebalancing sends it).
     pub stray: bool,
+    /// Kept from before this server was declared dead (it rejoined under a fresh id): not
+    /// served, not listed and not counted as a copy until rebalancing has reconciled it with
+    /// the key's current holders (the higher version wins), or dropped as stale or misplaced.
+    pub candidate: bool,
 }
 
 /// Tokens at or above this are termination queries (token - QUERY = participant token).
@@ -321,6 +325,7 @@ impl Server {
                 addr: self.config.advertise,
                 finished: self.finished,
                 sent: self.sent,
+                epoch: self.epoch(),
             },
             deadline: Some(deadline),
         });
@@ -420,15 +425,22 @@ impl Server {
                 let old = self.id;
                 self.id = ServerId::random(&mut self.rng);
                 warn!(
-                    "declared dead by the view leader (epoch {}): emptying the bucket of {} keys \
-                     and rejoining as {} (was {old})",
+                    "declared dead by the view leader (epoch {}): keeping the bucket's {} keys \
+                     as candidates until rebalancing reconciles them, and rejoining as {} \
+                     (was {old})",
                     view.epoch,
                     self.store.len(),
                     self.id
                 );
-                self.store.clear();
-                self.view = None;
-                self.ring = Ring::default();
+                // Never wipe: the view leader may have declared us dead for its own stall, a
+                // cut or a pause, and we may hold the last copy of a key. What we hold is no
+                // longer served or counted as a copy until the next rebalancing has
+                // reconciled it with the key's current holders.
+                for stored in self.store.values_mut() {
+                    stored.candidate = true;
+                    stored.stray = false;
+                }
+                // The last view is kept (epochs never go backwards here); we are not in it.
                 self.rebalance = None;
                 self.rebalance_deferred = false;
                 self.finished = Epoch(0);
@@ -437,8 +449,8 @@ impl Server {
                 self.participant = Participant::new();
                 self.settling.clear();
                 self.settle_requests.clear();
-                // Reads held back for a decision are refused, not answered from the emptied
-                // bucket: a `not_found` from a server that left the view would be a lie.
+                // Reads held back for a decision are refused: a server that left the view serves
+                // nothing until it has rejoined and reconciled.
                 let refusal = Response::error(
                     ErrorKind::Rebalancing,
                     format!("this server left the view at epoch {}", view.epoch),
@@ -455,6 +467,17 @@ impl Server {
                 self.id_since_seq = self.heartbeat_seq + 1;
                 if let Some(viewleader) = self.viewleader {
                     self.send_heartbeat(now, viewleader);
+                }
+            }
+            Ok(Response::Error(e)) if e.kind == ErrorKind::Rebalancing => {
+                // The view leader is gathering the servers that came back (it restarted, or
+                // declared everyone dead): we stay as we are until it publishes the view.
+                if let Some(held_back) = self.refusal_logs.heartbeat.allow(now) {
+                    info!(
+                        "the view leader holds heartbeat {seq} back: {} ({held_back} more not \
+                         logged)",
+                        e.message
+                    );
                 }
             }
             Ok(Response::Error(e)) => {
@@ -497,11 +520,12 @@ impl Server {
                         value,
                         txid: None,
                         stray: true,
+                        candidate: false,
                     },
                 );
                 Response::Done
             }
-            Request::Get { key } => match self.store.get(&key) {
+            Request::Get { key } => match self.committed(&key) {
                 Some(stored) => Response::Value {
                     value: stored.value.clone(),
                 },
@@ -511,7 +535,12 @@ impl Server {
                 ),
             },
             Request::QueryAllKeys => Response::Keys {
-                keys: self.store.keys().cloned().collect(),
+                keys: self
+                    .store
+                    .iter()
+                    .filter(|(_, stored)| !stored.candidate)
+                    .map(|(key, _)| key.clone())
+                    .collect(),
             },
             Request::Prepare {
                 txid,
@@ -778,14 +807,27 @@ impl Server {
         self.finished < self.epoch()
     }
 
-    /// Learns the view leader's anchor (the newest delivered view), kept if newer.
+    /// Learns the view leader's anchor (the newest delivered view), kept if newer. An anchor
+    /// older than ours means the view leader lost its memory (it restarted) or the answer was
+    /// overtaken: ours may then differ from the other servers' (some drop copies on an anchor
+    /// others never learned), so no anchor vouches for anything any more and plans fall back
+    /// to the empty anchor: every holder sends each key to every new replica until the view
+    /// leader delivers a view again.
     fn on_completed(&mut self, completed: View) {
-        if self
-            .completed
-            .as_ref()
-            .is_none_or(|c| c.epoch < completed.epoch)
-        {
-            self.completed = Some(completed);
+        match &self.completed {
+            Some(mine) if completed.epoch < mine.epoch && !mine.members.is_empty() => {
+                info!(
+                    "the view leader's rebalancing anchor (epoch {}) is older than mine (epoch \
+                     {}): planning from no anchor until it delivers a view",
+                    completed.epoch, mine.epoch
+                );
+                self.completed = Some(View {
+                    members: Vec::new(),
+                    ..completed
+                });
+            }
+            Some(mine) if completed.epoch <= mine.epoch => {}
+            _ => self.completed = Some(completed),
         }
     }
 
@@ -798,11 +840,7 @@ impl Server {
             return;
         }
         let Some(view) = &self.view else { return };
-        let held = self.store.iter().map(|(k, s)| Held {
-            key: k,
-            stray: s.stray,
-        });
-        let leftovers = rebalance::leftovers(self.id, view, held);
+        let leftovers = rebalance::leftovers(self.id, view, self.held());
         if !leftovers.is_empty() {
             info!(
                 "epoch {epoch} delivered: dropping {} keys no longer mine",
@@ -812,9 +850,50 @@ impl Server {
         for key in leftovers {
             self.store.remove(&key);
         }
+        self.reconcile_candidates(epoch);
         self.finished = epoch;
         // Report it at once rather than at the next interval.
         self.next_heartbeat = now;
+    }
+
+    /// The bucket as the rebalancing planner sees it.
+    fn held(&self) -> impl Iterator<Item = Held<'_>> {
+        self.store.iter().map(|(key, stored)| Held {
+            key,
+            stray: stored.stray,
+            candidate: stored.candidate,
+        })
+    }
+
+    /// Every send of `epoch` is delivered, ours included (they carried each candidate to
+    /// every replica of its key): a candidate of a key this server replicates now holds the
+    /// best copy any holder had, so it is served again; one of a key it does not replicate
+    /// (its plan dropped it already, unless it arrived in between) is dropped.
+    fn reconcile_candidates(&mut self, epoch: Epoch) {
+        let Some(view) = &self.view else { return };
+        let count = view.replicas as usize;
+        let (mut kept, mut dropped) = (0, 0);
+        let ring = &self.ring;
+        let me = self.id;
+        self.store.retain(|key, stored| {
+            if !stored.candidate {
+                return true;
+            }
+            if ring.replicas(key, count).iter().any(|m| m.id == me) {
+                stored.candidate = false;
+                kept += 1;
+                true
+            } else {
+                dropped += 1;
+                false
+            }
+        });
+        if kept + dropped > 0 {
+            info!(
+                "epoch {epoch} delivered: {kept} candidate keys reconciled and served again, \
+                 {dropped} dropped as misplaced"
+            );
+        }
     }
 
     /// Starts rebalancing toward the newest view if this server has not done so yet.
@@ -852,11 +931,7 @@ impl Server {
                 view.epoch, abandoned.epoch
             );
         }
-        let held = self.store.iter().map(|(k, s)| Held {
-            key: k,
-            stray: s.stray,
-        });
-        let plan = rebalance::plan(self.id, completed, view, held);
+        let plan = rebalance::plan(self.id, completed, view, self.held());
         let mut queue = VecDeque::new();
         let (mut keys, mut bytes) = (0, 0);
         for (target, keys_for_target) in plan.sends.values() {
@@ -1107,6 +1182,7 @@ impl Server {
                 value: entry.value,
                 txid: None,
                 stray: false,
+                candidate: false,
             };
             self.keep_newer(entry.key, stored);
         }
@@ -1125,9 +1201,14 @@ impl Server {
         }
     }
 
+    /// The entry of `key` this server serves: none while it is only a candidate.
+    fn committed(&self, key: &str) -> Option<&Stored> {
+        self.store.get(key).filter(|stored| !stored.candidate)
+    }
+
     /// A replicated read's answer from the bucket.
     fn read(&self, key: &str) -> Response {
-        match self.store.get(key) {
+        match self.committed(key) {
             Some(stored) => Response::Found {
                 value: stored.value.clone(),
                 version: stored.version,
@@ -1146,6 +1227,7 @@ impl Server {
             value: write.value,
             txid: Some(write.txid),
             stray: false,
+            candidate: false,
         };
         self.keep_newer(write.key, stored);
     }
@@ -1414,10 +1496,11 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(t0));
     }
 
-    /// Contract: a refused heartbeat empties the bucket and rejoins at once under a fresh id; a
-    /// late refusal meant for the abandoned id causes no second rejoin.
+    /// Contract: a server declared dead rejoins at once under a fresh id and keeps what its
+    /// bucket held, serving none of it (raw `get`, `query_all_keys`) until reconciled; a late
+    /// refusal meant for the abandoned id causes no second rejoin.
     #[test]
-    fn a_refused_heartbeat_empties_the_bucket_and_changes_the_id() {
+    fn a_refused_heartbeat_keeps_the_bucket_as_candidates_and_changes_the_id() {
         let t0 = Instant::now();
         let mut s = server(t0);
         ask(
@@ -1440,7 +1523,8 @@ mod tests {
         };
         s.handle_response(t0, HEARTBEAT + 1, refused());
         assert_ne!(s.id(), old);
-        assert!(s.is_empty());
+        assert_eq!(s.len(), 1, "kept, never wiped");
+        assert!(s.bucket().all(|(_, stored)| stored.candidate));
         let Some(Action::Request {
             request: Request::Heartbeat { id, .. },
             ..
@@ -1453,6 +1537,111 @@ mod tests {
         let new_id = s.id();
         s.handle_response(t0, HEARTBEAT + 2, refused());
         assert_eq!(s.id(), new_id);
+        let unserved = ask(&mut s, Request::Get { key: "k".into() });
+        assert!(matches!(unserved, Response::Error(ref e) if e.kind == ErrorKind::NotFound));
+        assert_eq!(
+            ask(&mut s, Request::QueryAllKeys),
+            Response::Keys { keys: vec![] }
+        );
+    }
+
+    /// Issue 14 (keep, never wipe): after rejoining, the candidates go to every replica of
+    /// their key in the new view, whatever the anchor says; once the epoch is delivered (every
+    /// copy landed) the candidate of a key this server replicates is served again, with the
+    /// higher of its own and the received versions.
+    #[test]
+    fn candidates_are_sent_to_their_replicas_and_served_once_reconciled() {
+        let t0 = Instant::now();
+        let (mut s, anchor) = settled_in_a_pair(t0);
+        let receive = Request::Transfer {
+            epoch: Epoch(2),
+            entries: vec![
+                Entry {
+                    key: "old".into(),
+                    value: "kept".into(),
+                    version: 5,
+                },
+                Entry {
+                    key: "newer".into(),
+                    value: "stale".into(),
+                    version: 5,
+                },
+            ],
+        };
+        let peer: SocketAddr = "127.0.0.1:38001".parse().unwrap();
+        assert_eq!(ask_from(&mut s, peer, receive), Response::Done);
+        let epoch_before = s.epoch();
+        let old_id = s.id();
+        s.handle_response(
+            t0,
+            HEARTBEAT + 3,
+            Ok(Response::HeartbeatRefused {
+                view: View::default(),
+            }),
+        );
+        drain(&mut s);
+        assert_eq!(s.epoch(), epoch_before, "epochs never go backwards");
+        // The new view: the new id and server 1; the anchor still names the old id.
+        let view = learn(&mut s, t0, 4, &[1], &anchor, 2);
+        assert!(!view.contains(old_id));
+        let transfers: Vec<(SocketAddr, Vec<String>)> = drain(&mut s)
+            .into_iter()
+            .filter_map(|action| match action {
+                Action::Request {
+                    dst,
+                    request: Request::Transfer { entries, .. },
+                    ..
+                } => Some((dst, entries.into_iter().map(|e| e.key).collect())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            transfers,
+            vec![(peer, vec!["newer".to_owned(), "old".to_owned()])],
+            "both candidates go to the other replica (2 replicas of 2 servers)"
+        );
+        // Server 1 sends the newer copy of one key; our transfer is acknowledged.
+        let newer = Request::Transfer {
+            epoch: Epoch(4),
+            entries: vec![Entry {
+                key: "newer".into(),
+                value: "current".into(),
+                version: Epoch(3).version_floor() + 1,
+            }],
+        };
+        assert_eq!(ask_from(&mut s, peer, newer), Response::Done);
+        assert_eq!(
+            ask(&mut s, Request::QueryAllKeys),
+            Response::Keys {
+                keys: vec!["newer".into()]
+            }
+        );
+        let token = TRANSFER + s.last_transfer;
+        s.handle_response(t0, token, Ok(Response::Done));
+        assert!(
+            s.is_rebalancing(),
+            "not served before the epoch is delivered"
+        );
+        learn(&mut s, t0, 4, &[1], &anchor, 4);
+        assert!(!s.is_rebalancing());
+        assert_eq!(
+            ask(&mut s, Request::QueryAllKeys),
+            Response::Keys {
+                keys: vec!["newer".into(), "old".into()]
+            }
+        );
+        assert_eq!(
+            ask(
+                &mut s,
+                Request::Get {
+                    key: "newer".into()
+                }
+            ),
+            Response::Value {
+                value: "current".into()
+            }
+        );
+        assert!(s.bucket().all(|(_, stored)| !stored.candidate));
     }
 
     /// Contract (`--viewleader` default): the server adopts the first candidate in order that

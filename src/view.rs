@@ -57,6 +57,17 @@ impl FromStr for ServerId {
 )]
 pub struct Epoch(pub u64);
 
+impl Epoch {
+    /// The lowest version a `setr` decided in the view of this epoch writes. Versions carry
+    /// the epoch in their high 32 bits, so they are ordered across epochs: any write decided
+    /// in a later view beats anything written before it, even a copy kept by a server the
+    /// view leader dropped while every other copy was lost (a bare counter restarting at 1
+    /// would let that old copy win). Raw `set` writes version 0, older than any `setr`.
+    pub fn version_floor(self) -> u64 {
+        self.0.min(u64::from(u32::MAX)) << 32
+    }
+}
+
 impl fmt::Display for Epoch {
     /// Formats the epoch as its plain number.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -117,5 +128,16 @@ mod tests {
         assert_eq!(text.parse::<ServerId>().unwrap(), id);
         assert_eq!(ServerId(1).to_string(), "00000000000000000000000000000001");
         assert!("xyz".parse::<ServerId>().is_err());
+    }
+
+    /// Issue 14 (versions ordered across epochs): every version floor of a later epoch is
+    /// above any version reachable by counting up within an earlier epoch, and above 0 (raw
+    /// `set`).
+    #[test]
+    fn version_floors_order_writes_across_epochs() {
+        assert_eq!(Epoch(0).version_floor(), 0);
+        assert!(Epoch(1).version_floor() > 0);
+        assert!(Epoch(8).version_floor() > Epoch(7).version_floor() + u64::from(u32::MAX - 1));
+        assert_eq!(Epoch(u64::MAX).version_floor(), u64::from(u32::MAX) << 32);
     }
 }

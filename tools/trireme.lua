@@ -387,6 +387,7 @@ local REQUEST_BODY = {
         info.addr = r:sockaddr(t, F.addr)
         r:u64(t, F.finished)
         r:u64(t, F.sent)
+        info.epoch = r:u64(t, F.epoch)
     end,
     QueryServers = function() end,
     LockGet = lock_pair,

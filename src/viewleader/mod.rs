@@ -2,10 +2,26 @@
 //!
 //! [`ViewLeader`] is a sans-IO [`Node`]. A server joins the view with its first heartbeat and
 //! leaves it after `dead_after` of silence; every join and every departure starts a new epoch.
-//! A heartbeat from a server already declared dead is refused: that server must empty its
-//! bucket and rejoin under a fresh id. When a server leaves, the locks held by requesters
-//! named after its id or its address are released. The view leader never stores anything
-//! about keys.
+//! A heartbeat from a server already declared dead is refused: that server rejoins under a
+//! fresh id, keeping its bucket as candidates for rebalancing to reconcile. When a server
+//! leaves, the locks held by requesters named after its id or its address are released. The
+//! view leader never stores anything about keys.
+//!
+//! # Its own faults never cost data
+//!
+//! - **Stalls.** A view leader that was descheduled, paused or swapped out would find every
+//!   server silent. It keeps a tick of its own (a quarter of `dead_after`) so that it can tell:
+//!   when it is called after a gap of more than half of `dead_after`, its loop ran late, and
+//!   every server gets a fresh `dead_after` before anyone may be declared dead. A freshly
+//!   started view leader declares nobody dead during its first `dead_after` either.
+//! - **Restarts.** Servers report the newest epoch they learned in every heartbeat; the view
+//!   leader never publishes a view below the highest it heard, so epochs never go backwards.
+//! - **Gathering.** A join into an empty view by a server that has been in a view before
+//!   (it reports an epoch above 0: it may hold data) opens a window of `dead_after`: the view
+//!   leader restarted, or declared every server dead at once (its own stall, a cut, a frozen
+//!   host). The servers that heartbeat during the window are published together in one view
+//!   at its end, with no anchor (every holder sends every key to every replica), so no key
+//!   is served by a partial view while its other holders are still on their way back.
 //!
 //! Bounds: at most [`ViewLeaderConfig::max_servers`] servers (a new one beyond it is refused),
 //! 10 000 remembered dead ids, and the lock table's bounds ([`locks::LockConfig`]).
@@ -32,6 +48,9 @@ pub const DEFAULT_PORTS: std::ops::RangeInclusive<u16> = 39000..=39010;
 
 /// How many ids of dead servers are remembered (to refuse their late heartbeats).
 const DEAD_IDS_REMEMBERED: usize = 10_000;
+/// The view leader's own tick is `dead_after` divided by this; a gap between two calls longer
+/// than twice the tick is a stall of the view leader itself.
+const TICKS_PER_DEAD_AFTER: u32 = 4;
 /// Default of [`ViewLeaderConfig::max_servers`].
 pub const MAX_SERVERS: usize = 1024;
 
@@ -108,6 +127,26 @@ struct Liveness {
     sent: Epoch,
 }
 
+/// What a server reports of its progress in a heartbeat.
+#[derive(Clone, Copy, Debug)]
+struct Progress {
+    /// The last epoch it finished rebalancing for.
+    finished: Epoch,
+    /// The last epoch all of whose sends it had acknowledged.
+    sent: Epoch,
+    /// The newest epoch it has learned.
+    epoch: Epoch,
+}
+
+/// Servers that heartbeat into an empty view while it gathers them (see the module doc).
+#[derive(Debug)]
+struct Gathering {
+    /// When the window closes and the view is published.
+    until: Instant,
+    /// The servers heard so far.
+    servers: BTreeMap<ServerId, Liveness>,
+}
+
 /// The view leader's state machine.
 #[derive(Debug)]
 pub struct ViewLeader {
@@ -131,6 +170,13 @@ pub struct ViewLeader {
     anchor: View,
     /// When the view first changed after the last completed epoch (for the log).
     epoch_started: Option<Instant>,
+    /// The servers gathered into an empty view, until the window closes.
+    gathering: Option<Gathering>,
+    /// The first instant this view leader was called at (nobody is declared dead before
+    /// `dead_after` has passed since).
+    started: Option<Instant>,
+    /// The last instant it was called at (a much later call means its loop ran late).
+    last_call: Option<Instant>,
     /// The lock service.
     locks: LockTable,
     /// What was refused, by kind.
@@ -165,6 +211,9 @@ impl ViewLeader {
                 vnodes,
             },
             epoch_started: None,
+            gathering: None,
+            started: None,
+            last_call: None,
             locks,
             refusals: Refusals::default(),
             refusal_logs: RefusalLogs::default(),
@@ -199,7 +248,8 @@ impl ViewLeader {
             .filter(|(_, l)| l.finished < self.epoch)
             .map(|(&id, _)| id)
             .collect();
-        (self.completed.epoch != self.epoch, pending)
+        let rebalancing = self.completed.epoch != self.epoch || self.gathering.is_some();
+        (rebalancing, pending)
     }
 
     /// The current epoch if every server in the view has had all its sends acknowledged
@@ -247,14 +297,36 @@ impl ViewLeader {
         );
     }
 
+    /// Raises the epoch to `reported` (an epoch a server learned) if it is higher, logging it:
+    /// this view leader restarted, and no view it publishes may be below one already seen.
+    /// Returns true if it rose.
+    fn rise_to(&mut self, reported: Epoch, from: ServerId) -> bool {
+        if reported <= self.epoch {
+            return false;
+        }
+        info!(
+            "server {from} reports epoch {reported}, above ours ({}): this view leader \
+             restarted; publishing no view below epoch {}",
+            self.epoch,
+            reported.0 + 1
+        );
+        self.epoch = reported;
+        true
+    }
+
     /// Handles a heartbeat from server `id` at `addr`, returning the answer.
     fn heartbeat(
         &mut self,
         now: Instant,
         id: ServerId,
         addr: SocketAddr,
-        (finished, sent): (Epoch, Epoch),
+        progress: Progress,
     ) -> Response {
+        let Progress {
+            finished,
+            sent,
+            epoch,
+        } = progress;
         if self.dead.contains(&id) {
             info!("refusing a heartbeat from {id} at {addr}: it was declared dead");
             return Response::HeartbeatRefused { view: self.view() };
@@ -263,7 +335,12 @@ impl ViewLeader {
             member.last_heartbeat = now;
             member.finished = member.finished.max(finished);
             member.sent = member.sent.max(sent);
-            if member.addr != addr {
+            if self.rise_to(epoch, id) {
+                // That epoch may name another view than ours: publish above it.
+                self.new_epoch(now);
+            } else if let Some(member) = self.members.get_mut(&id)
+                && member.addr != addr
+            {
                 let old = std::mem::replace(&mut member.addr, addr);
                 info!("server {id} moved from {old} to {addr}");
                 self.new_epoch(now);
@@ -284,7 +361,8 @@ impl ViewLeader {
             .filter(|(_, l)| l.addr == addr)
             .map(|(&old, _)| old)
             .collect();
-        if stale.is_empty() && self.members.len() >= self.config.max_servers {
+        let gathered = self.gathering.as_ref().map_or(0, |g| g.servers.len());
+        if stale.is_empty() && self.members.len() + gathered >= self.config.max_servers {
             self.refusals.view_full += 1;
             let reason = format!(
                 "refused: the view is full ({} servers, at most {})",
@@ -303,15 +381,17 @@ impl ViewLeader {
         for old in stale {
             self.remove(now, old, "replaced by a new server on the same address");
         }
-        self.members.insert(
-            id,
-            Liveness {
-                addr,
-                last_heartbeat: now,
-                finished,
-                sent,
-            },
-        );
+        let liveness = Liveness {
+            addr,
+            last_heartbeat: now,
+            finished,
+            sent,
+        };
+        if self.members.is_empty() && (epoch > Epoch(0) || self.gathering.is_some()) {
+            return self.gather(now, id, liveness, epoch);
+        }
+        self.rise_to(epoch, id);
+        self.members.insert(id, liveness);
         self.new_epoch(now);
         info!(
             "server {id} at {addr} joined; epoch {} has {} servers",
@@ -319,6 +399,101 @@ impl ViewLeader {
             self.members.len()
         );
         self.heartbeat_ack()
+    }
+
+    /// Takes server `id` (which was in view `epoch` before) into the gathering of an empty
+    /// view, opening the window if it is the first; answers `rebalancing` until the view is
+    /// published.
+    fn gather(&mut self, now: Instant, id: ServerId, liveness: Liveness, epoch: Epoch) -> Response {
+        self.rise_to(epoch, id);
+        let gathering = self.gathering.get_or_insert_with(|| {
+            info!(
+                "server {id} at {} joins an empty view after being in epoch {epoch}: gathering \
+                 the servers that may hold data for {} ms before publishing one view",
+                liveness.addr,
+                self.config.dead_after.as_millis()
+            );
+            Gathering {
+                until: now + self.config.dead_after,
+                servers: BTreeMap::new(),
+            }
+        });
+        let addr = liveness.addr;
+        gathering.servers.retain(|_, l| l.addr != addr);
+        gathering.servers.insert(id, liveness);
+        let left = gathering.until.saturating_duration_since(now);
+        Response::error(
+            ErrorKind::Rebalancing,
+            format!(
+                "the view is gathering the servers that may hold data; it is published in {} ms",
+                left.as_millis()
+            ),
+        )
+    }
+
+    /// Closes the gathering window: publishes one view with every gathered server still
+    /// heard within `dead_after`, anchored on no view (every holder sends every key to every
+    /// replica, so each replica ends with the best copy any holder had).
+    fn publish_gathered(&mut self, now: Instant) {
+        let Some(gathering) = self.gathering.take() else {
+            return;
+        };
+        let dead_after = self.config.dead_after;
+        let alive: Vec<(ServerId, Liveness)> = gathering
+            .servers
+            .into_iter()
+            .filter(|(_, l)| now < l.last_heartbeat + dead_after)
+            .collect();
+        if alive.is_empty() {
+            info!("no gathered server is still heartbeating: the view stays empty");
+            return;
+        }
+        // No anchor: plans into the new view send every key to every replica.
+        self.anchor = View {
+            epoch: self.epoch,
+            members: Vec::new(),
+            ..self.anchor.clone()
+        };
+        let count = alive.len();
+        self.members.extend(alive);
+        self.new_epoch(now);
+        info!(
+            "gathering over: epoch {} has the {count} servers that came back",
+            self.epoch
+        );
+    }
+
+    /// Notes a call at `now`. After a gap longer than twice the tick, this view leader's
+    /// loop ran late (it was descheduled, paused or stopped): every server gets a fresh
+    /// `dead_after` before anyone may be declared dead, so a stall of its own never declares
+    /// the servers whose heartbeats were waiting unread.
+    fn observe(&mut self, now: Instant) {
+        self.started.get_or_insert(now);
+        let tick = self.tick();
+        if let Some(last) = self.last_call.replace(now)
+            && now.saturating_duration_since(last) > 2 * tick
+            && !self.members.is_empty()
+        {
+            warn!(
+                "this view leader's loop ran {} ms late: giving every server a fresh {} ms \
+                 before declaring any dead",
+                now.saturating_duration_since(last).as_millis(),
+                self.config.dead_after.as_millis()
+            );
+            for liveness in self.members.values_mut() {
+                liveness.last_heartbeat = liveness.last_heartbeat.max(now);
+            }
+            if let Some(gathering) = &mut self.gathering {
+                for liveness in gathering.servers.values_mut() {
+                    liveness.last_heartbeat = liveness.last_heartbeat.max(now);
+                }
+            }
+        }
+    }
+
+    /// The view leader's own tick (a quarter of `dead_after`), by which it notices its stalls.
+    fn tick(&self) -> Duration {
+        self.config.dead_after / TICKS_PER_DEAD_AFTER
     }
 
     /// Starts a new epoch at `now`.
@@ -443,6 +618,7 @@ fn check_names(lock: &str, requester: &str) -> Result<(), OpError> {
 impl Node for ViewLeader {
     /// Answers heartbeats, `query_servers` and lock requests; refuses storage requests.
     fn handle_request(&mut self, now: Instant, from: SocketAddr, id: IncomingId, request: Request) {
+        self.observe(now);
         let response = match request {
             Request::Heartbeat {
                 id: server, addr, ..
@@ -452,7 +628,15 @@ impl Node for ViewLeader {
                 addr,
                 finished,
                 sent,
-            } => self.heartbeat(now, server, addr, (finished, sent)),
+                epoch,
+            } => {
+                let progress = Progress {
+                    finished,
+                    sent,
+                    epoch,
+                };
+                self.heartbeat(now, server, addr, progress)
+            }
             Request::QueryServers => {
                 let (rebalancing, pending) = self.rebalancing();
                 Response::Servers {
@@ -480,22 +664,30 @@ impl Node for ViewLeader {
         self.actions.push_back(Action::Respond { id, response });
     }
 
-    /// The view leader sends no requests of its own.
+    /// The view leader sends no requests of its own; it only notes the call.
     fn handle_response(
         &mut self,
-        _now: Instant,
+        now: Instant,
         _token: u64,
         _result: Result<Response, RequestError>,
     ) {
+        self.observe(now);
     }
 
-    /// Declares silent servers dead and expires lock requests.
+    /// Publishes a gathered view whose window closed, declares silent servers dead (never
+    /// during the first `dead_after` after start, nor after a stall of its own) and expires
+    /// lock requests.
     fn handle_timeout(&mut self, now: Instant) {
+        self.observe(now);
+        if self.gathering.as_ref().is_some_and(|g| g.until <= now) {
+            self.publish_gathered(now);
+        }
         let dead_after = self.config.dead_after;
+        let young = self.started.is_some_and(|t| now < t + dead_after);
         let silent: Vec<ServerId> = self
             .members
             .iter()
-            .filter(|(_, l)| l.last_heartbeat + dead_after <= now)
+            .filter(|(_, l)| !young && l.last_heartbeat + dead_after <= now)
             .map(|(&id, _)| id)
             .collect();
         for id in silent {
@@ -504,17 +696,28 @@ impl Node for ViewLeader {
         self.locks.handle_timeout(now);
     }
 
-    /// The earliest of: the next server to fall silent for `dead_after`, the next lock expiry.
+    /// The earliest of: the next server to fall silent for `dead_after`, the next lock
+    /// expiry, the end of a gathering, and (while there are servers to watch) the tick by
+    /// which the view leader notices its own stalls.
     fn poll_timeout(&self) -> Option<Instant> {
         let silence = self
             .members
             .values()
             .map(|l| l.last_heartbeat + self.config.dead_after)
             .min();
-        [silence, self.locks.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        let tick = self
+            .last_call
+            .filter(|_| !self.members.is_empty())
+            .map(|last| last + self.tick());
+        [
+            silence,
+            self.locks.poll_timeout(),
+            self.gathering.as_ref().map(|g| g.until),
+            tick,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Hands out the next response.
@@ -535,8 +738,17 @@ mod tests {
         })
     }
 
-    /// Sends `request` and returns the response.
+    /// Runs the view leader's timers as a driver would, up to and including `until`.
+    fn run_until(vl: &mut ViewLeader, until: Instant) {
+        while let Some(at) = vl.poll_timeout().filter(|&at| at <= until) {
+            vl.handle_timeout(at);
+        }
+    }
+
+    /// Runs the timers up to `now` (as a driver would), sends `request` and returns the
+    /// response.
     fn ask(vl: &mut ViewLeader, now: Instant, request: Request) -> Response {
+        run_until(vl, now);
         let id = IncomingId {
             incarnation: 1,
             request: 1,
@@ -560,6 +772,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
             finished: Epoch(0),
             sent: Epoch(0),
+            epoch: Epoch(0),
         }
     }
 
@@ -575,8 +788,9 @@ mod tests {
         assert_eq!(vl.view().members.len(), 2);
         // Server 1 keeps beating, server 2 falls silent.
         ask(&mut vl, t0 + Duration::from_millis(600), heartbeat(1));
-        assert_eq!(vl.poll_timeout(), Some(t0 + Duration::from_secs(1)));
-        vl.handle_timeout(t0 + Duration::from_secs(1));
+        run_until(&mut vl, t0 + Duration::from_millis(999));
+        assert_eq!(vl.view().epoch, Epoch(2), "not silent for dead_after yet");
+        run_until(&mut vl, t0 + Duration::from_secs(1));
         let view = vl.view();
         assert_eq!(view.epoch, Epoch(3));
         assert_eq!(
@@ -592,7 +806,7 @@ mod tests {
         let mut vl = leader();
         let t0 = Instant::now();
         ask(&mut vl, t0, heartbeat(7));
-        vl.handle_timeout(t0 + Duration::from_secs(2));
+        run_until(&mut vl, t0 + Duration::from_secs(2));
         let answer = ask(&mut vl, t0 + Duration::from_secs(3), heartbeat(7));
         assert!(
             matches!(answer, Response::HeartbeatRefused { .. }),
@@ -629,6 +843,7 @@ mod tests {
                 addr,
                 finished: Epoch(0),
                 sent: Epoch(0),
+                epoch: Epoch(0),
             },
         );
         ask(
@@ -639,6 +854,7 @@ mod tests {
                 addr,
                 finished: Epoch(0),
                 sent: Epoch(0),
+                epoch: Epoch(0),
             },
         );
         let view = vl.view();
@@ -674,7 +890,7 @@ mod tests {
             ask(&mut vl, t0, other.clone()),
             Response::LockWaiting { .. }
         ));
-        vl.handle_timeout(t0 + Duration::from_millis(1000));
+        run_until(&mut vl, t0 + Duration::from_millis(1000));
         assert_eq!(vl.locks.holder("B"), None);
         assert_eq!(
             ask(&mut vl, t0 + Duration::from_millis(1000), other),
@@ -693,6 +909,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
             finished: Epoch(finished),
             sent: Epoch(finished),
+            epoch: Epoch(finished),
         };
         ask(&mut vl, t0, beat(1, 0));
         ask(&mut vl, t0, beat(2, 0));
@@ -710,7 +927,7 @@ mod tests {
         ask(&mut vl, t0, beat(3, 0));
         ask(&mut vl, t0 + Duration::from_millis(600), beat(1, 3));
         ask(&mut vl, t0 + Duration::from_millis(600), beat(2, 3));
-        vl.handle_timeout(t0 + Duration::from_secs(1));
+        run_until(&mut vl, t0 + Duration::from_secs(1));
         assert_eq!(vl.view().epoch, Epoch(4));
         assert!(vl.rebalancing().0, "1 and 2 must still finish epoch 4");
         ask(&mut vl, t0 + Duration::from_millis(1100), beat(1, 4));
@@ -742,6 +959,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
             finished: Epoch(finished),
             sent: Epoch(sent),
+            epoch: Epoch(sent),
         };
         let anchor = |answer: Response| match answer {
             Response::HeartbeatAck { completed, .. } => completed.epoch,
@@ -761,7 +979,7 @@ mod tests {
         let later = t0 + Duration::from_millis(600);
         ask(&mut vl, later, beat(1, 3, 3));
         ask(&mut vl, later, beat(2, 3, 3));
-        vl.handle_timeout(t0 + Duration::from_secs(1));
+        run_until(&mut vl, t0 + Duration::from_secs(1));
         assert_eq!(vl.view().epoch, Epoch(4));
         assert_eq!(anchor(ask(&mut vl, later, beat(1, 3, 3))), Epoch(3));
     }
@@ -798,6 +1016,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], 2)),
             finished: Epoch(0),
             sent: Epoch(0),
+            epoch: Epoch(0),
         };
         assert!(matches!(
             ask(&mut vl, t0, replacement),
@@ -867,5 +1086,134 @@ mod tests {
             ask(&mut vl, t0, heartbeat(1)),
             Response::HeartbeatAck { .. }
         ));
+    }
+
+    /// A heartbeat from server `n` on port `n` that has learned `epoch`.
+    fn heartbeat_at(n: u128, epoch: u64) -> Request {
+        Request::Heartbeat {
+            id: ServerId(n),
+            addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
+            finished: Epoch(epoch),
+            sent: Epoch(epoch),
+            epoch: Epoch(epoch),
+        }
+    }
+
+    /// Issue 14 (a view leader never mass-declares because of its own stall): called again
+    /// after 3 x `dead_after` without a call (paused), it finds every server silent yet
+    /// declares none; they get a fresh `dead_after` from the resume, and only one that stays
+    /// silent through it is declared.
+    #[test]
+    fn a_stalled_view_leader_declares_nobody_dead() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        ask(&mut vl, t0, heartbeat(1));
+        ask(&mut vl, t0, heartbeat(2));
+        run_until(&mut vl, t0 + Duration::from_millis(500));
+        // Stopped for 3 s: its next call is the overdue timer.
+        let resumed = t0 + Duration::from_millis(3500);
+        vl.handle_timeout(resumed);
+        assert_eq!(vl.view().epoch, Epoch(2));
+        assert_eq!(vl.view().members.len(), 2, "nobody declared dead");
+        ask(&mut vl, resumed + Duration::from_millis(400), heartbeat(1));
+        ask(&mut vl, resumed + Duration::from_millis(800), heartbeat(1));
+        run_until(&mut vl, resumed + Duration::from_millis(999));
+        assert_eq!(vl.view().members.len(), 2);
+        run_until(&mut vl, resumed + Duration::from_millis(1000));
+        let view = vl.view();
+        assert_eq!(view.epoch, Epoch(3));
+        assert_eq!(
+            view.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [ServerId(1)]
+        );
+    }
+
+    /// Issue 14 (epochs never go backwards; gathering): a restarted view leader hears servers
+    /// that were at epoch 7 and 9; it answers `rebalancing` while it gathers them for
+    /// `dead_after`, then publishes one view with both above every epoch heard, anchored on no
+    /// view.
+    #[test]
+    fn a_restarted_view_leader_gathers_and_publishes_above_every_epoch_heard() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        let answer = ask(&mut vl, t0, heartbeat_at(1, 7));
+        assert!(
+            matches!(answer, Response::Error(ref e) if e.kind == ErrorKind::Rebalancing),
+            "{answer:?}"
+        );
+        let answer = ask(&mut vl, t0 + Duration::from_millis(300), heartbeat_at(2, 9));
+        assert!(matches!(answer, Response::Error(ref e) if e.kind == ErrorKind::Rebalancing));
+        assert!(
+            vl.rebalancing().0,
+            "query_servers says rebalancing while gathering"
+        );
+        assert!(vl.view().members.is_empty());
+        assert!(vl.view().epoch >= Epoch(9), "never below an epoch heard");
+        ask(&mut vl, t0 + Duration::from_millis(600), heartbeat_at(1, 7));
+        ask(&mut vl, t0 + Duration::from_millis(900), heartbeat_at(2, 9));
+        run_until(&mut vl, t0 + Duration::from_secs(1));
+        let view = vl.view();
+        assert_eq!(view.epoch, Epoch(10));
+        assert_eq!(view.members.len(), 2);
+        let Response::HeartbeatAck {
+            view, completed, ..
+        } = ask(
+            &mut vl,
+            t0 + Duration::from_millis(1100),
+            heartbeat_at(1, 7),
+        )
+        else {
+            panic!("a member's heartbeat is acknowledged");
+        };
+        assert_eq!(view.epoch, Epoch(10));
+        assert!(completed.members.is_empty(), "no anchor after a gathering");
+        assert!(completed.epoch >= Epoch(9));
+    }
+
+    /// Issue 14: a fresh cluster (servers that were never in a view report epoch 0) is not
+    /// held back by gathering; a member that reports an epoch above the view leader's makes
+    /// it publish above that epoch.
+    #[test]
+    fn fresh_servers_join_at_once_and_a_higher_epoch_heard_is_overtaken() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        assert!(matches!(
+            ask(&mut vl, t0, heartbeat(1)),
+            Response::HeartbeatAck { .. }
+        ));
+        assert_eq!(vl.view().epoch, Epoch(1));
+        ask(&mut vl, t0, heartbeat_at(1, 5));
+        assert_eq!(vl.view().epoch, Epoch(6));
+    }
+
+    /// Issue 14 (gathering): when every server was declared dead at once (a cut, a frozen
+    /// host), the first to come back does not get a view of its own: the others that come back
+    /// within `dead_after` are published with it, in one view.
+    #[test]
+    fn servers_coming_back_to_an_empty_view_are_published_together() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        ask(&mut vl, t0, heartbeat(1));
+        ask(&mut vl, t0, heartbeat(2));
+        ask(&mut vl, t0, heartbeat_at(1, 2));
+        ask(&mut vl, t0, heartbeat_at(2, 2));
+        run_until(&mut vl, t0 + Duration::from_secs(1));
+        assert!(vl.view().members.is_empty(), "both declared dead");
+        let empty = vl.view().epoch;
+        // They come back under fresh ids (3 and 4), remembering epoch 2.
+        let t1 = t0 + Duration::from_secs(2);
+        let first = ask(&mut vl, t1, heartbeat_at(3, 2));
+        assert!(matches!(first, Response::Error(ref e) if e.kind == ErrorKind::Rebalancing));
+        ask(&mut vl, t1 + Duration::from_millis(100), heartbeat_at(4, 2));
+        assert_eq!(vl.view().epoch, empty);
+        ask(&mut vl, t1 + Duration::from_millis(500), heartbeat_at(3, 2));
+        ask(&mut vl, t1 + Duration::from_millis(600), heartbeat_at(4, 2));
+        run_until(&mut vl, t1 + Duration::from_secs(1));
+        let view = vl.view();
+        assert_eq!(view.epoch, Epoch(empty.0 + 1), "one view change for both");
+        assert_eq!(
+            view.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            [ServerId(3), ServerId(4)]
+        );
     }
 }

@@ -354,9 +354,10 @@ fn describe_request(body: &[u8]) -> MessageInfo {
             addr,
             finished,
             sent,
+            epoch,
         } => (
             "Heartbeat",
-            format!("id={id} addr={addr} sent={sent} finished={finished}"),
+            format!("id={id} addr={addr} epoch={epoch} sent={sent} finished={finished}"),
         ),
         Request::QueryServers => ("QueryServers", String::new()),
         Request::LockGet { lock, requester } => {
