@@ -481,23 +481,28 @@ impl Client {
             self.view_used = Some((placement.view.epoch, false));
             return Ok(placement);
         }
-        let mut info = self.query_servers()?;
-        while self.wait && info.rebalancing {
+        let info = loop {
+            // A view leader with no view to show yet (just started, or gathering the servers
+            // that came back) answers `rebalancing`, like a view that is rebalancing.
+            let waiting_for = match self.query_servers() {
+                Ok(info) if !(self.wait && info.rebalancing) => break info,
+                Ok(info) => format!("epoch {} was still rebalancing", info.view.epoch),
+                Err(e) if self.wait && e.kind == ErrorKind::Rebalancing => {
+                    format!("the view leader still had no view ({})", e.message)
+                }
+                Err(e) => return Err(e),
+            };
             if self
                 .deadline
                 .is_some_and(|d| Instant::now() + REBALANCING_POLL >= d)
             {
                 return Err(self.timed(op_error(
                     ErrorKind::Timeout,
-                    format!(
-                        "epoch {} was still rebalancing at the deadline",
-                        info.view.epoch
-                    ),
+                    format!("{waiting_for} at the deadline"),
                 )));
             }
             std::thread::sleep(REBALANCING_POLL);
-            info = self.query_servers()?;
-        }
+        };
         let placement = Placement::operable(info)?;
         if let Some(cache) = &self.cache {
             cache.put(placement.clone(), now);
@@ -679,10 +684,10 @@ pub fn discover(
     let mut all_unreachable = true;
     while let Ok(reply) = rx.recv() {
         all_unreachable &= matches!(reply.result, Err(RequestError::Unreachable { .. }));
-        let ok = matches!(
-            reply.result.as_deref().map(Response::decode),
-            Ok(Ok(Response::Servers { .. }))
-        );
+        let ok = reply
+            .result
+            .as_deref()
+            .is_ok_and(|body| Response::decode(body).is_ok_and(|r| r.is_from_viewleader()));
         if let Some(slot) = answers.get_mut(reply.tag as usize) {
             *slot = Some(ok);
         }

@@ -322,6 +322,17 @@ impl Response {
         })
     }
 
+    /// True for an answer to `QueryServers` that only a view leader gives: a view, or
+    /// `rebalancing` while it has no view to show yet (just started, or gathering). Servers
+    /// answer `bad_input`. Discovery uses it to tell a view leader from anything else.
+    pub fn is_from_viewleader(&self) -> bool {
+        match self {
+            Response::Servers { .. } => true,
+            Response::Error(e) => e.kind == ErrorKind::Rebalancing,
+            _ => false,
+        }
+    }
+
     /// Builds an error response of `kind` with a human explanation.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
         Response::Error(OpError {

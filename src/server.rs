@@ -1321,7 +1321,7 @@ impl Node for Server {
         } else if token >= HEARTBEAT {
             self.on_heartbeat_answer(now, token - HEARTBEAT, result);
         } else if token >= PROBE {
-            let is_viewleader = matches!(result, Ok(Response::Servers { .. }));
+            let is_viewleader = result.is_ok_and(|r| r.is_from_viewleader());
             self.on_probe(now, (token - PROBE) as usize, is_viewleader);
         }
         self.resume_rebalance(now);

@@ -401,6 +401,34 @@ impl ViewLeader {
         self.heartbeat_ack()
     }
 
+    /// Why this view leader has no view to show at `now`, if it has none: it started less
+    /// than `dead_after` ago and has heard no server yet (it may have restarted, and the
+    /// servers know a newer epoch than its 0), or it is gathering the servers that came back
+    /// (the epoch it would show is not final). Epochs a client sees never go backwards.
+    fn view_unknown(&self, now: Instant) -> Option<String> {
+        let dead_after = self.config.dead_after;
+        if let Some(gathering) = &self.gathering {
+            return Some(format!(
+                "the view leader is gathering the servers that may hold data; the view is \
+                 published in {} ms",
+                gathering.until.saturating_duration_since(now).as_millis()
+            ));
+        }
+        let started = self.started.unwrap_or(now);
+        let heard = self.epoch > Epoch(0) || !self.members.is_empty();
+        if heard || now >= started + dead_after {
+            return None;
+        }
+        Some(format!(
+            "the view leader started {} ms ago and has heard no server yet; it knows the view \
+             within {} ms",
+            now.saturating_duration_since(started).as_millis(),
+            (started + dead_after)
+                .saturating_duration_since(now)
+                .as_millis()
+        ))
+    }
+
     /// Takes server `id` (which was in view `epoch` before) into the gathering of an empty
     /// view, opening the window if it is the first; answers `rebalancing` until the view is
     /// published.
@@ -637,14 +665,17 @@ impl Node for ViewLeader {
                 };
                 self.heartbeat(now, server, addr, progress)
             }
-            Request::QueryServers => {
-                let (rebalancing, pending) = self.rebalancing();
-                Response::Servers {
-                    view: self.view(),
-                    rebalancing,
-                    pending,
+            Request::QueryServers => match self.view_unknown(now) {
+                Some(reason) => Response::error(ErrorKind::Rebalancing, reason),
+                None => {
+                    let (rebalancing, pending) = self.rebalancing();
+                    Response::Servers {
+                        view: self.view(),
+                        rebalancing,
+                        pending,
+                    }
                 }
-            }
+            },
             Request::LockGet { lock, requester } => self.lock_get(now, &lock, &requester),
             Request::LockRelease { lock, requester } => self.lock_release(now, &lock, &requester),
             Request::LockWithdraw { lock, requester } => {
@@ -1215,5 +1246,46 @@ mod tests {
             view.members.iter().map(|m| m.id).collect::<Vec<_>>(),
             [ServerId(3), ServerId(4)]
         );
+    }
+
+    /// Contract (epochs never go backwards, across restarts): a view leader that has heard no
+    /// server yet, within `dead_after` of its start, answers `query_servers` with
+    /// `rebalancing` (it may have restarted: the servers may know a newer epoch than its 0);
+    /// once a server joins, or `dead_after` passes with nobody, it shows its view. Gathering
+    /// answers `rebalancing` too. Discovery takes both answers as a view leader's.
+    #[test]
+    fn a_view_leader_with_no_view_yet_answers_rebalancing() {
+        let t0 = Instant::now();
+        let mut vl = leader();
+        vl.handle_timeout(t0);
+        let early = ask(
+            &mut vl,
+            t0 + Duration::from_millis(10),
+            Request::QueryServers,
+        );
+        assert!(
+            matches!(&early, Response::Error(e) if e.kind == ErrorKind::Rebalancing),
+            "{early:?}"
+        );
+        assert!(early.is_from_viewleader());
+        let alone = ask(&mut vl, t0 + Duration::from_secs(1), Request::QueryServers);
+        assert!(
+            matches!(&alone, Response::Servers { view, .. } if view.members.is_empty()),
+            "{alone:?}"
+        );
+        let mut fresh = leader();
+        fresh.handle_timeout(t0);
+        ask(&mut fresh, t0, heartbeat(1));
+        let joined = ask(&mut fresh, t0, Request::QueryServers);
+        assert!(
+            matches!(&joined, Response::Servers { view, .. } if view.epoch == Epoch(1)),
+            "{joined:?}"
+        );
+        let mut restarted = leader();
+        restarted.handle_timeout(t0);
+        ask(&mut restarted, t0, heartbeat_at(1, 7));
+        let gathering = ask(&mut restarted, t0, Request::QueryServers);
+        assert!(matches!(&gathering, Response::Error(e) if e.kind == ErrorKind::Rebalancing));
+        assert!(!Response::error(ErrorKind::BadInput, "a server").is_from_viewleader());
     }
 }

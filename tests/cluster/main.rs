@@ -10,6 +10,7 @@ mod bench;
 mod flood;
 mod locks;
 mod membership;
+mod membership_faults;
 mod rebalancing;
 mod replication;
 mod robustness;

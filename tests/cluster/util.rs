@@ -185,8 +185,14 @@ pub fn viewleader(env: &Env) -> ViewLeader {
 
 /// Starts a view leader with extra flags.
 pub fn viewleader_with(env: &Env, extra: &[&str]) -> ViewLeader {
+    viewleader_bound(env, "127.0.0.1:0", extra)
+}
+
+/// Starts a view leader bound to `bind` (e.g. the address of one that was just stopped, to
+/// restart it in place) with extra flags.
+pub fn viewleader_bound(env: &Env, bind: &str, extra: &[&str]) -> ViewLeader {
     let mut command = env.command(VIEWLEADER);
-    command.args(["--bind", "127.0.0.1:0"]).args(extra);
+    command.args(["--bind", bind]).args(extra);
     let proc = Proc::start(command);
     let addr = proc
         .first_line
@@ -373,20 +379,29 @@ pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
-/// The view leader's `query_servers --json` answer.
+/// The view leader's `query_servers --json` answer. A view leader with no view to show yet
+/// (started less than `--dead-after-ms` ago and has heard no server, or gathering the
+/// servers that came back) answers `rebalancing`; that is waited out (up to 20 s), any other
+/// failure fails the test.
 pub fn query_servers(env: &Env, vl: &ViewLeader) -> Value {
     // A generous bound: under 20% loss a 5 s bound fails about once in 10 000 exchanges.
     let vl = vl.addr.to_string();
-    let (code, json) = client_json(
-        env,
-        &[
-            "--viewleader",
-            &vl,
-            "--timeout-ms",
-            "20000",
-            "query_servers",
-        ],
-    );
+    let mut answer = (0, Value::Null);
+    let shown = wait_until(Duration::from_secs(20), || {
+        answer = client_json(
+            env,
+            &[
+                "--viewleader",
+                &vl,
+                "--timeout-ms",
+                "20000",
+                "query_servers",
+            ],
+        );
+        answer.0 != 1 || answer.1["kind"] != "rebalancing"
+    });
+    let (code, json) = answer;
+    assert!(shown, "the view leader never showed a view: {json}");
     assert_eq!(code, 0, "query_servers failed: {json}");
     json
 }
