@@ -64,6 +64,8 @@ pub struct Client {
     /// The epoch of the view the current operation used, and whether a replica refused it
     /// or could not be reached (then a cached view of that epoch is dropped).
     view_used: Option<(Epoch, bool)>,
+    /// The newest epoch this client has operated on: a view below it is never used.
+    epoch_floor: Epoch,
 }
 
 /// How long a cached view is used before the view leader is asked again. Replicas refuse an
@@ -89,6 +91,23 @@ impl Placement {
             view: Arc::new(view),
             ring: Arc::new(ring),
         }
+    }
+
+    /// Refuses, with `rebalancing`, a view older than `floor`, the newest epoch this client
+    /// already operated on: a view leader that restarted and has not heard the servers yet
+    /// can only show an older epoch, and epochs a client uses never go backwards.
+    pub fn check_floor(info: &ServersInfo, floor: Epoch) -> Result<(), OpError> {
+        if info.view.epoch < floor {
+            return Err(op_error(
+                ErrorKind::Rebalancing,
+                format!(
+                    "the view leader shows epoch {}, older than epoch {floor} used before: it \
+                     restarted and has not heard the servers yet",
+                    info.view.epoch
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The placement of a view replicated operations may use: refused while the view is
@@ -215,6 +234,7 @@ impl Client {
             wait: false,
             cache: None,
             view_used: None,
+            epoch_floor: Epoch(0),
         }
     }
 
@@ -484,7 +504,11 @@ impl Client {
         let info = loop {
             // A view leader with no view to show yet (just started, or gathering the servers
             // that came back) answers `rebalancing`, like a view that is rebalancing.
-            let waiting_for = match self.query_servers() {
+            let answer = self.query_servers().and_then(|info| {
+                Placement::check_floor(&info, self.epoch_floor)?;
+                Ok(info)
+            });
+            let waiting_for = match answer {
                 Ok(info) if !(self.wait && info.rebalancing) => break info,
                 Ok(info) => format!("epoch {} was still rebalancing", info.view.epoch),
                 Err(e) if self.wait && e.kind == ErrorKind::Rebalancing => {
@@ -504,6 +528,7 @@ impl Client {
             std::thread::sleep(REBALANCING_POLL);
         };
         let placement = Placement::operable(info)?;
+        self.epoch_floor = placement.view.epoch;
         if let Some(cache) = &self.cache {
             cache.put(placement.clone(), now);
         }

@@ -16,10 +16,10 @@
 //!   started view leader declares nobody dead during its first `dead_after` either.
 //! - **Restarts.** Servers report the newest epoch they learned in every heartbeat; the view
 //!   leader never publishes a view below the highest it heard, so epochs never go backwards.
-//! - **Gathering.** A join into an empty view by a server that has been in a view before
-//!   (it reports an epoch above 0: it may hold data) opens a window of `dead_after`: the view
-//!   leader restarted, or declared every server dead at once (its own stall, a cut, a frozen
-//!   host). The servers that heartbeat during the window are published together in one view
+//! - **Gathering.** A join into an empty view that had servers before (the joiner reports an
+//!   epoch above 0: it may hold data; or the view leader's own epoch is above 0: it lost every
+//!   server) opens a window of `dead_after`: the view leader restarted, or declared every
+//!   server dead at once (its own stall, a cut, a frozen host). The servers that heartbeat during the window are published together in one view
 //!   at its end, with no anchor (every holder sends every key to every replica), so no key
 //!   is served by a partial view while its other holders are still on their way back.
 //!
@@ -378,6 +378,9 @@ impl ViewLeader {
             }
             return Response::error(ErrorKind::Aborted, reason);
         }
+        // Emptied by this very heartbeat (its server restarted on the same address) is not
+        // "lost every server": only a view empty before it gathers.
+        let was_empty = self.members.is_empty();
         for old in stale {
             self.remove(now, old, "replaced by a new server on the same address");
         }
@@ -387,7 +390,10 @@ impl ViewLeader {
             finished,
             sent,
         };
-        if self.members.is_empty() && (epoch > Epoch(0) || self.gathering.is_some()) {
+        // An empty view that had servers before (ours or the joiner's epoch is above 0) lost
+        // them all at once: gather whoever comes back before publishing anything.
+        let had_servers = epoch > Epoch(0) || self.epoch > Epoch(0);
+        if was_empty && (had_servers || self.gathering.is_some()) {
             return self.gather(now, id, liveness, epoch);
         }
         self.rise_to(epoch, id);
