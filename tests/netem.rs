@@ -1,31 +1,44 @@
-//! The membership scenario across network namespaces, with kernel-level loss and duplication.
+//! The namespace scenarios, with kernel-level loss and duplication.
 //!
-//! Runs `netem-scripts/scenario.sh` (3 servers, 20 keys, 5% loss and 2% duplication on every
-//! host's link): a view leader, servers and a client each in their own namespace behind a
-//! router namespace; servers are killed one by one down to one and fresh ones started back up
-//! to three, and after every step every key and every bucket is checked. The script prints
-//! which mechanism carries each impairment (netem where the kernel has it, else iptables
-//! `statistic`/`TEE`, else the programs' own `--faults`).
+//! `scenario_under_kernel_loss_and_duplication` runs `netem-scripts/scenario.sh` (3 servers,
+//! 20 keys, 5% loss and 2% duplication on every host's link): a view leader, servers and a
+//! client each in their own namespace behind a router namespace; servers are killed one by one
+//! down to one and fresh ones started back up to three, and after every step every key and
+//! every bucket is checked. The script prints which mechanism carries each impairment (netem
+//! where the kernel has it, else iptables `statistic`/`TEE`, else the programs' own `--faults`).
 //!
-//! Namespaces need root and a kernel that allows them. Where `ip netns add` fails, the test
+//! `partition_view_leader_cut_from_all_servers` runs `netem-scripts/partition.sh` on the same
+//! hosts and impairments (issue 14): after 20 keys are written and checked, iptables rules in
+//! the view leader's namespace cut it from every server for 3 × `--dead-after-ms` (1000 ms)
+//! while the client still reaches it; the servers must be declared dead, and after the heal
+//! (exactly those rules deleted) every key must read back with its value, placement be exact
+//! once settled, and no epoch answered be lower than one answered before.
+//!
+//! Namespaces need root and a kernel that allows them. Where `ip netns add` fails, each test
 //! says why on stderr and passes without running, unless `TRIREME_REQUIRE_NETNS=1`, which turns
-//! that into a failure. Each run uses its own name prefix (from the process id), so it never
-//! collides with a manual run of the scripts. A guard stops the script (SIGTERM by PID, its
-//! trap tears everything down) and runs `hosts.sh down` when the test ends, panics included.
+//! that into a failure. Each test uses its own name prefix (a letter of its own and the process
+//! id), so the two never collide with each other or with a manual run of the scripts; they run
+//! one at a time (both are timing-sensitive and the machines have few cores). A guard stops
+//! the script (SIGTERM by PID, its trap tears everything down) and runs `hosts.sh down` when
+//! the test ends, panics included.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The whole scenario must finish within this (the test as a whole well under two minutes).
+/// A scenario must finish within this (each test well under two minutes).
 const DEADLINE: Duration = Duration::from_secs(100);
+
+/// Held by each test while its scenario runs: one scenario at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// How long the script gets to tear down after SIGTERM before it is killed.
 const TERM_GRACE: Duration = Duration::from_secs(20);
 
-/// The scenario's steps: the start, two kills, two fresh starts.
+/// The membership scenario's steps: the start, two kills, two fresh starts.
 const STEPS: usize = 5;
 
 /// The number of keys the scenario writes.
@@ -56,9 +69,9 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-/// A name prefix for this run: `t` and the process id in base 36 (at most 8 characters, as
-/// the scripts require), unique among running processes.
-fn prefix() -> String {
+/// A name prefix for this run: `letter` (one per test) and the process id in base 36 (at most
+/// 8 characters, as the scripts require), unique among running processes and tests.
+fn prefix(letter: char) -> String {
     let mut n = std::process::id();
     let mut digits = Vec::new();
     loop {
@@ -68,7 +81,7 @@ fn prefix() -> String {
             break;
         }
     }
-    format!("t{}", digits.iter().rev().collect::<String>())
+    format!("{letter}{}", digits.iter().rev().collect::<String>())
 }
 
 /// Why namespaces cannot be used here, or `None` if `ip netns add` and `del` work.
@@ -191,15 +204,20 @@ fn table_rows(stdout: &str) -> Vec<Row> {
         .collect()
 }
 
-/// The scenario with 5% kernel-level loss and 2% duplication on every link.
-#[test]
-fn scenario_under_kernel_loss_and_duplication() {
+/// Runs `netem-scripts/SCRIPT --prefix P --servers 3 --keys KEYS --loss 5% --dup 2%` with the
+/// binaries Cargo built, under the guard, one scenario at a time, and returns its exit status
+/// and stdout; `None` (after saying why) where namespaces are unavailable and
+/// `TRIREME_REQUIRE_NETNS` is not `1`. Panics if the script runs past [`DEADLINE`].
+fn run_script(script: &str, letter: char) -> Option<(ExitStatus, String)> {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
-    let prefix = prefix();
+    let prefix = prefix(letter);
     if let Some(why) = netns_unavailable(&prefix) {
         let message = format!(
             "\n**********************************************************************\n\
-             netem test NOT RUN: network namespaces are unavailable here:\n  {why}\n\
+             netem test NOT RUN ({script}): network namespaces are unavailable here:\n  {why}\n\
              (set TRIREME_REQUIRE_NETNS=1 to make this a failure)\n\
              **********************************************************************"
         );
@@ -207,14 +225,14 @@ fn scenario_under_kernel_loss_and_duplication() {
             panic!("{message}");
         }
         eprintln!("{message}");
-        return;
+        return None;
     }
     // A run that died with this process id before (it cannot still be running) may have left
     // hosts behind; the scenario refuses to start over existing ones.
     hosts_down(&prefix);
 
     let mut child = Command::new("bash")
-        .arg(repo().join("netem-scripts/scenario.sh"))
+        .arg(repo().join("netem-scripts").join(script))
         .args([
             "--prefix",
             &prefix,
@@ -230,7 +248,7 @@ fn scenario_under_kernel_loss_and_duplication() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("cannot start netem-scripts/scenario.sh");
+        .unwrap_or_else(|e| panic!("cannot start netem-scripts/{script}: {e}"));
     let mut stdout = child.stdout.take().expect("piped stdout");
     let mut guard = ScenarioGuard {
         child: Some(child),
@@ -244,20 +262,12 @@ fn scenario_under_kernel_loss_and_duplication() {
 
     let status = guard.wait_until(started + DEADLINE);
     let Some(status) = status else {
-        panic!("the scenario did not finish within {DEADLINE:?}");
+        panic!("{script} did not finish within {DEADLINE:?}");
     };
     let stdout = reader.join().expect("the stdout reader panicked");
-    eprintln!("netem test: scenario output:\n{stdout}");
+    eprintln!("netem test: {script} output:\n{stdout}");
     drop(guard);
 
-    assert!(
-        status.success(),
-        "the scenario failed ({status}); its output is above"
-    );
-    assert!(
-        stdout.contains("RESULT: PASS"),
-        "no RESULT: PASS in the output"
-    );
     assert!(
         !stdout.contains("netem on") || !stdout.contains("netem unavailable"),
         "the output claims netem both ran and was unavailable"
@@ -268,6 +278,48 @@ fn scenario_under_kernel_loss_and_duplication() {
              iptables could carry them; see the mechanism lines above) ***\n"
         );
     }
+    assert!(
+        started.elapsed() < Duration::from_secs(110),
+        "{script} took {:?}, too close to two minutes",
+        started.elapsed()
+    );
+    Some((status, stdout))
+}
+
+/// Asserts that `row` found every key with its value and the placement exact.
+fn assert_row_all_good(row: &Row) {
+    assert_eq!(
+        row.keys_ok,
+        format!("{KEYS}/{KEYS}"),
+        "step {}: {row:?}",
+        row.step
+    );
+    assert_eq!(row.keys_bad, "0", "step {}: {row:?}", row.step);
+    assert_eq!(row.placement, "yes", "step {}: {row:?}", row.step);
+}
+
+/// The line of `stdout` that starts with `label`, or a panic naming it.
+fn line_starting<'a>(stdout: &'a str, label: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|line| line.starts_with(label))
+        .unwrap_or_else(|| panic!("no line starting with {label:?} in the output"))
+}
+
+/// The membership scenario with 5% kernel-level loss and 2% duplication on every link.
+#[test]
+fn scenario_under_kernel_loss_and_duplication() {
+    let Some((status, stdout)) = run_script("scenario.sh", 't') else {
+        return;
+    };
+    assert!(
+        status.success(),
+        "the scenario failed ({status}); its output is above"
+    );
+    assert!(
+        stdout.contains("RESULT: PASS"),
+        "no RESULT: PASS in the output"
+    );
     let rows = table_rows(&stdout);
     assert_eq!(
         rows.len(),
@@ -275,18 +327,56 @@ fn scenario_under_kernel_loss_and_duplication() {
         "expected {STEPS} steps in the table, got {rows:?}"
     );
     for row in &rows {
-        assert_eq!(
-            row.keys_ok,
-            format!("{KEYS}/{KEYS}"),
-            "step {}: {row:?}",
-            row.step
-        );
-        assert_eq!(row.keys_bad, "0", "step {}: {row:?}", row.step);
-        assert_eq!(row.placement, "yes", "step {}: {row:?}", row.step);
+        assert_row_all_good(row);
     }
+}
+
+/// Issue 14: the view leader cut from every server for 3 × `--dead-after-ms` (iptables in its
+/// namespace; the client still reaches it), under 5% kernel-level loss and 2% duplication on
+/// every link. The servers are declared dead during the cut; after the heal every key reads
+/// back with its value, placement is exact once settled, and epochs never go backwards.
+#[test]
+fn partition_view_leader_cut_from_all_servers() {
+    let Some((status, stdout)) = run_script("partition.sh", 'p') else {
+        return;
+    };
     assert!(
-        started.elapsed() < Duration::from_secs(110),
-        "the test took {:?}, too close to two minutes",
-        started.elapsed()
+        status.success(),
+        "the partition scenario failed ({status}); its output is above"
     );
+    assert!(
+        stdout.contains("RESULT: PASS"),
+        "no RESULT: PASS in the output"
+    );
+    let dead = line_starting(&stdout, "declared dead: ");
+    assert!(
+        dead.starts_with("declared dead: yes"),
+        "the servers were not declared dead during the cut: {dead}"
+    );
+    let recovery = line_starting(&stdout, "recovery: ");
+    assert!(
+        recovery.starts_with("recovery: every key readable "),
+        "no full recovery after the heal: {recovery}"
+    );
+    eprintln!("netem test: {recovery}");
+    assert!(
+        !stdout.contains("wrong reads after the heal"),
+        "a getr after the heal answered a wrong value or not_found; the output is above"
+    );
+    let epochs = line_starting(&stdout, "epochs: ");
+    assert!(
+        epochs.contains("never lower than before the cut: yes")
+            && epochs.contains("never backwards: yes"),
+        "an epoch went backwards: {epochs}"
+    );
+    let rows = table_rows(&stdout);
+    assert!(
+        rows.len() == 3
+            && rows[0].step == "start 3"
+            && rows[1].step.starts_with("cut ")
+            && rows[2].step == "heal",
+        "expected the steps start 3, cut, heal in the table, got {rows:?}"
+    );
+    assert_row_all_good(&rows[0]);
+    assert_row_all_good(&rows[2]);
 }
