@@ -1,9 +1,11 @@
-//! The invariants every simulated run must keep, checked on its history and final state.
+//! The invariants every simulated run must keep, checked on its history, its final state,
+//! and what the world observed on the way (who held which write, who crashed, the epochs
+//! each server process and client incarnation saw, the copies at stable points).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::linearizability::{self, Op, OpKind};
-use crate::world::{Final, Outcome, Record};
+use crate::world::{Final, Observed, Outcome, Record};
 
 /// What the checks looked at.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +20,12 @@ pub struct Checked {
     pub unknown_writes: usize,
     /// getrs that returned a value or `not_found`.
     pub reads: usize,
+    /// Acknowledged setrs lost with every server process that held them crashed (allowed;
+    /// the linearizability check takes them as of unknown outcome).
+    pub excused_losses: usize,
+    /// Epochs checked for going backwards: each change of a server process's epoch and of
+    /// the epoch of the views a client incarnation received.
+    pub epochs: usize,
 }
 
 impl Checked {
@@ -28,14 +36,19 @@ impl Checked {
         self.acked_writes += other.acked_writes;
         self.unknown_writes += other.unknown_writes;
         self.reads += other.reads;
+        self.excused_losses += other.excused_losses;
+        self.epochs += other.epochs;
     }
 }
 
-/// Checks a run: no transaction left undecided (no key stays locked); every bucket holds
-/// exactly its keys and every key's replicas agree; no acknowledged setr is lost; two setrs
-/// never both commit the same version of a key; and per key, the history of setr and getr
-/// (with a final read of the settled state) is linearizable. Returns what was checked, or
-/// every violation found.
+/// Checks a run: no transaction left undecided (no key stays locked); no entry left a
+/// candidate (unreconciled since a rejoin); every bucket holds exactly its keys and every
+/// key's replicas agree; no acknowledged setr is lost unless every server process that held
+/// it crashed; two setrs never both commit the same version of a key, and the versions of
+/// acknowledged setrs follow real time; no server process and
+/// no client incarnation sees its epoch go backwards; and per key, the history of setr and
+/// getr (with a final read of the settled state) is linearizable. Returns what was checked,
+/// or every violation found.
 pub fn check(history: &[Record], state: &Final) -> Result<Checked, String> {
     let mut problems = Vec::new();
     for (id, _, pending) in &state.servers {
@@ -45,9 +58,21 @@ pub fn check(history: &[Record], state: &Final) -> Result<Checked, String> {
             ));
         }
     }
+    for (at, missing) in &state.observed.unstable {
+        problems.push(format!(
+            "at {:.6} s the cluster was stable (every server finished the current epoch, no transaction in flight), yet {missing}",
+            at.as_secs_f64()
+        ));
+    }
+    for (id, key) in &state.candidates {
+        problems.push(format!(
+            "server {id} still keeps key {key:?} as an unreconciled candidate after the cluster settled"
+        ));
+    }
     let settled = settled_values(state, &mut problems);
     let mut checked = Checked {
         keys: settled.len(),
+        epochs: check_epochs(&state.observed, &mut problems),
         ..Checked::default()
     };
     let keys: BTreeSet<&str> = history
@@ -58,11 +83,16 @@ pub fn check(history: &[Record], state: &Final) -> Result<Checked, String> {
     for key in keys {
         let records: Vec<&Record> = history.iter().filter(|r| r.key == key).collect();
         let last = settled.get(key);
-        check_writes(key, &records, last, &mut problems);
-        let ops = key_history(&records, last, state);
+        check_version_order(key, &records, &mut problems);
+        let excused = check_writes(key, &records, last, &state.observed, &mut problems);
+        checked.excused_losses += excused.len();
+        let ops = key_history(&records, last, state, &excused);
         checked.ops += ops.len();
         if let Err(violation) = linearizability::check(&ops) {
-            problems.push(format!("key {key:?}: not linearizable: {violation}"));
+            problems.push(format!(
+                "key {key:?}: not linearizable: {violation}\n  (key {key:?} was held by: {})",
+                describe_holders(&state.observed, key)
+            ));
         }
         for record in records {
             match record.outcome {
@@ -78,6 +108,48 @@ pub fn check(history: &[Record], state: &Final) -> Result<Checked, String> {
     } else {
         Err(problems.join("\n"))
     }
+}
+
+/// The copies missing from `state`: for every key any server holds (candidate or not), each
+/// of its replicas in the view that runs but does not hold it (as a reconciled entry). Used
+/// at stable points, where rebalancing has finished: "after rebalancing for a view has
+/// finished, every server's bucket holds exactly the keys whose replica sets include it".
+pub fn missing_copies(state: &Final) -> Vec<String> {
+    let keys: BTreeSet<&str> = state
+        .servers
+        .iter()
+        .flat_map(|(_, b, _)| b.keys().map(String::as_str))
+        .chain(state.candidates.iter().map(|(_, key)| key.as_str()))
+        .collect();
+    let mut missing = Vec::new();
+    for key in keys {
+        for member in state.placement.replicas(key) {
+            let Some((_, bucket, _)) = state.servers.iter().find(|(id, _, _)| *id == member.id)
+            else {
+                continue;
+            };
+            if !bucket.contains_key(key) {
+                let holders: Vec<String> = state
+                    .servers
+                    .iter()
+                    .filter_map(|(id, b, _)| b.get(key).map(|c| format!("{id} v{}", c.0)))
+                    .chain(
+                        state
+                            .candidates
+                            .iter()
+                            .filter(|(_, k)| k == key)
+                            .map(|(id, _)| format!("{id} (candidate)")),
+                    )
+                    .collect();
+                missing.push(format!(
+                    "key {key:?} is missing from its replica {} (held by {})",
+                    member.id,
+                    holders.join(", ")
+                ));
+            }
+        }
+    }
+    missing
 }
 
 /// The settled value of every key: checks that each server in the view holds exactly the
@@ -134,14 +206,18 @@ fn settled_values(state: &Final, problems: &mut Vec<String>) -> BTreeMap<String,
 }
 
 /// Checks the setrs of one key: acknowledged ones have distinct versions (two setrs never
-/// both commit on the same version), and the settled version is at least the newest
-/// acknowledged one (no acknowledged write is lost).
+/// both commit on the same version), and none is lost (the key settled below its version, or
+/// at its version with another value, or no server holds the key) unless every server
+/// process that ever held it (its version and value, or a newer version; candidate or not)
+/// crashed: declarations, rejoins, pauses and cuts never excuse a loss. Returns the values of
+/// the acknowledged setrs lost with all their holders crashed (allowed).
 fn check_writes(
     key: &str,
     records: &[&Record],
     last: Option<&(u64, String)>,
+    observed: &Observed,
     problems: &mut Vec<String>,
-) {
+) -> BTreeSet<String> {
     let mut versions: BTreeMap<u64, &Record> = BTreeMap::new();
     for record in records {
         let Outcome::Written { version } = record.outcome else {
@@ -153,22 +229,176 @@ fn check_writes(
             ));
         }
     }
-    if let Some((&newest, record)) = versions.last_key_value() {
-        match last {
-            None => problems.push(format!(
-                "key {key:?}: the acknowledged write {record:?} is lost: no server holds the key"
-            )),
-            Some((version, _)) if *version < newest => problems.push(format!(
-                "key {key:?}: the acknowledged write {record:?} is lost: the replicas settled at version {version}"
-            )),
-            Some(_) => {}
+    let settled = match last {
+        None => "no server holds the key".to_owned(),
+        Some((version, value)) => {
+            format!("the replicas settled at version {version}, value {value:?}")
+        }
+    };
+    let held = observed.held.get(key);
+    let mut excused = BTreeSet::new();
+    for (&version, record) in versions.iter().rev() {
+        let written = record.value.as_deref().unwrap_or_default();
+        // The write or a newer one: a higher version, or this version with this value.
+        let covers =
+            |(held, value): (u64, &str)| held > version || (held == version && value == written);
+        if last.is_some_and(|(v, value)| covers((*v, value))) {
+            break;
+        }
+        let holders: Vec<u64> = held
+            .into_iter()
+            .flatten()
+            .filter(|&(_, (v, value))| covers((*v, value)))
+            .map(|(&process, _)| process)
+            .collect();
+        let running: Vec<String> = holders
+            .iter()
+            .filter(|p| observed.servers.get(p).is_none_or(|s| !s.crashed))
+            .map(|p| describe_process(observed, *p))
+            .collect();
+        if holders.is_empty() {
+            problems.push(format!(
+                "key {key:?}: the acknowledged write {record:?} is lost ({settled}), and no server process was ever seen holding it"
+            ));
+        } else if !running.is_empty() {
+            problems.push(format!(
+                "key {key:?}: the acknowledged write {record:?} is lost ({settled}) although server processes that held it never crashed: {}",
+                running.join("; ")
+            ));
+        } else {
+            excused.insert(written.to_owned());
+        }
+    }
+    excused
+}
+
+/// Checks that the versions of one key's acknowledged setrs follow real time: a setr invoked
+/// after another one was acknowledged gets a higher version (versions are ordered across
+/// epochs, so a write after a server was dropped, or after the view leader restarted, beats
+/// what that server kept). A later write with a lower version would be undone by the older
+/// one wherever the two meet (higher version wins). Reports the first offence of the key.
+fn check_version_order(key: &str, records: &[&Record], problems: &mut Vec<String>) {
+    let acked: Vec<(&Record, u64, std::time::Duration)> = records
+        .iter()
+        .filter_map(|r| match (r.outcome.clone(), r.completed) {
+            (Outcome::Written { version }, Some(completed)) => Some((*r, version, completed)),
+            _ => None,
+        })
+        .collect();
+    let mut by_completion: Vec<usize> = (0..acked.len()).collect();
+    by_completion.sort_by_key(|&i| acked[i].2);
+    let mut by_invocation: Vec<usize> = (0..acked.len()).collect();
+    by_invocation.sort_by_key(|&i| acked[i].0.invoked);
+    // The acknowledged setr with the highest version among those completed so far.
+    let mut newest: Option<usize> = None;
+    let mut completed = by_completion.iter().peekable();
+    for i in by_invocation {
+        let (record, version, _) = acked[i];
+        while let Some(&&j) = completed.peek() {
+            if acked[j].2 >= record.invoked {
+                break;
+            }
+            if newest.is_none_or(|n| acked[j].1 > acked[n].1) {
+                newest = Some(j);
+            }
+            completed.next();
+        }
+        if let Some(n) = newest
+            && acked[n].1 >= version
+        {
+            let (before, before_version, _) = acked[n];
+            problems.push(format!(
+                "key {key:?}: versions go back in time: the acknowledged write {record:?} got version {version}, not above version {before_version} of the acknowledged write {before:?} that completed before it was invoked"
+            ));
+            return;
         }
     }
 }
 
+/// Lists the server processes that ever held `key`, for a message: each with the highest
+/// version it held and whether it crashed.
+fn describe_holders(observed: &Observed, key: &str) -> String {
+    let holders: Vec<String> = observed
+        .held
+        .get(key)
+        .into_iter()
+        .flatten()
+        .map(|(&process, (version, _))| {
+            let crashed = observed.servers.get(&process).is_some_and(|s| s.crashed);
+            format!(
+                "{} up to version {version}{}",
+                describe_process(observed, process),
+                if crashed { ", crashed" } else { "" }
+            )
+        })
+        .collect();
+    if holders.is_empty() {
+        "nobody".into()
+    } else {
+        holders.join("; ")
+    }
+}
+
+/// Names server process `process` for a message: its number, slot and ids.
+fn describe_process(observed: &Observed, process: u64) -> String {
+    match observed.servers.get(&process) {
+        Some(seen) => {
+            let ids: Vec<String> = seen.ids.iter().map(ToString::to_string).collect();
+            format!(
+                "process {process} (slot {}, ids {})",
+                seen.slot,
+                ids.join(" then ")
+            )
+        }
+        None => format!("process {process}"),
+    }
+}
+
+/// Checks that epochs never go backwards: the epoch each server process reports (across
+/// rejoins under fresh ids, which are no crash) and the epoch of the views each client
+/// incarnation receives. Returns how many epoch changes were checked.
+fn check_epochs(observed: &Observed, problems: &mut Vec<String>) -> usize {
+    let mut checked = 0;
+    for (&process, seen) in &observed.servers {
+        checked += seen.epochs.len();
+        for pair in seen.epochs.windows(2) {
+            let ((_, before), (at, after)) = (pair[0], pair[1]);
+            if after < before {
+                problems.push(format!(
+                    "the epoch of server {} went backwards from {before} to {after} at {:.6} s",
+                    describe_process(observed, process),
+                    at.as_secs_f64()
+                ));
+            }
+        }
+    }
+    for (&life, seen) in &observed.clients {
+        checked += seen.epochs.len();
+        for pair in seen.epochs.windows(2) {
+            let ((_, before), (at, after)) = (pair[0], pair[1]);
+            if after < before {
+                problems.push(format!(
+                    "client {} (life {life}) received a view of epoch {after} at {:.6} s after one of epoch {before}: epochs went backwards",
+                    seen.index,
+                    at.as_secs_f64()
+                ));
+            }
+        }
+    }
+    checked
+}
+
 /// The linearizability history of one key: completed setrs, setrs of unknown outcome, getrs
-/// that returned a value or `not_found`, and a final read of the settled value.
-fn key_history(records: &[&Record], last: Option<&(u64, String)>, state: &Final) -> Vec<Op> {
+/// that returned a value or `not_found`, and a final read of the settled value. An
+/// acknowledged setr lost with all its holders crashed (its value in `excused`) counts as of
+/// unknown outcome, and the getrs that returned its value are left out: the rest of the
+/// history is still checked.
+fn key_history(
+    records: &[&Record],
+    last: Option<&(u64, String)>,
+    state: &Final,
+    excused: &BTreeSet<String>,
+) -> Vec<Op> {
     let nanos = |d: std::time::Duration| d.as_nanos() as u64;
     let mut ops: Vec<Op> = records
         .iter()
@@ -179,14 +409,17 @@ fn key_history(records: &[&Record], last: Option<&(u64, String)>, state: &Final)
                         value: value.clone(),
                     }
                 }
+                (Outcome::Found { value, .. }, _) if excused.contains(value) => return None,
                 (Outcome::Found { value, .. }, _) => OpKind::Read {
                     result: Some(value.clone()),
                 },
                 (Outcome::Absent, _) => OpKind::Read { result: None },
                 _ => return None,
             };
+            let lost = record.value.as_ref().is_some_and(|v| excused.contains(v));
             let complete = match record.outcome {
                 Outcome::MaybeWritten(_) => None,
+                Outcome::Written { .. } if lost => None,
                 _ => record.completed.map(nanos),
             };
             if complete.is_none() && matches!(kind, OpKind::Read { .. }) {

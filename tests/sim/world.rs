@@ -2,7 +2,15 @@
 //! real state machines (`ViewLeader`, `Server`, the client's `Setr`/`Getr` coordinators, and
 //! a reliable-layer `Endpoint` under each) in one thread, in virtual time, over a seeded
 //! network that drops, duplicates, reorders and delays datagrams and cuts links. Servers and
-//! clients crash and restart. No sockets, no wall clock, no threads: a seed replays a run.
+//! clients crash and restart; so does the view leader (all its memory lost). Hosts are
+//! frozen for a while (the view leader alone, or every server at once): a frozen host runs no
+//! timers and handles nothing, and what is sent to it waits in its socket buffer, handled in
+//! arrival order when it resumes, before any of its timers. The view leader is cut from every
+//! server at once. No sockets, no wall clock, no threads: a seed replays a run.
+//!
+//! The world also watches what the checks need beyond the final state ([`Observed`]): which
+//! server process ever held which version of each key, which processes crashed, and the
+//! epochs each server process and each client incarnation saw.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,8 +26,10 @@ use trireme::reliable::{self, Endpoint, IncomingId, RequestError, RequestId};
 use trireme::rng::Rng;
 use trireme::server::{Server, ServerConfig};
 use trireme::trace::{Direction, Entry};
-use trireme::view::ServerId;
+use trireme::view::{Epoch, ServerId};
 use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+
+use crate::checks;
 
 /// Everything a run does, drawn from its seed.
 #[derive(Clone, Debug)]
@@ -48,7 +58,8 @@ pub struct Params {
     pub dup: f64,
     /// Probability a datagram is held back (delivered after later ones).
     pub reorder: f64,
-    /// Mean time between fault events (crash, partition, client kill), if any.
+    /// Mean time between fault events (server crash, cut, client kill, and now and then a
+    /// membership fault: see [`Fault`]), if any.
     pub chaos_every: Option<Duration>,
     /// Bound of every client operation.
     pub op_timeout: Duration,
@@ -172,6 +183,20 @@ pub struct Stats {
     pub keyed_runs: u64,
     /// `Retry` datagrams sent: replies held until the requester proved its address.
     pub retries: u64,
+    /// View-leader pauses longer than dead-after ([`Fault::PauseLeader`]).
+    pub vl_pauses: u64,
+    /// View-leader crashes, each followed by a restart with no memory ([`Fault::RestartLeader`]).
+    pub vl_restarts: u64,
+    /// Cuts between the view leader and every server, longer than dead-after
+    /// ([`Fault::CutLeader`]).
+    pub vl_cuts: u64,
+    /// Pauses of every server at once, longer than dead-after ([`Fault::PauseServers`]).
+    pub all_server_pauses: u64,
+    /// Server processes that took a fresh id without crashing (the view leader declared
+    /// them dead and they rejoined).
+    pub rejoins: u64,
+    /// Datagrams lost because a frozen host's socket buffer was full.
+    pub buffer_drops: u64,
 }
 
 impl Stats {
@@ -188,6 +213,12 @@ impl Stats {
         self.kills_before_decision += other.kills_before_decision;
         self.keyed_runs += other.keyed_runs;
         self.retries += other.retries;
+        self.vl_pauses += other.vl_pauses;
+        self.vl_restarts += other.vl_restarts;
+        self.vl_cuts += other.vl_cuts;
+        self.all_server_pauses += other.all_server_pauses;
+        self.rejoins += other.rejoins;
+        self.buffer_drops += other.buffer_drops;
     }
 }
 
@@ -199,10 +230,128 @@ pub type Bucket = BTreeMap<String, (u64, String)>;
 pub struct Final {
     /// The view leader's final view, as a placement.
     pub placement: Placement,
-    /// Each live server's id, bucket, and undecided transactions.
+    /// Each live server's id, bucket (reconciled entries only), and undecided transactions.
     pub servers: Vec<(ServerId, Bucket, usize)>,
+    /// Entries still kept as candidates (not reconciled since a rejoin): server id, key.
+    pub candidates: Vec<(ServerId, String)>,
+    /// What the world saw during the run.
+    pub observed: Observed,
     /// Virtual time at the end.
     pub at: Duration,
+}
+
+/// One server process (from its start to its crash; a rejoin under a fresh id is the same
+/// process) as the world saw it.
+#[derive(Clone, Debug, Default)]
+pub struct ServerProcess {
+    /// Its host slot.
+    pub slot: usize,
+    /// The ids it ran under, in order (more than one: it was declared dead and rejoined).
+    pub ids: Vec<ServerId>,
+    /// It crashed: its memory is lost.
+    pub crashed: bool,
+    /// The epochs it reported ([`Server::epoch`]), each change with when it was seen.
+    pub epochs: Vec<(Duration, u64)>,
+}
+
+/// One client incarnation (from its start to its kill) as the world saw it.
+#[derive(Clone, Debug, Default)]
+pub struct ClientLife {
+    /// Its client slot.
+    pub index: usize,
+    /// The epochs of the views it received from the view leader, each change with when.
+    pub epochs: Vec<(Duration, u64)>,
+}
+
+/// What the world saw during a run, beyond the final state: for the durability invariant
+/// (who held what, who crashed) and the monotone-epoch check.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Server processes by number (numbered from 1 in start order).
+    pub servers: BTreeMap<u64, ServerProcess>,
+    /// Client incarnations by life number.
+    pub clients: BTreeMap<u64, ClientLife>,
+    /// Key → server process → the highest version that process ever held in its bucket
+    /// (candidate or not), with the value it first held at that version.
+    pub held: BTreeMap<String, BTreeMap<u64, (u64, String)>>,
+    /// Copies found missing at a stable point (the view leader had every server finish the
+    /// current epoch, with no transaction in flight): when, and what was missing. The crash
+    /// budget counts on every key having all its copies there.
+    pub unstable: Vec<(Duration, String)>,
+}
+
+impl Observed {
+    /// Notes what server process `process` (at `slot`) holds and reports at `at`; returns the
+    /// id it ran under before if it has just taken a fresh one (a rejoin).
+    fn see_server(
+        &mut self,
+        process: u64,
+        slot: usize,
+        at: Duration,
+        server: &Server,
+    ) -> Option<ServerId> {
+        for (key, stored) in server.bucket() {
+            let held = match self.held.get_mut(key) {
+                Some(held) => held,
+                None => self.held.entry(key.to_owned()).or_default(),
+            };
+            match held.get_mut(&process) {
+                Some(most) if most.0 >= stored.version => {}
+                Some(most) => *most = (stored.version, stored.value.clone()),
+                None => {
+                    held.insert(process, (stored.version, stored.value.clone()));
+                }
+            }
+        }
+        let seen = self
+            .servers
+            .entry(process)
+            .or_insert_with(|| ServerProcess {
+                slot,
+                ..ServerProcess::default()
+            });
+        let epoch = server.epoch().0;
+        if seen.epochs.last().is_none_or(|&(_, last)| last != epoch) {
+            seen.epochs.push((at, epoch));
+        }
+        let id = server.id();
+        let previous = seen.ids.last().copied();
+        if previous != Some(id) {
+            seen.ids.push(id);
+        }
+        previous.filter(|&old| old != id)
+    }
+
+    /// Notes that client incarnation `life` (slot `index`) received a view of `epoch` at `at`.
+    fn see_client_view(&mut self, life: u64, index: usize, at: Duration, epoch: u64) {
+        let seen = self.clients.entry(life).or_insert_with(|| ClientLife {
+            index,
+            ..ClientLife::default()
+        });
+        if seen.epochs.last().is_none_or(|&(_, last)| last != epoch) {
+            seen.epochs.push((at, epoch));
+        }
+    }
+}
+
+/// A fault of the view leader's membership service, injected by the chaos schedule now and
+/// then (or by a scenario test at a chosen instant). None of them may lose an acknowledged
+/// write: no server process loses its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The view leader's host is frozen this long (longer than dead-after).
+    PauseLeader(Duration),
+    /// The view leader crashes and starts again on the same address after `down`, as a fresh
+    /// `ViewLeader::new` on a fresh endpoint incarnation (no memory).
+    RestartLeader {
+        /// How long nobody listens at its address.
+        down: Duration,
+    },
+    /// Every link between the view leader and a server is cut this long (longer than
+    /// dead-after), then healed.
+    CutLeader(Duration),
+    /// Every running server's host is frozen this long (longer than dead-after).
+    PauseServers(Duration),
 }
 
 /// Something scheduled.
@@ -224,15 +373,62 @@ enum Scheduled {
         /// The peer nobody listens at.
         peer: SocketAddr,
     },
-    /// A fault: crash a server, cut a link, or kill a client.
+    /// A fault: crash a server, cut a link, kill a client, or a membership fault.
     Chaos,
+    /// A given membership fault (a scenario's).
+    Fault(Fault),
     /// Server slot `0` starts again (with a fresh id and an empty bucket).
     RestartServer(usize),
+    /// The view leader starts again (a fresh `ViewLeader`, a fresh endpoint incarnation).
+    RestartLeader,
     /// Client slot `0` starts again.
     RestartClient(usize),
-    /// The cut between two addresses heals.
+    /// The cut between two addresses heals, unless a later cut of the same link lasts longer.
     Heal(SocketAddr, SocketAddr),
+    /// The frozen host at `slot` resumes, if it is still frozen by pause number `pause`.
+    Resume {
+        /// The host's slot.
+        slot: usize,
+        /// The pause this ends (a pause ended early by a crash must not end a later one).
+        pause: u64,
+    },
 }
+
+/// What reaches a frozen host, kept in order until it resumes.
+#[derive(Debug)]
+enum Inbound {
+    /// A datagram from `from`.
+    Datagram {
+        /// Sender.
+        from: SocketAddr,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// The OS reports `peer` unreachable (an ICMP error in the socket's error queue).
+    Unreachable {
+        /// The peer nobody listens at.
+        peer: SocketAddr,
+    },
+}
+
+/// A frozen host: no timers, no handling; what arrives waits in its socket buffer.
+#[derive(Debug)]
+struct Pause {
+    /// The pause's number (see [`Scheduled::Resume`]).
+    id: u64,
+    /// What arrived, in arrival order.
+    inbox: Vec<Inbound>,
+    /// Payload bytes in `inbox` (bounded by [`SOCKET_BUFFER`]).
+    bytes: usize,
+}
+
+/// The receive buffer of a frozen host's socket, in payload bytes: what the programs ask of
+/// the kernel (`net::SOCKET_BUFFER`). Datagrams beyond it are lost, as on a real socket.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// The chance that a chaos event is a membership fault ([`Fault`]) rather than a server
+/// crash, a cut or a client kill.
+const MEMBERSHIP_FAULT_CHANCE: f64 = 0.08;
 
 /// The application a host runs.
 enum App {
@@ -248,6 +444,8 @@ enum App {
 struct Host {
     /// Its address.
     addr: SocketAddr,
+    /// For a server, its process number (see [`Observed::servers`]); 0 for other hosts.
+    process: u64,
     /// Its reliable layer.
     endpoint: Endpoint,
     /// What runs on it.
@@ -280,6 +478,8 @@ struct Running {
     deadline: Instant,
     /// Where it stands.
     stage: Stage,
+    /// Why it failed, if it did (for the log).
+    error: Option<String>,
 }
 
 /// A client: runs one operation at a time against random keys, recording each.
@@ -302,6 +502,10 @@ struct ClientActor {
     stopped: bool,
     /// Operations finished since the world last collected them.
     done: Vec<(Running, Instant, Outcome)>,
+    /// Epochs of the views received since the world last collected them, with when.
+    views: Vec<(Instant, u64)>,
+    /// The newest epoch this client operated on (as `Client`: an older view is refused).
+    epoch_floor: Epoch,
     /// The run's parameters.
     params: Params,
 }
@@ -367,6 +571,7 @@ impl ClientActor {
             invoked: now,
             deadline,
             stage: Stage::View,
+            error: None,
         });
         match Request::QueryServers.encode() {
             Ok(body) => match endpoint.request(now, self.viewleader, body, Some(deadline)) {
@@ -389,19 +594,27 @@ impl ClientActor {
                 view,
                 rebalancing,
                 pending,
-            }) => ServersInfo {
-                view,
-                rebalancing,
-                pending,
-            },
+            }) => {
+                self.views.push((now, view.epoch.0));
+                ServersInfo {
+                    view,
+                    rebalancing,
+                    pending,
+                }
+            }
             Ok(Response::Error(e)) => return self.finish(now, Err(e)),
             Ok(other) => return self.finish(now, Err(trireme::coordinator::unexpected(&other))),
             Err(e) => return self.finish(now, Err(trireme::client::transport_error(e))),
         };
+        // As the real client: never operate on a view older than one already used.
+        if let Err(e) = Placement::check_floor(&info, self.epoch_floor) {
+            return self.finish(now, Err(e));
+        }
         let placement = match Placement::operable(info) {
             Ok(placement) => placement,
             Err(e) => return self.finish(now, Err(e)),
         };
+        self.epoch_floor = placement.view.epoch;
         let timeout = Some(self.params.op_timeout);
         running.stage = match &running.value {
             Some(value) => {
@@ -472,6 +685,7 @@ impl ClientActor {
             return;
         };
         let seq = running.seq;
+        let error = &mut running.error;
         let outcome = match &mut running.stage {
             Stage::View => return,
             Stage::Setr(op) => {
@@ -480,8 +694,14 @@ impl ClientActor {
                     Ok(done) => Outcome::Written {
                         version: done.version,
                     },
-                    Err(e) if decision(op) => Outcome::MaybeWritten(Some(e.kind)),
-                    Err(e) => Outcome::NotWritten(e.kind),
+                    Err(e) => {
+                        *error = Some(e.message);
+                        if decision(op) {
+                            Outcome::MaybeWritten(Some(e.kind))
+                        } else {
+                            Outcome::NotWritten(e.kind)
+                        }
+                    }
                 })
             }
             Stage::Getr(op) => {
@@ -491,7 +711,10 @@ impl ClientActor {
                         version: found.version,
                     },
                     Err(e) if e.kind == ErrorKind::NotFound => Outcome::Absent,
-                    Err(e) => Outcome::ReadFailed(Some(e.kind)),
+                    Err(e) => {
+                        *error = Some(e.message);
+                        Outcome::ReadFailed(Some(e.kind))
+                    }
                 })
             }
         };
@@ -502,13 +725,16 @@ impl ClientActor {
 
     /// Ends the operation before its coordinator started (the view step failed).
     fn finish(&mut self, now: Instant, result: Result<(), OpError>) {
-        let Some(running) = &self.running else {
+        let Some(running) = &mut self.running else {
             return;
         };
-        let outcome = match (result, &running.value) {
-            (Ok(()), _) => return,
-            (Err(e), Some(_)) => Outcome::NotWritten(e.kind),
-            (Err(e), None) => Outcome::ReadFailed(Some(e.kind)),
+        let Err(e) = result else {
+            return;
+        };
+        running.error = Some(e.message);
+        let outcome = match &running.value {
+            Some(_) => Outcome::NotWritten(e.kind),
+            None => Outcome::ReadFailed(Some(e.kind)),
         };
         self.complete(now, outcome);
     }
@@ -601,6 +827,7 @@ impl Host {
     fn new(addr: SocketAddr, app: App, config: reliable::Config, rng: &mut Rng) -> Host {
         Host {
             addr,
+            process: 0,
             endpoint: Endpoint::new(config, rng),
             app,
             tokens: BTreeMap::new(),
@@ -748,14 +975,25 @@ pub struct World {
     queue: BTreeMap<(Instant, u64), Scheduled>,
     /// Next event sequence number.
     seq: u64,
-    /// Cut links (each pair stored in address order).
-    cuts: BTreeSet<(SocketAddr, SocketAddr)>,
+    /// Cut links (each pair stored in address order), with when each heals.
+    cuts: BTreeMap<(SocketAddr, SocketAddr), Instant>,
+    /// Frozen hosts by slot (`None`: running, or not there).
+    paused: Vec<Option<Pause>>,
+    /// Pauses so far (numbers them).
+    pauses: u64,
+    /// Server processes started so far (numbers them).
+    processes: u64,
+    /// What the checks need beyond the final state.
+    observed: Observed,
     /// Faults are still being injected.
     chaos: bool,
     /// Client starts so far (each start of a client slot is a new life).
     lives: u64,
-    /// Server failures (crashes, cuts from the view leader) since the cluster was last stable.
+    /// Server crashes since the cluster was last stable (nothing else loses data: view-leader
+    /// faults, pauses, cuts and the declarations they cause never do).
     failures: u32,
+    /// A membership fault was injected and the cluster has not been stable since.
+    membership_fault: bool,
     /// Holders of each key when the cluster was last stable: min(replicas, servers in view).
     holders: u32,
     /// Every datagram sent and received, when tracing.
@@ -789,23 +1027,22 @@ impl World {
         addrs.extend(
             (0..params.clients).map(|i| SocketAddr::from(([10, 0, 2, 1 + i as u8], 40000))),
         );
-        let leader = ViewLeader::new(ViewLeaderConfig {
-            dead_after: params.dead_after,
-            replicas: params.replicas,
-            vnodes: params.vnodes,
-            ..ViewLeaderConfig::default()
-        });
         let mut world = World {
             hosts: Vec::new(),
+            paused: addrs.iter().map(|_| None).collect(),
             addrs,
             start,
             now: start,
             queue: BTreeMap::new(),
             seq: 0,
-            cuts: BTreeSet::new(),
+            cuts: BTreeMap::new(),
+            pauses: 0,
+            processes: 0,
+            observed: Observed::default(),
             chaos: true,
             lives: 0,
             failures: 0,
+            membership_fault: false,
             holders: 0,
             trace: trace.then(Vec::new),
             history: Vec::new(),
@@ -819,13 +1056,8 @@ impl World {
             params,
             rng: Rng::seeded(0),
         };
-        let config = world.endpoint_config();
-        world.hosts.push(Some(Host::new(
-            leader_addr,
-            App::Leader(Box::new(leader)),
-            config,
-            &mut rng,
-        )));
+        let leader = world.leader_host(&mut rng);
+        world.hosts.push(Some(leader));
         for slot in FIRST_SERVER..FIRST_SERVER + world.params.servers {
             let host = world.server_host(slot, &mut rng);
             world.hosts.push(Some(host));
@@ -847,8 +1079,23 @@ impl World {
         FIRST_SERVER + self.params.servers
     }
 
-    /// A fresh server for `slot` (a new id, an empty bucket, a new incarnation).
-    fn server_host(&self, slot: usize, rng: &mut Rng) -> Host {
+    /// A fresh view leader (no memory: epoch 0, an empty view) on a fresh endpoint
+    /// incarnation, for slot 0.
+    fn leader_host(&self, rng: &mut Rng) -> Host {
+        let leader = ViewLeader::new(ViewLeaderConfig {
+            dead_after: self.params.dead_after,
+            replicas: self.params.replicas,
+            vnodes: self.params.vnodes,
+            ..ViewLeaderConfig::default()
+        });
+        let config = self.endpoint_config();
+        Host::new(self.addrs[0], App::Leader(Box::new(leader)), config, rng)
+    }
+
+    /// A fresh server process for `slot` (a new process number, a new id, an empty bucket, a
+    /// new incarnation).
+    fn server_host(&mut self, slot: usize, rng: &mut Rng) -> Host {
+        self.processes += 1;
         let config = ServerConfig {
             advertise: self.addrs[slot],
             viewleader: Some(self.addrs[0]),
@@ -857,7 +1104,9 @@ impl World {
         };
         let server = Server::new(config, rng.fork(), self.now);
         let config = self.endpoint_config();
-        Host::new(self.addrs[slot], App::Server(Box::new(server)), config, rng)
+        let mut host = Host::new(self.addrs[slot], App::Server(Box::new(server)), config, rng);
+        host.process = self.processes;
+        host
     }
 
     /// The reliable layer's configuration of a host started now: with the simulation's
@@ -893,6 +1142,8 @@ impl World {
             seq: 0,
             stopped: false,
             done: Vec::new(),
+            views: Vec::new(),
+            epoch_floor: Epoch(0),
             params: self.params.clone(),
         };
         let config = self.endpoint_config();
@@ -979,7 +1230,7 @@ impl World {
         } else {
             (0.0, 0.0, 0.0)
         };
-        if self.cuts.contains(&pair) || self.rng.chance(loss) {
+        if self.cuts.contains_key(&pair) || self.rng.chance(loss) {
             self.stats.dropped += 1;
             return;
         }
@@ -1023,6 +1274,7 @@ impl World {
             App::Client(client) => std::mem::take(&mut client.done),
             _ => Vec::new(),
         };
+        self.observe(slot);
         let index = slot.saturating_sub(self.first_client());
         for (running, at, outcome) in finished {
             self.note(index, running, Some(at), outcome);
@@ -1032,6 +1284,37 @@ impl World {
         }
         if is_leader {
             self.log_view();
+        }
+    }
+
+    /// Notes what the host at `slot` shows the checks: a server's bucket, epoch and id (a new
+    /// id without a crash is a rejoin), or the views a client received.
+    fn observe(&mut self, slot: usize) {
+        let at = self.elapsed();
+        let Some(host) = self.hosts[slot].as_mut() else {
+            return;
+        };
+        match &mut host.app {
+            App::Server(server) => {
+                let rejoined = self.observed.see_server(host.process, slot, at, server);
+                if let Some(old) = rejoined {
+                    self.stats.rejoins += 1;
+                    let (process, id) = (host.process, server.id());
+                    self.log(|| {
+                        format!(
+                            "server process {process} at slot {slot} rejoined as {id} (was {old})"
+                        )
+                    });
+                }
+            }
+            App::Client(client) => {
+                for (when, epoch) in std::mem::take(&mut client.views) {
+                    let when = when - self.start;
+                    self.observed
+                        .see_client_view(client.life, client.index, when, epoch);
+                }
+            }
+            App::Leader(_) => {}
         }
     }
 
@@ -1062,9 +1345,14 @@ impl World {
             ),
             _ => String::new(),
         };
+        let why = running
+            .error
+            .as_ref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
         self.log(|| {
             format!(
-                "client {client} done: {} {:?} = {:?} invoked {invoked:.6}{txid}: {outcome:?}",
+                "client {client} done: {} {:?} = {:?} invoked {invoked:.6}{txid}: {outcome:?}{why}",
                 running.key,
                 running.value,
                 completed.is_some()
@@ -1088,6 +1376,7 @@ impl World {
                 .hosts
                 .iter()
                 .enumerate()
+                .filter(|&(slot, _)| self.paused[slot].is_none())
                 .filter_map(|(slot, h)| {
                     h.as_ref()
                         .and_then(|h| h.poll_timeout())
@@ -1120,6 +1409,140 @@ impl World {
         self.now = self.now.max(until);
     }
 
+    /// Hands a datagram from `from` to the (running) host at `slot` and settles it.
+    fn receive(&mut self, slot: usize, from: SocketAddr, payload: &[u8]) {
+        let now = self.now;
+        let to = self.addrs[slot];
+        self.stats.delivered += 1;
+        let nanos = (now - self.start).as_nanos() as u64;
+        self.fold(&nanos.to_le_bytes());
+        self.fold(payload);
+        self.record(Direction::Received, from, to, payload);
+        if let Some(host) = self.hosts[slot].as_mut() {
+            host.endpoint.handle_datagram(now, from, payload);
+        }
+        self.settle_host(slot);
+    }
+
+    /// Freezes the host at `slot` for `length` (no timers, no handling; what arrives waits).
+    /// Returns false if nothing runs there or it is frozen already.
+    fn pause(&mut self, slot: usize, length: Duration) -> bool {
+        if self.hosts[slot].is_none() || self.paused[slot].is_some() {
+            return false;
+        }
+        self.pauses += 1;
+        let id = self.pauses;
+        self.paused[slot] = Some(Pause {
+            id,
+            inbox: Vec::new(),
+            bytes: 0,
+        });
+        let addr = self.addrs[slot];
+        self.log(|| format!("pause {addr} (slot {slot}) for {length:?}"));
+        let at = self.now + length;
+        self.schedule(at, Scheduled::Resume { slot, pause: id });
+        true
+    }
+
+    /// Thaws the frozen host at `slot`: it handles what waited in its socket buffer, in
+    /// arrival order, before any of its timers run (the event loop runs those next).
+    fn resume(&mut self, slot: usize) {
+        let Some(pause) = self.paused[slot].take() else {
+            return;
+        };
+        let (addr, waiting) = (self.addrs[slot], pause.inbox.len());
+        self.log(|| format!("resume {addr} (slot {slot}): {waiting} waiting datagrams and errors"));
+        let now = self.now;
+        for inbound in pause.inbox {
+            match inbound {
+                Inbound::Datagram { from, payload } => self.receive(slot, from, &payload),
+                Inbound::Unreachable { peer } => {
+                    if let Some(host) = self.hosts[slot].as_mut() {
+                        host.endpoint.handle_unreachable(now, peer);
+                        self.settle_host(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts the link between `a` and `b` until `until` (a longer cut of it already in place
+    /// stays as it is).
+    fn cut(&mut self, a: SocketAddr, b: SocketAddr, until: Instant) {
+        let pair = if a < b { (a, b) } else { (b, a) };
+        let heal = self.cuts.entry(pair).or_insert(until);
+        *heal = (*heal).max(until);
+        self.log(|| format!("cut {} - {}", pair.0, pair.1));
+        self.schedule(until, Scheduled::Heal(pair.0, pair.1));
+    }
+
+    /// Schedules membership fault `fault` at `after` from the start (for scenario tests).
+    pub fn inject(&mut self, after: Duration, fault: Fault) {
+        let at = self.start + after;
+        self.schedule(at, Scheduled::Fault(fault));
+    }
+
+    /// Draws a membership fault: each of the four kinds equally likely, each lasting longer
+    /// than dead-after (a restarted view leader's down time is drawn from up to 1.5 times
+    /// dead-after).
+    fn draw_fault(&mut self) -> Fault {
+        let dead_after = self.params.dead_after;
+        let longer = |rng: &mut Rng| {
+            let extra = 50_000 + rng.below(dead_after.as_micros() as u64 + 1_000_000);
+            dead_after + Duration::from_micros(extra)
+        };
+        match self.rng.below(4) {
+            0 => Fault::PauseLeader(longer(&mut self.rng)),
+            1 => Fault::RestartLeader {
+                down: Duration::from_micros(
+                    10_000 + self.rng.below(dead_after.as_micros() as u64 * 3 / 2),
+                ),
+            },
+            2 => Fault::CutLeader(longer(&mut self.rng)),
+            _ => Fault::PauseServers(longer(&mut self.rng)),
+        }
+    }
+
+    /// Carries out membership fault `fault` now (skipped where it cannot apply: a view leader
+    /// that is down cannot be paused or crashed again).
+    fn inject_now(&mut self, fault: Fault) {
+        let now = self.now;
+        let servers = FIRST_SERVER..self.first_client();
+        match fault {
+            Fault::PauseLeader(length) => {
+                if self.pause(0, length) {
+                    self.stats.vl_pauses += 1;
+                }
+            }
+            Fault::RestartLeader { down } => {
+                if self.hosts[0].is_some() {
+                    self.log(|| format!("crash the view leader; it restarts in {down:?}"));
+                    self.hosts[0] = None;
+                    self.paused[0] = None;
+                    self.stats.vl_restarts += 1;
+                    self.schedule(now + down, Scheduled::RestartLeader);
+                }
+            }
+            Fault::CutLeader(length) => {
+                self.log(|| format!("cut the view leader from every server for {length:?}"));
+                for slot in servers {
+                    self.cut(self.addrs[0], self.addrs[slot], now + length);
+                }
+                self.stats.vl_cuts += 1;
+            }
+            Fault::PauseServers(length) => {
+                self.log(|| format!("pause every server for {length:?}"));
+                let mut any = false;
+                for slot in servers {
+                    any |= self.pause(slot, length);
+                }
+                if any {
+                    self.stats.all_server_pauses += 1;
+                }
+            }
+        }
+    }
+
     /// Carries out one scheduled event.
     fn handle(&mut self, event: Scheduled) {
         let now = self.now;
@@ -1129,32 +1552,51 @@ impl World {
                     return;
                 };
                 let pair = if from < to { (from, to) } else { (to, from) };
-                if self.cuts.contains(&pair) {
+                if self.cuts.contains_key(&pair) {
                     self.stats.dropped += 1;
                     return;
                 }
-                if self.hosts[slot].is_some() {
-                    self.stats.delivered += 1;
-                    let nanos = (now - self.start).as_nanos() as u64;
-                    self.fold(&nanos.to_le_bytes());
-                    self.fold(&payload);
-                    self.record(Direction::Received, from, to, &payload);
-                    if let Some(host) = self.hosts[slot].as_mut() {
-                        host.endpoint.handle_datagram(now, from, &payload);
-                    }
-                    self.settle_host(slot);
-                } else {
+                if self.hosts[slot].is_none() {
                     // Nobody listens there: the sender's OS hears so (ICMP).
                     let at = now + self.params.latency;
                     self.schedule(at, Scheduled::Unreachable { to: from, peer: to });
+                } else if let Some(pause) = &mut self.paused[slot] {
+                    // Frozen: the datagram waits in the socket buffer, if there is room.
+                    if pause.bytes + payload.len() > SOCKET_BUFFER {
+                        self.stats.dropped += 1;
+                        self.stats.buffer_drops += 1;
+                    } else {
+                        pause.bytes += payload.len();
+                        pause.inbox.push(Inbound::Datagram { from, payload });
+                    }
+                } else {
+                    self.receive(slot, from, &payload);
                 }
             }
             Scheduled::Unreachable { to, peer } => {
-                if let Some(slot) = self.slot(to)
-                    && let Some(host) = self.hosts[slot].as_mut()
-                {
+                let Some(slot) = self.slot(to) else {
+                    return;
+                };
+                if let Some(pause) = &mut self.paused[slot] {
+                    pause.inbox.push(Inbound::Unreachable { peer });
+                } else if let Some(host) = self.hosts[slot].as_mut() {
                     host.endpoint.handle_unreachable(now, peer);
                     self.settle_host(slot);
+                }
+            }
+            Scheduled::Resume { slot, pause } => {
+                if self.paused[slot].as_ref().is_some_and(|p| p.id == pause) {
+                    self.resume(slot);
+                }
+            }
+            Scheduled::Fault(fault) => self.inject_now(fault),
+            Scheduled::RestartLeader => {
+                if self.hosts[0].is_none() {
+                    let mut rng = self.rng.fork();
+                    let host = self.leader_host(&mut rng);
+                    self.log(|| "restart the view leader (no memory)".into());
+                    self.hosts[0] = Some(host);
+                    self.settle_host(0);
                 }
             }
             Scheduled::Chaos => {
@@ -1194,14 +1636,17 @@ impl World {
                 }
             }
             Scheduled::Heal(a, b) => {
-                self.log(|| format!("heal {a} - {b}"));
-                self.cuts.remove(&(a, b));
+                if self.cuts.get(&(a, b)).is_some_and(|&until| until <= now) {
+                    self.log(|| format!("heal {a} - {b}"));
+                    self.cuts.remove(&(a, b));
+                }
             }
         }
     }
 
-    /// True when the view leader's view holds exactly the live servers, all at its epoch,
-    /// and no rebalancing is in progress: the point from which failures are counted.
+    /// True when no host is frozen, the view leader runs and its view holds exactly the live
+    /// servers, all at its epoch, and no rebalancing is in progress: the point from which
+    /// failures are counted.
     pub fn is_stable(&self) -> bool {
         let Some(Some(Host {
             app: App::Leader(leader),
@@ -1210,6 +1655,9 @@ impl World {
         else {
             return false;
         };
+        if self.paused.iter().any(Option::is_some) {
+            return false;
+        }
         let view = leader.view();
         let (rebalancing, _) = leader.rebalancing();
         let live: BTreeSet<ServerId> = self.servers().map(|s| s.id()).collect();
@@ -1245,24 +1693,46 @@ impl World {
             })
     }
 
-    /// Injects one fault: a server crash or a cut between the view leader and a server
-    /// (each only while fewer than `replicas - 1` such failures happened since the cluster
-    /// was last stable, so no acknowledged write may be lost), a cut between other hosts, or
-    /// a client killed (preferably one between the votes and the decision of a setr).
+    /// Injects one fault: now and then a membership fault ([`Fault`]: the view leader paused,
+    /// restarted or cut from every server, or every server paused), only from a stable
+    /// cluster and alone until it is stable again; else a server crash or a cut between the
+    /// view leader and a server (each only while fewer than `replicas - 1` such failures
+    /// happened since the cluster was last stable, so that every key keeps a holder that can
+    /// serve it), a cut between other hosts, or a client killed (preferably one between the
+    /// votes and the decision of a setr). The durability check counts only crashes as
+    /// failures: nothing else makes a server process lose its memory.
     fn chaos_event(&mut self) {
-        // A cut between the view leader and a server is a failure in the making (the server
-        // may yet be declared dead): no reset while one lasts.
+        // A cut between the view leader and a server is a failure in the making for
+        // availability (the server may yet be declared dead, and its copies are then not
+        // served until it rejoined): no reset while one lasts.
         let leader = self.addrs[0];
-        let leader_cut = self.cuts.iter().any(|&(a, b)| a == leader || b == leader);
+        let leader_cut = self.cuts.keys().any(|&(a, b)| a == leader || b == leader);
         if self.is_stable() && !leader_cut {
+            self.check_stable_point();
             self.failures = 0;
             self.holders = self.params.replicas.min(self.view_size());
+            self.membership_fault = false;
         }
         let failures = self.failures;
         self.log(|| format!("chaos: {failures} failures since the cluster was last stable"));
+        // One membership fault at a time, from a stable cluster, and no crash or view-leader
+        // cut while it lasts: together they would leave keys with no holder that can serve
+        // them (durability would still hold, the reads of those keys could not).
+        if self.membership_fault {
+            return;
+        }
+        if self.rng.chance(MEMBERSHIP_FAULT_CHANCE) {
+            let servers_up = (FIRST_SERVER..self.first_client()).all(|s| self.hosts[s].is_some());
+            if self.failures == 0 && !leader_cut && servers_up && self.is_stable() {
+                let fault = self.draw_fault();
+                self.membership_fault = true;
+                self.inject_now(fault);
+            }
+            return;
+        }
         // A key has min(replicas, servers in the view) holders, counted when the cluster was
         // last stable (a server that joined since may not hold its keys yet): fewer than
-        // that may fail.
+        // that may crash.
         let holders = self.holders.min(self.params.replicas.min(self.view_size()));
         let may_fail = self.failures + 1 < holders;
         let servers: Vec<usize> = (FIRST_SERVER..self.first_client()).collect();
@@ -1279,23 +1749,34 @@ impl World {
                     return;
                 }
                 let slot = live[self.rng.below(live.len() as u64) as usize];
-                if let Some(Some(Host {
-                    app: App::Server(server),
-                    ..
-                })) = self.hosts.get(slot)
-                {
-                    let id = server.id();
-                    self.log(|| format!("crash server {id} at slot {slot}"));
+                if let Some(Some(host)) = self.hosts.get(slot) {
+                    let process = host.process;
+                    let seen =
+                        self.observed
+                            .servers
+                            .entry(process)
+                            .or_insert_with(|| ServerProcess {
+                                slot,
+                                ..ServerProcess::default()
+                            });
+                    seen.crashed = true;
+                    if let App::Server(server) = &host.app {
+                        let id = server.id();
+                        self.log(|| {
+                            format!("crash server {id} (process {process}) at slot {slot}")
+                        });
+                    }
                 }
                 self.hosts[slot] = None;
+                self.paused[slot] = None;
                 self.failures += 1;
                 self.stats.crashes += 1;
                 let back = Duration::from_millis(100 + self.rng.below(3_000));
                 self.schedule(now + back, Scheduled::RestartServer(slot));
             }
             1 => {
-                // A cut between two hosts; one involving the view leader and a server may get
-                // the server declared dead (it then empties its bucket): a failure.
+                // A cut between two hosts (one between the view leader and a server may get
+                // the server declared dead: it rejoins, keeping its bucket as candidates).
                 let a = self.rng.below(self.addrs.len() as u64) as usize;
                 let b = self.rng.below(self.addrs.len() as u64) as usize;
                 if a == b {
@@ -1309,13 +1790,9 @@ impl World {
                     }
                     self.failures += 1;
                 }
-                let (x, y) = (self.addrs[a], self.addrs[b]);
-                let pair = if x < y { (x, y) } else { (y, x) };
-                self.cuts.insert(pair);
-                self.log(|| format!("cut {} - {}", pair.0, pair.1));
                 self.stats.partitions += 1;
                 let heal = Duration::from_millis(50 + self.rng.below(2_500));
-                self.schedule(now + heal, Scheduled::Heal(pair.0, pair.1));
+                self.cut(self.addrs[a], self.addrs[b], now + heal);
             }
             _ => {
                 let deciding: Vec<usize> = clients
@@ -1344,6 +1821,11 @@ impl World {
                         self.stats.kills_before_decision += 1;
                     }
                     let index = client.index;
+                    for (when, epoch) in std::mem::take(&mut client.views) {
+                        let when = when - self.start;
+                        self.observed
+                            .see_client_view(client.life, index, when, epoch);
+                    }
                     let finished = std::mem::take(&mut client.done);
                     for (running, at, outcome) in finished {
                         self.note(index, running, Some(at), outcome);
@@ -1360,15 +1842,16 @@ impl World {
     }
 
     /// Runs the whole scenario: the active period with faults, then a quiet period until
-    /// the cluster settles (every fault healed, crashed servers back, no operation running,
+    /// the cluster settles (every fault over, crashed servers back, no operation running,
     /// every transaction decided, rebalancing done), bounded by `settle_limit`. Returns the
     /// final state, or why the cluster did not settle.
     pub fn run(&mut self, settle_limit: Duration) -> Result<Final, String> {
         let end = self.start + self.params.active;
         self.run_until(end);
-        // Quiet: no more faults or new operations; heal everything, bring servers back.
+        // Quiet: no more faults or new operations; crashed servers come back now; cuts heal,
+        // frozen hosts resume and a crashed view leader restarts when their time comes (each
+        // membership fault runs its whole length, longer than dead-after).
         self.chaos = false;
-        self.cuts.clear();
         let first_client = self.first_client();
         for slot in 0..self.hosts.len() {
             match &mut self.hosts[slot] {
@@ -1380,7 +1863,7 @@ impl World {
                     client.stopped = true;
                 }
                 Some(_) => {}
-                None if slot < first_client => {
+                None if slot > 0 && slot < first_client => {
                     let now = self.now;
                     self.schedule(now, Scheduled::RestartServer(slot));
                 }
@@ -1404,9 +1887,12 @@ impl World {
         }
     }
 
-    /// True when no client runs an operation, every server has decided every transaction,
-    /// and the view is stable.
+    /// True when no link is cut, no client runs an operation, every server has decided every
+    /// transaction, and the view is stable.
     fn is_settled(&self) -> bool {
+        if !self.cuts.is_empty() {
+            return false;
+        }
         let idle = self.hosts.iter().flatten().all(|h| match &h.app {
             App::Client(client) => client.running.is_none(),
             _ => true,
@@ -1434,8 +1920,9 @@ impl World {
         let servers: Vec<String> = self
             .servers()
             .map(|s| {
+                let candidates = s.bucket().filter(|(_, stored)| stored.candidate).count();
                 format!(
-                    "{} epoch {} pending {} rebalancing {}",
+                    "{} epoch {} pending {} rebalancing {} candidates {candidates}",
                     s.id(),
                     s.epoch(),
                     s.pending_transactions(),
@@ -1449,34 +1936,85 @@ impl World {
             .flatten()
             .filter(|h| matches!(&h.app, App::Client(c) if c.running.is_some()))
             .count();
+        let frozen = self.paused.iter().flatten().count();
         format!(
-            "{leader}; servers [{}]; {running} client operations running",
-            servers.join("; ")
+            "{leader}; servers [{}]; {running} client operations running; {frozen} hosts frozen; {} links cut",
+            servers.join("; "),
+            self.cuts.len()
         )
     }
 
-    /// The final state for the checks.
+    /// The final state for the checks (only once the view leader runs again: a settled
+    /// world has one).
     fn final_state(&self) -> Final {
+        Final {
+            observed: self.observed.clone(),
+            ..self.snapshot()
+        }
+    }
+
+    /// Checks a stable point (see [`Observed::unstable`]): unless a transaction is in flight,
+    /// every key any server holds is on each of its replicas; notes what is missing.
+    fn check_stable_point(&mut self) {
+        let pending: usize = self.servers().map(|s| s.pending_transactions()).sum();
+        if pending > 0 {
+            self.log(|| {
+                format!("stable, but {pending} transactions in flight: copies not checked")
+            });
+            return;
+        }
+        let at = self.elapsed();
+        let snapshot = self.snapshot();
+        self.log(|| {
+            let held: Vec<String> = snapshot
+                .servers
+                .iter()
+                .map(|(id, bucket, _)| {
+                    let keys: Vec<String> = bucket
+                        .iter()
+                        .map(|(k, (v, _))| format!("{k} v{v}"))
+                        .collect();
+                    format!("{id}: {}", keys.join(" "))
+                })
+                .collect();
+            format!("stable: checking copies: {}", held.join("; "))
+        });
+        for missing in checks::missing_copies(&snapshot) {
+            self.log(|| format!("stable, yet {missing}"));
+            self.observed.unstable.push((at, missing));
+        }
+    }
+
+    /// The cluster as the checks see it now (with nothing observed): the view leader's view
+    /// and every running server's bucket, candidates apart. Only while the view leader runs.
+    fn snapshot(&self) -> Final {
         let view = match self.hosts.first() {
             Some(Some(Host {
                 app: App::Leader(leader),
                 ..
             })) => leader.view(),
-            _ => unreachable!("the view leader never crashes"),
+            _ => unreachable!("a settled or stable world has a view leader"),
         };
+        let mut candidates = Vec::new();
         let servers = self
             .servers()
             .map(|s| {
-                let bucket = s
-                    .bucket()
-                    .map(|(key, stored)| (key.to_owned(), (stored.version, stored.value.clone())))
-                    .collect();
+                let mut bucket = Bucket::new();
+                for (key, stored) in s.bucket() {
+                    if stored.candidate {
+                        candidates.push((s.id(), key.to_owned()));
+                    } else {
+                        bucket.insert(key.to_owned(), (stored.version, stored.value.clone()));
+                    }
+                }
                 (s.id(), bucket, s.pending_transactions())
             })
             .collect();
         Final {
             placement: Placement::new(view),
             servers,
+            candidates,
+            observed: Observed::default(),
             at: self.elapsed(),
         }
     }
