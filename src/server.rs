@@ -3,8 +3,9 @@
 //! [`Server`] is a sans-IO [`Node`]. It heartbeats the view leader every interval and learns
 //! the current epoch and view from each acknowledgement. If no view leader address was given
 //! it probes the default ports and takes the lowest one that answers. If the view leader
-//! refuses a heartbeat (this server was declared dead), the server empties its bucket and
-//! rejoins under a fresh id. It serves `print`, `set`, `get` and `query_all_keys` on its own
+//! refuses a heartbeat (this server was declared dead), the server rejoins under a fresh id
+//! and keeps its bucket as candidates ([`Stored::candidate`]): unserved until the next
+//! rebalancing has reconciled them with the key's current holders. It serves `print`, `set`, `get` and `query_all_keys` on its own
 //! bucket, takes part in two-phase commits as a participant ([`crate::commit`]), and serves
 //! replicated reads, holding back a read of a key with a prepared write until it is decided.
 //!

@@ -1,5 +1,6 @@
 //! Membership: joins, departures, epochs, dead servers (assignment 3.4, contract
-//! "Semantics": a server declared dead is refused, empties its bucket and rejoins).
+//! "Semantics": a server declared dead is refused and rejoins under a fresh id, keeping its
+//! bucket until rebalancing has reconciled it).
 
 use std::time::{Duration, Instant};
 
