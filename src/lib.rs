@@ -25,12 +25,20 @@
 //! - [`client`]: the command-line client's operations, one function per command.
 //! - [`coordinator`]: `setr`'s two-phase commit and `getr`'s read as sans-IO state machines,
 //!   driven by the client on a real network and by the simulator in virtual time.
-//! - [`bench`](mod@bench): `client bench`, the load generator: operation schedule (closed or open
-//!   loop), worker threads, HDR-histogram latency; targets trireme, etcd (for comparison) and
-//!   a loopback UDP echo (the floor).
-//! - [`cli`]: command-line parsing shared by the binaries, and output formatting.
-//! - [`fuzzing`]: the properties the `cargo fuzz` targets in `fuzz/` check (codec, fragment
-//!   reassembly, trace reader), shared with the tests that replay the fuzz corpus.
+//! - `bench` (feature `cli`): `client bench`, the load generator: operation schedule (closed
+//!   or open loop), worker threads, HDR-histogram latency; targets trireme, etcd (for
+//!   comparison) and a loopback UDP echo (the floor).
+//! - `cli` (feature `cli`): command-line parsing shared by the binaries, and output
+//!   formatting.
+//! - `fuzzing` (feature `fuzzing`, or cargo-fuzz's `cfg(fuzzing)`): the properties the
+//!   `cargo fuzz` targets in `fuzz/` check (codec, fragment reassembly, trace reader), shared
+//!   with the tests that replay the fuzz corpus.
+//!
+//! # Features
+//!
+//! Both `cli` and `fuzzing` are on by default. The protocol core (everything else) builds
+//! without them: `cargo build --lib --no-default-features` needs none of clap, simplelog,
+//! signal-hook, hdrhistogram and serde_json.
 //! - [`view`], [`rng`], [`ratelimit`]: small shared vocabulary: ids, epochs, views; the
 //!   seeded RNG; the limiter of log lines about hostile input.
 //!
@@ -42,13 +50,16 @@
 //! computes a response, which the endpoint caches and sends.
 
 pub mod auth;
+#[cfg(feature = "cli")]
 pub mod bench;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod commit;
 pub mod coordinator;
 pub mod faults;
+#[cfg(any(fuzzing, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod message;
 pub mod net;
