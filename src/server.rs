@@ -69,18 +69,55 @@ pub struct Stored {
     pub candidate: bool,
 }
 
-/// Tokens at or above this are termination queries (token - QUERY = participant token).
-const QUERY: u64 = 1 << 48;
-/// Tokens at or above this (and below [`QUERY`]) are the primary's commits to the other
-/// replicas (token - SETTLE = settle sequence number).
-const SETTLE: u64 = 1 << 44;
-/// Tokens at or above this (and below [`SETTLE`]) are rebalancing transfers.
-const TRANSFER: u64 = 1 << 40;
-/// Tokens at or above this (and below [`TRANSFER`]) are heartbeats (token - HEARTBEAT = seq).
-const HEARTBEAT: u64 = 1 << 32;
-/// Tokens at or above this (and below [`HEARTBEAT`]) are view leader probes
-/// (token - PROBE = candidate index).
-const PROBE: u64 = 1_000;
+/// What a request this server started is for. It travels as the node token of the request
+/// (its kind in the top byte, its number below) and is matched when the outcome comes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    /// A probe of candidate view leader number `.0` (an index into the candidates).
+    Probe(usize),
+    /// Heartbeat number `.0`.
+    Heartbeat(u64),
+    /// Rebalancing transfer number `.0` (its key in [`Rebalance::in_flight`]).
+    Transfer(u64),
+    /// The primary's commit number `.0` to another replica (its key in `settle_requests`).
+    Settle(u64),
+    /// The termination query the participant table numbered `.0`.
+    Query(u64),
+}
+
+impl Reply {
+    /// Bits of the token below the kind.
+    const NUMBER_BITS: u32 = 56;
+
+    /// The node token that carries this reply's kind and number.
+    fn token(self) -> u64 {
+        let (kind, number) = match self {
+            Reply::Probe(index) => (1, index as u64),
+            Reply::Heartbeat(seq) => (2, seq),
+            Reply::Transfer(seq) => (3, seq),
+            Reply::Settle(seq) => (4, seq),
+            Reply::Query(token) => (5, token),
+        };
+        debug_assert!(
+            number < 1 << Self::NUMBER_BITS,
+            "{self:?} overflows its token"
+        );
+        (kind << Self::NUMBER_BITS) | number
+    }
+
+    /// The reply a token stands for (`None` for a token this server never handed out).
+    fn from_token(token: u64) -> Option<Reply> {
+        let number = token & ((1 << Self::NUMBER_BITS) - 1);
+        match token >> Self::NUMBER_BITS {
+            1 => usize::try_from(number).ok().map(Reply::Probe),
+            2 => Some(Reply::Heartbeat(number)),
+            3 => Some(Reply::Transfer(number)),
+            4 => Some(Reply::Settle(number)),
+            5 => Some(Reply::Query(number)),
+            _ => None,
+        }
+    }
+}
 /// The most value bytes in one rebalancing batch (the reliable layer fragments it).
 const BATCH_BYTES: usize = 1 << 20;
 /// How long one rebalancing batch may take before it is sent again.
@@ -146,7 +183,7 @@ struct Rebalance {
     epoch: Epoch,
     /// Batches not yet sent (or to send again), with the instant they may go.
     queue: VecDeque<(Instant, SocketAddr, Vec<Entry>)>,
-    /// Batches in flight, by token.
+    /// Batches in flight, by transfer number ([`Reply::Transfer`]).
     in_flight: BTreeMap<u64, (SocketAddr, Vec<Entry>)>,
     /// Keys to drop once everything is acknowledged.
     drops: Vec<String>,
@@ -192,7 +229,7 @@ pub struct Server {
     ring: Ring,
     /// When the next heartbeat is due.
     next_heartbeat: Instant,
-    /// Sequence number of the last heartbeat sent (its token is `HEARTBEAT + seq`).
+    /// Sequence number of the last heartbeat sent ([`Reply::Heartbeat`]).
     heartbeat_seq: u64,
     /// The first heartbeat sequence number sent under the current id: a refusal of an
     /// earlier heartbeat concerns an id already abandoned.
@@ -319,7 +356,7 @@ impl Server {
                 .heartbeat_interval
                 .max(Duration::from_millis(100));
         self.actions.push_back(Action::Request {
-            token: HEARTBEAT + self.heartbeat_seq,
+            token: Reply::Heartbeat(self.heartbeat_seq).token(),
             dst: viewleader,
             request: Request::Heartbeat {
                 id: self.id,
@@ -342,7 +379,7 @@ impl Server {
                 .max(Duration::from_millis(500));
         for (index, &dst) in self.config.candidates.iter().enumerate() {
             self.actions.push_back(Action::Request {
-                token: PROBE + index as u64,
+                token: Reply::Probe(index).token(),
                 dst,
                 request: Request::QueryServers,
                 deadline: Some(deadline),
@@ -1019,23 +1056,18 @@ impl Server {
         self.settle_requests
             .insert(self.last_settle, (key.to_owned(), member, txid));
         self.actions.push_back(Action::Request {
-            token: SETTLE + self.last_settle,
+            token: Reply::Settle(self.last_settle).token(),
             dst: member.addr,
             request: Request::Commit { txid, version },
             deadline: Some(now + SETTLE_TIMEOUT),
         });
     }
 
-    /// A replica answered the primary's commit (any answer means it has decided: it
-    /// committed, or it was closed by its peers); no answer in time means: send it again,
-    /// unless the replica is gone (unreachable, or out of the view).
-    fn on_settle_answer(
-        &mut self,
-        now: Instant,
-        token: u64,
-        result: Result<Response, RequestError>,
-    ) {
-        let Some((key, member, txid)) = self.settle_requests.remove(&(token - SETTLE)) else {
+    /// A replica answered the primary's commit number `seq` (any answer means it has
+    /// decided: it committed, or it was closed by its peers); no answer in time means: send
+    /// it again, unless the replica is gone (unreachable, or out of the view).
+    fn on_settle_answer(&mut self, now: Instant, seq: u64, result: Result<Response, RequestError>) {
+        let Some((key, member, txid)) = self.settle_requests.remove(&seq) else {
             return;
         };
         // A newer commit of the key may have replaced this one (every replica voted for it,
@@ -1104,10 +1136,10 @@ impl Server {
                 continue;
             }
             self.last_transfer += 1;
-            let token = TRANSFER + self.last_transfer;
+            let seq = self.last_transfer;
             busy.push(target);
             self.actions.push_back(Action::Request {
-                token,
+                token: Reply::Transfer(seq).token(),
                 dst: target,
                 request: Request::Transfer {
                     epoch: rebalance.epoch,
@@ -1115,7 +1147,7 @@ impl Server {
                 },
                 deadline: Some(now + TRANSFER_TIMEOUT),
             });
-            rebalance.in_flight.insert(token, (target, batch));
+            rebalance.in_flight.insert(seq, (target, batch));
         }
         rebalance.queue = waiting;
         if rebalance.queue.is_empty() && rebalance.in_flight.is_empty() {
@@ -1123,17 +1155,17 @@ impl Server {
         }
     }
 
-    /// Handles the answer to transfer `token`: acknowledged, or queued to be sent again.
+    /// Handles the answer to transfer number `seq`: acknowledged, or queued to be sent again.
     fn on_transfer_answer(
         &mut self,
         now: Instant,
-        token: u64,
+        seq: u64,
         result: Result<Response, RequestError>,
     ) {
         let Some(rebalance) = &mut self.rebalance else {
             return;
         };
-        let Some((target, batch)) = rebalance.in_flight.remove(&token) else {
+        let Some((target, batch)) = rebalance.in_flight.remove(&seq) else {
             return;
         };
         if !matches!(result, Ok(Response::Done)) {
@@ -1279,7 +1311,7 @@ impl Server {
                     self.answer_deferred(&key);
                 }
                 Effect::Query { token, dst, query } => self.actions.push_back(Action::Request {
-                    token: QUERY + token,
+                    token: Reply::Query(token).token(),
                     dst,
                     request: query,
                     deadline: Some(now + QUERY_TIMEOUT),
@@ -1305,25 +1337,26 @@ impl Node for Server {
         token: u64,
         result: Result<Response, RequestError>,
     ) {
-        if token >= QUERY {
-            let answer = match result {
-                Ok(Response::TxState { state }) => Some(state),
-                _ => None,
-            };
-            let view = self.view.clone();
-            let effects =
-                self.participant
-                    .handle_query_answer(now, token - QUERY, answer, view.as_ref());
-            self.carry_out(now, effects);
-        } else if token >= SETTLE {
-            self.on_settle_answer(now, token, result);
-        } else if token >= TRANSFER {
-            self.on_transfer_answer(now, token, result);
-        } else if token >= HEARTBEAT {
-            self.on_heartbeat_answer(now, token - HEARTBEAT, result);
-        } else if token >= PROBE {
-            let is_viewleader = result.is_ok_and(|r| r.is_from_viewleader());
-            self.on_probe(now, (token - PROBE) as usize, is_viewleader);
+        match Reply::from_token(token) {
+            Some(Reply::Query(query)) => {
+                let answer = match result {
+                    Ok(Response::TxState { state }) => Some(state),
+                    _ => None,
+                };
+                let view = self.view.clone();
+                let effects =
+                    self.participant
+                        .handle_query_answer(now, query, answer, view.as_ref());
+                self.carry_out(now, effects);
+            }
+            Some(Reply::Settle(seq)) => self.on_settle_answer(now, seq, result),
+            Some(Reply::Transfer(seq)) => self.on_transfer_answer(now, seq, result),
+            Some(Reply::Heartbeat(seq)) => self.on_heartbeat_answer(now, seq, result),
+            Some(Reply::Probe(index)) => {
+                let is_viewleader = result.is_ok_and(|r| r.is_from_viewleader());
+                self.on_probe(now, index, is_viewleader);
+            }
+            None => debug!("an answer for token {token}, which this server never handed out"),
         }
         self.resume_rebalance(now);
     }
@@ -1466,7 +1499,7 @@ mod tests {
         s.handle_timeout(t0);
         assert!(matches!(
             s.poll_action(),
-            Some(Action::Request { token, .. }) if token == HEARTBEAT + 1
+            Some(Action::Request { token, .. }) if token == Reply::Heartbeat(1).token()
         ));
         assert_eq!(
             s.poll_timeout(),
@@ -1485,7 +1518,7 @@ mod tests {
         let completed = View::default();
         s.handle_response(
             t0,
-            HEARTBEAT + 1,
+            Reply::Heartbeat(1).token(),
             Ok(Response::HeartbeatAck {
                 view,
                 completed,
@@ -1522,7 +1555,7 @@ mod tests {
                 view: View::default(),
             })
         };
-        s.handle_response(t0, HEARTBEAT + 1, refused());
+        s.handle_response(t0, Reply::Heartbeat(1).token(), refused());
         assert_ne!(s.id(), old);
         assert_eq!(s.len(), 1, "kept, never wiped");
         assert!(s.bucket().all(|(_, stored)| stored.candidate));
@@ -1536,7 +1569,7 @@ mod tests {
         assert_eq!(id, s.id());
         // The refusal of heartbeat 2 concerns the abandoned id: no second rejoin.
         let new_id = s.id();
-        s.handle_response(t0, HEARTBEAT + 2, refused());
+        s.handle_response(t0, Reply::Heartbeat(2).token(), refused());
         assert_eq!(s.id(), new_id);
         let unserved = ask(&mut s, Request::Get { key: "k".into() });
         assert!(matches!(unserved, Response::Error(ref e) if e.kind == ErrorKind::NotFound));
@@ -1575,7 +1608,7 @@ mod tests {
         let old_id = s.id();
         s.handle_response(
             t0,
-            HEARTBEAT + 3,
+            Reply::Heartbeat(3).token(),
             Ok(Response::HeartbeatRefused {
                 view: View::default(),
             }),
@@ -1617,7 +1650,7 @@ mod tests {
                 keys: vec!["newer".into()]
             }
         );
-        let token = TRANSFER + s.last_transfer;
+        let token = Reply::Transfer(s.last_transfer).token();
         s.handle_response(t0, token, Ok(Response::Done));
         assert!(
             s.is_rebalancing(),
@@ -1664,14 +1697,18 @@ mod tests {
             rebalancing: false,
             pending: vec![],
         };
-        s.handle_response(t0, PROBE + 2, Ok(servers.clone()));
-        s.handle_response(t0, PROBE + 1, Ok(servers));
+        s.handle_response(t0, Reply::Probe(2).token(), Ok(servers.clone()));
+        s.handle_response(t0, Reply::Probe(1).token(), Ok(servers));
         assert!(
             s.poll_action().is_none(),
             "candidate 0 has not answered yet"
         );
         let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-        s.handle_response(t0, PROBE, Err(RequestError::Unreachable { peer }));
+        s.handle_response(
+            t0,
+            Reply::Probe(0).token(),
+            Err(RequestError::Unreachable { peer }),
+        );
         let Some(Action::Request { dst, .. }) = s.poll_action() else {
             panic!("no heartbeat")
         };
@@ -1705,7 +1742,7 @@ mod tests {
         };
         s.handle_response(
             now,
-            HEARTBEAT + epoch,
+            Reply::Heartbeat(epoch).token(),
             Ok(Response::HeartbeatAck {
                 view: view.clone(),
                 completed: anchor.clone(),
@@ -1944,7 +1981,11 @@ mod tests {
             incarnation: 5,
             request: 5,
         };
-        s.handle_response(t0, HEARTBEAT + 3, Ok(Response::HeartbeatRefused { view }));
+        s.handle_response(
+            t0,
+            Reply::Heartbeat(3).token(),
+            Ok(Response::HeartbeatRefused { view }),
+        );
         let answers = drain(&mut s);
         assert!(
             answers.iter().any(|a| matches!(a, Action::Respond { id: i, response: Response::Error(e) } if *i == id && e.kind == ErrorKind::Rebalancing)),
@@ -2122,5 +2163,22 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(s.refusals().deferred_full, 1);
+    }
+
+    /// Issue 15 (typed routing): every kind of reply token round-trips through its node
+    /// token, and a token this server never handed out is none of them.
+    #[test]
+    fn reply_tokens_round_trip_and_unknown_ones_are_refused() {
+        for reply in [
+            Reply::Probe(3),
+            Reply::Heartbeat(1 << 40),
+            Reply::Transfer(7),
+            Reply::Settle(0),
+            Reply::Query(12),
+        ] {
+            assert_eq!(Reply::from_token(reply.token()), Some(reply));
+        }
+        assert_eq!(Reply::from_token(0), None);
+        assert_eq!(Reply::from_token(u64::MAX), None);
     }
 }
