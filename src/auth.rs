@@ -28,7 +28,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::codec::MAC_LEN;
+/// Size of a datagram's MAC in bytes: HMAC-SHA256 truncated to the header's reserved slot.
+pub const MAC_LEN: usize = 16;
 
 /// The MAC every datagram and token is sealed with.
 type HmacSha256 = Hmac<Sha256>;

@@ -16,9 +16,13 @@ pub use crate::coordinator::{GetrOutcome, SetrHooks, SetrOutcome};
 use crate::message::{self, ErrorKind, OpError, Request, Response, TxId};
 use crate::net::{self, Reply};
 use crate::reliable::RequestError;
-use crate::ring::{self, Ring};
+use crate::ring;
 use crate::rng::Rng;
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::view::{Epoch, Member};
+
+// Re-exported where callers of the client have always found them.
+pub use crate::coordinator::transport_error;
+pub use crate::placement::{Placement, ServersInfo};
 
 /// How often a waiting `lock_get` renews its request (the view leader drops a waiting
 /// request not renewed for about a second).
@@ -30,17 +34,6 @@ const LOCK_RENEW_BOUND: Duration = Duration::from_millis(300);
 
 /// The longest a withdrawal after giving up on a lock may take, carved out of the deadline.
 const WITHDRAW_RESERVE: Duration = Duration::from_millis(300);
-
-/// What `query_servers` reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServersInfo {
-    /// The current view.
-    pub view: View,
-    /// True while the view is rebalancing.
-    pub rebalancing: bool,
-    /// Servers not yet finished with the current epoch.
-    pub pending: Vec<ServerId>,
-}
 
 /// A client bound to one network driver and one command deadline.
 #[derive(Debug)]
@@ -73,69 +66,6 @@ pub struct Client {
 /// the cache at once; the lease bounds how long a client keeps a view it has no reason to
 /// doubt (a server cut off from the view leader may not know it left the view).
 pub const VIEW_LEASE: Duration = Duration::from_millis(250);
-
-/// A view and its ring as placed by one `query_servers`.
-#[derive(Clone, Debug)]
-pub struct Placement {
-    /// The view.
-    pub view: Arc<View>,
-    /// Its ring, built once.
-    pub ring: Arc<Ring>,
-}
-
-impl Placement {
-    /// Builds the ring of `view`.
-    pub fn new(view: View) -> Placement {
-        let ring = Ring::new(&view);
-        Placement {
-            view: Arc::new(view),
-            ring: Arc::new(ring),
-        }
-    }
-
-    /// Refuses, with `rebalancing`, a view older than `floor`, the newest epoch this client
-    /// already operated on: a view leader that restarted and has not heard the servers yet
-    /// can only show an older epoch, and epochs a client uses never go backwards.
-    pub fn check_floor(info: &ServersInfo, floor: Epoch) -> Result<(), OpError> {
-        if info.view.epoch < floor {
-            return Err(op_error(
-                ErrorKind::Rebalancing,
-                format!(
-                    "the view leader shows epoch {}, older than epoch {floor} used before: it \
-                     restarted and has not heard the servers yet",
-                    info.view.epoch
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The placement of a view replicated operations may use: refused while the view is
-    /// empty (`no_servers`) or rebalancing (`rebalancing`).
-    pub fn operable(info: ServersInfo) -> Result<Placement, OpError> {
-        // Rebalancing first: an empty view that is rebalancing is gathering the servers that
-        // came back (see `viewleader`), and `--wait` waits that out.
-        if info.rebalancing {
-            return Err(op_error(
-                ErrorKind::Rebalancing,
-                format!("epoch {} is still rebalancing", info.view.epoch),
-            ));
-        }
-        if info.view.members.is_empty() {
-            return Err(op_error(
-                ErrorKind::NoServers,
-                "there are no servers in the view",
-            ));
-        }
-        Ok(Placement::new(info.view))
-    }
-
-    /// The replicas of `key`, primary first.
-    pub fn replicas(&self, key: &str) -> Vec<Member> {
-        let count = usize::try_from(self.view.replicas).unwrap_or(usize::MAX);
-        self.ring.replicas(key, count)
-    }
-}
 
 /// The view (and ring) a long-lived caller such as `client bench` keeps across operations,
 /// so that a replicated operation costs no view-leader round trip: used for [`VIEW_LEASE`]
@@ -186,23 +116,6 @@ impl ViewCache {
 
 /// How often a `--wait` operation asks whether rebalancing has ended.
 const REBALANCING_POLL: Duration = Duration::from_millis(50);
-
-/// Maps a transport failure to the contract's error kinds.
-pub fn transport_error(error: RequestError) -> OpError {
-    let (kind, message) = match &error {
-        RequestError::Timeout { peer } => (ErrorKind::Timeout, format!("no answer from {peer}")),
-        RequestError::Unreachable { peer } => (
-            ErrorKind::Unreachable,
-            format!("{peer} is unreachable (nothing listens there)"),
-        ),
-        RequestError::TooLarge { .. } => (ErrorKind::BadInput, error.to_string()),
-    };
-    OpError {
-        kind,
-        message,
-        cycle: Vec::new(),
-    }
-}
 
 /// Builds an error of `kind` with `message`.
 fn op_error(kind: ErrorKind, message: impl Into<String>) -> OpError {
@@ -746,6 +659,7 @@ pub fn discover(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::{ServerId, View};
 
     /// A placement of one server at `epoch`.
     fn placement(epoch: u64) -> Placement {

@@ -44,8 +44,9 @@ pub const MAGIC: [u8; 4] = *b"TRIR";
 pub const VERSION: u8 = 1;
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 60;
-/// Size of the reserved MAC slot in bytes.
-pub const MAC_LEN: usize = 16;
+/// Size of the reserved MAC slot in bytes (the cluster key's truncated MAC: [`crate::auth`]
+/// owns it).
+pub use crate::auth::MAC_LEN;
 /// Where the MAC slot starts.
 pub const MAC_OFFSET: usize = 44;
 /// Size of the stamp that follows the fixed header when [`FLAG_MAC`] is set.

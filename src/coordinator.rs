@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use crate::client::{Placement, transport_error};
 use crate::message::{ErrorKind, OpError, Request, Response, TxId};
+use crate::placement::Placement;
 use crate::reliable::RequestError;
 use crate::view::{Epoch, Member};
 
@@ -106,6 +106,23 @@ pub trait Operation {
 
     /// The operation's result, once it has finished (returned once).
     fn poll_outcome(&mut self) -> Option<Result<Self::Output, OpError>>;
+}
+
+/// Maps a transport failure to the contract's error kinds.
+pub fn transport_error(error: RequestError) -> OpError {
+    let (kind, message) = match &error {
+        RequestError::Timeout { peer } => (ErrorKind::Timeout, format!("no answer from {peer}")),
+        RequestError::Unreachable { peer } => (
+            ErrorKind::Unreachable,
+            format!("{peer} is unreachable (nothing listens there)"),
+        ),
+        RequestError::TooLarge { .. } => (ErrorKind::BadInput, error.to_string()),
+    };
+    OpError {
+        kind,
+        message,
+        cycle: Vec::new(),
+    }
 }
 
 /// Builds an error of `kind` with `message`.

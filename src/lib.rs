@@ -23,6 +23,8 @@
 //! - [`viewleader`]: membership (heartbeats, epochs, views) and the lock service.
 //! - [`server`]: one storage node: its bucket and its heartbeats.
 //! - [`client`]: the command-line client's operations, one function per command.
+//! - [`placement`]: a fetched view and its ring, and the rules for operating on one (shared
+//!   by the client, the coordinators and the simulator).
 //! - [`coordinator`]: `setr`'s two-phase commit and `getr`'s read as sans-IO state machines,
 //!   driven by the client on a real network and by the simulator in virtual time.
 //! - `bench` (feature `cli`): `client bench`, the load generator: operation schedule (closed
@@ -64,6 +66,7 @@ pub mod fuzzing;
 pub mod message;
 pub mod net;
 pub mod node;
+pub mod placement;
 pub mod ratelimit;
 pub mod rebalance;
 pub mod reliable;
