@@ -350,8 +350,12 @@ impl Participant {
         }
         let deadline = now + args.timeout.min(MAX_DECISION_WAIT);
         self.pending_bytes += args.value.len();
-        self.locked.insert(args.key.clone(), args.txid);
-        self.pending.insert(
+        let previous = self.locked.insert(args.key.clone(), args.txid);
+        debug_assert!(
+            previous.is_none(),
+            "at most one pending transaction per key"
+        );
+        let replaced = self.pending.insert(
             args.txid,
             Pending {
                 key: args.key,
@@ -363,6 +367,16 @@ impl Participant {
                 round: Round::default(),
                 closed: false,
             },
+        );
+        debug_assert!(
+            replaced.is_none(),
+            "transaction {} prepared twice",
+            args.txid
+        );
+        debug_assert_eq!(
+            self.locked.len(),
+            self.pending.len(),
+            "a lock per pending write"
         );
         Ok(current)
     }
@@ -392,6 +406,11 @@ impl Participant {
         let pending = self.pending.remove(&txid)?;
         self.pending_bytes -= pending.value.len();
         self.locked.remove(&pending.key);
+        debug_assert_eq!(
+            self.locked.len(),
+            self.pending.len(),
+            "a lock per pending write"
+        );
         self.decide(now, txid, Record::Committed(version));
         Some(Write {
             txid,
@@ -409,6 +428,11 @@ impl Participant {
         if let Some(pending) = self.pending.remove(&txid) {
             self.pending_bytes -= pending.value.len();
             self.locked.remove(&pending.key);
+            debug_assert_eq!(
+                self.locked.len(),
+                self.pending.len(),
+                "a lock per pending write"
+            );
             self.decide(now, txid, Record::Aborted);
             return Some(pending.key);
         }

@@ -450,6 +450,10 @@ impl Server {
                         view.members.len()
                     );
                 }
+                debug_assert!(
+                    view.epoch >= self.epoch(),
+                    "a server never steps back a view"
+                );
                 self.view = Some(view);
                 self.prune_settling();
                 self.on_completed(completed);

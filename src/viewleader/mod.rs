@@ -532,6 +532,7 @@ impl ViewLeader {
 
     /// Starts a new epoch at `now`.
     fn new_epoch(&mut self, now: Instant) {
+        debug_assert!(self.epoch.0 < u64::MAX, "epochs only grow");
         self.epoch = Epoch(self.epoch.0 + 1);
         self.epoch_started.get_or_insert(now);
     }
