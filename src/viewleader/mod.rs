@@ -455,14 +455,8 @@ impl ViewLeader {
         let addr = liveness.addr;
         gathering.servers.retain(|_, l| l.addr != addr);
         gathering.servers.insert(id, liveness);
-        let left = gathering.until.saturating_duration_since(now);
-        Response::error(
-            ErrorKind::Rebalancing,
-            format!(
-                "the view is gathering the servers that may hold data; it is published in {} ms",
-                left.as_millis()
-            ),
-        )
+        let reason = self.view_unknown(now).unwrap_or_default();
+        Response::error(ErrorKind::Rebalancing, reason)
     }
 
     /// Closes the gathering window: publishes one view with every gathered server still
@@ -803,15 +797,9 @@ mod tests {
         }
     }
 
-    /// A heartbeat from server `n` on port `n`.
+    /// A heartbeat from server `n` on port `n` that was never in a view (epoch 0).
     fn heartbeat(n: u128) -> Request {
-        Request::Heartbeat {
-            id: ServerId(n),
-            addr: SocketAddr::from(([127, 0, 0, 1], n as u16)),
-            finished: Epoch(0),
-            sent: Epoch(0),
-            epoch: Epoch(0),
-        }
+        heartbeat_at(n, 0)
     }
 
     /// Assignment 3.4: adding or removing a server triggers a view change; each join, and each
