@@ -12,10 +12,10 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use trireme::faults::FaultSpec;
-use trireme::net::{self, NetConfig};
-use trireme::rng::Rng;
-use trireme::trace::Tracer;
+use trireme::runtime::faults::FaultSpec;
+use trireme::runtime::net::{self, NetConfig};
+use trireme::runtime::trace::Tracer;
+use trireme::util::rng::Rng;
 
 use support::percentiles;
 
@@ -105,10 +105,12 @@ fn death_to_epoch_change() -> Duration {
     let server = support::server(vl.addr(), Duration::from_millis(500));
     let (probe, _requests, _thread) = net::spawn(support::socket(), NetConfig::default()).unwrap();
     let epoch = || {
-        let body = trireme::message::Request::QueryServers.encode().unwrap();
+        let body = trireme::wire::message::Request::QueryServers
+            .encode()
+            .unwrap();
         let answer = probe.call(vl.addr(), body, None).unwrap();
-        match trireme::message::Response::decode(&answer).unwrap() {
-            trireme::message::Response::Servers { view, .. } => view.epoch.0,
+        match trireme::wire::message::Response::decode(&answer).unwrap() {
+            trireme::wire::message::Response::Servers { view, .. } => view.epoch.0,
             other => panic!("{other:?}"),
         }
     };

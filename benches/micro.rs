@@ -27,14 +27,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use trireme::auth::{Auth, ClusterKey};
-use trireme::codec::{self, AckBody, HEADER_LEN, Header, Kind};
-use trireme::message::{Request, Response, TxId};
-use trireme::net::{self, NetConfig};
+use trireme::placement::ring::Ring;
+use trireme::placement::view::{Epoch, Member, ServerId, View};
 use trireme::reliable::{Config, Endpoint, Event};
-use trireme::ring::Ring;
-use trireme::rng::Rng;
-use trireme::view::{Epoch, Member, ServerId, View};
+use trireme::runtime::net::{self, NetConfig};
+use trireme::util::rng::Rng;
+use trireme::wire::auth::{Auth, ClusterKey};
+use trireme::wire::codec::{self, AckBody, HEADER_LEN, Header, Kind};
+use trireme::wire::message::{Request, Response, TxId};
 
 /// Whether allocations are being counted (off while time is measured).
 static COUNTING: AtomicBool = AtomicBool::new(false);

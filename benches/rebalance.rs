@@ -15,12 +15,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use trireme::client::Client;
-use trireme::net::{self, Handle, NetConfig};
-use trireme::node::Running;
-use trireme::rebalance::{self, Held};
-use trireme::ring::Ring;
-use trireme::rng::Rng;
-use trireme::view::{Epoch, Member, ServerId, View};
+use trireme::placement::rebalance::{self, Held};
+use trireme::placement::ring::Ring;
+use trireme::placement::view::{Epoch, Member, ServerId, View};
+use trireme::runtime::net::{self, Handle, NetConfig};
+use trireme::runtime::node::Running;
+use trireme::util::rng::Rng;
 
 /// `n` members with ids from a fixed seed.
 fn members(n: usize, seed: u64) -> Vec<Member> {

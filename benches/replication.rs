@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use trireme::client::{Client, SetrHooks, ViewCache};
-use trireme::net::{self, NetConfig};
-use trireme::node::Running;
+use trireme::runtime::net::{self, NetConfig};
+use trireme::runtime::node::Running;
 
 use support::percentiles;
 

@@ -15,9 +15,9 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use trireme::ring::{self, Ring};
-use trireme::rng::Rng;
-use trireme::view::{Epoch, Member, ServerId, View};
+use trireme::placement::ring::{self, Ring};
+use trireme::placement::view::{Epoch, Member, ServerId, View};
+use trireme::util::rng::Rng;
 
 /// Keys placed in every measurement.
 const KEYS: usize = 100_000;

@@ -8,7 +8,7 @@
 //!   gives back the same value and the same bytes); message bodies ([`Request`],
 //!   [`Response`]) decode or fail with a typed error, and what decodes re-encodes to a value
 //!   that decodes equal.
-//! - [`reassembly`]: a [`reliable::Endpoint`](crate::reliable::Endpoint) with small memory
+//! - [`reassembly`]: a [`reliable::Endpoint`] with small memory
 //!   bounds, driven by a sequence of [`Step`]s read from the bytes (fragments of real encoded
 //!   messages, acks, probes, raw bytes, requests, responses and time advances). After every
 //!   step: the reassembly and response-cache bounds hold, every datagram the endpoint emits
@@ -31,15 +31,15 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use thiserror::Error;
 
-use crate::codec::{
+use crate::placement::view::{Epoch, Member, ServerId, View};
+use crate::reliable::{self, Endpoint, Event, IncomingId, RequestId};
+use crate::runtime::trace::{self, Direction};
+use crate::util::rng::Rng;
+use crate::wire::codec::{
     self, AckBody, DecodeError, FLAG_ACK_RESPONSE, HEADER_LEN, Header, Kind, MAX_ACK_RANGES,
     MAX_MESSAGE, MIN_FRAGMENT_PAYLOAD,
 };
-use crate::message::{self, Request, Response, TxId};
-use crate::reliable::{self, Endpoint, Event, IncomingId, RequestId};
-use crate::rng::Rng;
-use crate::trace::{self, Direction};
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::wire::message::{self, Request, Response, TxId};
 
 /// A property a fuzz body checks did not hold.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -1086,8 +1086,8 @@ fn check_transmit(step: usize, datagram: &[u8], max_datagram: usize) -> Result<(
                 )));
             }
         }
-        Kind::Probe if payload.is_empty() || payload.len() == crate::auth::TOKEN_LEN => {}
-        Kind::Retry if payload.len() == crate::auth::TOKEN_LEN => {}
+        Kind::Probe if payload.is_empty() || payload.len() == crate::wire::auth::TOKEN_LEN => {}
+        Kind::Retry if payload.len() == crate::wire::auth::TOKEN_LEN => {}
         Kind::Probe | Kind::Retry => {
             return Err(bad(format!(
                 "a {} carrying {} bytes",

@@ -13,12 +13,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proptest::prelude::*;
 
-use trireme::codec::{self, AckBody, Header, Kind, MIN_FRAGMENT_PAYLOAD};
 use trireme::fuzzing::{
     self, NATURAL_PAYLOAD, PEERS, REQUEST_IDS, SENDERS, Step, Violation, natural_len, request_key,
     sender_incarnation, small_config, templates,
 };
-use trireme::trace::{self, Direction, Entry};
+use trireme::runtime::trace::{self, Direction, Entry};
+use trireme::wire::codec::{self, AckBody, Header, Kind, MIN_FRAGMENT_PAYLOAD};
 
 /// The corpus directory of fuzz target `target`.
 fn corpus_dir(target: &str) -> PathBuf {
@@ -100,7 +100,7 @@ fn real_datagrams() -> Vec<Vec<u8>> {
     ));
     // Issue 8: a retry and a probe carrying a token, a padded first contact, a sealed and
     // stamped request.
-    let token = [0x5a; trireme::auth::TOKEN_LEN];
+    let token = [0x5a; trireme::wire::auth::TOKEN_LEN];
     out.push(codec::encode_datagram(
         &Header::new(Kind::Retry, 0xDEAD_BEEF, 41, 10),
         &token,
@@ -116,7 +116,7 @@ fn real_datagrams() -> Vec<Vec<u8>> {
     let mut datagram = codec::encode_datagram(&padded, body);
     datagram.resize(467.max(datagram.len()), 0);
     out.push(datagram);
-    let key = trireme::auth::ClusterKey::from_secret(b"the fuzz seeds' cluster key").unwrap();
+    let key = trireme::wire::auth::ClusterKey::from_secret(b"the fuzz seeds' cluster key").unwrap();
     let mut sealed = Header::new(Kind::Request, 0xDEAD_BEEF, 43, 13);
     sealed.flags = codec::FLAG_MAC;
     sealed.stamp = 1_764_000_000_000_000;

@@ -1,12 +1,12 @@
 //! Exhaustive model checking of two-phase commit with cooperative termination.
 //!
-//! The explorer drives the real [`trireme::commit::Participant`] of three servers (index 0 is
+//! The explorer drives the real [`trireme::txn::participant::Participant`] of three servers (index 0 is
 //! the primary, the commit point) and one or two abstract coordinators that follow
 //! `Client::setr_at` / `abort_all`: prepare at every replica; on the first no vote or a vote
 //! timeout, `Abort` to all; if all vote yes, `Commit` (version: the highest reported + 1) to the
 //! primary first and, once it acknowledged, to the others; on the primary's refusal, `Abort` to
 //! the others; success only with every acknowledgement; never a retry. The server glue of
-//! `src/server.rs` is modelled too: a bucket per server holding the key's last committed
+//! `src/server/` is modelled too: a bucket per server holding the key's last committed
 //! transaction and version (what `QueryTx` passes as `last_committed`; a write is kept only if
 //! newer), the server's epoch check before the participant votes, votes carrying the bucket's
 //! version, and effects carried out as the server does.
@@ -66,7 +66,7 @@
 //!    answer without a record: aborted); a server never goes from one decision to the other,
 //!    nor answers a query against its decision. A crashed server's decision is kept but not
 //!    compared with the live ones: a commit that exists only at servers that crashed (the
-//!    primary among them) is lost with their buckets, as `src/commit.rs` documents. Such
+//!    primary among them) is lost with their buckets, as `src/txn/participant.rs` documents. Such
 //!    states are counted (`lost commits`), not rejected; property 2 shows the coordinator
 //!    never reported success in them.
 //! 2. **Success is final**: once the coordinator reported success (every commit acknowledged),
@@ -90,7 +90,7 @@
 //! both).
 //!
 //! Each property has a companion test with a deliberately broken rule (a model flag, never a
-//! change of `src/commit.rs`) showing that its check fails.
+//! change of `src/txn/participant.rs`) showing that its check fails.
 //!
 //! # Search
 //!
@@ -99,7 +99,7 @@
 //! negligible). A violation is reported with the path from the initial state, each step
 //! followed by the state it led to.
 //!
-//! This model found three bugs in `src/commit.rs`, each fixed with a regression test there: a
+//! This model found three bugs in `src/txn/participant.rs`, each fixed with a regression test there: a
 //! closed participant followed the primary's late `Committed` answer after its closer aborted;
 //! a non-primary that forgot a commit (`DECIDED_TTL`) answered `Unknown`, letting a closing
 //! round abort against it; and a closing round waited forever for a peer that had left the
@@ -112,9 +112,9 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use trireme::commit::{Effect, Participant, PrepareArgs, QueryArgs};
-use trireme::message::{Request, TxId, TxOutcome};
-use trireme::view::{Epoch, Member, ServerId, View};
+use trireme::placement::view::{Epoch, Member, ServerId, View};
+use trireme::txn::participant::{Effect, Participant, PrepareArgs, QueryArgs};
+use trireme::wire::message::{Request, TxId, TxOutcome};
 
 /// The number of participants (the key's replicas); index 0 is the primary.
 const N: usize = 3;

@@ -20,7 +20,7 @@
 -- udp.port (no fixed port is registered). If another dissector owns one of the ports (the
 -- UDP dissector tries port tables before heuristics), add `-o udp.try_heuristic_first:TRUE`.
 --
--- What it shows (the layout is src/codec.rs, the bodies src/message.rs):
+-- What it shows (the layout is src/wire/codec.rs, the bodies src/wire/message.rs):
 --   * the frozen 60-byte big-endian header: magic, version, kind, flags (MAC, ack-of-response),
 --     incarnation, request id, transmission, echo, fragment index/count, message length, MAC;
 --   * an Ack's body: flags (complete, unknown), range count and the [start, end) ranges;
@@ -53,7 +53,7 @@ local function has_bit(value, bit) return math.floor(value / bit) % 2 == 1 end
 
 local KIND_NAMES = { [1] = "Request", [2] = "Response", [3] = "Ack", [4] = "Probe", [5] = "Retry" }
 
--- Variant order of `enum Request` / `enum Response` in src/message.rs (= bincode variant index).
+-- Variant order of `enum Request` / `enum Response` in src/wire/message.rs (= bincode variant index).
 local REQUEST_NAMES = {
     [0] = "Heartbeat", "QueryServers", "LockGet", "LockRelease", "LockWithdraw", "Print",
     "Set", "Get", "QueryAllKeys", "Prepare", "Commit", "Abort", "QueryTx", "Transfer", "GetR",

@@ -5,10 +5,10 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use trireme::net::{self, NetConfig};
-use trireme::node::{self, Running};
-use trireme::rng::Rng;
+use trireme::runtime::net::{self, NetConfig};
+use trireme::runtime::node::{self, Running};
 use trireme::server::{Server, ServerConfig};
+use trireme::util::rng::Rng;
 use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
 
 /// A fresh loopback socket on an OS-chosen port.

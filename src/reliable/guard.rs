@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::auth::{TOKEN_LEN, TokenMinter};
+use crate::wire::auth::{TOKEN_LEN, TokenMinter};
 
 /// A reply to an address not yet validated is at most this many times the bytes of the
 /// datagrams that caused it (QUIC, RFC 9000 section 8).

@@ -45,12 +45,12 @@ use std::time::{Duration, Instant};
 use log::debug;
 use thiserror::Error;
 
-use crate::auth::{Auth, ClusterKey};
-use crate::codec::{
+use crate::util::ratelimit::LogLimiter;
+use crate::util::rng::Rng;
+use crate::wire::auth::{Auth, ClusterKey};
+use crate::wire::codec::{
     self, AckBody, FLAG_ACK_RESPONSE, FLAG_MAC, FLAG_PADDED, HEADER_LEN, Header, Kind,
 };
-use crate::ratelimit::LogLimiter;
-use crate::rng::Rng;
 
 pub use self::guard::AMPLIFICATION_FACTOR;
 use self::guard::Guard;
@@ -879,7 +879,7 @@ impl Endpoint {
         if self.outgoing.get(&id).is_none_or(|o| o.dst != from) {
             return;
         }
-        if token.len() != crate::auth::TOKEN_LEN {
+        if token.len() != crate::wire::auth::TOKEN_LEN {
             self.wire.stats.bad_datagrams += 1;
             debug!(
                 "dropping a retry from {from} with a {}-byte token",

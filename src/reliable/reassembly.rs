@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::codec::{self, AckBody, Header, MAX_ACK_RANGES};
+use crate::wire::codec::{self, AckBody, Header, MAX_ACK_RANGES};
 
 /// What became of a fragment handed to [`Reassembly::insert`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,7 +159,7 @@ impl Reassembly {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Kind;
+    use crate::wire::codec::Kind;
 
     /// A header for fragment `index` of a `count`-fragment, `len`-byte message.
     fn header(index: u32, count: u32, len: u32) -> Header {

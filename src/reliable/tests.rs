@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::codec::{Header, Kind};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
+use crate::wire::codec::{Header, Kind};
 
 /// Decides, for a datagram about to enter the network, whether it is dropped.
 type DropRule = Box<dyn FnMut(&Header, SocketAddr, SocketAddr) -> bool>;
@@ -816,7 +816,7 @@ fn keyed_at(secret: &[u8], origin: Instant, origin_micros: u64) -> Config {
         auth: Some(Auth {
             key: ClusterKey::from_secret(secret).expect("a long enough secret"),
             replay_window: Auth::DEFAULT_WINDOW,
-            clock: crate::auth::WallClock::anchored(origin, origin_micros),
+            clock: crate::wire::auth::WallClock::anchored(origin, origin_micros),
         }),
         ..Config::default()
     }
@@ -972,7 +972,7 @@ fn a_forged_source_gets_at_most_three_times_what_it_sent() {
             }
             let mut probe = Header::new(Kind::Probe, 0xbad, request, 1);
             probe.message_len = 0;
-            let forged = codec::encode_datagram(&probe, &[0x55; crate::auth::TOKEN_LEN]);
+            let forged = codec::encode_datagram(&probe, &[0x55; crate::wire::auth::TOKEN_LEN]);
             b.handle_datagram(now, victim, &forged);
             received += forged.len();
             b.handle_timeout(now + Duration::from_millis(900));

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::codec::{self, AckBody};
+use crate::wire::codec::{self, AckBody};
 
 /// A fragment is declared lost once this many fragments sent after it were acknowledged
 /// (the fast-retransmit threshold, as TCP's three duplicate acks).

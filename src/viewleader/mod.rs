@@ -35,11 +35,11 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use crate::message::{self, ErrorKind, OpError, Request, Response};
-use crate::node::{Action, Node};
-use crate::ratelimit::LogLimiter;
+use crate::placement::view::{Epoch, Member, ServerId, View};
 use crate::reliable::{IncomingId, RequestError};
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::runtime::node::{Action, Node};
+use crate::util::ratelimit::LogLimiter;
+use crate::wire::message::{self, ErrorKind, OpError, Request, Response};
 
 use self::locks::{LockConfig, LockGetOutcome, LockReleaseOutcome, LockTable};
 

@@ -5,10 +5,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use trireme::codec::{self, Header, Kind};
-use trireme::message::{Entry, Request};
-use trireme::ring;
-use trireme::view::{ServerId, View};
+use trireme::placement::ring;
+use trireme::placement::view::{ServerId, View};
+use trireme::wire::codec::{self, Header, Kind};
+use trireme::wire::message::{Entry, Request};
 
 use crate::util::*;
 

@@ -351,7 +351,7 @@ fn assert_placement_exact(
             let want: BTreeSet<String> = acked
                 .keys()
                 .filter(|k| {
-                    trireme::ring::replicas(&view, k)
+                    trireme::placement::ring::replicas(&view, k)
                         .iter()
                         .any(|r| r.id == member.id)
                 })
@@ -373,7 +373,7 @@ fn assert_placement_exact(
             if located["epoch"] == json["epoch"] {
                 assert_eq!(
                     members_of(&located["replicas"]),
-                    trireme::ring::replicas(&view, key),
+                    trireme::placement::ring::replicas(&view, key),
                     "{what}: locate {key} disagrees with the allocator: {located}"
                 );
             }

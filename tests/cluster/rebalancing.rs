@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use trireme::client::{Client, SetrHooks};
-use trireme::faults::FaultSpec;
-use trireme::net::{self, Handle, NetConfig};
-use trireme::view::View;
+use trireme::placement::view::View;
+use trireme::runtime::faults::FaultSpec;
+use trireme::runtime::net::{self, Handle, NetConfig};
 
 use crate::cluster_test;
 use crate::util::*;
@@ -103,7 +103,7 @@ fn assert_exact(
     expected: impl Fn(&str) -> String,
     step: &str,
 ) {
-    let ring = trireme::ring::Ring::new(view);
+    let ring = trireme::placement::ring::Ring::new(view);
     for member in &view.members {
         let want: BTreeSet<String> = keys
             .iter()
@@ -257,7 +257,7 @@ fn a_raw_set_key_moves_to_its_replicas(env: &Env) {
     servers.push(server(env, &vl));
     let view4 = wait_rebalanced(&handle, &vl, &servers);
     let newcomer = servers[3].addr;
-    let ring = trireme::ring::Ring::new(&view4);
+    let ring = trireme::placement::ring::Ring::new(&view4);
     let key = (0..)
         .map(|i| format!("raw{i}"))
         .find(|k| !ring.replicas(k, 3).iter().any(|m| m.addr == newcomer))

@@ -17,7 +17,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trireme::view::{Member, View};
+use trireme::placement::view::{Member, View};
 
 use crate::cluster_test;
 use crate::util::*;
@@ -255,7 +255,7 @@ fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R>
 
 /// The replicas of `key` in `view` by the library's allocator, primary first.
 fn replicas_of(view: &View, key: &str) -> Vec<Member> {
-    trireme::ring::replicas(view, key)
+    trireme::placement::ring::replicas(view, key)
 }
 
 /// The index in `servers` of the server at `addr`.

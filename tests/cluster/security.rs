@@ -5,9 +5,9 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use trireme::auth::ClusterKey;
-use trireme::codec::{self, FLAG_MAC, Header, Kind};
-use trireme::message::{Request, Response};
+use trireme::wire::auth::ClusterKey;
+use trireme::wire::codec::{self, FLAG_MAC, Header, Kind};
+use trireme::wire::message::{Request, Response};
 
 use crate::tracing::{ScratchDir, check_with_tshark, dump_lines, tshark};
 use crate::util::*;
@@ -381,7 +381,7 @@ fn keyed_and_retried_traffic_reads_back_in_the_trace_tools() {
         (&keyed_trace, &["QueryServers", "Prepare", "Commit"][..]),
         (&retried_trace, &["Get", "Value"][..]),
     ] {
-        let records = trireme::trace::read_file(std::path::Path::new(trace)).unwrap();
+        let records = trireme::runtime::trace::read_file(std::path::Path::new(trace)).unwrap();
         for record in &records.records {
             let (header, _) = Header::decode(&record.payload).expect("a valid datagram");
             let keyed = header.flags & FLAG_MAC != 0;

@@ -176,7 +176,7 @@ fn traces_of_real_runs_decode_filter_summarise_and_follow_a_setr() {
         .all
         .iter()
         .map(|f| {
-            trireme::trace::read_file(Path::new(f))
+            trireme::runtime::trace::read_file(Path::new(f))
                 .unwrap()
                 .records
                 .len()
@@ -401,7 +401,7 @@ pub fn tshark() -> Option<String> {
 /// reader sees, and our Lua dissector decodes every one as trireme, naming at least the
 /// messages in `names`.
 pub fn check_with_tshark(tshark: &str, trace: &str, names: &[&str]) {
-    let ours = trireme::trace::read_file(Path::new(trace)).unwrap();
+    let ours = trireme::runtime::trace::read_file(Path::new(trace)).unwrap();
     let output = Command::new(tshark)
         .args(["-n", "-r", trace, "-T", "fields", "-E", "separator=,"])
         .args([
@@ -539,7 +539,7 @@ fn damaged_or_missing_traces_are_refused_naming_the_offset() {
     assert_eq!(vl.proc.terminate(), Some(0));
     let bytes = std::fs::read(&trace).unwrap();
 
-    let records = trireme::trace::read_file(Path::new(&trace))
+    let records = trireme::runtime::trace::read_file(Path::new(&trace))
         .unwrap()
         .records;
     assert!(records.len() >= 2, "{records:?}");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trireme::view::{Epoch, Member, View};
+use trireme::placement::view::{Epoch, Member, View};
 
 /// The fault spec the current test runs under (set per test by the `with_faults!` macro's
 /// generated tests through [`Env`]).
@@ -506,8 +506,8 @@ impl Rand {
     }
 
     /// A fresh transaction id.
-    pub fn txid(&mut self) -> trireme::message::TxId {
-        trireme::message::TxId((u128::from(self.next()) << 64) | u128::from(self.next()))
+    pub fn txid(&mut self) -> trireme::wire::message::TxId {
+        trireme::wire::message::TxId((u128::from(self.next()) << 64) | u128::from(self.next()))
     }
 }
 

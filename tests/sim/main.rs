@@ -64,7 +64,7 @@ fn run_seed(seed: u64, trace: Option<&Path>) -> Result<Summary, String> {
         .run(SETTLE_LIMIT)
         .and_then(|state| checks::check(&world.history, &state));
     if let Some(path) = trace {
-        trireme::trace::write_file(path, world.trace()).map_err(|e| e.to_string())?;
+        trireme::runtime::trace::write_file(path, world.trace()).map_err(|e| e.to_string())?;
     }
     match outcome {
         Ok(checked) => Ok(Summary {
@@ -598,8 +598,8 @@ fn a_simulated_trace_reads_back_in_trace_dump() {
     let path = dir.join("seed-5.pcap");
     let mut world = World::new(Params::from_seed(5), true);
     world.run(SETTLE_LIMIT).expect("the run settles");
-    trireme::trace::write_file(&path, world.trace()).expect("trace written");
-    let trace = trireme::trace::read_file(&path).expect("trace read back");
+    trireme::runtime::trace::write_file(&path, world.trace()).expect("trace written");
+    let trace = trireme::runtime::trace::read_file(&path).expect("trace read back");
     assert_eq!(trace.records.len(), world.trace().len());
     assert!(world.trace().len() as u64 >= world.stats.sent);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_trace-dump"))

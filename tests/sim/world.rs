@@ -16,18 +16,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use trireme::auth::{Auth, ClusterKey, WallClock};
 use trireme::client::{Placement, ServersInfo};
-use trireme::codec::{Header, Kind};
-use trireme::coordinator::{Getr, Operation, Setr, SetrHooks};
-use trireme::message::{ErrorKind, OpError, Request, Response, TxId};
-use trireme::node::{self, Node, NodeNet};
+use trireme::placement::view::{Epoch, ServerId};
 use trireme::reliable::{self, Endpoint, IncomingId, RequestError, RequestId};
-use trireme::rng::Rng;
+use trireme::runtime::node::{self, Node, NodeNet};
+use trireme::runtime::trace::{Direction, Entry};
 use trireme::server::{Server, ServerConfig};
-use trireme::trace::{Direction, Entry};
-use trireme::view::{Epoch, ServerId};
+use trireme::txn::coordinator::{Getr, Operation, Setr, SetrHooks};
+use trireme::util::rng::Rng;
 use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+use trireme::wire::auth::{Auth, ClusterKey, WallClock};
+use trireme::wire::codec::{Header, Kind};
+use trireme::wire::message::{ErrorKind, OpError, Request, Response, TxId};
 
 use crate::checks;
 
@@ -603,7 +603,9 @@ impl ClientActor {
                 }
             }
             Ok(Response::Error(e)) => return self.finish(now, Err(e)),
-            Ok(other) => return self.finish(now, Err(trireme::coordinator::unexpected(&other))),
+            Ok(other) => {
+                return self.finish(now, Err(trireme::txn::coordinator::unexpected(&other)));
+            }
             Err(e) => return self.finish(now, Err(trireme::client::transport_error(e))),
         };
         // As the real client: never operate on a view older than one already used.

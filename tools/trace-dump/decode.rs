@@ -14,9 +14,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use trireme::codec::{self, AckBody, Header, Kind};
-use trireme::message::{Request, Response, TxOutcome};
-use trireme::trace::{self, Direction, TraceError};
+use trireme::runtime::trace::{self, Direction, TraceError};
+use trireme::wire::codec::{self, AckBody, Header, Kind};
+use trireme::wire::message::{Request, Response, TxOutcome};
 
 /// The most bytes of unfinished messages kept for reassembly; fragments past it are not
 /// kept (their message is shown undecoded), so a flood of fragment starts cannot exhaust

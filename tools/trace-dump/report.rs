@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use trireme::codec::Kind;
+use trireme::wire::codec::Kind;
 
 use crate::decode::{Exchange, MessageInfo, Observation};
 
@@ -360,7 +360,7 @@ pub struct PairSummary {
 type WireId = (SocketAddr, u64, u32, u8, u32);
 
 /// The wire identity of `observation`'s datagram.
-fn wire_id(observation: &Observation, header: &trireme::codec::Header) -> WireId {
+fn wire_id(observation: &Observation, header: &trireme::wire::codec::Header) -> WireId {
     (
         observation.src,
         header.incarnation,
@@ -764,9 +764,9 @@ pub fn follow_json(steps: &[Step]) -> Vec<Value> {
 mod tests {
     use std::time::Duration;
 
-    use trireme::codec::{Header, Kind, encode_datagram};
-    use trireme::message::{Request, Response};
-    use trireme::trace::{Direction, Tracer};
+    use trireme::runtime::trace::{Direction, Tracer};
+    use trireme::wire::codec::{Header, Kind, encode_datagram};
+    use trireme::wire::message::{Request, Response};
 
     use super::*;
     use crate::decode;

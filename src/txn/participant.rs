@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
-use crate::message::{Request, TxId, TxOutcome};
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::placement::view::{Epoch, Member, ServerId, View};
+use crate::wire::message::{Request, TxId, TxOutcome};
 
 /// How long after its deadline a non-primary waits before asking, so the primary (whose
 /// deadline is about the same) decides first.

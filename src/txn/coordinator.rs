@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use crate::message::{ErrorKind, OpError, Request, Response, TxId};
-use crate::placement::Placement;
+use crate::placement::view::{Epoch, Member};
 use crate::reliable::RequestError;
-use crate::view::{Epoch, Member};
+use crate::txn::routing::Placement;
+use crate::wire::message::{ErrorKind, OpError, Request, Response, TxId};
 
 /// The time `setr` keeps, out of its deadline, for sending aborts after a failed vote.
 const ABORT_RESERVE: Duration = Duration::from_millis(500);

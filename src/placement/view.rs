@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// A server's identity: 128 random bits, fresh at every start (and at every rejoin after
 /// the server was declared dead). Printed as 32 lowercase hex characters.

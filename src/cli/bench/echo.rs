@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::bench::{Connection, Op, Target};
-use crate::message::{ErrorKind, OpError};
+use crate::cli::bench::{Connection, Op, Target};
+use crate::wire::message::{ErrorKind, OpError};
 
 /// Bytes in each echoed datagram (about a small request's header and body).
 const DATAGRAM: usize = 64;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// The names a spec part may use, in the order [`FaultSpec`]'s `Display` prints them.
 const KNOWN_NAMES: [&str; 6] = ["loss", "dup", "reorder", "delay", "jitter", "seed"];
@@ -392,7 +392,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     /// Parses `text`, failing the test with the error if it is rejected.
     fn parse(text: &str) -> FaultSpec {

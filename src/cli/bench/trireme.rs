@@ -11,10 +11,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::bench::{Connection, Op, Target};
+use crate::cli::bench::{Connection, Op, Target};
 use crate::client::{self, Client, SetrHooks, ViewCache};
-use crate::message::{ErrorKind, OpError};
-use crate::net::{self, NetConfig};
+use crate::runtime::net::{self, NetConfig};
+use crate::wire::message::{ErrorKind, OpError};
 
 /// How the workers reach the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

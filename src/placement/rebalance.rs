@@ -34,8 +34,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use crate::ring::Ring;
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::placement::ring::Ring;
+use crate::placement::view::{Epoch, Member, ServerId, View};
 
 /// What one server must do for one view change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -140,7 +140,7 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
 
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     /// `n` servers with ids from a fixed seed, on ports 1..=n.
     fn servers(n: usize, seed: u64) -> Vec<Member> {

@@ -1,7 +1,7 @@
 //! The messages the three programs exchange, as serde types.
 //!
 //! Every request any node can receive is a variant of [`Request`]; every answer is a
-//! [`Response`]. They are encoded only through [`crate::codec`], so the trace tool and the
+//! [`Response`]. They are encoded only through [`crate::wire::codec`], so the trace tool and the
 //! tests decode exactly what the programs send. New variants go at the end of each enum, so
 //! that older traces keep decoding.
 
@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, DecodeError, EncodeError};
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::placement::view::{Epoch, Member, ServerId, View};
+use crate::wire::codec::{self, DecodeError, EncodeError};
 
 /// The longest key the store accepts, in bytes (contract: 1..=1024).
 pub const MAX_KEY_LEN: usize = 1024;
@@ -267,7 +267,7 @@ pub struct TxId(pub u128);
 
 impl TxId {
     /// Draws a fresh random transaction id from `rng`.
-    pub fn random(rng: &mut crate::rng::Rng) -> TxId {
+    pub fn random(rng: &mut crate::util::rng::Rng) -> TxId {
         TxId((u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()))
     }
 }

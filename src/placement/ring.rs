@@ -39,7 +39,7 @@
 
 use sha1::{Digest, Sha1};
 
-use crate::view::{Member, ServerId, View};
+use crate::placement::view::{Member, ServerId, View};
 
 /// The ring position of `bytes`: the first 8 bytes of their SHA-1, read as a big-endian `u64`.
 pub fn pos(bytes: &[u8]) -> u64 {
@@ -203,8 +203,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::rng::Rng;
-    use crate::view::Epoch;
+    use crate::placement::view::Epoch;
+    use crate::util::rng::Rng;
 
     /// A member with `id` and a loopback address derived from `port`.
     fn member(id: u128, port: u16) -> Member {
@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(found, expected);
     }
 
-    /// Contract: every placement in `src/ring_golden.txt`, computed by the independent
+    /// Contract: every placement in `src/placement/ring_golden.txt`, computed by the independent
     /// Python implementation `tools/ring-golden.py`, is what `replicas` returns.
     #[test]
     fn placements_match_the_python_golden_table() {

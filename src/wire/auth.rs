@@ -2,7 +2,7 @@
 //!
 //! With `--cluster-key-file FILE`, every datagram a program sends carries a MAC:
 //! HMAC-SHA256 over the whole datagram (header with the MAC slot zeroed, then the payload),
-//! truncated to the 16-byte slot of the header ([`crate::codec`]; RFC 2104 allows truncation
+//! truncated to the 16-byte slot of the header ([`crate::wire::codec`]; RFC 2104 allows truncation
 //! to half the output). The HMAC key is SHA-256 of a context string and the file's contents,
 //! so the file may hold any random secret of at least [`MIN_SECRET`] bytes (raw or, say,
 //! base64); whitespace at either end is ignored, so an editor's trailing newline does not

@@ -3,7 +3,7 @@
 //! Every datagram is a fixed-layout [`Header`] (hand-coded, big-endian, frozen at protocol
 //! version 1) followed by a payload. The payload of a `Request` or `Response` datagram is one
 //! fragment of a message body; the payload of an `Ack` is an [`AckBody`]; a `Probe` has none.
-//! Message bodies ([`crate::message::Request`], [`crate::message::Response`]) are serde types
+//! Message bodies ([`crate::wire::message::Request`], [`crate::wire::message::Response`]) are serde types
 //! encoded with bincode 2 in serde mode with an explicit configuration and a size limit. This
 //! module is the only place that names bincode.
 //!
@@ -25,7 +25,7 @@
 //! | 44 | 16 | MAC (zero unless [`FLAG_MAC`] is set) |
 //! | 60 | 8 | only with [`FLAG_MAC`]: stamp, the send time in µs since the Unix epoch |
 //!
-//! With a cluster key ([`crate::auth`]) every datagram sets [`FLAG_MAC`], carries its stamp,
+//! With a cluster key ([`crate::wire::auth`]) every datagram sets [`FLAG_MAC`], carries its stamp,
 //! and its MAC covers every byte of the datagram with the MAC slot taken as zeros:
 //! [`seal`] writes it, [`verify`] checks it. Without a key the header is 60 bytes.
 //!
@@ -36,7 +36,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::auth::{ClusterKey, macs_equal};
+use crate::wire::auth::{ClusterKey, macs_equal};
 
 /// The four bytes every trireme datagram starts with.
 pub const MAGIC: [u8; 4] = *b"TRIR";
@@ -44,9 +44,9 @@ pub const MAGIC: [u8; 4] = *b"TRIR";
 pub const VERSION: u8 = 1;
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 60;
-/// Size of the reserved MAC slot in bytes (the cluster key's truncated MAC: [`crate::auth`]
+/// Size of the reserved MAC slot in bytes (the cluster key's truncated MAC: [`crate::wire::auth`]
 /// owns it).
-pub use crate::auth::MAC_LEN;
+pub use crate::wire::auth::MAC_LEN;
 /// Where the MAC slot starts.
 pub const MAC_OFFSET: usize = 44;
 /// Size of the stamp that follows the fixed header when [`FLAG_MAC`] is set.

@@ -17,9 +17,9 @@ use std::time::Instant;
 
 use log::{debug, warn};
 
-use crate::message::{ErrorKind, Request, Response};
-use crate::net::{self, IncomingRequest, Local, NetConfig, Reply};
 use crate::reliable::{IncomingId, RequestError};
+use crate::runtime::net::{self, IncomingRequest, Local, NetConfig, Reply};
+use crate::wire::message::{ErrorKind, Request, Response};
 
 /// Something a node wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +229,7 @@ pub fn carry_out<N: Node + ?Sized>(node: &mut N, now: Instant, net: &mut impl No
                     Ok(body) => net.request(dst, body, deadline, token),
                     Err(e) => {
                         warn!("cannot encode a {} request: {e}", request.name());
-                        let limit = crate::codec::MAX_MESSAGE;
+                        let limit = crate::wire::codec::MAX_MESSAGE;
                         Err(RequestError::TooLarge {
                             size: limit + 1,
                             limit,

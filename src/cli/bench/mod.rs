@@ -38,7 +38,7 @@ use log::{info, warn};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::message::{ErrorKind, OpError};
+use crate::wire::message::{ErrorKind, OpError};
 
 /// The longest latency the histogram tells apart; longer ones are recorded as this.
 const LATENCY_CEILING: Duration = Duration::from_secs(60);

@@ -23,8 +23,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::bench::{Connection, Op, Target};
-use crate::message::{ErrorKind, OpError};
+use crate::cli::bench::{Connection, Op, Target};
+use crate::wire::message::{ErrorKind, OpError};
 
 /// The bound on connecting and on each read or write when the command has none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);

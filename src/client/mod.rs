@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use log::{debug, info};
 
-use crate::coordinator::{Getr, Operation, Setr, unexpected};
-pub use crate::coordinator::{GetrOutcome, SetrHooks, SetrOutcome};
-use crate::message::{self, ErrorKind, OpError, Request, Response, TxId};
-use crate::net::{self, Reply};
+use crate::placement::ring;
+use crate::placement::view::{Epoch, Member};
 use crate::reliable::RequestError;
-use crate::ring;
-use crate::rng::Rng;
-use crate::view::{Epoch, Member};
+use crate::runtime::net::{self, Reply};
+use crate::txn::coordinator::{Getr, Operation, Setr, unexpected};
+pub use crate::txn::coordinator::{GetrOutcome, SetrHooks, SetrOutcome};
+use crate::util::rng::Rng;
+use crate::wire::message::{self, ErrorKind, OpError, Request, Response, TxId};
 
 // Re-exported where callers of the client have always found them.
-pub use crate::coordinator::transport_error;
-pub use crate::placement::{Placement, ServersInfo};
+pub use crate::txn::coordinator::transport_error;
+pub use crate::txn::routing::{Placement, ServersInfo};
 
 /// How often a waiting `lock_get` renews its request (the view leader drops a waiting
 /// request not renewed for about a second).
@@ -465,7 +465,7 @@ impl Client {
                         }),
                     Err(e) => {
                         debug!("cannot encode a {} request: {e}", send.request.name());
-                        let limit = crate::codec::MAX_MESSAGE;
+                        let limit = crate::wire::codec::MAX_MESSAGE;
                         Err(RequestError::TooLarge {
                             size: limit + 1,
                             limit,
@@ -659,7 +659,7 @@ pub fn discover(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{ServerId, View};
+    use crate::placement::view::{ServerId, View};
 
     /// A placement of one server at `epoch`.
     fn placement(epoch: u64) -> Placement {

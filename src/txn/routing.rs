@@ -2,14 +2,14 @@
 //! ([`ServersInfo`], [`Placement`]), and the rules for using one.
 //!
 //! Shared by the command-line client ([`crate::client`]), the sans-IO coordinators
-//! ([`crate::coordinator`]) and the simulator, below both of them: it imports only the view,
+//! ([`crate::txn::coordinator`]) and the simulator, below both of them: it imports only the view,
 //! the ring and the message types.
 
 use std::sync::Arc;
 
-use crate::message::{ErrorKind, OpError};
-use crate::ring::Ring;
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::placement::ring::Ring;
+use crate::placement::view::{Epoch, Member, ServerId, View};
+use crate::wire::message::{ErrorKind, OpError};
 
 /// Builds an error of `kind` with `message`.
 fn op_error(kind: ErrorKind, message: impl Into<String>) -> OpError {

@@ -6,7 +6,7 @@
 //! refuses a heartbeat (this server was declared dead), the server rejoins under a fresh id
 //! and keeps its bucket as candidates ([`Stored::candidate`]): unserved until the next
 //! rebalancing has reconciled them with the key's current holders. It serves `print`, `set`, `get` and `query_all_keys` on its own
-//! bucket, takes part in two-phase commits as a participant ([`crate::commit`]), and serves
+//! bucket, takes part in two-phase commits as a participant ([`crate::txn::participant`]), and serves
 //! replicated reads, holding back a read of a key with a prepared write until it is decided.
 //!
 //! # Who may ask, and how much
@@ -16,8 +16,8 @@
 //! (or a server of a view not learned yet, which asks again) is refused with `rebalancing`.
 //! Commits for a transaction this server does not know change nothing and are answered
 //! `not_found`. What an outsider can make a server hold is bounded: pending transactions
-//! ([`crate::commit::PENDING_MAX`], [`crate::commit::PENDING_BYTES_MAX`]), remembered
-//! outcomes ([`crate::commit::DECIDED_MAX`], [`crate::commit::UNSEEN_ABORTS_MAX`]), reads held
+//! ([`crate::txn::participant::PENDING_MAX`], [`crate::txn::participant::PENDING_BYTES_MAX`]), remembered
+//! outcomes ([`crate::txn::participant::DECIDED_MAX`], [`crate::txn::participant::UNSEEN_ABORTS_MAX`]), reads held
 //! back ([`MAX_DEFERRED_READS`]) and commits still settling ([`MAX_SETTLING`]). Every
 //! refusal is counted in [`Refusals`] and logged at most once a second per kind. The bucket
 //! itself is not bounded: it is the data.
@@ -28,15 +28,17 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::commit::{CommitRefusal, Effect, Participant, PrepareArgs, QueryArgs, VoteNo, Write};
-use crate::message::{self, Entry, ErrorKind, Request, Response, TxId};
-use crate::node::{Action, Node};
-use crate::ratelimit::LogLimiter;
-use crate::rebalance::{self, Held};
+use crate::placement::rebalance::{self, Held};
+use crate::placement::ring::Ring;
+use crate::placement::view::{Epoch, Member, ServerId, View};
 use crate::reliable::{IncomingId, RequestError};
-use crate::ring::Ring;
-use crate::rng::Rng;
-use crate::view::{Epoch, Member, ServerId, View};
+use crate::runtime::node::{Action, Node};
+use crate::txn::participant::{
+    CommitRefusal, Effect, Participant, PrepareArgs, QueryArgs, VoteNo, Write,
+};
+use crate::util::ratelimit::LogLimiter;
+use crate::util::rng::Rng;
+use crate::wire::message::{self, Entry, ErrorKind, Request, Response, TxId};
 
 /// Settings of a server.
 #[derive(Clone, Debug)]
@@ -132,7 +134,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_millis(400);
 pub const MAX_DEFERRED_READS: usize = 10_000;
 /// The most keys whose commit this server (as the primary) is still passing on to the other
 /// replicas. A prepare that would make this server the primary of one more is voted down
-/// beyond it (so at most this many plus [`crate::commit::PENDING_MAX`] ever settle at once).
+/// beyond it (so at most this many plus [`crate::txn::participant::PENDING_MAX`] ever settle at once).
 pub const MAX_SETTLING: usize = 10_000;
 
 /// What a server refused because the sender had no right to ask, or because a bound was
@@ -144,10 +146,10 @@ pub struct Refusals {
     /// Commits for a transaction this server does not know (nothing changed).
     pub unknown_commits: u64,
     /// Aborts for a transaction never prepared here (only recorded, so a late prepare is
-    /// refused; bounded by [`crate::commit::UNSEEN_ABORTS_MAX`]).
+    /// refused; bounded by [`crate::txn::participant::UNSEEN_ABORTS_MAX`]).
     pub unknown_aborts: u64,
-    /// Prepares voted down because [`crate::commit::PENDING_MAX`] transactions (or
-    /// [`crate::commit::PENDING_BYTES_MAX`] bytes) are pending, or [`MAX_SETTLING`] keys settle.
+    /// Prepares voted down because [`crate::txn::participant::PENDING_MAX`] transactions (or
+    /// [`crate::txn::participant::PENDING_BYTES_MAX`] bytes) are pending, or [`MAX_SETTLING`] keys settle.
     pub pending_full: u64,
     /// Replicated reads refused because [`MAX_DEFERRED_READS`] are held back.
     pub deferred_full: u64,
@@ -1409,7 +1411,7 @@ impl Node for Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::Member;
+    use crate::placement::view::Member;
 
     /// A server with a known view leader and a 100 ms heartbeat.
     fn server(now: Instant) -> Server {

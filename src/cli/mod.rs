@@ -4,6 +4,8 @@
 //! everything here turns strings into typed values once, at the edge, and maps outcomes to
 //! the contract's output lines and exit codes (0 success, 1 failure, 2 usage error).
 
+pub mod bench;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
@@ -14,22 +16,22 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use log::{LevelFilter, error, warn};
 use serde_json::json;
 
-use crate::auth::{Auth, ClusterKey};
-use crate::bench::echo::UdpEcho;
-use crate::bench::etcd::{Endpoint, Etcd};
-use crate::bench::trireme::{NetMode, Trireme};
-use crate::bench::{self, BenchConfig, Length, Rate, ReadRatio, Report, Schedule, Workload};
+use crate::cli::bench::echo::UdpEcho;
+use crate::cli::bench::etcd::{Endpoint, Etcd};
+use crate::cli::bench::trireme::{NetMode, Trireme};
+use crate::cli::bench::{BenchConfig, Length, Rate, ReadRatio, Report, Schedule, Workload};
 use crate::client::{Client, GetrOutcome, ServersInfo, SetrHooks, SetrOutcome};
-use crate::faults::FaultSpec;
-use crate::message::{ErrorKind, OpError};
-use crate::net::{self, NetConfig};
-use crate::node;
+use crate::placement::view::{Epoch, Member};
 use crate::reliable;
-use crate::rng::Rng;
+use crate::runtime::faults::FaultSpec;
+use crate::runtime::net::{self, NetConfig};
+use crate::runtime::node;
+use crate::runtime::trace::{TraceError, Tracer};
 use crate::server::{Server, ServerConfig};
-use crate::trace::{TraceError, Tracer};
-use crate::view::{Epoch, Member};
+use crate::util::rng::Rng;
 use crate::viewleader::{self, ViewLeader, ViewLeaderConfig};
+use crate::wire::auth::{Auth, ClusterKey};
+use crate::wire::message::{ErrorKind, OpError};
 
 /// Flags every program takes.
 #[derive(Args, Debug, Clone)]
@@ -383,7 +385,7 @@ fn parse_keys(text: &str) -> Result<NonZeroUsize, String> {
 
 /// Parses `--value-size`: 0 bytes up to the contract's largest value.
 fn parse_value_size(text: &str) -> Result<usize, String> {
-    let max = crate::message::MAX_VALUE_LEN;
+    let max = crate::wire::message::MAX_VALUE_LEN;
     match text.parse::<usize>() {
         Ok(n) if n <= max => Ok(n),
         _ => Err(format!("{text:?} is not a size within 0..={max} bytes")),
@@ -796,7 +798,7 @@ fn read_value(value: String) -> Result<String, OpError> {
         return Ok(value);
     }
     let mut bytes = Vec::new();
-    let limit = crate::message::MAX_VALUE_LEN as u64 + 1;
+    let limit = crate::wire::message::MAX_VALUE_LEN as u64 + 1;
     std::io::stdin()
         .take(limit)
         .read_to_end(&mut bytes)
@@ -1028,7 +1030,7 @@ pub fn client_main() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{Epoch, Member, ServerId, View};
+    use crate::placement::view::{Epoch, Member, ServerId, View};
 
     /// Contract: the `--json` objects of `query_servers`, `get` and a deadlock failure carry
     /// exactly the documented fields (the failure with its `cycle`).
