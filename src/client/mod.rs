@@ -20,6 +20,9 @@ pub use crate::txn::coordinator::{GetrOutcome, SetrHooks, SetrOutcome};
 use crate::util::rng::Rng;
 use crate::wire::message::{self, ErrorKind, OpError, Request, Response, TxId};
 
+mod replicated;
+pub use replicated::{REBALANCING_POLL, Replicated, encode};
+
 // Re-exported where callers of the client have always found them.
 pub use crate::txn::coordinator::transport_error;
 pub use crate::txn::routing::{Placement, ServersInfo};
@@ -113,9 +116,6 @@ impl ViewCache {
         }
     }
 }
-
-/// How often a `--wait` operation asks whether rebalancing has ended.
-const REBALANCING_POLL: Duration = Duration::from_millis(50);
 
 /// Builds an error of `kind` with `message`.
 fn op_error(kind: ErrorKind, message: impl Into<String>) -> OpError {
@@ -407,46 +407,41 @@ impl Client {
         }
     }
 
-    /// The current view, refusing replicated operations while it is empty or rebalancing.
-    fn replicated_view(&mut self) -> Result<Placement, OpError> {
-        let now = Instant::now();
-        if let Some(placement) = self.cache.as_ref().and_then(|c| c.get(now)) {
-            self.view_used = Some((placement.view.epoch, false));
-            return Ok(placement);
-        }
-        let info = loop {
-            // A view leader with no view to show yet (just started, or gathering the servers
-            // that came back) answers `rebalancing`, like a view that is rebalancing.
-            let answer = self.query_servers().and_then(|info| {
-                Placement::check_floor(&info, self.epoch_floor)?;
-                Ok(info)
-            });
-            let waiting_for = match answer {
-                Ok(info) if !(self.wait && info.rebalancing) => break info,
-                Ok(info) => format!("epoch {} was still rebalancing", info.view.epoch),
-                Err(e) if self.wait && e.kind == ErrorKind::Rebalancing => {
-                    format!("the view leader still had no view ({})", e.message)
-                }
-                Err(e) => return Err(e),
-            };
-            if self
-                .deadline
-                .is_some_and(|d| Instant::now() + REBALANCING_POLL >= d)
-            {
-                return Err(self.timed(op_error(
-                    ErrorKind::Timeout,
-                    format!("{waiting_for} at the deadline"),
-                )));
-            }
-            std::thread::sleep(REBALANCING_POLL);
+    /// Runs the replicated operation whose coordinator `build` makes: the view step (from
+    /// the view cache when a long-lived caller keeps one, else from the view leader) and the
+    /// coordinator, pumped on the network driver by [`Client::run`]; see [`Replicated`].
+    /// `retry`: a `rebalancing` refusal is retried on a fresh view with `--wait` (reads).
+    /// Returns the outcome and the finished machine (for what it ran on).
+    fn replicated<O: Operation>(
+        &mut self,
+        retry: bool,
+        build: impl FnMut(Instant, &Placement) -> O + 'static,
+    ) -> (Result<O::Output, OpError>, Option<Replicated<O>>) {
+        let viewleader = match self.viewleader() {
+            Ok(addr) => addr,
+            Err(e) => return (Err(e), None),
         };
-        let placement = Placement::operable(info)?;
-        self.epoch_floor = placement.view.epoch;
-        if let Some(cache) = &self.cache {
-            cache.put(placement.clone(), now);
+        let now = Instant::now();
+        let cached = self.cache.as_ref().and_then(|c| c.get(now));
+        let (deadline, timeout, wait, floor) =
+            (self.deadline, self.timeout, self.wait, self.epoch_floor);
+        let mut operation = match &cached {
+            Some(placement) => Replicated::on_placement(
+                now, placement, viewleader, deadline, timeout, wait, retry, floor, build,
+            ),
+            None => Replicated::new(viewleader, deadline, timeout, wait, retry, floor, build),
+        };
+        let outcome = self.run(&mut operation);
+        self.epoch_floor = self.epoch_floor.max(operation.floor());
+        if let Some(placement) = operation.placement() {
+            if cached.is_none()
+                && let Some(cache) = &self.cache
+            {
+                cache.put(placement.clone(), now);
+            }
+            self.view_used = Some((placement.view.epoch, false));
         }
-        self.view_used = Some((placement.view.epoch, false));
-        Ok(placement)
+        (outcome, Some(operation))
     }
 
     /// Runs a replicated `operation` on the network driver until it finishes: hands its
@@ -455,23 +450,14 @@ impl Client {
         let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
         loop {
             while let Some(send) = operation.poll_send() {
-                let started = match send.request.encode() {
-                    Ok(body) => self
-                        .handle
+                let started = replicated::encode(&send).and_then(|body| {
+                    self.handle
                         .start(send.dst, body, send.deadline, &tx, send.token)
                         .map_err(|e| {
                             debug!("cannot start a request to {}: {e}", send.dst);
                             RequestError::Unreachable { peer: send.dst }
-                        }),
-                    Err(e) => {
-                        debug!("cannot encode a {} request: {e}", send.request.name());
-                        let limit = crate::wire::codec::MAX_MESSAGE;
-                        Err(RequestError::TooLarge {
-                            size: limit + 1,
-                            limit,
                         })
-                    }
-                };
+                });
                 if let Err(error) = started {
                     operation.handle_response(Instant::now(), send.token, Err(error));
                 }
@@ -519,61 +505,42 @@ impl Client {
         outcome
     }
 
-    /// [`Client::setr`] after the input checks.
+    /// [`Client::setr`] after the input checks: one attempt, never retried.
     fn setr_at(
         &mut self,
         key: &str,
         value: &str,
         hooks: SetrHooks,
     ) -> Result<SetrOutcome, OpError> {
-        let placement = self.replicated_view()?;
         let txid = TxId::random(&mut Rng::from_entropy());
-        let mut setr = Setr::new(
-            Instant::now(),
-            key,
-            value,
-            &placement,
-            txid,
-            self.deadline,
-            self.timeout,
-            hooks,
-        );
-        self.run(&mut setr)
+        let (key, value) = (key.to_owned(), value.to_owned());
+        let (deadline, timeout) = (self.deadline, self.timeout);
+        let build = move |now: Instant, placement: &Placement| {
+            Setr::new(now, &key, &value, placement, txid, deadline, timeout, hooks)
+        };
+        self.replicated(false, build).0
     }
 
     /// `getr KEY`: a replicated read. Tries the key's replicas in ring order until one has
-    /// it; `not_found` only when every replica that answered said it does not hold it.
+    /// it; `not_found` only when every replica that answered said it does not hold it. With
+    /// `--wait`, a read every replica refused because the view changed between the view step
+    /// and the read is tried again on the new view (a read can safely run twice).
     pub fn getr(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
         message::check_key(key)?;
-        loop {
-            let outcome = self.getr_once(key);
-            self.doubt_view(&outcome);
-            match outcome {
-                // The view changed between our `query_servers` and the read, so every replica
-                // refused our epoch. A read can safely be tried again: with `--wait`, fetch
-                // the new view (waiting out its rebalance) and read again.
-                Err(e) if e.kind == ErrorKind::Rebalancing && self.wait => {
-                    if self
-                        .deadline
-                        .is_some_and(|d| Instant::now() + REBALANCING_POLL >= d)
-                    {
-                        return Err(e);
-                    }
-                    debug!("getr {key:?}: {}; reading again", e.message);
-                }
-                outcome => return outcome,
-            }
-        }
-    }
-
-    /// One replicated read of `key` against the current view (see [`Getr`]).
-    fn getr_once(&mut self, key: &str) -> Result<GetrOutcome, OpError> {
-        let placement = self.replicated_view()?;
-        let mut getr = Getr::new(Instant::now(), key, &placement, self.deadline, self.timeout);
-        let outcome = self.run(&mut getr);
-        if getr.is_view_refused() {
+        let owned = key.to_owned();
+        let (deadline, timeout) = (self.deadline, self.timeout);
+        let build = move |now: Instant, placement: &Placement| {
+            Getr::new(now, &owned, placement, deadline, timeout)
+        };
+        let (outcome, operation) = self.replicated(true, build);
+        if operation
+            .as_ref()
+            .and_then(Replicated::coordinator)
+            .is_some_and(Getr::is_view_refused)
+        {
             self.refused_view();
         }
+        self.doubt_view(&outcome);
         outcome
     }
 

@@ -1,0 +1,641 @@
+//! A replicated operation from the first question to the view leader to its outcome, as a
+//! sans-IO state machine: the *view step* (ask for the view, refuse one older than the
+//! client's floor, wait out rebalancing with `--wait`), then the coordinator
+//! ([`Setr`](crate::txn::coordinator::Setr) or [`Getr`](crate::txn::coordinator::Getr)) on
+//! that view, and for a read refused by every replica with `--wait`, the view step again.
+//!
+//! The command-line client ([`crate::client::Client`]) pumps it on a real network and the
+//! simulator in virtual time, so both run the same client code. It is itself an
+//! [`Operation`], so whoever drives a coordinator drives this the same way.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::placement::view::Epoch;
+use crate::reliable::RequestError;
+use crate::txn::coordinator::{Operation, Send, transport_error, unexpected};
+use crate::txn::routing::{Placement, ServersInfo};
+use crate::wire::message::{ErrorKind, OpError, Request, Response};
+
+/// How often a `--wait` operation asks again whether rebalancing has ended.
+pub const REBALANCING_POLL: Duration = Duration::from_millis(50);
+
+/// Bits of a token that belong to the coordinator of one attempt; the attempt number sits
+/// above them, so an answer to an earlier attempt is told apart and ignored.
+const ATTEMPT_SHIFT: u32 = 20;
+
+/// The coordinator-side token of the view request (coordinators number theirs from 1).
+const VIEW_TOKEN: u64 = 0;
+
+/// Builds the coordinator for one attempt on a view, at an instant.
+type Build<O> = Box<dyn FnMut(Instant, &Placement) -> O>;
+
+/// Where a [`Replicated`] operation stands.
+enum Stage<O> {
+    /// The view request is out.
+    Asking,
+    /// With `--wait`: asking again at this instant (the view was rebalancing).
+    Polling(Instant),
+    /// The coordinator of the current attempt runs.
+    Running(O),
+}
+
+/// A replicated operation: the view step, then the coordinator `O` on that view.
+pub struct Replicated<O: Operation> {
+    /// The view leader asked for the view.
+    viewleader: SocketAddr,
+    /// When the whole operation must have finished (`None`: no bound).
+    deadline: Option<Instant>,
+    /// The operation's time bound, for error messages.
+    timeout: Option<Duration>,
+    /// `--wait`: wait for rebalancing to end instead of failing with `rebalancing`.
+    wait: bool,
+    /// With `wait`: a `rebalancing` outcome of the coordinator is retried on a fresh view
+    /// (only for operations that can safely run twice: reads).
+    retry: bool,
+    /// The newest epoch the client operated on; raised to each view used.
+    floor: Epoch,
+    /// Builds the coordinator once a view is in hand.
+    build: Build<O>,
+    /// Where the operation stands.
+    stage: Stage<O>,
+    /// The current attempt (a fresh view step and coordinator each).
+    attempt: u64,
+    /// The view request, waiting for [`Operation::poll_send`].
+    send: Option<Send>,
+    /// The result, once finished (handed out once).
+    outcome: Option<Result<O::Output, OpError>>,
+    /// True once finished.
+    finished: bool,
+    /// Epochs of the views received, for the caller's records ([`Replicated::take_views`]).
+    views: Vec<Epoch>,
+    /// The view the current attempt's coordinator runs on.
+    placement: Option<Placement>,
+}
+
+impl<O: Operation> Replicated<O> {
+    /// Starts an operation that asks `viewleader` for the view and then runs the
+    /// coordinator `build` makes on it. `floor` is the newest epoch the client used; `wait`
+    /// is `--wait`; `retry` lets a `rebalancing` outcome be retried on a fresh view (reads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        viewleader: SocketAddr,
+        deadline: Option<Instant>,
+        timeout: Option<Duration>,
+        wait: bool,
+        retry: bool,
+        floor: Epoch,
+        build: impl FnMut(Instant, &Placement) -> O + 'static,
+    ) -> Replicated<O> {
+        let mut operation = Replicated {
+            viewleader,
+            deadline,
+            timeout,
+            wait,
+            retry,
+            floor,
+            build: Box::new(build),
+            stage: Stage::Asking,
+            attempt: 0,
+            send: None,
+            outcome: None,
+            finished: false,
+            views: Vec::new(),
+            placement: None,
+        };
+        operation.ask();
+        operation
+    }
+
+    /// Starts the operation on `placement` (a view the caller kept, e.g. a
+    /// [`ViewCache`](crate::client::ViewCache) entry) without asking the view leader.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_placement(
+        now: Instant,
+        placement: &Placement,
+        viewleader: SocketAddr,
+        deadline: Option<Instant>,
+        timeout: Option<Duration>,
+        wait: bool,
+        retry: bool,
+        floor: Epoch,
+        build: impl FnMut(Instant, &Placement) -> O + 'static,
+    ) -> Replicated<O> {
+        let mut operation = Replicated {
+            viewleader,
+            deadline,
+            timeout,
+            wait,
+            retry,
+            floor: floor.max(placement.view.epoch),
+            build: Box::new(build),
+            stage: Stage::Asking,
+            attempt: 0,
+            send: None,
+            outcome: None,
+            finished: false,
+            views: Vec::new(),
+            placement: None,
+        };
+        operation.stage = Stage::Running((operation.build)(now, placement));
+        operation.placement = Some(placement.clone());
+        operation.collect(now);
+        operation
+    }
+
+    /// The newest epoch operated on (the client keeps it as its floor for what follows).
+    pub fn floor(&self) -> Epoch {
+        self.floor
+    }
+
+    /// The coordinator of the current attempt, once the view step has given it a view.
+    pub fn coordinator(&self) -> Option<&O> {
+        match &self.stage {
+            Stage::Running(op) => Some(op),
+            _ => None,
+        }
+    }
+
+    /// The view the current attempt's coordinator runs on, once the view step gave one.
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.as_ref()
+    }
+
+    /// The epochs of the views received since the last call, oldest first.
+    pub fn take_views(&mut self) -> Vec<Epoch> {
+        std::mem::take(&mut self.views)
+    }
+
+    /// Queues the view request of a fresh attempt.
+    fn ask(&mut self) {
+        self.attempt += 1;
+        self.stage = Stage::Asking;
+        self.send = Some(Send {
+            token: self.token(VIEW_TOKEN),
+            dst: self.viewleader,
+            request: Request::QueryServers,
+            deadline: self.deadline,
+        });
+    }
+
+    /// The token of the current attempt for the coordinator's `token`.
+    fn token(&self, token: u64) -> u64 {
+        debug_assert!(
+            token < 1 << ATTEMPT_SHIFT,
+            "coordinator token {token} too large"
+        );
+        (self.attempt << ATTEMPT_SHIFT) | token
+    }
+
+    /// Ends the operation with `outcome`.
+    fn finish(&mut self, outcome: Result<O::Output, OpError>) {
+        self.outcome = Some(outcome);
+        self.finished = true;
+    }
+
+    /// Adds the operation's time bound to a timeout error's message.
+    fn timed(&self, mut error: OpError) -> OpError {
+        if error.kind == ErrorKind::Timeout
+            && let Some(t) = self.timeout
+        {
+            error.message = format!("{} within {} ms", error.message, t.as_millis());
+        }
+        error
+    }
+
+    /// With `--wait`, waits `REBALANCING_POLL` and asks again, or fails with `timeout` if
+    /// that would pass the deadline; `waiting_for` says what was still not ready.
+    fn poll_again(&mut self, now: Instant, waiting_for: String) {
+        if self.deadline.is_some_and(|d| now + REBALANCING_POLL >= d) {
+            let error = self.timed(OpError {
+                kind: ErrorKind::Timeout,
+                message: format!("{waiting_for} at the deadline"),
+                cycle: Vec::new(),
+            });
+            return self.finish(Err(error));
+        }
+        self.stage = Stage::Polling(now + REBALANCING_POLL);
+    }
+
+    /// The view leader's answer (or why none came): start the coordinator on the view, wait
+    /// (with `--wait`) while it rebalances, or fail.
+    fn on_view(&mut self, now: Instant, result: Result<Response, RequestError>) {
+        let info = match result {
+            Ok(Response::Servers {
+                view,
+                rebalancing,
+                pending,
+            }) => {
+                self.views.push(view.epoch);
+                ServersInfo {
+                    view,
+                    rebalancing,
+                    pending,
+                }
+            }
+            // A view leader with no view to show yet (just started, or gathering the
+            // servers that came back) answers `rebalancing`, like a view that rebalances.
+            Ok(Response::Error(e)) if self.wait && e.kind == ErrorKind::Rebalancing => {
+                return self.poll_again(
+                    now,
+                    format!("the view leader still had no view ({})", e.message),
+                );
+            }
+            Ok(Response::Error(e)) => return self.finish(Err(e)),
+            Ok(other) => return self.finish(Err(unexpected(&other))),
+            Err(e) => return self.finish(Err(self.timed(transport_error(e)))),
+        };
+        // Never operate on a view older than one already used.
+        if let Err(e) = Placement::check_floor(&info, self.floor) {
+            if self.wait {
+                return self.poll_again(now, e.message);
+            }
+            return self.finish(Err(e));
+        }
+        if self.wait && info.rebalancing {
+            return self.poll_again(
+                now,
+                format!("epoch {} was still rebalancing", info.view.epoch),
+            );
+        }
+        match Placement::operable(info) {
+            Ok(placement) => {
+                self.floor = placement.view.epoch;
+                self.stage = Stage::Running((self.build)(now, &placement));
+                self.placement = Some(placement);
+                self.collect(now);
+            }
+            Err(e) => self.finish(Err(e)),
+        }
+    }
+}
+
+impl<O: Operation> Operation for Replicated<O> {
+    type Output = O::Output;
+
+    /// The view request, or the coordinator's next request (tokens carry the attempt).
+    fn poll_send(&mut self) -> Option<Send> {
+        if let Some(send) = self.send.take() {
+            return Some(send);
+        }
+        let attempt = self.attempt;
+        match &mut self.stage {
+            Stage::Running(op) => op.poll_send().map(|mut send| {
+                debug_assert!(send.token != VIEW_TOKEN && send.token < 1 << ATTEMPT_SHIFT);
+                send.token |= attempt << ATTEMPT_SHIFT;
+                send
+            }),
+            _ => None,
+        }
+    }
+
+    /// Routes an answer to the view step or the coordinator of its attempt; answers to an
+    /// earlier attempt are dropped.
+    fn handle_response(
+        &mut self,
+        now: Instant,
+        token: u64,
+        result: Result<Response, RequestError>,
+    ) {
+        if self.finished || token >> ATTEMPT_SHIFT != self.attempt {
+            return;
+        }
+        let token = token & ((1 << ATTEMPT_SHIFT) - 1);
+        match &mut self.stage {
+            Stage::Asking if token == VIEW_TOKEN => self.on_view(now, result),
+            Stage::Running(op) if token != VIEW_TOKEN => op.handle_response(now, token, result),
+            _ => {}
+        }
+        self.collect(now);
+    }
+
+    /// Asks again after a rebalancing poll, or passes the coordinator its timer.
+    fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.stage {
+            Stage::Polling(at) if now >= *at => self.ask(),
+            Stage::Running(op) => op.handle_timeout(now),
+            _ => {}
+        }
+        self.collect(now);
+    }
+
+    /// The poll instant, or the coordinator's timer.
+    fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        match &self.stage {
+            Stage::Polling(at) => Some(*at),
+            Stage::Running(op) => op.poll_timeout(),
+            Stage::Asking => None,
+        }
+    }
+
+    /// The outcome, once there is one (handed out once).
+    fn poll_outcome(&mut self) -> Option<Result<O::Output, OpError>> {
+        self.outcome.take()
+    }
+}
+
+/// Encodes the body of `send` for the reliable layer; a request too large to encode is
+/// refused as the reliable layer refuses one too large to send (what the driver of any
+/// [`Operation`] hands back as its outcome).
+pub fn encode(send: &Send) -> Result<Vec<u8>, RequestError> {
+    send.request.encode().map_err(|e| {
+        log::debug!("cannot encode a {} request: {e}", send.request.name());
+        let limit = crate::wire::codec::MAX_MESSAGE;
+        RequestError::TooLarge {
+            size: limit + 1,
+            limit,
+        }
+    })
+}
+
+impl<O: Operation> Replicated<O> {
+    /// Takes the coordinator's outcome at `now` if it has one. With `retry` and `--wait`, a
+    /// read refused as `rebalancing` (the view changed between the view step and the read)
+    /// starts a fresh attempt instead, unless the deadline leaves no room for one.
+    fn collect(&mut self, now: Instant) {
+        let Stage::Running(op) = &mut self.stage else {
+            return;
+        };
+        let Some(outcome) = op.poll_outcome() else {
+            return;
+        };
+        match outcome {
+            Err(e)
+                if e.kind == ErrorKind::Rebalancing
+                    && self.wait
+                    && self.retry
+                    && self.deadline.is_none_or(|d| now + REBALANCING_POLL < d) =>
+            {
+                log::debug!("{}; asking for the view again", e.message);
+                self.ask();
+            }
+            outcome => self.finish(outcome),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::view::{Member, ServerId, View};
+
+    /// The view leader's address in these tests.
+    const VL: &str = "127.0.0.1:39000";
+
+    /// A stand-in coordinator: sends `Get` to the key's primary and finishes with the answer
+    /// (a value, or the error it carried), so the tests see exactly what the view step did.
+    struct Probe {
+        /// The request, until sent.
+        send: Option<Send>,
+        /// The outcome, once answered.
+        outcome: Option<Result<String, OpError>>,
+        /// The epoch of the view it was built on.
+        epoch: Epoch,
+    }
+
+    impl Operation for Probe {
+        type Output = String;
+
+        /// The one request.
+        fn poll_send(&mut self) -> Option<Send> {
+            self.send.take()
+        }
+
+        /// Finishes with the answer.
+        fn handle_response(&mut self, _: Instant, _: u64, result: Result<Response, RequestError>) {
+            self.outcome = Some(match result {
+                Ok(Response::Value { value }) => Ok(value),
+                Ok(Response::Error(e)) => Err(e),
+                Ok(other) => Err(unexpected(&other)),
+                Err(e) => Err(transport_error(e)),
+            });
+        }
+
+        /// No timers.
+        fn handle_timeout(&mut self, _: Instant) {}
+
+        /// No timers.
+        fn poll_timeout(&self) -> Option<Instant> {
+            None
+        }
+
+        /// The answer, once.
+        fn poll_outcome(&mut self) -> Option<Result<String, OpError>> {
+            self.outcome.take()
+        }
+    }
+
+    /// Builds a [`Probe`] on a view.
+    fn probe(_: Instant, placement: &Placement) -> Probe {
+        Probe {
+            send: Some(Send {
+                token: 1,
+                dst: placement.replicas("k")[0].addr,
+                request: Request::Get { key: "k".into() },
+                deadline: None,
+            }),
+            outcome: None,
+            epoch: placement.view.epoch,
+        }
+    }
+
+    /// The view leader's answer: a one-server view at `epoch`.
+    fn servers(epoch: u64, rebalancing: bool) -> Result<Response, RequestError> {
+        Ok(Response::Servers {
+            view: View {
+                epoch: Epoch(epoch),
+                members: vec![Member {
+                    id: ServerId(7),
+                    addr: "127.0.0.1:5000".parse().unwrap(),
+                }],
+                replicas: 3,
+                vnodes: 4,
+            },
+            rebalancing,
+            pending: Vec::new(),
+        })
+    }
+
+    /// A refusal of kind `kind`.
+    fn refusal(kind: ErrorKind) -> Result<Response, RequestError> {
+        Ok(Response::Error(OpError {
+            kind,
+            message: "refused".into(),
+            cycle: Vec::new(),
+        }))
+    }
+
+    /// An operation with a 1 s deadline from `t0`.
+    fn operation(t0: Instant, wait: bool, retry: bool, floor: u64) -> Replicated<Probe> {
+        Replicated::new(
+            VL.parse().unwrap(),
+            Some(t0 + Duration::from_secs(1)),
+            Some(Duration::from_secs(1)),
+            wait,
+            retry,
+            Epoch(floor),
+            probe,
+        )
+    }
+
+    /// The view request goes to the view leader; the coordinator then runs on the view it
+    /// answered, its tokens carry the attempt, and the floor rises to the view's epoch.
+    #[test]
+    fn the_view_step_then_the_coordinator() {
+        let t0 = Instant::now();
+        let mut op = operation(t0, false, false, 2);
+        let ask = op.poll_send().expect("a view request");
+        assert_eq!(ask.dst, VL.parse().unwrap());
+        assert!(matches!(ask.request, Request::QueryServers));
+        assert!(op.poll_send().is_none());
+        op.handle_response(t0, ask.token, servers(5, false));
+        assert_eq!(op.take_views(), vec![Epoch(5)]);
+        assert_eq!(op.floor(), Epoch(5));
+        assert_eq!(op.coordinator().map(|p| p.epoch), Some(Epoch(5)));
+        let get = op.poll_send().expect("the coordinator's request");
+        assert_ne!(get.token, ask.token);
+        assert_eq!(get.token >> ATTEMPT_SHIFT, 1);
+        op.handle_response(t0, get.token, Ok(Response::Value { value: "v".into() }));
+        assert_eq!(op.poll_outcome(), Some(Ok("v".into())));
+        assert_eq!(op.poll_outcome(), None, "handed out once");
+    }
+
+    /// Without `--wait`, a rebalancing view, an empty one, a view older than the floor and a
+    /// view leader's refusal each end the operation with the contract's kind.
+    #[test]
+    fn without_wait_a_view_that_cannot_be_used_fails() {
+        let t0 = Instant::now();
+        let cases = [
+            (servers(5, true), 0, ErrorKind::Rebalancing),
+            (servers(3, false), 4, ErrorKind::Rebalancing),
+            (refusal(ErrorKind::Rebalancing), 0, ErrorKind::Rebalancing),
+            (
+                Err(RequestError::Timeout {
+                    peer: VL.parse().unwrap(),
+                }),
+                0,
+                ErrorKind::Timeout,
+            ),
+            (
+                Ok(Response::Servers {
+                    view: View {
+                        epoch: Epoch(1),
+                        members: Vec::new(),
+                        replicas: 3,
+                        vnodes: 4,
+                    },
+                    rebalancing: false,
+                    pending: Vec::new(),
+                }),
+                0,
+                ErrorKind::NoServers,
+            ),
+        ];
+        for (answer, floor, kind) in cases {
+            let mut op = operation(t0, false, true, floor);
+            let ask = op.poll_send().unwrap();
+            op.handle_response(t0, ask.token, answer);
+            let outcome = op.poll_outcome().expect("finished");
+            assert_eq!(outcome.unwrap_err().kind, kind);
+            assert!(op.poll_send().is_none() && op.poll_timeout().is_none());
+        }
+    }
+
+    /// With `--wait`, a rebalancing view is asked for again every poll interval until one is
+    /// usable; at the deadline the operation fails with `timeout`, naming the bound.
+    #[test]
+    fn with_wait_rebalancing_is_waited_out_within_the_deadline() {
+        let t0 = Instant::now();
+        let mut op = operation(t0, true, false, 0);
+        let ask = op.poll_send().unwrap();
+        op.handle_response(t0, ask.token, servers(5, true));
+        assert_eq!(op.poll_timeout(), Some(t0 + REBALANCING_POLL));
+        assert!(op.poll_send().is_none(), "nothing before the poll");
+        op.handle_timeout(t0 + REBALANCING_POLL);
+        let again = op.poll_send().expect("asked again");
+        assert_ne!(again.token, ask.token, "a fresh attempt");
+        op.handle_response(t0, ask.token, servers(6, false));
+        assert!(
+            op.coordinator().is_none(),
+            "the old attempt's answer is dropped"
+        );
+        op.handle_response(t0 + REBALANCING_POLL, again.token, servers(6, false));
+        assert_eq!(op.coordinator().map(|p| p.epoch), Some(Epoch(6)));
+
+        let mut op = operation(t0, true, false, 0);
+        let mut now = t0;
+        loop {
+            if let Some(send) = op.poll_send() {
+                op.handle_response(now, send.token, servers(5, true));
+            }
+            if let Some(outcome) = op.poll_outcome() {
+                let e = outcome.unwrap_err();
+                assert_eq!(e.kind, ErrorKind::Timeout);
+                assert!(
+                    e.message
+                        .contains("still rebalancing at the deadline within 1000 ms")
+                );
+                assert!(now <= t0 + Duration::from_secs(1));
+                break;
+            }
+            now = op.poll_timeout().expect("polling");
+            op.handle_timeout(now);
+        }
+    }
+
+    /// With `--wait` and `retry` (reads), a coordinator's `rebalancing` refusal fetches the
+    /// view again and runs a fresh coordinator on it; without `retry` (setr) it stands.
+    #[test]
+    fn a_refused_read_is_retried_on_a_fresh_view_but_a_write_is_not() {
+        let t0 = Instant::now();
+        for retry in [true, false] {
+            let mut op = operation(t0, true, retry, 0);
+            let ask = op.poll_send().unwrap();
+            op.handle_response(t0, ask.token, servers(5, false));
+            let get = op.poll_send().unwrap();
+            op.handle_response(t0, get.token, refusal(ErrorKind::Rebalancing));
+            if !retry {
+                assert_eq!(
+                    op.poll_outcome().unwrap().unwrap_err().kind,
+                    ErrorKind::Rebalancing
+                );
+                continue;
+            }
+            assert!(op.poll_outcome().is_none());
+            let ask = op.poll_send().expect("the view again");
+            assert!(matches!(ask.request, Request::QueryServers));
+            op.handle_response(t0, ask.token, servers(6, false));
+            let get = op.poll_send().unwrap();
+            assert_eq!(get.token >> ATTEMPT_SHIFT, 2);
+            op.handle_response(t0, get.token, Ok(Response::Value { value: "w".into() }));
+            assert_eq!(op.poll_outcome(), Some(Ok("w".into())));
+        }
+    }
+
+    /// A kept view starts the coordinator at once, with no view request.
+    #[test]
+    fn a_kept_view_skips_the_view_step() {
+        let t0 = Instant::now();
+        let Ok(Response::Servers { view, .. }) = servers(9, false) else {
+            unreachable!()
+        };
+        let placement = Placement::new(view);
+        let mut op = Replicated::on_placement(
+            t0,
+            &placement,
+            VL.parse().unwrap(),
+            None,
+            None,
+            false,
+            false,
+            Epoch(3),
+            probe,
+        );
+        assert_eq!(op.floor(), Epoch(9));
+        let get = op.poll_send().unwrap();
+        assert!(matches!(get.request, Request::Get { .. }));
+    }
+}
