@@ -148,6 +148,13 @@ impl<O: Operation> Replicated<O> {
         self.floor
     }
 
+    /// How many times the view leader was asked for the view (0 when the operation started
+    /// on a kept view): more than one when `--wait` polled a rebalancing view or a refused
+    /// read was retried.
+    pub fn attempts(&self) -> u64 {
+        self.attempt
+    }
+
     /// The coordinator of the current attempt, once the view step has given it a view.
     pub fn coordinator(&self) -> Option<&O> {
         match &self.stage {
@@ -610,6 +617,7 @@ mod tests {
             op.handle_response(t0, ask.token, servers(6, false));
             let get = op.poll_send().unwrap();
             assert_eq!(get.token >> ATTEMPT_SHIFT, 2);
+            assert_eq!(op.attempts(), 2);
             op.handle_response(t0, get.token, Ok(Response::Value { value: "w".into() }));
             assert_eq!(op.poll_outcome(), Some(Ok("w".into())));
         }
@@ -635,6 +643,7 @@ mod tests {
             probe,
         );
         assert_eq!(op.floor(), Epoch(9));
+        assert_eq!(op.attempts(), 0);
         let get = op.poll_send().unwrap();
         assert!(matches!(get.request, Request::Get { .. }));
     }

@@ -110,7 +110,7 @@ fn run_part(part: u64) {
         }
     }
     eprintln!(
-        "{seeds} seeds: {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads; {} acknowledged setrs lost with all their holders crashed), {} epoch changes checked; faults: {} datagrams dropped, {} duplicated, {} reordered of {} delivered, {} server crashes, {} cuts, {} clients killed ({} between votes and decision); membership faults: {} view-leader pauses, {} view-leader restarts, {} view-leader cuts from every server, {} pauses of every server; {} rejoins after a declaration; {} runs with a cluster key; {} Retry datagrams (replies held for address validation)",
+        "{seeds} seeds: {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads; {} acknowledged setrs lost with all their holders crashed), {} epoch changes checked; faults: {} datagrams dropped, {} duplicated, {} reordered of {} delivered, {} server crashes, {} cuts, {} clients killed ({} between votes and decision); membership faults: {} view-leader pauses, {} view-leader restarts, {} view-leader cuts from every server, {} pauses of every server; {} rejoins after a declaration; {} runs with a cluster key; {} Retry datagrams (replies held for address validation); {} operations with --wait, {} view requests retried",
         totals.ops,
         totals.acked_writes,
         totals.unknown_writes,
@@ -131,7 +131,9 @@ fn run_part(part: u64) {
         faults.all_server_pauses,
         faults.rejoins,
         faults.keyed_runs,
-        faults.retries
+        faults.retries,
+        faults.waiting_ops,
+        faults.view_retries
     );
     assert!(
         failures.is_empty(),
@@ -142,6 +144,10 @@ fn run_part(part: u64) {
     assert!(
         seeds == 0 || totals.acked_writes > 0,
         "no setr succeeded in {seeds} seeds: the simulation tests nothing"
+    );
+    assert!(
+        seeds < 64 || faults.view_retries > 0,
+        "no operation waited out rebalancing in {seeds} seeds: --wait is not simulated"
     );
 }
 

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use trireme::client::{Placement, ServersInfo};
+use trireme::client::{self, Placement, Replicated};
 use trireme::placement::view::{Epoch, ServerId};
 use trireme::reliable::{self, Endpoint, IncomingId, RequestError, RequestId};
 use trireme::runtime::node::{self, Node, NodeNet};
@@ -27,7 +27,7 @@ use trireme::util::rng::Rng;
 use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
 use trireme::wire::auth::{Auth, ClusterKey, WallClock};
 use trireme::wire::codec::{Header, Kind};
-use trireme::wire::message::{ErrorKind, OpError, Request, Response, TxId};
+use trireme::wire::message::{ErrorKind, OpError, Response, TxId};
 
 use crate::checks;
 
@@ -73,6 +73,9 @@ pub struct Params {
     pub dead_after: Duration,
     /// Every host seals its datagrams with a cluster key (and checks its peers').
     pub keyed: bool,
+    /// Share of operations run with `--wait` (waiting out rebalancing; a read refused as
+    /// `rebalancing` retried on a fresh view).
+    pub wait: f64,
 }
 
 /// The wall-clock time (µs since the Unix epoch) a simulation starts at.
@@ -112,6 +115,7 @@ impl Params {
             dead_after: ms(&mut rng, 800, 2_000),
             // Drawn last, so that the other parameters of a seed stay what they were.
             keyed: rng.chance(0.5),
+            wait: if rng.chance(0.5) { 0.5 } else { 0.0 },
         }
     }
 }
@@ -197,6 +201,11 @@ pub struct Stats {
     pub rejoins: u64,
     /// Datagrams lost because a frozen host's socket buffer was full.
     pub buffer_drops: u64,
+    /// Client operations run with `--wait`.
+    pub waiting_ops: u64,
+    /// View requests beyond an operation's first: `--wait` polling a view that was
+    /// rebalancing, or a read refused as `rebalancing` retried on a fresh view.
+    pub view_retries: u64,
 }
 
 impl Stats {
@@ -219,6 +228,8 @@ impl Stats {
         self.all_server_pauses += other.all_server_pauses;
         self.rejoins += other.rejoins;
         self.buffer_drops += other.buffer_drops;
+        self.waiting_ops += other.waiting_ops;
+        self.view_retries += other.view_retries;
     }
 }
 
@@ -454,14 +465,13 @@ struct Host {
     tokens: BTreeMap<RequestId, u64>,
 }
 
-/// The operation a client is running.
-enum Stage {
-    /// Asking the view leader for the view.
-    View,
-    /// The setr coordinator.
-    Setr(Box<Setr>),
-    /// The getr reader.
-    Getr(Box<Getr>),
+/// The operation a client is running: the product's own client machine (the view step,
+/// `--wait`'s polling and a refused read's retry, then the coordinator).
+enum Op {
+    /// A setr.
+    Setr(Box<Replicated<Setr>>),
+    /// A getr.
+    Getr(Box<Replicated<Getr>>),
 }
 
 /// The operation in progress at a client.
@@ -474,10 +484,10 @@ struct Running {
     value: Option<String>,
     /// When it was invoked.
     invoked: Instant,
-    /// Its deadline.
-    deadline: Instant,
-    /// Where it stands.
-    stage: Stage,
+    /// The client machine.
+    op: Op,
+    /// Run with `--wait`.
+    wait: bool,
     /// Why it failed, if it did (for the log).
     error: Option<String>,
 }
@@ -510,13 +520,11 @@ struct ClientActor {
     params: Params,
 }
 
-/// Token bits: the operation's sequence number above, the coordinator's token below.
+/// Token bits: the operation's sequence number above, the client machine's token below.
 const SEQ_SHIFT: u32 = 32;
-/// The token of a view request.
-const VIEW_TOKEN: u64 = (1 << SEQ_SHIFT) - 1;
 
 impl ClientActor {
-    /// Starts the next operation if its time has come.
+    /// Starts the next operation if its time has come, else passes the machine its timer.
     fn handle_timeout(
         &mut self,
         now: Instant,
@@ -527,14 +535,11 @@ impl ClientActor {
             && now >= at
         {
             self.next_op = None;
-            self.start(now, endpoint, tokens);
-            return;
-        }
-        if let Some(running) = &mut self.running {
-            match &mut running.stage {
-                Stage::Setr(op) => op.handle_timeout(now),
-                Stage::Getr(op) => op.handle_timeout(now),
-                Stage::View => {}
+            self.start(now);
+        } else if let Some(running) = &mut self.running {
+            match &mut running.op {
+                Op::Setr(op) => op.handle_timeout(now),
+                Op::Getr(op) => op.handle_timeout(now),
             }
         }
         self.drive(now, endpoint, tokens);
@@ -542,83 +547,27 @@ impl ClientActor {
 
     /// When the client next has timed work.
     fn poll_timeout(&self) -> Option<Instant> {
-        let op = self.running.as_ref().and_then(|r| match &r.stage {
-            Stage::Setr(op) => op.poll_timeout(),
-            Stage::Getr(op) => op.poll_timeout(),
-            Stage::View => None,
+        let op = self.running.as_ref().and_then(|r| match &r.op {
+            Op::Setr(op) => op.poll_timeout(),
+            Op::Getr(op) => op.poll_timeout(),
         });
         [self.next_op, op].into_iter().flatten().min()
     }
 
-    /// Invokes a random operation: a setr of a fresh value or a getr, on a random key.
-    fn start(
-        &mut self,
-        now: Instant,
-        endpoint: &mut Endpoint,
-        tokens: &mut BTreeMap<RequestId, u64>,
-    ) {
+    /// Invokes a random operation: a setr of a fresh value or a getr, on a random key, half
+    /// of them with `--wait`.
+    fn start(&mut self, now: Instant) {
         self.seq += 1;
         let key = format!("k{}", self.rng.below(self.params.keys as u64));
         let value = self
             .rng
             .chance(0.5)
             .then(|| format!("c{}.{}-{}", self.index, self.life, self.seq));
-        let deadline = now + self.params.op_timeout;
-        self.running = Some(Running {
-            seq: self.seq,
-            key,
-            value,
-            invoked: now,
-            deadline,
-            stage: Stage::View,
-            error: None,
-        });
-        match Request::QueryServers.encode() {
-            Ok(body) => match endpoint.request(now, self.viewleader, body, Some(deadline)) {
-                Ok(id) => {
-                    tokens.insert(id, (self.seq << SEQ_SHIFT) | VIEW_TOKEN);
-                }
-                Err(e) => self.view_answered(now, Err(e)),
-            },
-            Err(_) => self.view_answered(now, Err(RequestError::TooLarge { size: 0, limit: 0 })),
-        }
-    }
-
-    /// The view leader answered (or not): start the coordinator on that view.
-    fn view_answered(&mut self, now: Instant, result: Result<Response, RequestError>) {
-        let Some(running) = &mut self.running else {
-            return;
-        };
-        let info = match result {
-            Ok(Response::Servers {
-                view,
-                rebalancing,
-                pending,
-            }) => {
-                self.views.push((now, view.epoch.0));
-                ServersInfo {
-                    view,
-                    rebalancing,
-                    pending,
-                }
-            }
-            Ok(Response::Error(e)) => return self.finish(now, Err(e)),
-            Ok(other) => {
-                return self.finish(now, Err(trireme::txn::coordinator::unexpected(&other)));
-            }
-            Err(e) => return self.finish(now, Err(trireme::client::transport_error(e))),
-        };
-        // As the real client: never operate on a view older than one already used.
-        if let Err(e) = Placement::check_floor(&info, self.epoch_floor) {
-            return self.finish(now, Err(e));
-        }
-        let placement = match Placement::operable(info) {
-            Ok(placement) => placement,
-            Err(e) => return self.finish(now, Err(e)),
-        };
-        self.epoch_floor = placement.view.epoch;
+        let wait = self.rng.chance(self.params.wait);
+        let deadline = Some(now + self.params.op_timeout);
         let timeout = Some(self.params.op_timeout);
-        running.stage = match &running.value {
+        let floor = self.epoch_floor;
+        let op = match &value {
             Some(value) => {
                 let pause = self.params.pause_before_commit;
                 let hooks = SetrHooks {
@@ -630,25 +579,45 @@ impl ClientActor {
                     ..SetrHooks::default()
                 };
                 let txid = TxId::random(&mut self.rng);
-                Stage::Setr(Box::new(Setr::new(
-                    now,
-                    &running.key,
-                    value,
-                    &placement,
-                    txid,
-                    Some(running.deadline),
+                let (key, value) = (key.clone(), value.clone());
+                let build = move |now: Instant, placement: &Placement| {
+                    Setr::new(now, &key, &value, placement, txid, deadline, timeout, hooks)
+                };
+                Op::Setr(Box::new(Replicated::new(
+                    self.viewleader,
+                    deadline,
                     timeout,
-                    hooks,
+                    wait,
+                    false,
+                    floor,
+                    build,
                 )))
             }
-            None => Stage::Getr(Box::new(Getr::new(
-                now,
-                &running.key,
-                &placement,
-                Some(running.deadline),
-                timeout,
-            ))),
+            None => {
+                let key = key.clone();
+                let build = move |now: Instant, placement: &Placement| {
+                    Getr::new(now, &key, placement, deadline, timeout)
+                };
+                Op::Getr(Box::new(Replicated::new(
+                    self.viewleader,
+                    deadline,
+                    timeout,
+                    wait,
+                    true,
+                    floor,
+                    build,
+                )))
+            }
         };
+        self.running = Some(Running {
+            seq: self.seq,
+            key,
+            value,
+            invoked: now,
+            op,
+            wait,
+            error: None,
+        });
     }
 
     /// The outcome of a request this client sent.
@@ -666,17 +635,16 @@ impl ClientActor {
         if token >> SEQ_SHIFT != running.seq {
             return; // a late answer to an earlier operation
         }
-        let token = token & VIEW_TOKEN;
-        match &mut running.stage {
-            Stage::View if token == VIEW_TOKEN => self.view_answered(now, result),
-            Stage::Setr(op) => op.handle_response(now, token, result),
-            Stage::Getr(op) => op.handle_response(now, token, result),
-            Stage::View => {}
+        let token = token & ((1 << SEQ_SHIFT) - 1);
+        match &mut running.op {
+            Op::Setr(op) => op.handle_response(now, token, result),
+            Op::Getr(op) => op.handle_response(now, token, result),
         }
         self.drive(now, endpoint, tokens);
     }
 
-    /// Sends what the coordinator asks for and collects its outcome.
+    /// Sends what the machine asks for, notes the views it received, and collects its
+    /// outcome.
     fn drive(
         &mut self,
         now: Instant,
@@ -688,57 +656,46 @@ impl ClientActor {
         };
         let seq = running.seq;
         let error = &mut running.error;
-        let outcome = match &mut running.stage {
-            Stage::View => return,
-            Stage::Setr(op) => {
-                let decision = |op: &Setr| op.is_decision_sent();
-                pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
-                    Ok(done) => Outcome::Written {
-                        version: done.version,
-                    },
-                    Err(e) => {
-                        *error = Some(e.message);
-                        if decision(op) {
-                            Outcome::MaybeWritten(Some(e.kind))
-                        } else {
-                            Outcome::NotWritten(e.kind)
+        let (outcome, views, floor) = match &mut running.op {
+            Op::Setr(op) => {
+                let outcome =
+                    pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
+                        Ok(done) => Outcome::Written {
+                            version: done.version,
+                        },
+                        Err(e) => {
+                            *error = Some(e.message);
+                            if op.coordinator().is_some_and(Setr::is_decision_sent) {
+                                Outcome::MaybeWritten(Some(e.kind))
+                            } else {
+                                Outcome::NotWritten(e.kind)
+                            }
                         }
-                    }
-                })
+                    });
+                (outcome, op.take_views(), op.floor())
             }
-            Stage::Getr(op) => {
-                pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
-                    Ok(found) => Outcome::Found {
-                        value: found.value,
-                        version: found.version,
-                    },
-                    Err(e) if e.kind == ErrorKind::NotFound => Outcome::Absent,
-                    Err(e) => {
-                        *error = Some(e.message);
-                        Outcome::ReadFailed(Some(e.kind))
-                    }
-                })
+            Op::Getr(op) => {
+                let outcome =
+                    pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
+                        Ok(found) => Outcome::Found {
+                            value: found.value,
+                            version: found.version,
+                        },
+                        Err(e) if e.kind == ErrorKind::NotFound => Outcome::Absent,
+                        Err(e) => {
+                            *error = Some(e.message);
+                            Outcome::ReadFailed(Some(e.kind))
+                        }
+                    });
+                (outcome, op.take_views(), op.floor())
             }
         };
+        self.views
+            .extend(views.into_iter().map(|epoch| (now, epoch.0)));
+        self.epoch_floor = self.epoch_floor.max(floor);
         if let Some(outcome) = outcome {
             self.complete(now, outcome);
         }
-    }
-
-    /// Ends the operation before its coordinator started (the view step failed).
-    fn finish(&mut self, now: Instant, result: Result<(), OpError>) {
-        let Some(running) = &mut self.running else {
-            return;
-        };
-        let Err(e) = result else {
-            return;
-        };
-        running.error = Some(e.message);
-        let outcome = match &running.value {
-            Some(_) => Outcome::NotWritten(e.kind),
-            None => Outcome::ReadFailed(Some(e.kind)),
-        };
-        self.complete(now, outcome);
     }
 
     /// Records the finished operation and schedules the next one.
@@ -754,22 +711,25 @@ impl ClientActor {
     /// commit may be out may take effect; anything else has no effect.
     fn killed(&mut self) -> Option<(Running, Outcome)> {
         let running = self.running.take()?;
-        let outcome = match &running.stage {
-            Stage::Setr(op) if op.is_decision_sent() => Outcome::MaybeWritten(None),
-            _ if running.value.is_some() => Outcome::NotWritten(ErrorKind::Timeout),
-            _ => Outcome::ReadFailed(None),
+        let outcome = match &running.op {
+            Op::Setr(op) if op.coordinator().is_some_and(Setr::is_decision_sent) => {
+                Outcome::MaybeWritten(None)
+            }
+            Op::Setr(_) => Outcome::NotWritten(ErrorKind::Timeout),
+            Op::Getr(_) => Outcome::ReadFailed(None),
         };
         Some((running, outcome))
     }
 
     /// True while a setr sits between its votes and its decision.
     fn is_between_votes_and_decision(&self) -> bool {
-        matches!(&self.running, Some(Running { stage: Stage::Setr(op), .. }) if op.is_between_votes_and_decision())
+        matches!(&self.running, Some(Running { op: Op::Setr(op), .. }) if op.coordinator().is_some_and(Setr::is_between_votes_and_decision))
     }
 }
 
-/// Hands `op`'s requests to `endpoint` (tagged with the operation's `seq`) and returns its
-/// outcome once it has one.
+/// Hands `op`'s requests to `endpoint` (tagged with the operation's `seq`), encoded as the
+/// command-line client encodes them ([`client::encode`]), and returns its outcome once it
+/// has one.
 fn pump<O: Operation>(
     op: &mut O,
     now: Instant,
@@ -778,10 +738,8 @@ fn pump<O: Operation>(
     seq: u64,
 ) -> Option<Result<O::Output, OpError>> {
     while let Some(send) = op.poll_send() {
-        let started = send
-            .request
-            .encode()
-            .map_err(|_| RequestError::TooLarge { size: 0, limit: 0 })
+        debug_assert!(send.token < 1 << SEQ_SHIFT);
+        let started = client::encode(&send)
             .and_then(|body| endpoint.request(now, send.dst, body, send.deadline));
         match started {
             Ok(id) => {
@@ -1335,17 +1293,28 @@ impl World {
             completed.map(|c| c - self.start)
         );
         self.fold(summary.as_bytes());
+        let attempts = match &running.op {
+            Op::Setr(op) => op.attempts(),
+            Op::Getr(op) => op.attempts(),
+        };
+        self.stats.waiting_ops += u64::from(running.wait);
+        self.stats.view_retries += attempts.saturating_sub(1);
         let invoked = (running.invoked - self.start).as_secs_f64();
-        let txid = match &running.stage {
-            Stage::Setr(op) => format!(
-                " tx {} replicas {:?}",
-                op.txid(),
-                op.replicas()
-                    .iter()
-                    .map(|m| m.id.to_string())
-                    .collect::<Vec<_>>()
-            ),
-            _ => String::new(),
+        let txid = match &running.op {
+            Op::Setr(op) => op
+                .coordinator()
+                .map(|op| {
+                    format!(
+                        " tx {} replicas {:?}",
+                        op.txid(),
+                        op.replicas()
+                            .iter()
+                            .map(|m| m.id.to_string())
+                            .collect::<Vec<_>>()
+                    )
+                })
+                .unwrap_or_default(),
+            Op::Getr(_) => String::new(),
         };
         let why = running
             .error
