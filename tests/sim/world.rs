@@ -563,7 +563,8 @@ impl ClientActor {
             .rng
             .chance(0.5)
             .then(|| format!("c{}.{}-{}", self.index, self.life, self.seq));
-        let wait = self.rng.chance(self.params.wait);
+        // Drawn only in runs with --wait, so that the others replay as they did before.
+        let wait = self.params.wait > 0.0 && self.rng.chance(self.params.wait);
         let deadline = Some(now + self.params.op_timeout);
         let timeout = Some(self.params.op_timeout);
         let floor = self.epoch_floor;
