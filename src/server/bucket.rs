@@ -242,3 +242,63 @@ impl Bucket {
         (kept, dropped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit of `key` = `value` at `version` by transaction `tx`.
+    fn write(tx: u128, key: &str, value: &str, version: u64) -> Write {
+        Write {
+            txid: TxId(tx),
+            key: key.into(),
+            value: value.into(),
+            version,
+            participants: Vec::new(),
+        }
+    }
+
+    /// Contract: a commit or a transfer never takes a key back to an older version, while a
+    /// raw `set` (version 0) always overwrites.
+    #[test]
+    fn versions_never_go_back_but_raw_set_overwrites() {
+        let mut bucket = Bucket::default();
+        bucket.apply(write(1, "k", "new", 5));
+        bucket.apply(write(2, "k", "old", 4));
+        let entry = Entry {
+            key: "k".into(),
+            value: "older".into(),
+            version: 3,
+        };
+        assert_eq!(bucket.receive(vec![entry]), (1, 6));
+        assert_eq!(
+            bucket.read("k"),
+            Response::Found {
+                value: "new".into(),
+                version: 5
+            }
+        );
+        assert_eq!(bucket.last_committed("k"), Some((TxId(1), 5)));
+        bucket.set_raw("k".into(), "raw".into());
+        assert_eq!(
+            bucket.get_raw("k"),
+            Response::Value {
+                value: "raw".into()
+            }
+        );
+        assert_eq!(bucket.last_committed("k"), None);
+    }
+
+    /// Issue 14: after a rejoin every key is a candidate, served and listed again only once
+    /// reconciled.
+    #[test]
+    fn a_reset_keeps_every_key_as_an_unserved_candidate() {
+        let mut bucket = Bucket::default();
+        bucket.set_raw("k".into(), "v".into());
+        bucket.reset();
+        assert_eq!(bucket.len(), 1);
+        assert!(bucket.iter().all(|(_, s)| s.candidate && !s.stray));
+        assert!(bucket.committed("k").is_none());
+        assert_eq!(bucket.query_all_keys(), Response::Keys { keys: vec![] });
+    }
+}

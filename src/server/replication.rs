@@ -492,3 +492,31 @@ pub(super) fn commit_refused(txid: TxId, refusal: &CommitRefusal) -> Response {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read number `n` of one client.
+    fn read(n: u64) -> IncomingId {
+        IncomingId {
+            incarnation: 1,
+            request: n,
+        }
+    }
+
+    /// Issue 15 (derived state): the count of held-back reads follows every push and take.
+    #[test]
+    fn deferred_reads_count_what_they_hold() {
+        let mut deferred = DeferredReads::default();
+        deferred.push("a".into(), read(1));
+        deferred.push("a".into(), read(2));
+        deferred.push("b".into(), read(3));
+        assert_eq!(deferred.len(), 3);
+        assert_eq!(deferred.take("a"), vec![read(1), read(2)]);
+        assert_eq!(deferred.len(), 1);
+        assert!(deferred.take("a").is_empty());
+        assert_eq!(deferred.take_all(), vec![read(3)]);
+        assert_eq!(deferred.len(), 0);
+    }
+}

@@ -782,3 +782,72 @@ fn reply_tokens_round_trip_and_unknown_ones_are_refused() {
     assert_eq!(Reply::from_token(0), None);
     assert_eq!(Reply::from_token(u64::MAX), None);
 }
+
+/// The refusal `response` is of kind `kind` with exactly `message`.
+fn assert_refused(response: &Response, kind: ErrorKind, message: &str) {
+    assert!(
+        matches!(response, Response::Error(e) if e.kind == kind && e.message == message),
+        "expected {kind:?} {message:?}, got {response:?}"
+    );
+}
+
+/// Issue 15 (one place for the prepare checks): the server answers each no vote of the
+/// participant as `aborted` with its reason, word for word; a key over the limit is
+/// `bad_input` before any vote.
+#[test]
+fn prepare_refusals_are_aborted_with_the_reason() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let me = s.id();
+    let no_view = ask(&mut s, prepare(1, "k", "v", 0, me, vec![]));
+    assert_refused(
+        &no_view,
+        ErrorKind::Aborted,
+        "this replica has not learned a view yet",
+    );
+    let view = learn(&mut s, t0, 2, &[1], &View::default(), 0);
+    drain(&mut s);
+    assert!(s.is_rebalancing());
+    let (key, participants) = key_with_primary(&view, me, true);
+    let busy = ask(&mut s, prepare(2, &key, "v", 2, me, participants.clone()));
+    assert_refused(
+        &busy,
+        ErrorKind::Aborted,
+        "this replica is rebalancing for epoch 2",
+    );
+
+    let (mut s, _) = settled_in_a_pair(t0);
+    let stranger = ServerId(77);
+    let wrong_id = ask(
+        &mut s,
+        prepare(3, &key, "v", 2, stranger, participants.clone()),
+    );
+    assert_refused(
+        &wrong_id,
+        ErrorKind::Aborted,
+        &format!("server id mismatch: expected {stranger}, this is {me}"),
+    );
+    let wrong_epoch = ask(&mut s, prepare(4, &key, "v", 3, me, participants.clone()));
+    assert_refused(
+        &wrong_epoch,
+        ErrorKind::Aborted,
+        "epoch mismatch: the coordinator is at epoch 3, this replica at 2",
+    );
+    let mut reversed = participants.clone();
+    reversed.reverse();
+    let forged = ask(&mut s, prepare(5, &key, "v", 2, me, reversed));
+    assert_refused(
+        &forged,
+        ErrorKind::Aborted,
+        &format!("the participants are not {key:?}'s replicas at epoch 2"),
+    );
+    let oversized = ask(
+        &mut s,
+        prepare(6, &"k".repeat(2000), "v", 2, me, participants),
+    );
+    assert!(
+        matches!(&oversized, Response::Error(e) if e.kind == ErrorKind::BadInput),
+        "{oversized:?}"
+    );
+    assert_eq!(s.pending_transactions(), 0);
+}

@@ -906,6 +906,146 @@ mod tests {
         assert!(!p.is_locked("k"));
     }
 
+    /// One place for the prepare checks (issue 15): a replica restarted on the same address
+    /// (a fresh id, no view learned yet) reports the id mismatch, naming the expected id,
+    /// before anything else it could say (epoch, no view).
+    #[test]
+    fn the_id_mismatch_comes_first() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let restarted = PrepareContext {
+            epoch: Epoch(0),
+            replicas: None,
+            ..ctx(9, 4)
+        };
+        let vote = p.prepare(now, &restarted, prepare(1, "k", 2), None);
+        assert_eq!(
+            vote,
+            Err(VoteNo::IdMismatch {
+                expected: ServerId(2),
+                me: ServerId(9)
+            })
+        );
+        let vote = p.prepare(
+            now,
+            &PrepareContext {
+                me: ServerId(2),
+                ..restarted
+            },
+            prepare(1, "k", 2),
+            None,
+        );
+        assert!(
+            matches!(vote, Err(VoteNo::EpochMismatch { .. })),
+            "{vote:?}"
+        );
+    }
+
+    /// Assignment 3.4 (no commit while rebalancing): a replica still rebalancing for its
+    /// epoch votes no, naming the epoch, and locks nothing.
+    #[test]
+    fn a_rebalancing_replica_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let rebalancing = PrepareContext {
+            rebalancing: true,
+            ..ctx(2, 4)
+        };
+        let vote = p.prepare(now, &rebalancing, prepare(1, "k", 2), None);
+        assert_eq!(vote, Err(VoteNo::Rebalancing(Epoch(4))));
+        assert_eq!(
+            vote.unwrap_err().to_string(),
+            "this replica is rebalancing for epoch 4"
+        );
+        assert!(!p.is_locked("k"));
+    }
+
+    /// A replica that has learned no view cannot tell the key's replicas: it votes no.
+    #[test]
+    fn a_replica_without_a_view_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let blind = PrepareContext {
+            replicas: None,
+            ..ctx(2, 4)
+        };
+        let vote = p.prepare(now, &blind, prepare(1, "k", 2), None);
+        assert_eq!(vote, Err(VoteNo::NoView));
+        assert_eq!(
+            vote.unwrap_err().to_string(),
+            "this replica has not learned a view yet"
+        );
+    }
+
+    /// Issue 8 (membership): a prepare naming other participants than the key's replicas
+    /// in our view (another set, or another order) is voted down, so a forged prepare cannot
+    /// name peers of its choosing.
+    #[test]
+    fn participants_other_than_the_replicas_vote_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let mut reordered = prepare(1, "k", 2);
+        reordered.participants.swap(0, 1);
+        let vote = p.prepare(now, &ctx(2, 4), reordered, None);
+        assert_eq!(
+            vote.clone().unwrap_err().to_string(),
+            "the participants are not \"k\"'s replicas at epoch 4"
+        );
+        assert!(matches!(vote, Err(VoteNo::NotTheReplicas { .. })));
+        assert!(!p.is_locked("k"));
+    }
+
+    /// A prepare whose participants are the key's replicas, but not this server, is voted
+    /// down (this server does not hold the key).
+    #[test]
+    fn a_server_that_is_no_replica_of_the_key_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let vote = p.prepare(now, &ctx(5, 4), prepare(1, "k", 5), None);
+        assert_eq!(vote, Err(VoteNo::NotAParticipant(ServerId(5))));
+        assert!(!p.is_locked("k"));
+    }
+
+    /// Issue 8 (bounded resources): the primary of a key votes no beyond [`MAX_SETTLING`]
+    /// commits still settling (counted as a bound); a non-primary is not concerned.
+    #[test]
+    fn a_primary_with_too_many_settling_commits_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let busy = |me| PrepareContext {
+            settling: MAX_SETTLING,
+            ..ctx(me, 4)
+        };
+        let vote = p.prepare(now, &busy(1), prepare(1, "k", 1), None);
+        assert_eq!(vote, Err(VoteNo::SettlingFull(MAX_SETTLING)));
+        assert!(vote.unwrap_err().is_bound());
+        assert!(p.prepare(now, &busy(2), prepare(2, "k", 2), None).is_ok());
+    }
+
+    /// A prepare for a transaction committed here already is voted down; one voted yes on and
+    /// undecided is voted yes again (a duplicate).
+    #[test]
+    fn a_prepare_of_a_decided_transaction_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        assert!(p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None).is_ok());
+        assert_eq!(
+            p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), Some(1)),
+            Ok(Some(1)),
+            "a duplicate of a pending prepare"
+        );
+        p.commit(now, TxId(7), 3).unwrap();
+        assert_eq!(
+            p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None),
+            Err(VoteNo::AlreadyDecided(TxId(7)))
+        );
+        p.abort(now, TxId(8));
+        assert_eq!(
+            p.prepare(now, &ctx(2, 4), prepare(8, "k", 2), None),
+            Err(VoteNo::AlreadyAborted(TxId(8)))
+        );
+    }
+
     /// Commit applies the write with the coordinator's version and unlocks the key; a
     /// duplicate commit is harmless; an abort after it changes nothing.
     #[test]
