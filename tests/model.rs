@@ -113,7 +113,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use trireme::placement::view::{Epoch, Member, ServerId, View};
-use trireme::txn::participant::{Effect, Participant, PrepareArgs, QueryArgs};
+use trireme::txn::participant::{Effect, Participant, PrepareArgs, PrepareContext, QueryArgs};
 use trireme::wire::message::{Request, TxId, TxOutcome};
 
 /// The number of participants (the key's replicas); index 0 is the primary.
@@ -799,13 +799,15 @@ impl State {
                     timeout: TIMEOUT,
                 };
                 let p = self.parts[i].as_mut().expect("normalized away");
-                // The server refuses a prepare from another epoch before its participant sees it.
-                let vote = if epoch == args.epoch {
-                    p.prepare(now, id(i), epoch, args, current)
-                        .map_err(|e| e.to_string())
-                } else {
-                    Err("epoch mismatch".to_owned())
+                // Every prepare check is the participant's, the epoch's first among them.
+                let ctx = PrepareContext {
+                    me: id(i),
+                    epoch,
+                    rebalancing: false,
+                    replicas: Some(args.participants.clone()),
+                    settling: 0,
                 };
+                let vote = p.prepare(now, &ctx, args, current);
                 let yes = match vote {
                     Ok(version) => {
                         match self.holder[i] {

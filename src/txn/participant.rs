@@ -7,11 +7,13 @@
 //!
 //! # Protocol
 //!
-//! - **Vote**: yes unless another transaction holds the key, the coordinator's epoch or
-//!   expected id differs from ours, the transaction is already known as aborted (or has a
-//!   tombstone), or too many transactions are pending. A yes vote locks the key and reports our
-//!   version of it. (The server also checks that the participants are the key's replicas in its
-//!   own view.)
+//! - **Vote**: every check of a prepare is made here, in one order
+//!   ([`Participant::prepare`]), against what the server knows ([`PrepareContext`]): the
+//!   expected id and the epoch are ours, we are not rebalancing, the participants are the
+//!   key's replicas in our view, and (as its primary) we are not passing on too many commits
+//!   ([`MAX_SETTLING`]); then the transaction is not already decided (or tombstoned), we are
+//!   among the participants, no other transaction holds the key, and the pending table has
+//!   room. A yes vote locks the key and reports our version of it. Each no is a [`VoteNo`].
 //! - **Commit point**: the primary (first participant) decides. The coordinator sends
 //!   `Commit` to the primary first and to the others only once the primary acknowledged it.
 //!   A primary still undecided at its deadline (the coordinator's remaining time when the
@@ -69,6 +71,10 @@ pub const UNSEEN_ABORTS_MAX: usize = 100_000;
 pub const PENDING_MAX: usize = 10_000;
 /// The most bytes of values pending at once; more are voted down.
 pub const PENDING_BYTES_MAX: usize = 256 << 20;
+/// The most keys whose commit this server (as the primary) is still passing on to the other
+/// replicas. A prepare that would make this server the primary of one more is voted down
+/// beyond it (so at most this many plus [`PENDING_MAX`] ever settle at once).
+pub const MAX_SETTLING: usize = 10_000;
 
 /// A `Prepare` request's arguments.
 #[derive(Clone, Debug)]
@@ -87,6 +93,21 @@ pub struct PrepareArgs {
     pub participants: Vec<Member>,
     /// The coordinator's remaining time.
     pub timeout: Duration,
+}
+
+/// What the server knows that a prepare is judged against (see [`Participant::prepare`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrepareContext {
+    /// This server's current id.
+    pub me: ServerId,
+    /// The epoch of the view this server learned last.
+    pub epoch: Epoch,
+    /// This server has not finished rebalancing for that epoch.
+    pub rebalancing: bool,
+    /// The key's replicas in ring order in that view (`None` before any view is learned).
+    pub replicas: Option<Vec<Member>>,
+    /// Keys whose commit this server, as their primary, is still passing on to the others.
+    pub settling: usize,
 }
 
 /// A `QueryTx` request's arguments.
@@ -212,7 +233,28 @@ pub enum VoteNo {
         /// Ours.
         ours: Epoch,
     },
-    /// This server is not among the participants named.
+    /// This server has not finished rebalancing for its epoch (the epoch's copies may not
+    /// all be in place yet).
+    #[error("this replica is rebalancing for epoch {0}")]
+    Rebalancing(Epoch),
+    /// This server has not learned a view, so it cannot tell the key's replicas.
+    #[error("this replica has not learned a view yet")]
+    NoView,
+    /// The participants named are not the key's replicas in our view, in ring order (a
+    /// forged prepare cannot name peers of its choosing).
+    #[error("the participants are not {key:?}'s replicas at epoch {epoch}")]
+    NotTheReplicas {
+        /// The key.
+        key: String,
+        /// Our epoch.
+        epoch: Epoch,
+    },
+    /// This server would be the primary of one more commit to pass on, beyond
+    /// [`MAX_SETTLING`].
+    #[error("too many commits are settling here ({0} keys, at most {MAX_SETTLING})")]
+    SettlingFull(usize),
+    /// This server is not among the participants named (they are the key's replicas, and
+    /// this server is not one).
     #[error("{0} is not among the participants")]
     NotAParticipant(ServerId),
     /// Another transaction holds the key.
@@ -235,6 +277,14 @@ pub enum VoteNo {
         /// Bytes of values pending, this prepare's included.
         bytes: usize,
     },
+}
+
+impl VoteNo {
+    /// True for a no forced by a bound on what this server holds ([`VoteNo::Full`],
+    /// [`VoteNo::SettlingFull`]) rather than by the transaction itself: such votes are counted.
+    pub fn is_bound(&self) -> bool {
+        matches!(self, VoteNo::Full { .. } | VoteNo::SettlingFull(_))
+    }
 }
 
 /// Why a commit was refused.
@@ -300,16 +350,49 @@ impl Participant {
         self.pending.contains_key(&txid) || self.decided.contains_key(&txid)
     }
 
-    /// Votes on a prepare. `me` and `epoch` are this server's id and epoch; `current` is its
-    /// version of the key. Returns `Ok(current)` for a yes vote, or the reason for a no.
+    /// Votes at `now` on a prepare, judging every check in one order against `ctx` (what
+    /// the server knows); `current` is the bucket's version of the key. Returns `Ok(current)`
+    /// for a yes vote (also for a prepare already voted yes on), or the first reason for a no:
+    /// identity and epoch first (they are the precise reasons a replica restarted on the same
+    /// address, or one behind on the view, votes no), then rebalancing, the participants, the
+    /// settling bound, the transaction's record, membership among the participants, the
+    /// key's lock and the pending bounds.
     pub fn prepare(
         &mut self,
         now: Instant,
-        me: ServerId,
-        epoch: Epoch,
+        ctx: &PrepareContext,
         args: PrepareArgs,
         current: Option<u64>,
     ) -> Result<Option<u64>, VoteNo> {
+        let me = ctx.me;
+        if args.expected != me {
+            return Err(VoteNo::IdMismatch {
+                expected: args.expected,
+                me,
+            });
+        }
+        if args.epoch != ctx.epoch {
+            return Err(VoteNo::EpochMismatch {
+                theirs: args.epoch,
+                ours: ctx.epoch,
+            });
+        }
+        if ctx.rebalancing {
+            return Err(VoteNo::Rebalancing(ctx.epoch));
+        }
+        let Some(replicas) = &ctx.replicas else {
+            return Err(VoteNo::NoView);
+        };
+        if *replicas != args.participants {
+            return Err(VoteNo::NotTheReplicas {
+                key: args.key,
+                epoch: ctx.epoch,
+            });
+        }
+        let primary = args.participants.first().is_some_and(|m| m.id == me);
+        if primary && ctx.settling >= MAX_SETTLING {
+            return Err(VoteNo::SettlingFull(ctx.settling));
+        }
         match self.decided.get(&args.txid) {
             Some(Record::Aborted | Record::Tombstone) => {
                 return Err(VoteNo::AlreadyAborted(args.txid));
@@ -319,18 +402,6 @@ impl Participant {
         }
         if self.pending.contains_key(&args.txid) {
             return Ok(current);
-        }
-        if args.expected != me {
-            return Err(VoteNo::IdMismatch {
-                expected: args.expected,
-                me,
-            });
-        }
-        if args.epoch != epoch {
-            return Err(VoteNo::EpochMismatch {
-                theirs: args.epoch,
-                ours: epoch,
-            });
         }
         let Some(position) = args.participants.iter().position(|m| m.id == me) else {
             return Err(VoteNo::NotAParticipant(me));
@@ -752,6 +823,18 @@ mod tests {
         }
     }
 
+    /// What server `me` at `epoch` knows: not rebalancing, the key's replicas are 1, 2, 3,
+    /// nothing settling.
+    fn ctx(me: u128, epoch: u64) -> PrepareContext {
+        PrepareContext {
+            me: ServerId(me),
+            epoch: Epoch(epoch),
+            rebalancing: false,
+            replicas: Some(vec![member(1), member(2), member(3)]),
+            settling: 0,
+        }
+    }
+
     /// A query about `tx` addressed to server `to` (primary 1).
     fn ask(tx: u128, to: u128, close: bool) -> QueryArgs {
         QueryArgs {
@@ -794,13 +877,13 @@ mod tests {
         let now = Instant::now();
         let mut p = Participant::new();
         assert_eq!(
-            p.prepare(now, ServerId(2), Epoch(4), prepare(10, "k", 2), Some(3)),
+            p.prepare(now, &ctx(2, 4), prepare(10, "k", 2), Some(3)),
             Ok(Some(3))
         );
-        let second = p.prepare(now, ServerId(2), Epoch(4), prepare(11, "k", 2), Some(3));
+        let second = p.prepare(now, &ctx(2, 4), prepare(11, "k", 2), Some(3));
         assert!(second.unwrap_err().to_string().contains("pending commit"));
         assert!(
-            p.prepare(now, ServerId(2), Epoch(4), prepare(12, "other", 2), None)
+            p.prepare(now, &ctx(2, 4), prepare(12, "other", 2), None)
                 .is_ok()
         );
         assert!(p.is_locked("k") && p.is_locked("other"));
@@ -811,9 +894,9 @@ mod tests {
     fn epoch_or_id_mismatch_votes_no() {
         let now = Instant::now();
         let mut p = Participant::new();
-        let wrong_id = p.prepare(now, ServerId(2), Epoch(4), prepare(1, "k", 3), None);
+        let wrong_id = p.prepare(now, &ctx(2, 4), prepare(1, "k", 3), None);
         assert!(wrong_id.unwrap_err().to_string().contains("id mismatch"));
-        let wrong_epoch = p.prepare(now, ServerId(2), Epoch(5), prepare(2, "k", 2), None);
+        let wrong_epoch = p.prepare(now, &ctx(2, 5), prepare(2, "k", 2), None);
         assert!(
             wrong_epoch
                 .unwrap_err()
@@ -823,13 +906,153 @@ mod tests {
         assert!(!p.is_locked("k"));
     }
 
+    /// One place for the prepare checks (issue 15): a replica restarted on the same address
+    /// (a fresh id, no view learned yet) reports the id mismatch, naming the expected id,
+    /// before anything else it could say (epoch, no view).
+    #[test]
+    fn the_id_mismatch_comes_first() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let restarted = PrepareContext {
+            epoch: Epoch(0),
+            replicas: None,
+            ..ctx(9, 4)
+        };
+        let vote = p.prepare(now, &restarted, prepare(1, "k", 2), None);
+        assert_eq!(
+            vote,
+            Err(VoteNo::IdMismatch {
+                expected: ServerId(2),
+                me: ServerId(9)
+            })
+        );
+        let vote = p.prepare(
+            now,
+            &PrepareContext {
+                me: ServerId(2),
+                ..restarted
+            },
+            prepare(1, "k", 2),
+            None,
+        );
+        assert!(
+            matches!(vote, Err(VoteNo::EpochMismatch { .. })),
+            "{vote:?}"
+        );
+    }
+
+    /// Assignment 3.4 (no commit while rebalancing): a replica still rebalancing for its
+    /// epoch votes no, naming the epoch, and locks nothing.
+    #[test]
+    fn a_rebalancing_replica_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let rebalancing = PrepareContext {
+            rebalancing: true,
+            ..ctx(2, 4)
+        };
+        let vote = p.prepare(now, &rebalancing, prepare(1, "k", 2), None);
+        assert_eq!(vote, Err(VoteNo::Rebalancing(Epoch(4))));
+        assert_eq!(
+            vote.unwrap_err().to_string(),
+            "this replica is rebalancing for epoch 4"
+        );
+        assert!(!p.is_locked("k"));
+    }
+
+    /// A replica that has learned no view cannot tell the key's replicas: it votes no.
+    #[test]
+    fn a_replica_without_a_view_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let blind = PrepareContext {
+            replicas: None,
+            ..ctx(2, 4)
+        };
+        let vote = p.prepare(now, &blind, prepare(1, "k", 2), None);
+        assert_eq!(vote, Err(VoteNo::NoView));
+        assert_eq!(
+            vote.unwrap_err().to_string(),
+            "this replica has not learned a view yet"
+        );
+    }
+
+    /// Issue 8 (membership): a prepare naming other participants than the key's replicas
+    /// in our view (another set, or another order) is voted down, so a forged prepare cannot
+    /// name peers of its choosing.
+    #[test]
+    fn participants_other_than_the_replicas_vote_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let mut reordered = prepare(1, "k", 2);
+        reordered.participants.swap(0, 1);
+        let vote = p.prepare(now, &ctx(2, 4), reordered, None);
+        assert_eq!(
+            vote.clone().unwrap_err().to_string(),
+            "the participants are not \"k\"'s replicas at epoch 4"
+        );
+        assert!(matches!(vote, Err(VoteNo::NotTheReplicas { .. })));
+        assert!(!p.is_locked("k"));
+    }
+
+    /// A prepare whose participants are the key's replicas, but not this server, is voted
+    /// down (this server does not hold the key).
+    #[test]
+    fn a_server_that_is_no_replica_of_the_key_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let vote = p.prepare(now, &ctx(5, 4), prepare(1, "k", 5), None);
+        assert_eq!(vote, Err(VoteNo::NotAParticipant(ServerId(5))));
+        assert!(!p.is_locked("k"));
+    }
+
+    /// Issue 8 (bounded resources): the primary of a key votes no beyond [`MAX_SETTLING`]
+    /// commits still settling (counted as a bound); a non-primary is not concerned.
+    #[test]
+    fn a_primary_with_too_many_settling_commits_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        let busy = |me| PrepareContext {
+            settling: MAX_SETTLING,
+            ..ctx(me, 4)
+        };
+        let vote = p.prepare(now, &busy(1), prepare(1, "k", 1), None);
+        assert_eq!(vote, Err(VoteNo::SettlingFull(MAX_SETTLING)));
+        assert!(vote.unwrap_err().is_bound());
+        assert!(p.prepare(now, &busy(2), prepare(2, "k", 2), None).is_ok());
+    }
+
+    /// A prepare for a transaction committed here already is voted down; one voted yes on and
+    /// undecided is voted yes again (a duplicate).
+    #[test]
+    fn a_prepare_of_a_decided_transaction_votes_no() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        assert!(p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None).is_ok());
+        assert_eq!(
+            p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), Some(1)),
+            Ok(Some(1)),
+            "a duplicate of a pending prepare"
+        );
+        p.commit(now, TxId(7), 3).unwrap();
+        assert_eq!(
+            p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None),
+            Err(VoteNo::AlreadyDecided(TxId(7)))
+        );
+        p.abort(now, TxId(8));
+        assert_eq!(
+            p.prepare(now, &ctx(2, 4), prepare(8, "k", 2), None),
+            Err(VoteNo::AlreadyAborted(TxId(8)))
+        );
+    }
+
     /// Commit applies the write with the coordinator's version and unlocks the key; a
     /// duplicate commit is harmless; an abort after it changes nothing.
     #[test]
     fn commit_applies_once_and_unlocks() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         let write = p.commit(now, TxId(7), 5).unwrap().unwrap();
         assert_eq!((write.key.as_str(), write.version), ("k", 5));
@@ -848,16 +1071,13 @@ mod tests {
     fn abort_unlocks_and_refuses_a_late_prepare() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         assert_eq!(p.abort(now, TxId(7)), Some("k".to_string()));
-        assert!(
-            p.prepare(now, ServerId(2), Epoch(4), prepare(8, "k", 2), None)
-                .is_ok()
-        );
+        assert!(p.prepare(now, &ctx(2, 4), prepare(8, "k", 2), None).is_ok());
         assert_eq!(p.abort(now, TxId(99)), None);
         assert!(
-            p.prepare(now, ServerId(2), Epoch(4), prepare(99, "z", 2), None)
+            p.prepare(now, &ctx(2, 4), prepare(99, "z", 2), None)
                 .is_err()
         );
         assert_eq!(p.commit(now, TxId(99), 1), Err(CommitRefusal::Aborted));
@@ -868,7 +1088,7 @@ mod tests {
     fn the_primary_aborts_at_its_deadline_and_refuses_a_late_commit() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(1), Epoch(4), prepare(7, "k", 1), None)
+        p.prepare(now, &ctx(1, 4), prepare(7, "k", 1), None)
             .unwrap();
         assert_eq!(p.poll_timeout(), Some(now + Duration::from_secs(2)));
         let effects = p.handle_timeout(now + Duration::from_secs(2), ServerId(1), None);
@@ -881,7 +1101,7 @@ mod tests {
     fn a_primary_asked_past_its_deadline_answers_aborted() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(1), Epoch(4), prepare(7, "k", 1), None)
+        p.prepare(now, &ctx(1, 4), prepare(7, "k", 1), None)
             .unwrap();
         assert_eq!(
             p.query(now, ServerId(1), &ask(7, 1, false), None).0,
@@ -904,7 +1124,7 @@ mod tests {
     fn an_undecided_participant_asks_its_peers_and_follows_a_commit() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         let v = view(&[1, 2, 3]);
         assert!(
@@ -938,7 +1158,7 @@ mod tests {
     fn an_undecided_participant_aborts_when_the_primary_left_and_no_peer_committed() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         let later = now + Duration::from_secs(3);
         let v = view(&[2, 3]);
@@ -958,7 +1178,7 @@ mod tests {
     fn a_lost_answer_from_a_committed_peer_never_leads_to_an_abort() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         let later = now + Duration::from_secs(3);
         let v = view(&[2, 3]);
@@ -1004,7 +1224,7 @@ mod tests {
         );
         assert!(
             reset_peer
-                .prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+                .prepare(now, &ctx(3, 4), prepare(7, "k", 3), None)
                 .is_err(),
             "tombstone"
         );
@@ -1043,7 +1263,7 @@ mod tests {
     fn a_closed_participant_refuses_the_coordinator_but_follows_a_peer() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+        p.prepare(now, &ctx(3, 4), prepare(7, "k", 3), None)
             .unwrap();
         assert_eq!(
             p.query(now, ServerId(3), &ask(7, 3, true), None).0,
@@ -1070,9 +1290,9 @@ mod tests {
     fn a_closed_participant_ignores_the_primarys_late_commit() {
         let now = Instant::now();
         let (mut p2, mut p3) = (Participant::new(), Participant::new());
-        p2.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p2.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
-        p3.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+        p3.prepare(now, &ctx(3, 4), prepare(7, "k", 3), None)
             .unwrap();
         let later = now + Duration::from_secs(3);
         let asked_by_2 = start_round(&mut p2, 2, later, &view(&[1, 2, 3]));
@@ -1110,7 +1330,7 @@ mod tests {
     fn a_participant_answers_a_forgotten_commit_from_its_bucket() {
         let now = Instant::now();
         let mut p2 = Participant::new();
-        p2.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p2.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         assert!(p2.commit(now, TxId(7), 5).unwrap().is_some());
         let later = now + DECIDED_TTL;
@@ -1121,7 +1341,7 @@ mod tests {
         let (answer, _) = p2.query(later, ServerId(2), &ask(7, 2, true), bucket);
         assert_eq!(answer, TxOutcome::Committed { version: 5 });
         let mut p3 = Participant::new();
-        p3.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+        p3.prepare(now, &ctx(3, 4), prepare(7, "k", 3), None)
             .unwrap();
         let tokens = start_round(&mut p3, 3, later, &v);
         let effects = p3.handle_query_answer(later, tokens[&2], Some(answer), Some(&v));
@@ -1135,7 +1355,7 @@ mod tests {
     fn a_participant_alone_in_the_view_settles_by_itself() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(3), Epoch(4), prepare(7, "k", 3), None)
+        p.prepare(now, &ctx(3, 4), prepare(7, "k", 3), None)
             .unwrap();
         let later = now + Duration::from_secs(3);
         let effects = p.handle_timeout(later, ServerId(3), Some(&view(&[3, 4])));
@@ -1153,7 +1373,7 @@ mod tests {
     fn a_flood_of_unknown_aborts_is_bounded_and_spares_real_outcomes() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         assert!(p.commit(now, TxId(7), 5).unwrap().is_some());
         for tx in 1_000..(1_000 + UNSEEN_ABORTS_MAX as u128 + 1000) {
@@ -1179,7 +1399,7 @@ mod tests {
     fn a_commit_for_an_unknown_transaction_changes_nothing() {
         let now = Instant::now();
         let mut p = Participant::new();
-        p.prepare(now, ServerId(2), Epoch(4), prepare(7, "k", 2), None)
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
             .unwrap();
         let before = p.clone();
         assert_eq!(p.commit(now, TxId(8), 9), Err(CommitRefusal::Unknown));
@@ -1197,22 +1417,10 @@ mod tests {
         let now = Instant::now();
         let mut p = Participant::new();
         for tx in 0..PENDING_MAX as u128 {
-            p.prepare(
-                now,
-                ServerId(2),
-                Epoch(4),
-                prepare(tx, &format!("k{tx}"), 2),
-                None,
-            )
-            .unwrap();
+            p.prepare(now, &ctx(2, 4), prepare(tx, &format!("k{tx}"), 2), None)
+                .unwrap();
         }
-        let vote = p.prepare(
-            now,
-            ServerId(2),
-            Epoch(4),
-            prepare(1 << 40, "last", 2),
-            None,
-        );
+        let vote = p.prepare(now, &ctx(2, 4), prepare(1 << 40, "last", 2), None);
         assert!(
             matches!(vote, Err(VoteNo::Full { pending, .. }) if pending == PENDING_MAX),
             "{vote:?}"
