@@ -553,7 +553,16 @@ pub struct Endpoint {
     auth_log: LogLimiter,
     /// Rate limit of the debug lines about floors forgotten over the bound.
     floor_log: LogLimiter,
+    /// The latest `now` the endpoint was given: time never goes backwards for it.
+    last_now: Option<Instant>,
+    /// Steps taken, for checking the counters every [`COUNTER_CHECK_EVERY`] steps in debug
+    /// builds.
+    steps: u64,
 }
+
+/// How often (in steps) a debug build checks that the endpoint's counters equal what they
+/// count: every step would make the floods of the tests quadratic.
+const COUNTER_CHECK_EVERY: u64 = 64;
 
 impl Endpoint {
     /// Creates an endpoint whose incarnation and first request id are drawn from `rng`.
@@ -605,6 +614,8 @@ impl Endpoint {
             guard,
             auth_log: LogLimiter::default(),
             floor_log: LogLimiter::default(),
+            last_now: None,
+            steps: 0,
         }
     }
 
@@ -852,8 +863,58 @@ impl Endpoint {
 
     /// Sets the stamp of datagrams sent at `now` (with a cluster key).
     fn tick(&mut self, now: Instant) {
+        debug_assert!(
+            self.last_now.is_none_or(|last| now >= last),
+            "time went backwards for the endpoint: {now:?} after {:?}",
+            self.last_now
+        );
+        self.last_now = Some(self.last_now.map_or(now, |last| last.max(now)));
+        self.steps += 1;
+        if cfg!(debug_assertions) && self.steps.is_multiple_of(COUNTER_CHECK_EVERY) {
+            self.check_counters();
+        }
         if let Some(auth) = &self.config.auth {
             self.wire.stamp = auth.clock.micros(now);
+        }
+    }
+
+    /// Debug builds: the counters kept by hand equal what they count (the response bodies
+    /// cached, the reassembly memory charged to each peer). Panics naming the one that
+    /// drifted.
+    fn check_counters(&self) {
+        let cached: usize = self
+            .incoming
+            .values()
+            .map(|entry| match &entry.phase {
+                InPhase::Responded(t) => t.body_len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(cached, self.cached_bytes, "cached_bytes drifted");
+        let mut charged: HashMap<SocketAddr, usize> = HashMap::new();
+        for entry in self.incoming.values() {
+            if let InPhase::Receiving(r) = &entry.phase {
+                *charged.entry(entry.peer).or_insert(0) += r.footprint();
+            }
+        }
+        for out in self.outgoing.values() {
+            if let OutPhase::Receiving(r) = &out.phase {
+                *charged.entry(out.dst).or_insert(0) += r.footprint();
+            }
+        }
+        for (peer, &bytes) in &self.reassembly_bytes {
+            assert_eq!(
+                charged.get(peer).copied().unwrap_or(0),
+                bytes,
+                "reassembly memory charged to {peer} drifted"
+            );
+        }
+        for (peer, &bytes) in &charged {
+            assert_eq!(
+                self.reassembly_bytes.get(peer).copied().unwrap_or(0),
+                bytes,
+                "reassembly memory of {peer} not charged"
+            );
         }
     }
 

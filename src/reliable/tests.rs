@@ -960,6 +960,8 @@ fn a_forged_source_gets_at_most_three_times_what_it_sent() {
     let mut b = Endpoint::new(Config::default(), &mut rng);
     let victim = addr(9);
     for (request, body) in [(7, &b"big:"[..]), (8, &b"wide:"[..])] {
+        // Each request in its own stretch of time: an endpoint's time never goes back.
+        let t0 = t0 + Duration::from_secs(100 * (request - 7));
         let datagram = request_datagram(0xbad, request, body);
         let mut sent = 0;
         let mut received = 0;
@@ -1187,4 +1189,22 @@ fn small_unfinished_requests_cannot_fill_the_cache() {
     );
     b.handle_datagram(t0, addr(2), &request_datagram(9999, 1, b"honest"));
     assert!(matches!(b.poll_event(), Some(Event::Request { .. })));
+}
+
+/// Issue 15 (invariants in the code): a debug build stops at the step that broke a counter
+/// or gave the endpoint an earlier `now` than it had seen.
+#[test]
+#[cfg(debug_assertions)]
+fn a_drifted_counter_or_time_going_back_stops_a_debug_build() {
+    let t0 = Instant::now();
+    let mut rng = Rng::seeded(7);
+    let mut b = Endpoint::new(Config::default(), &mut rng);
+    b.check_counters();
+    b.cached_bytes += 1;
+    let drifted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.check_counters()));
+    assert!(drifted.is_err(), "a drifted cached_bytes is caught");
+    b.cached_bytes -= 1;
+    b.handle_timeout(t0 + Duration::from_secs(1));
+    let back = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.handle_timeout(t0)));
+    assert!(back.is_err(), "time going backwards is caught");
 }
