@@ -69,13 +69,13 @@ fn run_seed(seed: u64, trace: Option<&Path>) -> Result<Summary, String> {
     match outcome {
         Ok(checked) => Ok(Summary {
             params,
-            stats: world.stats.clone(),
+            stats: world.stats(),
             checked,
             digest: world.digest,
         }),
         Err(problem) => Err(format!(
             "seed {seed} failed: {problem}\n  parameters: {params:?}\n  faults: {:?}\n  replay: TRIREME_SIM_SEED={seed} TRIREME_SIM_TRACE=/tmp/sim-{seed}.pcap cargo nextest run --test sim replay --no-capture && trace-dump /tmp/sim-{seed}.pcap --summary",
-            world.stats
+            world.stats()
         )),
     }
 }
@@ -481,12 +481,12 @@ fn scenarios(
             if checked.acked_writes == 0 {
                 return Err("no setr succeeded: the scenario tests nothing".into());
             }
-            expect(&world.stats)
+            expect(&world.stats())
         });
         if let Err(problem) = result {
             failures.push(format!(
                 "seed {seed}: {problem}\n  faults: {:?}",
-                world.stats
+                world.stats()
             ));
         }
     }
@@ -575,7 +575,7 @@ fn membership_faults_replay_exactly() {
             Fault::RestartLeader { down: dead_after },
         );
         let at = world.run(SETTLE_LIMIT).map(|state| state.at);
-        (world.digest, world.history.clone(), at, world.stats.clone())
+        (world.digest, world.history.clone(), at, world.stats())
     };
     let first = run();
     assert!(
@@ -601,7 +601,7 @@ fn a_simulated_trace_reads_back_in_trace_dump() {
     trireme::runtime::trace::write_file(&path, world.trace()).expect("trace written");
     let trace = trireme::runtime::trace::read_file(&path).expect("trace read back");
     assert_eq!(trace.records.len(), world.trace().len());
-    assert!(world.trace().len() as u64 >= world.stats.sent);
+    assert!(world.trace().len() as u64 >= world.stats().sent);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_trace-dump"))
         .arg(&path)
         .arg("--summary")
