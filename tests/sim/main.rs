@@ -28,9 +28,29 @@ use world::{Fault, Params, World};
 /// enough for a participant's longest wait for a decision (30 s) and its termination.
 const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
-/// Seeds that once found a bug, now fixed; run on every test run (see README "How we test").
+/// Seeds that catch a bug now fixed; run on every test run (see README "How we test").
+///
+/// A seed's schedule depends on the network, so when the simulator moved onto the shared
+/// `faults::network::Network` (issue 15) each bug was put back as a temporary patch and the
+/// seeds were searched again; the seeds below fail with the patch and pass without it.
+/// Not re-found yet (their old seeds no longer replay them, so they are left out): the
+/// commit that only dead replicas held (old 88, 327, 345), rebalancing started with an
+/// undecided transaction (200), held reads answered by a server declared dead (287), plans
+/// anchored on the last completed view (275, 2023), a stale read across a view change (64),
+/// and request ids counting from 1 in every process (13441: not caught by seeds 0..4095).
+/// The old simulator-bug seeds (168, 221, 434, 556, 1449) named bugs of the old world.
 const REGRESSION_SEEDS: &[u64] = &[
-    64, 88, 168, 200, 221, 275, 287, 327, 345, 434, 556, 1449, 1905, 2023, 3630, 13441,
+    // A restarted view leader that has heard no server shows epoch 0 to a client that used a
+    // newer one (old seed 154): "received a view of epoch 0 ... epochs went backwards".
+    5, 14, 74,
+    // A server restarted empty joins an empty view at once instead of gathering the servers
+    // that come back for one dead_after, and answers not_found (old seeds 17, 747): a read
+    // of "absent" after an acknowledged write.
+    335, 1468, 3392, 3647, 3670,
+    // A transfer planned for an epoch the receiver has left behind is accepted, leaving a
+    // key where it no longer belongs (old seeds 1905, 3630): "holds key .. but is not one of
+    // its replicas".
+    2125, 3928, 7345,
 ];
 
 /// What one seed's run amounted to.
