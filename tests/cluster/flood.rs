@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use trireme::placement::ring;
 use trireme::placement::view::{ServerId, View};
-use trireme::wire::codec::{self, Header, Kind};
 use trireme::util::rng::Rng;
+use trireme::wire::codec::{self, Header, Kind};
 use trireme::wire::message::{Entry, Request, TxId};
 
 use crate::util::*;
@@ -94,7 +94,9 @@ fn hostile(target: &Target, rand: &mut Rng, i: u32) -> Request {
             txid: TxId::random(rand),
             version: rand.next_u64(),
         },
-        2 => Request::Abort { txid: TxId::random(rand) },
+        2 => Request::Abort {
+            txid: TxId::random(rand),
+        },
         3 => Request::QueryTx {
             txid: TxId::random(rand),
             key,
