@@ -12,7 +12,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use trireme::runtime::faults::FaultSpec;
+use trireme::faults::FaultSpec;
 use trireme::runtime::net::{self, NetConfig};
 use trireme::runtime::trace::Tracer;
 use trireme::util::rng::Rng;

@@ -12,10 +12,11 @@
 //! |---|---|---|
 //! | 0 | [`util`] | the seeded RNG, the log-line limiter |
 //! | 1 | [`placement`] | ids, epochs and views; the ring; the rebalancing plan |
+//! | 1 | [`faults`] | `--faults` specs and the injector; the virtual-time lossy network of the tests |
 //! | 2 | [`wire`] | messages, the one datagram codec, the cluster key |
 //! | 3 | [`reliable`] | the reliable request layer: retransmission, at-most-once, fragments |
 //! | 4 | [`txn`] | both halves of two-phase commit, `getr`'s read, routing through a view |
-//! | 4 | [`runtime`] | the UDP driver thread, node glue, `--faults`, `--trace` |
+//! | 4 | [`runtime`] | the UDP driver thread (applying `--faults`), node glue, `--trace` |
 //! | 5 | [`server`], [`viewleader`], [`client`] | the three programs' logic |
 //! | 6 | `cli` (feature `cli`) | argument parsing, output, the load generator (`cli::bench`) |
 //!
@@ -38,6 +39,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
+pub mod faults;
 #[cfg(any(fuzzing, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod placement;

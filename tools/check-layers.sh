@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../src"
 
 # layer of each top-level module of the crate
 declare -A layer=(
-  [util]=0 [placement]=1 [wire]=2 [reliable]=3 [txn]=4 [runtime]=4
+  [util]=0 [placement]=1 [faults]=1 [wire]=2 [reliable]=3 [txn]=4 [runtime]=4
   [server]=5 [viewleader]=5 [client]=5 [cli]=6 [fuzzing]=6
 )
 

@@ -1,26 +1,22 @@
-//! Tests of the reliable layer in virtual time: endpoints wired through a simulated network
-//! that delays, drops, duplicates and reorders datagrams. No sockets, no wall clock.
+//! Tests of the reliable layer in virtual time: endpoints wired through the crate's one
+//! simulated network ([`crate::faults::network::Network`]), whose delay, loss, duplication
+//! and reordering the product's own `--faults` injector decides. No sockets, no wall clock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::faults::network::Network;
+use crate::faults::{FaultInjector, FaultSpec};
 use crate::util::rng::Rng;
 use crate::wire::codec::{Header, Kind};
 
 /// Decides, for a datagram about to enter the network, whether it is dropped.
 type DropRule = Box<dyn FnMut(&Header, SocketAddr, SocketAddr) -> bool>;
 
-/// A datagram travelling through the simulated network.
-struct InFlight {
-    /// Sender.
-    from: SocketAddr,
-    /// Receiver.
-    to: SocketAddr,
-    /// The bytes.
-    payload: Vec<u8>,
-}
+/// The network's faults unless a test sets others: 1 ms one way, nothing lost.
+const CLEAN: &str = "delay=1ms";
 
 /// Endpoints connected by a simulated network, with an application on each that answers
 /// every request with a function of its body after an optional execution delay.
@@ -29,21 +25,11 @@ struct Sim {
     now: Instant,
     /// The endpoints by address.
     nodes: BTreeMap<SocketAddr, Endpoint>,
-    /// Datagrams in the network, by (delivery time, sequence).
-    wire: BTreeMap<(Instant, u64), InFlight>,
-    /// Sequence numbers keep same-instant deliveries in send order.
-    seq: u64,
-    /// One-way latency.
-    latency: Duration,
-    /// Probability a datagram is dropped.
-    loss: f64,
-    /// Probability a datagram is duplicated.
-    dup: f64,
-    /// Probability a datagram is held back so later ones overtake it.
-    reorder: f64,
-    /// An extra drop rule (for dropping specific kinds).
+    /// The network between them, seeded from the test's seed.
+    net: Network,
+    /// An extra drop rule (for dropping specific kinds), applied before the network.
     rule: Option<DropRule>,
-    /// Random source of the network.
+    /// Random source of the endpoints created during a test.
     rng: Rng,
     /// How long the applications take to execute a request.
     exec_delay: Duration,
@@ -53,7 +39,7 @@ struct Sim {
     executed: HashMap<SocketAddr, Vec<Vec<u8>>>,
     /// Responses delivered to requesters, by (requester, request id).
     responses: HashMap<(SocketAddr, RequestId), Result<Vec<u8>, RequestError>>,
-    /// Datagrams dropped by the network, by kind.
+    /// Datagrams dropped by the rule or the network, by kind.
     dropped: HashMap<Kind, u64>,
     /// Datagrams delivered, by kind.
     delivered: HashMap<Kind, u64>,
@@ -71,15 +57,12 @@ impl Sim {
         let nodes = (1..=n)
             .map(|i| (addr(i), Endpoint::new(config.clone(), &mut rng)))
             .collect();
+        let spec = CLEAN.parse().expect("a valid spec");
+        let net = Network::new(FaultInjector::with_rng(spec, rng.fork()));
         Sim {
             now: Instant::now(),
             nodes,
-            wire: BTreeMap::new(),
-            seq: 0,
-            latency: Duration::from_millis(1),
-            loss: 0.0,
-            dup: 0.0,
-            reorder: 0.0,
+            net,
             rule: None,
             rng,
             exec_delay: Duration::ZERO,
@@ -89,6 +72,13 @@ impl Sim {
             dropped: HashMap::new(),
             delivered: HashMap::new(),
         }
+    }
+
+    /// Applies the faults written as a `--faults` spec (e.g. `loss=0.2,delay=1ms`) to the
+    /// datagrams sent from now on.
+    fn set_faults(&mut self, text: &str) {
+        let spec: FaultSpec = text.parse().expect("a valid spec");
+        self.net.set_spec(spec);
     }
 
     /// The endpoint at `at`.
@@ -135,7 +125,8 @@ impl Sim {
         }
     }
 
-    /// Applies the network's faults to one datagram and schedules its delivery.
+    /// Puts one datagram on the network (unless the test's rule drops it first), counting
+    /// it by kind if it is lost.
     fn send(&mut self, from: SocketAddr, t: Transmit) {
         let header = Header::decode(&t.payload)
             .expect("endpoints send valid datagrams")
@@ -144,32 +135,14 @@ impl Sim {
             .rule
             .as_mut()
             .is_some_and(|rule| rule(&header, from, t.dst));
-        if ruled_out || self.rng.chance(self.loss) {
+        if ruled_out || self.net.send(self.now, from, t.dst, t.payload) == 0 {
             *self.dropped.entry(header.kind).or_default() += 1;
-            return;
-        }
-        let copies = if self.rng.chance(self.dup) { 2 } else { 1 };
-        for _ in 0..copies {
-            let mut at = self.now + self.latency;
-            if self.rng.chance(self.reorder) {
-                at += Duration::from_micros(self.rng.below(5_000));
-            }
-            self.seq += 1;
-            let payload = t.payload.clone();
-            self.wire.insert(
-                (at, self.seq),
-                InFlight {
-                    from,
-                    to: t.dst,
-                    payload,
-                },
-            );
         }
     }
 
     /// The next instant anything happens.
     fn next_instant(&self) -> Option<Instant> {
-        let delivery = self.wire.keys().next().map(|&(at, _)| at);
+        let delivery = self.net.poll_timeout();
         let timers = self.nodes.values().filter_map(Endpoint::poll_timeout).min();
         let execution = self.executing.iter().map(|&(at, ..)| at).min();
         [delivery, timers, execution].into_iter().flatten().min()
@@ -187,11 +160,7 @@ impl Sim {
             }
             self.now = self.now.max(next);
             let now = self.now;
-            while let Some(entry) = self.wire.first_entry() {
-                if entry.key().0 > now {
-                    break;
-                }
-                let d = entry.remove();
+            while let Some(d) = self.net.poll_delivery(now) {
                 if let Ok((h, _)) = Header::decode(&d.payload) {
                     *self.delivered.entry(h.kind).or_default() += 1;
                 }
@@ -343,8 +312,7 @@ fn every_datagram_kind_can_be_lost_and_a_fragmented_exchange_still_completes() {
 #[test]
 fn duplicated_and_reordered_datagrams_never_execute_twice() {
     let mut sim = Sim::new(3, Config::default(), 6);
-    sim.dup = 0.5;
-    sim.reorder = 0.5;
+    sim.set_faults("dup=0.5,reorder=0.5,delay=1ms");
     let mut ids = Vec::new();
     for i in 0..50u8 {
         let body = if i % 10 == 0 {
@@ -391,7 +359,7 @@ fn a_megabyte_completes_under_20_percent_loss_resending_only_missing_fragments()
 #[test]
 fn a_megabyte_each_way_completes_under_20_percent_loss_in_both_directions() {
     let mut sim = Sim::new(2, Config::default(), 8);
-    sim.loss = 0.2;
+    sim.set_faults("loss=0.2,delay=1ms");
     let mut body = b"big:".to_vec();
     body.extend(pattern(1 << 20));
     let id = sim.request(addr(1), addr(2), body);
@@ -412,7 +380,7 @@ fn a_megabyte_each_way_completes_under_20_percent_loss_in_both_directions() {
 #[test]
 fn rto_adapts_to_the_measured_round_trip() {
     let mut sim = Sim::new(2, Config::default(), 9);
-    sim.latency = Duration::from_millis(60);
+    sim.set_faults("delay=60ms");
     for _ in 0..20 {
         let id = sim.request(addr(1), addr(2), b"x".to_vec());
         sim.outcome(id).unwrap();
@@ -423,7 +391,7 @@ fn rto_adapts_to_the_measured_round_trip() {
         "{srtt:?}"
     );
     assert!(sim.node(addr(1)).rto(addr(2)) >= Duration::from_millis(120));
-    sim.latency = Duration::from_millis(1);
+    sim.set_faults(CLEAN);
     for _ in 0..60 {
         let id = sim.request(addr(1), addr(2), b"x".to_vec());
         sim.outcome(id).unwrap();
@@ -444,7 +412,7 @@ fn rto_adapts_to_the_measured_round_trip() {
 #[test]
 fn a_silent_peer_times_out_after_bounded_attempts() {
     let mut sim = Sim::new(2, Config::default(), 10);
-    sim.loss = 1.0;
+    sim.set_faults("loss=1,delay=1ms");
     let id = sim.request(addr(1), addr(2), b"anyone?".to_vec());
     let started = sim.now;
     assert_eq!(
@@ -464,7 +432,7 @@ fn a_silent_peer_times_out_after_bounded_attempts() {
 #[test]
 fn a_deadline_bounds_the_request() {
     let mut sim = Sim::new(2, Config::default(), 11);
-    sim.loss = 1.0;
+    sim.set_faults("loss=1,delay=1ms");
     let now = sim.now;
     let deadline = now + Duration::from_millis(250);
     let id = (
@@ -486,7 +454,7 @@ fn a_deadline_bounds_the_request() {
 #[test]
 fn unreachable_fails_every_request_to_that_peer() {
     let mut sim = Sim::new(3, Config::default(), 12);
-    sim.loss = 1.0;
+    sim.set_faults("loss=1,delay=1ms");
     let a = sim.request(addr(1), addr(2), b"a".to_vec());
     let b = sim.request(addr(1), addr(3), b"b".to_vec());
     let now = sim.now;
@@ -704,8 +672,7 @@ fn long_executions_and_large_responses_do_not_inflate_the_rtt() {
 #[test]
 fn reassembly_memory_returns_to_zero_after_fragmented_exchanges() {
     let mut sim = Sim::new(2, Config::default(), 23);
-    sim.loss = 0.1;
-    sim.dup = 0.1;
+    sim.set_faults("loss=0.1,dup=0.1,delay=1ms");
     for i in 0..5u8 {
         let mut body = b"big:".to_vec();
         body.extend(pattern(30_000 + usize::from(i)));
@@ -1044,9 +1011,7 @@ fn an_honest_requester_proves_its_address_once() {
 #[test]
 fn address_validation_survives_loss_and_duplication() {
     let mut sim = Sim::new(3, Config::default(), 44);
-    sim.loss = 0.2;
-    sim.dup = 0.1;
-    sim.reorder = 0.1;
+    sim.set_faults("loss=0.2,dup=0.1,reorder=0.1,delay=1ms");
     let mut ids = Vec::new();
     for i in 0..20u8 {
         let body = if i % 2 == 0 {
@@ -1095,11 +1060,7 @@ fn floors_are_bounded() {
 fn a_first_contact_is_padded_so_a_one_datagram_answer_needs_no_retry() {
     let mut sim = Sim::new(2, Config::default(), 46);
     let id = sim.request(addr(1), addr(2), b"wide:".to_vec());
-    let flight = sim
-        .wire
-        .values()
-        .next()
-        .expect("the first request in flight");
+    let flight = sim.net.peek().expect("the first request in flight");
     assert_eq!(
         flight.payload.len(),
         Config::default().max_datagram.div_ceil(3),
@@ -1108,11 +1069,7 @@ fn a_first_contact_is_padded_so_a_one_datagram_answer_needs_no_retry() {
     assert_eq!(sim.outcome(id).unwrap(), pattern(1000));
     assert_eq!(sim.node(addr(2)).stats().retries_sent, 0);
     let id = sim.request(addr(1), addr(2), b"abc".to_vec());
-    let flight = sim
-        .wire
-        .values()
-        .next()
-        .expect("the second request in flight");
+    let flight = sim.net.peek().expect("the second request in flight");
     assert_eq!(
         flight.payload.len(),
         HEADER_LEN + 3,

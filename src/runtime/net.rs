@@ -20,8 +20,8 @@ use log::{debug, info, warn};
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::faults::{FaultInjector, FaultSpec};
 use crate::reliable::{self, Endpoint, Event, IncomingId, RequestError, RequestId, Stats};
-use crate::runtime::faults::{FaultInjector, FaultSpec};
 use crate::runtime::trace::{Direction, Tracer};
 use crate::util::rng::Rng;
 

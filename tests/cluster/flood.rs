@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use trireme::placement::ring;
 use trireme::placement::view::{ServerId, View};
+use trireme::util::rng::Rng;
 use trireme::wire::codec::{self, Header, Kind};
-use trireme::wire::message::{Entry, Request};
+use trireme::wire::message::{Entry, Request, TxId};
 
 use crate::util::*;
 
@@ -37,10 +38,10 @@ fn request_datagram(incarnation: u64, request_id: u64, body: &[u8]) -> Vec<u8> {
 
 /// A body that decodes as no request (an unknown variant), followed by noise: executed and
 /// answered `bad_input`.
-fn garbage_body(rand: &mut Rand) -> Vec<u8> {
+fn garbage_body(rand: &mut Rng) -> Vec<u8> {
     let mut body = vec![0xff, 0xff, 0xff];
     let len = rand.below(200) as usize;
-    body.extend(rand.bytes(len));
+    body.extend(random_bytes(rand, len));
     body
 }
 
@@ -60,17 +61,17 @@ struct Target {
 /// keys; for the view leader, `lock_get` with fresh lock and requester names (each held for
 /// good), waits that are never renewed, releases by non-holders, view queries, and storage
 /// requests it does not serve.
-fn hostile(target: &Target, rand: &mut Rand, i: u32) -> Request {
+fn hostile(target: &Target, rand: &mut Rng, i: u32) -> Request {
     let key = format!("flood-{i}");
     let Some(me) = target.id else {
         return match i % 5 {
             0 | 1 => Request::LockGet {
                 lock: format!("flood-lock-{i}"),
-                requester: format!("flood-{}", rand.next()),
+                requester: format!("flood-{}", rand.next_u64()),
             },
             2 => Request::LockGet {
                 lock: format!("flood-lock-{}", rand.below(u64::from(i) + 1)),
-                requester: format!("waiter-{}", rand.next()),
+                requester: format!("waiter-{}", rand.next_u64()),
             },
             3 => Request::LockRelease {
                 lock: format!("flood-lock-{}", rand.below(u64::from(i) + 1)),
@@ -90,21 +91,23 @@ fn hostile(target: &Target, rand: &mut Rand, i: u32) -> Request {
             }],
         },
         1 => Request::Commit {
-            txid: rand.txid(),
-            version: rand.next(),
+            txid: TxId::random(rand),
+            version: rand.next_u64(),
         },
-        2 => Request::Abort { txid: rand.txid() },
+        2 => Request::Abort {
+            txid: TxId::random(rand),
+        },
         3 => Request::QueryTx {
-            txid: rand.txid(),
+            txid: TxId::random(rand),
             key,
             expected: me,
-            primary: ServerId(u128::from(rand.next())),
+            primary: ServerId(u128::from(rand.next_u64())),
             close: true,
         },
         4 => {
             let participants = ring::replicas(&target.view, &key);
             Request::Prepare {
-                txid: rand.txid(),
+                txid: TxId::random(rand),
                 key,
                 value: "never decided".into(),
                 epoch: target.view.epoch,
@@ -145,47 +148,47 @@ fn flood(target: &Target, seed: u64) -> Report {
         })
         .collect();
     let marker = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mut rand = Rand(seed);
+    let mut rand = Rng::seeded(seed);
     let mut report = Report::default();
     let mut buffer = vec![0u8; 65536];
-    let marker_incarnation = rand.next();
+    let marker_incarnation = rand.next_u64();
     for i in 0..PER_NODE {
         let socket = &sockets[i as usize % SOURCES];
         let datagram = match i % 10 {
             // Noise of any length, sometimes behind our magic.
             0 => {
                 let len = rand.below(1400) as usize;
-                rand.bytes(len)
+                random_bytes(&mut rand, len)
             }
             1 => {
                 let mut d = b"TRIR\x01".to_vec();
                 let len = rand.below(100) as usize;
-                d.extend(rand.bytes(len));
+                d.extend(random_bytes(&mut rand, len));
                 d
             }
             // A valid header and a body that is no request.
-            2 | 3 => request_datagram(rand.next(), rand.next(), &garbage_body(&mut rand)),
+            2 | 3 => request_datagram(rand.next_u64(), rand.next_u64(), &garbage_body(&mut rand)),
             // The first fragment of a request of up to 8 MiB that never finishes.
             4 => {
                 let len = 65_536 + rand.below(codec::MAX_MESSAGE as u64 - 65_536) as usize;
                 let count = codec::fragment_count(len, 1340);
-                let mut header = Header::new(Kind::Request, rand.next(), rand.next(), 1);
+                let mut header = Header::new(Kind::Request, rand.next_u64(), rand.next_u64(), 1);
                 header.frag_count = count;
                 header.message_len = len as u32;
-                let payload = rand.bytes(codec::fragment_range(len, count, 0).len());
+                let payload = random_bytes(&mut rand, codec::fragment_range(len, count, 0).len());
                 codec::encode_datagram(&header, &payload)
             }
             // An ack or a probe about a request nobody sent.
             5 => {
                 let kind = if i % 20 == 5 { Kind::Ack } else { Kind::Probe };
-                let header = Header::new(kind, rand.next(), rand.next(), 1);
+                let header = Header::new(kind, rand.next_u64(), rand.next_u64(), 1);
                 let len = if kind == Kind::Ack { rand.below(40) } else { 0 };
-                codec::encode_datagram(&header, &rand.bytes(len as usize))
+                codec::encode_datagram(&header, &random_bytes(&mut rand, len as usize))
             }
             // A valid message from someone with no right to send it.
             _ => {
                 let body = hostile(target, &mut rand, i).encode().expect("encodes");
-                request_datagram(rand.next(), rand.next(), &body)
+                request_datagram(rand.next_u64(), rand.next_u64(), &body)
             }
         };
         let _ = socket.send_to(&datagram, target.addr);

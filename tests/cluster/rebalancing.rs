@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use trireme::client::{Client, SetrHooks};
+use trireme::faults::FaultSpec;
 use trireme::placement::view::View;
-use trireme::runtime::faults::FaultSpec;
 use trireme::runtime::net::{self, Handle, NetConfig};
 
 use crate::cluster_test;

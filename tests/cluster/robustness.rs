@@ -4,6 +4,8 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
+use trireme::util::rng::Rng;
+
 use crate::cluster_test;
 use crate::util::*;
 
@@ -34,17 +36,17 @@ fn header(
 /// Sends 10 000 junk and half-valid datagrams to `target`.
 fn flood(target: std::net::SocketAddr) {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mut junk = Rand(0x9E37_79B9_7F4A_7C15);
+    let mut junk = Rng::seeded(0x9E37_79B9_7F4A_7C15);
     for i in 0..10_000u32 {
         let datagram = match i % 8 {
             // Pure noise of any length.
             0 | 6 => {
-                let len = usize::from(junk.next() as u8) * 5;
-                junk.bytes(len)
+                let len = usize::from(junk.next_u64() as u8) * 5;
+                random_bytes(&mut junk, len)
             }
             // A valid header and a garbage one-fragment body (a request that cannot decode).
             1 | 7 => {
-                let body = junk.bytes(40);
+                let body = random_bytes(&mut junk, 40);
                 let mut d = header(1, u64::from(i), 0, 1, body.len() as u32);
                 d.extend(body);
                 d
@@ -52,7 +54,7 @@ fn flood(target: std::net::SocketAddr) {
             // The first fragment of a message that never finishes.
             2 => {
                 let mut d = header(1, u64::from(i) + 1_000_000, 0, 100, 130_000);
-                d.extend(junk.bytes(1300));
+                d.extend(random_bytes(&mut junk, 1300));
                 d
             }
             // A fragment count out of all proportion to the message (once a 4 GiB table).
@@ -62,8 +64,8 @@ fn flood(target: std::net::SocketAddr) {
             // Acks and probes about requests nobody sent.
             _ => {
                 let mut d = header(3 + (i % 2) as u8, u64::from(i), 0, 1, 0);
-                let len = usize::from(junk.next() as u8 % 20);
-                d.extend(junk.bytes(len));
+                let len = usize::from(junk.next_u64() as u8 % 20);
+                d.extend(random_bytes(&mut junk, len));
                 d
             }
         };

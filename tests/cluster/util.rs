@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use trireme::placement::view::{Epoch, Member, View};
+use trireme::util::rng::Rng;
 
 /// The fault spec the current test runs under (set per test by the `with_faults!` macro's
 /// generated tests through [`Env`]).
@@ -483,32 +484,10 @@ pub fn last_learned_epoch(s: &Server) -> Option<u64> {
         .next_back()
 }
 
-/// A small deterministic generator (xorshift), so a failing run can be replayed.
-pub struct Rand(pub u64);
-
-impl Rand {
-    /// The next pseudo-random 64 bits.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A pseudo-random number below `n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// `len` pseudo-random bytes.
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    /// A fresh transaction id.
-    pub fn txid(&mut self) -> trireme::wire::message::TxId {
-        trireme::wire::message::TxId((u128::from(self.next()) << 64) | u128::from(self.next()))
-    }
+/// `len` bytes drawn from `rng` (the product's seeded generator, so a failing run can be
+/// replayed).
+pub fn random_bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len).map(|_| rng.next_u64() as u8).collect()
 }
 
 /// A member (`{"id","addr"}`) of a JSON answer.

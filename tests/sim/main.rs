@@ -28,9 +28,36 @@ use world::{Fault, Params, World};
 /// enough for a participant's longest wait for a decision (30 s) and its termination.
 const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
-/// Seeds that once found a bug, now fixed; run on every test run (see README "How we test").
+/// Seeds that catch a bug now fixed; run on every test run (see README "How we test").
+///
+/// A seed's schedule depends on the network, so when the simulator moved onto the shared
+/// `faults::network::Network` (issue 15) each bug was put back as a temporary patch and the
+/// seeds were searched again; the seeds below fail with the patch and pass without it.
+/// Not re-found yet (their old seeds no longer replay them, so they are left out): the
+/// commit that only dead replicas held (old 88, 327, 345), rebalancing started with an
+/// undecided transaction (200), held reads answered by a server declared dead (287), plans
+/// anchored on the last completed view (275, 2023), and a stale read across a view change (64).
+/// The old simulator-bug seeds (168, 221, 434, 556, 1449) named bugs of the old world.
+///
+/// They were found before the simulated clients ran operations with `--wait`, so [`replay`]
+/// runs them with `wait: 0.0`: the schedule that caught the bug (a seed whose parameters
+/// draw no `--wait` replays the same either way).
 const REGRESSION_SEEDS: &[u64] = &[
-    64, 88, 168, 200, 221, 275, 287, 327, 345, 434, 556, 1449, 1905, 2023, 3630, 13441,
+    // A restarted view leader that has heard no server shows epoch 0 to a client that used a
+    // newer one (old seed 154): "received a view of epoch 0 ... epochs went backwards".
+    5, 14, 74,
+    // A server restarted empty joins an empty view at once instead of gathering the servers
+    // that come back for one dead_after, and answers not_found (old seeds 17, 747): a read
+    // of "absent" after an acknowledged write.
+    335, 1468, 3392, 3647, 3670,
+    // A transfer planned for an epoch the receiver has left behind is accepted, leaving a
+    // key where it no longer belongs (old seeds 1905, 3630): "holds key .. but is not one of
+    // its replicas".
+    2125, 3928, 7345,
+    // Request ids count from 1 in every process, so a restarted client takes a late answer
+    // meant for its previous process (another key's value) for its own read (old seed
+    // 13441): "returned a value that no operation wrote". The only catch in seeds 0..12287.
+    10354,
 ];
 
 /// What one seed's run amounted to.
@@ -49,7 +76,13 @@ struct Summary {
 /// Runs seed `seed` and checks it; with `trace`, writes its datagrams there. The error names
 /// the seed, what broke, and how to replay it.
 fn run_seed(seed: u64, trace: Option<&Path>) -> Result<Summary, String> {
-    let params = Params::from_seed(seed);
+    run_params(Params::from_seed(seed), trace)
+}
+
+/// Runs a seed with parameters `params` (its seed's, perhaps with one changed) and checks
+/// it, as [`run_seed`] does.
+fn run_params(params: Params, trace: Option<&Path>) -> Result<Summary, String> {
+    let seed = params.seed;
     let mut world = World::new(params.clone(), trace.is_some());
     world.verbose = std::env::var_os("TRIREME_SIM_LOG").is_some();
     if world.verbose {
@@ -69,13 +102,13 @@ fn run_seed(seed: u64, trace: Option<&Path>) -> Result<Summary, String> {
     match outcome {
         Ok(checked) => Ok(Summary {
             params,
-            stats: world.stats.clone(),
+            stats: world.stats(),
             checked,
             digest: world.digest,
         }),
         Err(problem) => Err(format!(
             "seed {seed} failed: {problem}\n  parameters: {params:?}\n  faults: {:?}\n  replay: TRIREME_SIM_SEED={seed} TRIREME_SIM_TRACE=/tmp/sim-{seed}.pcap cargo nextest run --test sim replay --no-capture && trace-dump /tmp/sim-{seed}.pcap --summary",
-            world.stats
+            world.stats()
         )),
     }
 }
@@ -177,14 +210,21 @@ seed_parts!(
 /// seeds that once found bugs, printing what each run did.
 #[test]
 fn replay() {
-    let seeds: Vec<u64> = match env_number("TRIREME_SIM_SEED") {
-        Some(seed) => vec![seed],
-        None => REGRESSION_SEEDS.to_vec(),
+    let runs: Vec<Params> = match env_number("TRIREME_SIM_SEED") {
+        Some(seed) => vec![Params::from_seed(seed)],
+        None => REGRESSION_SEEDS
+            .iter()
+            .map(|&seed| Params {
+                wait: 0.0,
+                ..Params::from_seed(seed)
+            })
+            .collect(),
     };
     let trace = std::env::var_os("TRIREME_SIM_TRACE");
-    for seed in seeds {
+    for params in runs {
+        let seed = params.seed;
         let trace = trace.as_deref().map(Path::new);
-        match run_seed(seed, trace) {
+        match run_params(params, trace) {
             Ok(summary) => eprintln!(
                 "seed {seed}: passed; digest {:016x}; {} keys, {} operations checked ({} acknowledged setrs, {} of unknown outcome, {} reads; {} lost with all their holders crashed), {} epoch changes checked; faults {:?}; parameters {:?}",
                 summary.digest,
@@ -487,12 +527,12 @@ fn scenarios(
             if checked.acked_writes == 0 {
                 return Err("no setr succeeded: the scenario tests nothing".into());
             }
-            expect(&world.stats)
+            expect(&world.stats())
         });
         if let Err(problem) = result {
             failures.push(format!(
                 "seed {seed}: {problem}\n  faults: {:?}",
-                world.stats
+                world.stats()
             ));
         }
     }
@@ -581,7 +621,7 @@ fn membership_faults_replay_exactly() {
             Fault::RestartLeader { down: dead_after },
         );
         let at = world.run(SETTLE_LIMIT).map(|state| state.at);
-        (world.digest, world.history.clone(), at, world.stats.clone())
+        (world.digest, world.history.clone(), at, world.stats())
     };
     let first = run();
     assert!(
@@ -607,7 +647,7 @@ fn a_simulated_trace_reads_back_in_trace_dump() {
     trireme::runtime::trace::write_file(&path, world.trace()).expect("trace written");
     let trace = trireme::runtime::trace::read_file(&path).expect("trace read back");
     assert_eq!(trace.records.len(), world.trace().len());
-    assert!(world.trace().len() as u64 >= world.stats.sent);
+    assert!(world.trace().len() as u64 >= world.stats().sent);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_trace-dump"))
         .arg(&path)
         .arg("--summary")

@@ -1,7 +1,8 @@
 //! The simulated world: one view leader, several servers and several clients, running the
 //! real state machines (`ViewLeader`, `Server`, the client's `Setr`/`Getr` coordinators, and
-//! a reliable-layer `Endpoint` under each) in one thread, in virtual time, over a seeded
-//! network that drops, duplicates, reorders and delays datagrams and cuts links. Servers and
+//! a reliable-layer `Endpoint` under each) in one thread, in virtual time, over the crate's
+//! seeded network ([`trireme::faults::network::Network`]: the product's `--faults` injector
+//! drops, duplicates, reorders and delays datagrams; the network cuts links). Servers and
 //! clients crash and restart; so does the view leader (all its memory lost). Hosts are
 //! frozen for a while (the view leader alone, or every server at once): a frozen host runs no
 //! timers and handles nothing, and what is sent to it waits in its socket buffer, handled in
@@ -12,11 +13,15 @@
 //! server process ever held which version of each key, which processes crashed, and the
 //! epochs each server process and each client incarnation saw.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use trireme::client::{self, Placement, Replicated};
+use trireme::faults::network::{Datagram, Network};
+use trireme::faults::{FaultInjector, FaultSpec};
 use trireme::placement::view::{Epoch, ServerId};
 use trireme::reliable::{self, Endpoint, IncomingId, RequestError, RequestId};
 use trireme::runtime::node::{self, Node, NodeNet};
@@ -82,6 +87,19 @@ pub struct Params {
 const SIM_WALL_START: u64 = 1_750_000_000_000_000;
 
 impl Params {
+    /// The network faults of the active period, as a `--faults` spec: the run's delay,
+    /// jitter, loss, duplication and reordering.
+    pub fn faults(&self) -> FaultSpec {
+        FaultSpec {
+            loss: self.loss,
+            dup: self.dup,
+            reorder: self.reorder,
+            delay: self.latency,
+            jitter: self.jitter,
+            seed: None,
+        }
+    }
+
     /// The parameters of run `seed`: a mix of quiet runs and runs with every fault.
     pub fn from_seed(seed: u64) -> Params {
         let mut rng = Rng::seeded(seed ^ 0x5157_0000_0000_0000);
@@ -368,15 +386,6 @@ pub enum Fault {
 /// Something scheduled.
 #[derive(Debug)]
 enum Scheduled {
-    /// A datagram arrives at `to`.
-    Deliver {
-        /// Sender.
-        from: SocketAddr,
-        /// Receiver.
-        to: SocketAddr,
-        /// The bytes.
-        payload: Vec<u8>,
-    },
     /// The OS of `to` reports `peer` unreachable (an ICMP port unreachable came back).
     Unreachable {
         /// Who learns it.
@@ -394,8 +403,6 @@ enum Scheduled {
     RestartLeader,
     /// Client slot `0` starts again.
     RestartClient(usize),
-    /// The cut between two addresses heals, unless a later cut of the same link lasts longer.
-    Heal(SocketAddr, SocketAddr),
     /// The frozen host at `slot` resumes, if it is still frozen by pause number `pause`.
     Resume {
         /// The host's slot.
@@ -500,8 +507,9 @@ struct ClientActor {
     life: u64,
     /// The view leader's address.
     viewleader: SocketAddr,
-    /// Its random source (keys, values, think times, txids).
-    rng: Rng,
+    /// Its random source (keys, values, think times, and, when a setr's coordinator is
+    /// built on a view, its pause and txid: shared with that build).
+    rng: Rc<RefCell<Rng>>,
     /// When to start the next operation (`None`: running one, or stopped).
     next_op: Option<Instant>,
     /// The operation in progress.
@@ -558,30 +566,33 @@ impl ClientActor {
     /// of them with `--wait`.
     fn start(&mut self, now: Instant) {
         self.seq += 1;
-        let key = format!("k{}", self.rng.below(self.params.keys as u64));
-        let value = self
-            .rng
+        let mut rng = self.rng.borrow_mut();
+        let key = format!("k{}", rng.below(self.params.keys as u64));
+        let value = rng
             .chance(0.5)
             .then(|| format!("c{}.{}-{}", self.index, self.life, self.seq));
         // Drawn only in runs with --wait, so that the others replay as they did before.
-        let wait = self.params.wait > 0.0 && self.rng.chance(self.params.wait);
+        let wait = self.params.wait > 0.0 && rng.chance(self.params.wait);
+        drop(rng);
         let deadline = Some(now + self.params.op_timeout);
         let timeout = Some(self.params.op_timeout);
         let floor = self.epoch_floor;
         let op = match &value {
             Some(value) => {
                 let pause = self.params.pause_before_commit;
-                let hooks = SetrHooks {
-                    pause_before_commit: if pause.is_zero() {
-                        Duration::ZERO
-                    } else {
-                        Duration::from_micros(self.rng.below(pause.as_micros() as u64 + 1))
-                    },
-                    ..SetrHooks::default()
-                };
-                let txid = TxId::random(&mut self.rng);
-                let (key, value) = (key.clone(), value.clone());
+                let (key, value, rng) = (key.clone(), value.clone(), Rc::clone(&self.rng));
+                // The pause and the txid are drawn when the view step hands over a view.
                 let build = move |now: Instant, placement: &Placement| {
+                    let mut rng = rng.borrow_mut();
+                    let hooks = SetrHooks {
+                        pause_before_commit: if pause.is_zero() {
+                            Duration::ZERO
+                        } else {
+                            Duration::from_micros(rng.below(pause.as_micros() as u64 + 1))
+                        },
+                        ..SetrHooks::default()
+                    };
+                    let txid = TxId::random(&mut rng);
                     Setr::new(now, &key, &value, placement, txid, deadline, timeout, hooks)
                 };
                 Op::Setr(Box::new(Replicated::new(
@@ -704,7 +715,11 @@ impl ClientActor {
         if let Some(running) = self.running.take() {
             self.done.push((running, now, outcome));
         }
-        let think = Duration::from_micros(self.rng.below(self.params.think.as_micros() as u64 + 1));
+        let think = Duration::from_micros(
+            self.rng
+                .borrow_mut()
+                .below(self.params.think.as_micros() as u64 + 1),
+        );
         self.next_op = (!self.stopped).then_some(now + think);
     }
 
@@ -926,18 +941,18 @@ pub struct World {
     start: Instant,
     /// Virtual now.
     now: Instant,
-    /// The network's and the fault schedule's random source.
+    /// The fault schedule's random source.
     rng: Rng,
+    /// The network: datagrams in flight, their faults, and cut links.
+    net: Network,
     /// Host 0 is the view leader; then servers; then clients (`None`: crashed).
     hosts: Vec<Option<Host>>,
     /// Each host slot's address.
     addrs: Vec<SocketAddr>,
-    /// Scheduled events by (time, sequence).
+    /// Scheduled events other than deliveries, by (time, sequence).
     queue: BTreeMap<(Instant, u64), Scheduled>,
     /// Next event sequence number.
     seq: u64,
-    /// Cut links (each pair stored in address order), with when each heals.
-    cuts: BTreeMap<(SocketAddr, SocketAddr), Instant>,
     /// Frozen hosts by slot (`None`: running, or not there).
     paused: Vec<Option<Pause>>,
     /// Pauses so far (numbers them).
@@ -961,8 +976,8 @@ pub struct World {
     trace: Option<Vec<Entry>>,
     /// The history of client operations.
     pub history: Vec<Record>,
-    /// What happened.
-    pub stats: Stats,
+    /// What happened (the network's counters are added by [`World::stats`]).
+    stats: Stats,
     /// A digest of every delivery and outcome (two runs of a seed must agree on it).
     pub digest: u64,
     /// Print what happens (operations, faults, views) on stderr, for replaying a failure.
@@ -979,6 +994,7 @@ impl World {
     /// virtual time 0. With `trace`, every datagram is recorded for [`World::trace`].
     pub fn new(params: Params, trace: bool) -> World {
         let mut rng = Rng::seeded(params.seed);
+        let net = Network::new(FaultInjector::with_rng(params.faults(), rng.fork()));
         let start = Instant::now();
         let leader_addr = SocketAddr::from(([10, 0, 0, 1], 39000));
         let mut addrs = vec![leader_addr];
@@ -996,7 +1012,7 @@ impl World {
             now: start,
             queue: BTreeMap::new(),
             seq: 0,
-            cuts: BTreeMap::new(),
+            net,
             pauses: 0,
             processes: 0,
             observed: Observed::default(),
@@ -1097,7 +1113,7 @@ impl World {
             index: slot - self.first_client(),
             life: self.lives,
             viewleader: self.addrs[0],
-            rng: client_rng,
+            rng: Rc::new(RefCell::new(client_rng)),
             next_op: Some(first),
             running: None,
             seq: 0,
@@ -1185,39 +1201,7 @@ impl World {
             self.stats.retries += 1;
         }
         self.record(Direction::Sent, from, to, &payload);
-        let pair = if from < to { (from, to) } else { (to, from) };
-        let (loss, dup, reorder) = if self.chaos {
-            (self.params.loss, self.params.dup, self.params.reorder)
-        } else {
-            (0.0, 0.0, 0.0)
-        };
-        if self.cuts.contains_key(&pair) || self.rng.chance(loss) {
-            self.stats.dropped += 1;
-            return;
-        }
-        let copies = if self.rng.chance(dup) {
-            self.stats.duplicated += 1;
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let jitter = self.rng.below(self.params.jitter.as_nanos() as u64 + 1);
-            let mut delay = self.params.latency + Duration::from_nanos(jitter);
-            if self.rng.chance(reorder) {
-                self.stats.reordered += 1;
-                delay += self.params.latency * (2 + self.rng.below(8) as u32);
-            }
-            let at = self.now + delay;
-            self.schedule(
-                at,
-                Scheduled::Deliver {
-                    from,
-                    to,
-                    payload: payload.clone(),
-                },
-            );
-        }
+        self.net.send(self.now, from, to, payload);
     }
 
     /// Runs `slot`'s host after an input: hands its output to the network and collects its
@@ -1343,6 +1327,7 @@ impl World {
     /// Runs until virtual time `until` (or until nothing is left to do).
     fn run_until(&mut self, until: Instant) {
         loop {
+            let delivery_at = self.net.poll_timeout();
             let event_at = self.queue.first_key_value().map(|(&(at, _), _)| at);
             let timer = self
                 .hosts
@@ -1355,17 +1340,24 @@ impl World {
                         .map(|at| (at, slot))
                 })
                 .min();
-            let next = match (event_at, timer) {
-                (Some(e), Some((t, _))) => e.min(t),
-                (Some(e), None) => e,
-                (None, Some((t, _))) => t,
-                (None, None) => break,
+            let Some(next) = [delivery_at, event_at, timer.map(|(t, _)| t)]
+                .into_iter()
+                .flatten()
+                .min()
+            else {
+                break;
             };
             if next > until {
                 break;
             }
             self.now = self.now.max(next);
-            if event_at == Some(next) {
+            // At one instant: deliveries first, then other events, then timers.
+            if delivery_at == Some(next) {
+                let now = self.now;
+                if let Some(datagram) = self.net.poll_delivery(now) {
+                    self.arrive(datagram);
+                }
+            } else if event_at == Some(next) {
                 let Some((_, event)) = self.queue.pop_first() else {
                     break;
                 };
@@ -1441,11 +1433,9 @@ impl World {
     /// Cuts the link between `a` and `b` until `until` (a longer cut of it already in place
     /// stays as it is).
     fn cut(&mut self, a: SocketAddr, b: SocketAddr, until: Instant) {
-        let pair = if a < b { (a, b) } else { (b, a) };
-        let heal = self.cuts.entry(pair).or_insert(until);
-        *heal = (*heal).max(until);
-        self.log(|| format!("cut {} - {}", pair.0, pair.1));
-        self.schedule(until, Scheduled::Heal(pair.0, pair.1));
+        let heal = self.net.cut(self.now, a, b, until);
+        let at = heal - self.start;
+        self.log(|| format!("cut {a} - {b} until {:.6}", at.as_secs_f64()));
     }
 
     /// Schedules membership fault `fault` at `after` from the start (for scenario tests).
@@ -1515,36 +1505,36 @@ impl World {
         }
     }
 
+    /// Hands a datagram the network delivers to its receiver's host: handled at once by a
+    /// running host, kept in a frozen host's socket buffer (if there is room), or bounced
+    /// back as unreachable when nobody listens at its address.
+    fn arrive(&mut self, datagram: Datagram) {
+        let Datagram { from, to, payload } = datagram;
+        let now = self.now;
+        let Some(slot) = self.slot(to) else {
+            return;
+        };
+        if self.hosts[slot].is_none() {
+            // Nobody listens there: the sender's OS hears so (ICMP).
+            let at = now + self.params.latency;
+            self.schedule(at, Scheduled::Unreachable { to: from, peer: to });
+        } else if let Some(pause) = &mut self.paused[slot] {
+            // Frozen: the datagram waits in the socket buffer, if there is room.
+            if pause.bytes + payload.len() > SOCKET_BUFFER {
+                self.stats.buffer_drops += 1;
+            } else {
+                pause.bytes += payload.len();
+                pause.inbox.push(Inbound::Datagram { from, payload });
+            }
+        } else {
+            self.receive(slot, from, &payload);
+        }
+    }
+
     /// Carries out one scheduled event.
     fn handle(&mut self, event: Scheduled) {
         let now = self.now;
         match event {
-            Scheduled::Deliver { from, to, payload } => {
-                let Some(slot) = self.slot(to) else {
-                    return;
-                };
-                let pair = if from < to { (from, to) } else { (to, from) };
-                if self.cuts.contains_key(&pair) {
-                    self.stats.dropped += 1;
-                    return;
-                }
-                if self.hosts[slot].is_none() {
-                    // Nobody listens there: the sender's OS hears so (ICMP).
-                    let at = now + self.params.latency;
-                    self.schedule(at, Scheduled::Unreachable { to: from, peer: to });
-                } else if let Some(pause) = &mut self.paused[slot] {
-                    // Frozen: the datagram waits in the socket buffer, if there is room.
-                    if pause.bytes + payload.len() > SOCKET_BUFFER {
-                        self.stats.dropped += 1;
-                        self.stats.buffer_drops += 1;
-                    } else {
-                        pause.bytes += payload.len();
-                        pause.inbox.push(Inbound::Datagram { from, payload });
-                    }
-                } else {
-                    self.receive(slot, from, &payload);
-                }
-            }
             Scheduled::Unreachable { to, peer } => {
                 let Some(slot) = self.slot(to) else {
                     return;
@@ -1605,12 +1595,6 @@ impl World {
                         client.stopped = true;
                     }
                     self.hosts[slot] = Some(host);
-                }
-            }
-            Scheduled::Heal(a, b) => {
-                if self.cuts.get(&(a, b)).is_some_and(|&until| until <= now) {
-                    self.log(|| format!("heal {a} - {b}"));
-                    self.cuts.remove(&(a, b));
                 }
             }
         }
@@ -1678,7 +1662,10 @@ impl World {
         // availability (the server may yet be declared dead, and its copies are then not
         // served until it rejoined): no reset while one lasts.
         let leader = self.addrs[0];
-        let leader_cut = self.cuts.keys().any(|&(a, b)| a == leader || b == leader);
+        let leader_cut = self
+            .net
+            .cuts(self.now)
+            .any(|(a, b, _)| a == leader || b == leader);
         if self.is_stable() && !leader_cut {
             self.check_stable_point();
             self.failures = 0;
@@ -1824,6 +1811,13 @@ impl World {
         // frozen hosts resume and a crashed view leader restarts when their time comes (each
         // membership fault runs its whole length, longer than dead-after).
         self.chaos = false;
+        let quiet = FaultSpec {
+            loss: 0.0,
+            dup: 0.0,
+            reorder: 0.0,
+            ..self.params.faults()
+        };
+        self.net.set_spec(quiet);
         let first_client = self.first_client();
         for slot in 0..self.hosts.len() {
             match &mut self.hosts[slot] {
@@ -1862,7 +1856,7 @@ impl World {
     /// True when no link is cut, no client runs an operation, every server has decided every
     /// transaction, and the view is stable.
     fn is_settled(&self) -> bool {
-        if !self.cuts.is_empty() {
+        if self.net.cuts(self.now).next().is_some() {
             return false;
         }
         let idle = self.hosts.iter().flatten().all(|h| match &h.app {
@@ -1912,8 +1906,20 @@ impl World {
         format!(
             "{leader}; servers [{}]; {running} client operations running; {frozen} hosts frozen; {} links cut",
             servers.join("; "),
-            self.cuts.len()
+            self.net.cuts(self.now).count()
         )
+    }
+
+    /// What happened: the world's counters plus the network's (datagrams lost to the
+    /// injector, to cut links and to full socket buffers; duplicated; held back).
+    pub fn stats(&self) -> Stats {
+        let faults = self.net.fault_stats();
+        Stats {
+            dropped: faults.dropped + self.net.stats().cut + self.stats.buffer_drops,
+            duplicated: faults.duplicated,
+            reordered: faults.reordered,
+            ..self.stats.clone()
+        }
     }
 
     /// The final state for the checks (only once the view leader runs again: a settled

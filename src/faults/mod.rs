@@ -1,5 +1,10 @@
-//! Network fault injection: parsing of `--faults SPEC` (or `TRIREME_FAULTS`) and a seeded,
-//! sans-IO injector that decides the fate of each outgoing datagram.
+//! Layer 1, network faults: parsing of `--faults SPEC` (or `TRIREME_FAULTS`), a seeded,
+//! sans-IO injector that decides the fate of each outgoing datagram, and a virtual-time
+//! lossy network ([`network::Network`]) built on that injector, which every test that needs a
+//! network in virtual time uses (the reliable layer's unit tests, the cluster simulator).
+//! The driver ([`crate::runtime::net`]) applies the same injector on its real send path.
+//!
+//! May import: [`crate::util`].
 //!
 //! A spec is a comma-separated list of `name=value` parts:
 //!
@@ -23,6 +28,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::util::rng::Rng;
+
+pub mod network;
 
 /// The names a spec part may use, in the order [`FaultSpec`]'s `Display` prints them.
 const KNOWN_NAMES: [&str; 6] = ["loss", "dup", "reorder", "delay", "jitter", "seed"];
@@ -313,6 +320,12 @@ impl FaultInjector {
     /// Returns the spec this injector applies.
     pub fn spec(&self) -> &FaultSpec {
         &self.spec
+    }
+
+    /// Applies `spec` from now on (its `seed` is ignored: the generator goes on where it
+    /// is), keeping the counts; a test uses it to change the network's faults mid-run.
+    pub fn set_spec(&mut self, spec: FaultSpec) {
+        self.spec = spec;
     }
 
     /// Decides the fate of one outgoing datagram handed over at `now`: the returned Vec holds
