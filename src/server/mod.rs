@@ -203,18 +203,30 @@ impl Server {
     }
 
     /// Handles at `now` the answer to heartbeat number `seq`: a view learned is passed to
-    /// the parts that follow it; a refusal meant for the current id is a rejoin.
+    /// the parts that follow it (a new epoch refuses the reads held back in the old one); a
+    /// refusal meant for the current id is a rejoin.
     fn on_heartbeat_answer(
         &mut self,
         now: Instant,
         seq: u64,
         result: Result<Response, RequestError>,
     ) {
+        let old = self.epoch();
         match self.membership.on_heartbeat_answer(now, seq, result) {
             Some(Heard::View {
                 completed,
                 delivered,
             }) => {
+                if self.epoch() != old {
+                    let refusal = Response::error(
+                        ErrorKind::Rebalancing,
+                        format!(
+                            "the view changed from epoch {old} to {} while this read was held                              back",
+                            self.epoch()
+                        ),
+                    );
+                    self.replication.refuse_held(&refusal, &mut self.actions);
+                }
                 self.replication.prune_settling(
                     self.membership.view(),
                     &self.bucket,

@@ -132,6 +132,15 @@ impl Replication {
         self.participant = Participant::new();
         self.settling.clear();
         self.settle_requests.clear();
+        self.refuse_held(refusal, actions);
+    }
+
+    /// Refuses every read held back with `refusal` (into `actions`). A held read is answered
+    /// only in the epoch it was accepted in: once the view changed, the key may have moved
+    /// away (rebalancing drops it here) and an answer from this bucket could miss a write the
+    /// new replicas have, so the reader asks the view again, as a fresh read at an old epoch
+    /// is told to.
+    pub(super) fn refuse_held(&mut self, refusal: &Response, actions: &mut VecDeque<Action>) {
         for id in self.deferred.take_all() {
             actions.push_back(Action::Respond {
                 id,

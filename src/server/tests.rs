@@ -594,6 +594,38 @@ fn a_server_declared_dead_refuses_the_reads_it_held_back() {
     );
 }
 
+/// Issue 15 (simulator seed 1584): a read held back behind a pending write is refused with
+/// `rebalancing` when the server learns a new view, not answered later from a bucket the
+/// new view's rebalancing may have emptied (that answered `absent` for a key other replicas
+/// held).
+#[test]
+fn a_new_view_refuses_the_reads_held_back_in_the_old_one() {
+    let t0 = Instant::now();
+    let (mut s, view) = settled_in_a_pair(t0);
+    let me = s.id();
+    let (key, participants) = key_with_primary(&view, me, false);
+    let vote = ask(&mut s, prepare(11, &key, "new", 2, me, participants));
+    assert_eq!(vote, Response::Prepared { version: None });
+    let read = Request::GetR {
+        key,
+        epoch: Epoch(2),
+    };
+    assert!(
+        deliver(&mut s, t0, 5, read).is_empty(),
+        "the read waits for the decision"
+    );
+    let id = IncomingId {
+        incarnation: 5,
+        request: 5,
+    };
+    learn(&mut s, t0, 3, &[1, 2], &view, 2);
+    let answers = drain(&mut s);
+    assert!(
+        answers.iter().any(|a| matches!(a, Action::Respond { id: i, response: Response::Error(e) } if *i == id && e.kind == ErrorKind::Rebalancing && e.message.contains("epoch 2 to 3"))),
+        "{answers:?}"
+    );
+}
+
 /// The address of server 1 in the views [`learn`] builds.
 const PEER: &str = "127.0.0.1:38001";
 
