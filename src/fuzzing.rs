@@ -460,6 +460,7 @@ pub fn templates() -> &'static [Vec<u8>] {
                 },
                 completed: View::default(),
                 delivered: Epoch(4),
+                leader: Some(SocketAddr::from(([10, 0, 0, 1], 39000))),
             },
             Response::Keys {
                 keys: (0..300).map(|i| format!("key-{i}")).collect(),

@@ -295,6 +295,7 @@ impl Client {
                 view,
                 rebalancing,
                 pending,
+                ..
             } => Ok(ServersInfo {
                 view,
                 rebalancing,

@@ -232,6 +232,7 @@ impl<O: Operation> Replicated<O> {
                 view,
                 rebalancing,
                 pending,
+                ..
             }) => {
                 self.views.push(view.epoch);
                 ServersInfo {
@@ -463,6 +464,8 @@ mod tests {
             },
             rebalancing,
             pending: Vec::new(),
+            group: Vec::new(),
+            leader: None,
         })
     }
 
@@ -536,6 +539,8 @@ mod tests {
                     },
                     rebalancing: false,
                     pending: Vec::new(),
+                    group: Vec::new(),
+                    leader: None,
                 }),
                 0,
                 ErrorKind::NoServers,

@@ -279,6 +279,7 @@ impl Membership {
                 view,
                 completed,
                 delivered,
+                ..
             }) => {
                 let old = self.epoch();
                 // Answers may arrive out of order: never step back to an older view.

@@ -124,6 +124,7 @@ fn heartbeats_go_out_every_interval_and_learn_the_epoch() {
             view,
             completed,
             delivered: Epoch(0),
+            leader: None,
         }),
     );
     assert_eq!(s.epoch(), Epoch(4));
@@ -297,6 +298,8 @@ fn discovery_adopts_the_lowest_candidate_that_answers() {
         view: View::default(),
         rebalancing: false,
         pending: vec![],
+        group: Vec::new(),
+        leader: None,
     };
     s.handle_response(t0, Reply::Probe(2).token(), Ok(servers.clone()));
     s.handle_response(t0, Reply::Probe(1).token(), Ok(servers));
@@ -348,6 +351,7 @@ fn learn(
             view: view.clone(),
             completed: anchor.clone(),
             delivered: Epoch(delivered),
+            leader: None,
         }),
     );
     view

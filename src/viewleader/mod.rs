@@ -27,6 +27,7 @@
 //! 10 000 remembered dead ids, and the lock table's bounds ([`locks::LockConfig`]).
 //! Refusals are counted in [`Refusals`] and logged at most once a second per kind.
 
+pub mod group;
 pub mod locks;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -269,6 +270,7 @@ impl ViewLeader {
             view: self.view(),
             completed: self.anchor.clone(),
             delivered: self.delivered(),
+            leader: None,
         }
     }
 
@@ -674,6 +676,8 @@ impl Node for ViewLeader {
                         view: self.view(),
                         rebalancing,
                         pending,
+                        leader: None,
+                        group: Vec::new(),
                     }
                 }
             },

@@ -475,6 +475,30 @@ pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> 
     }
 }
 
+/// Encodes a Raft message of the view-leader group with the `raft` crate's own codec
+/// (protobuf), to travel as the body of a `Request::Raft`.
+pub fn encode_raft(message: &raft::eraftpb::Message) -> Result<Vec<u8>, EncodeError> {
+    use protobuf::Message as _;
+    let bytes = message
+        .write_to_bytes()
+        .map_err(|e| EncodeError::Unencodable(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(EncodeError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a Raft message carried by a `Request::Raft`; anything protobuf refuses is
+/// malformed.
+pub fn decode_raft(bytes: &[u8]) -> Result<raft::eraftpb::Message, DecodeError> {
+    use protobuf::Message as _;
+    raft::eraftpb::Message::parse_from_bytes(bytes)
+        .map_err(|e| DecodeError::Malformed(format!("raft message: {e}")))
+}
+
 /// A cursor over a byte slice that turns running out of bytes into `Truncated`.
 struct Reader<'a> {
     /// The bytes being read.

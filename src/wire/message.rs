@@ -141,6 +141,28 @@ pub enum Request {
         /// The epoch of the view the client computed the replicas from.
         epoch: Epoch,
     },
+    /// A Raft message between members of the view-leader group: one `eraftpb::Message`
+    /// encoded by the `raft` crate (protobuf). Accepted only from a group member's address.
+    Raft {
+        /// The encoded message.
+        message: Vec<u8>,
+    },
+    /// A group member that starts with no Raft state introduces itself to a peer (see
+    /// `viewleader::group`): whether it may take part depends on what its peers remember.
+    GroupHello {
+        /// The sender's place in `--peers` (0-based).
+        member: u32,
+        /// A random number drawn when the sender's state began (kept in its `--data-dir`).
+        incarnation: u64,
+    },
+    /// A request a group member passes on to the leader: `request` is an encoded
+    /// [`Request`] (never itself forwarded) that arrived from `origin`.
+    Forwarded {
+        /// Where the request came from (a heartbeat must name it).
+        origin: SocketAddr,
+        /// The encoded request.
+        request: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -162,6 +184,9 @@ impl Request {
             Request::QueryTx { .. } => "query_tx",
             Request::GetR { .. } => "getr",
             Request::Transfer { .. } => "transfer",
+            Request::Raft { .. } => "raft",
+            Request::GroupHello { .. } => "group_hello",
+            Request::Forwarded { .. } => "forwarded",
         }
     }
 
@@ -190,6 +215,9 @@ pub enum Response {
         /// The last epoch whose sends every server has had acknowledged: its copies are all
         /// delivered, so copies kept only in case a sender failed may now be dropped.
         delivered: Epoch,
+        /// The view-leader group's leader, where heartbeats should go (`None`: the member
+        /// that answered, a group of one).
+        leader: Option<SocketAddr>,
     },
     /// The heartbeat came from a server already declared dead: it rejoins under a fresh id,
     /// keeping its bucket as unserved candidates until rebalancing reconciles them.
@@ -205,6 +233,10 @@ pub enum Response {
         rebalancing: bool,
         /// Servers that have not yet finished the current epoch.
         pending: Vec<ServerId>,
+        /// The view-leader group's leader (`None`: the member that answered, a group of one).
+        leader: Option<SocketAddr>,
+        /// Every member of the view-leader group (empty: a group of one).
+        group: Vec<SocketAddr>,
     },
     /// The lock is granted to the requester.
     LockGranted,
@@ -247,6 +279,14 @@ pub enum Response {
         value: String,
         /// Its version (0 for a raw `set`).
         version: u64,
+    },
+    /// The answer to a `GroupHello`.
+    GroupWelcome {
+        /// The answering member has no Raft state either (the group has not started).
+        fresh: bool,
+        /// The answering member took part in the group with the asker at this very
+        /// incarnation (so the asker lost nothing it promised).
+        knows_you: bool,
     },
 }
 
@@ -549,12 +589,15 @@ mod tests {
                 view: view.clone(),
                 completed: View::default(),
                 delivered: Epoch(1),
+                leader: None,
             },
             Response::HeartbeatRefused { view: view.clone() },
             Response::Servers {
                 view,
                 rebalancing: true,
                 pending: vec![ServerId(1)],
+                group: Vec::new(),
+                leader: None,
             },
             Response::LockGranted,
             Response::LockWaiting {

@@ -428,10 +428,45 @@ fn describe_request(body: &[u8]) -> MessageInfo {
             info.epoch = Some(epoch.0);
             ("GetR", String::new())
         }
+        Request::Raft { message } => ("Raft", describe_raft(&message)),
+        Request::GroupHello {
+            member,
+            incarnation,
+        } => (
+            "GroupHello",
+            format!("member={member} incarnation={incarnation:016x}"),
+        ),
+        Request::Forwarded { origin, request } => {
+            let inner = describe_request(&request);
+            let name = inner.request.unwrap_or("undecodable");
+            (
+                "Forwarded",
+                format!("origin={origin} request={name} {}", inner.detail),
+            )
+        }
     };
     info.request = Some(name);
     info.detail = detail;
     info
+}
+
+/// One line for a Raft message of the view-leader group: its type, sender, receiver, term,
+/// log position, commit index and entry count.
+fn describe_raft(bytes: &[u8]) -> String {
+    match codec::decode_raft(bytes) {
+        Ok(m) => format!(
+            "{:?} from={} to={} term={} index={} log_term={} commit={} entries={}",
+            m.get_msg_type(),
+            m.from,
+            m.to,
+            m.term,
+            m.index,
+            m.log_term,
+            m.commit,
+            m.entries.len()
+        ),
+        Err(e) => format!("undecodable raft message: {e}"),
+    }
 }
 
 /// What a response body says; a body that does not decode says so in `detail`.
@@ -452,6 +487,7 @@ fn describe_response(body: &[u8]) -> MessageInfo {
             view,
             completed,
             delivered,
+            leader: _,
         } => {
             info.epoch = Some(view.epoch.0);
             (
@@ -471,6 +507,8 @@ fn describe_response(body: &[u8]) -> MessageInfo {
             view,
             rebalancing,
             pending,
+            leader: _,
+            group: _,
         } => {
             info.epoch = Some(view.epoch.0);
             (
@@ -511,6 +549,10 @@ fn describe_response(body: &[u8]) -> MessageInfo {
         Response::Found { value, version } => (
             "Found",
             format!("value={} B version={version}", value.len()),
+        ),
+        Response::GroupWelcome { fresh, knows_you } => (
+            "GroupWelcome",
+            format!("fresh={fresh} knows_you={knows_you}"),
         ),
     };
     info.response = Some(name);
