@@ -31,6 +31,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
+use serde::{Deserialize, Serialize};
 
 /// Tuning and bounds of a [`LockTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -613,6 +614,90 @@ fn trace_cycle(
     reversed.push(lock);
     reversed.push(requester);
     reversed.into_iter().rev().map(str::to_owned).collect()
+}
+
+/// A lock table as plain data, for the snapshots of the view-leader group: instants are
+/// microseconds since an origin instant of the member that took it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockImage {
+    /// Every lock with a holder, by name.
+    locks: Vec<LockEntryImage>,
+}
+
+/// One lock of a [`LockImage`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LockEntryImage {
+    /// The lock's name.
+    name: String,
+    /// Its holder's name.
+    holder: String,
+    /// Whether the holder confirmed the grant.
+    confirmed: bool,
+    /// When it was granted, µs since the origin.
+    granted_at: u64,
+    /// Waiting requesters in FIFO order, each with its last renewal (µs since the origin).
+    waiters: Vec<(String, u64)>,
+}
+
+/// Microseconds from `origin` to `at` (0 if `at` is earlier).
+fn micros_since(origin: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(origin).as_micros()).unwrap_or(u64::MAX)
+}
+
+impl LockTable {
+    /// The table as plain data, instants measured from `origin` (see [`LockImage`]).
+    pub fn image(&self, origin: Instant) -> LockImage {
+        let mut locks: Vec<LockEntryImage> = self
+            .locks
+            .iter()
+            .map(|(name, state)| LockEntryImage {
+                name: name.clone(),
+                holder: state.holder.name.clone(),
+                confirmed: state.holder.confirmed,
+                granted_at: micros_since(origin, state.holder.granted_at),
+                waiters: state
+                    .waiters
+                    .iter()
+                    .map(|w| (w.name.clone(), micros_since(origin, w.renewed_at)))
+                    .collect(),
+            })
+            .collect();
+        locks.sort_by(|a, b| a.name.cmp(&b.name));
+        LockImage { locks }
+    }
+
+    /// Rebuilds a table with settings `config` from `image`, whose instants are measured
+    /// from `origin`; the wait-for index and the timers are derived again.
+    pub fn restore(config: LockConfig, image: &LockImage, origin: Instant) -> LockTable {
+        let mut table = LockTable::new(config);
+        let at = |micros: u64| origin + Duration::from_micros(micros);
+        for entry in &image.locks {
+            let waiters: VecDeque<Waiter> = entry
+                .waiters
+                .iter()
+                .map(|(name, renewed)| Waiter {
+                    name: name.clone(),
+                    renewed_at: at(*renewed),
+                })
+                .collect();
+            for w in &waiters {
+                table.waits.add(&w.name, &entry.name);
+            }
+            table.locks.insert(
+                entry.name.clone(),
+                LockState {
+                    holder: Holder {
+                        name: entry.holder.clone(),
+                        confirmed: entry.confirmed,
+                        granted_at: at(entry.granted_at),
+                    },
+                    waiters,
+                },
+            );
+            table.schedule(&entry.name);
+        }
+        table
+    }
 }
 
 /// Applies `lock`'s due timeouts at `now`: drops waiters not renewed within `timeout` and

@@ -29,6 +29,7 @@
 
 pub mod group;
 pub mod locks;
+pub mod storage;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -42,7 +43,9 @@ use crate::runtime::node::{Action, Node};
 use crate::util::ratelimit::LogLimiter;
 use crate::wire::message::{self, ErrorKind, OpError, Request, Response};
 
-use self::locks::{LockConfig, LockGetOutcome, LockReleaseOutcome, LockTable};
+use serde::{Deserialize, Serialize};
+
+use self::locks::{LockConfig, LockGetOutcome, LockImage, LockReleaseOutcome, LockTable};
 
 /// The ports a view leader binds by default, and where clients and servers look for one.
 pub const DEFAULT_PORTS: std::ops::RangeInclusive<u16> = 39000..=39010;
@@ -510,15 +513,67 @@ impl ViewLeader {
                 now.saturating_duration_since(last).as_millis(),
                 self.config.dead_after.as_millis()
             );
-            for liveness in self.members.values_mut() {
+            self.renew_all(now);
+        }
+    }
+
+    /// Gives every server (in the view and gathering) a fresh `dead_after` from `now`: after
+    /// a stall of this view leader's loop, and when a new leader of the group takes over
+    /// (heartbeats went to the old one meanwhile).
+    pub(crate) fn renew_all(&mut self, now: Instant) {
+        self.started.get_or_insert(now);
+        self.last_call = Some(self.last_call.map_or(now, |last| last.max(now)));
+        for liveness in self.members.values_mut() {
+            liveness.last_heartbeat = liveness.last_heartbeat.max(now);
+        }
+        if let Some(gathering) = &mut self.gathering {
+            for liveness in gathering.servers.values_mut() {
                 liveness.last_heartbeat = liveness.last_heartbeat.max(now);
             }
-            if let Some(gathering) = &mut self.gathering {
-                for liveness in gathering.servers.values_mut() {
-                    liveness.last_heartbeat = liveness.last_heartbeat.max(now);
+        }
+    }
+
+    /// The answer to `query_servers` at `now`, without changing anything (a group's leader
+    /// answers it from its applied state, outside the replicated log): the view and its
+    /// rebalancing status, or `rebalancing` while there is no view to show yet.
+    pub fn query_servers(&self, now: Instant) -> Response {
+        match self.view_unknown(now) {
+            Some(reason) => Response::error(ErrorKind::Rebalancing, reason),
+            None => {
+                let (rebalancing, pending) = self.rebalancing();
+                Response::Servers {
+                    view: self.view(),
+                    rebalancing,
+                    pending,
+                    leader: None,
+                    group: Vec::new(),
                 }
             }
         }
+    }
+
+    /// The answer to a request the view leader does not serve (storage requests and the
+    /// like), from `from`: `bad_input`.
+    pub fn refuse(request: &Request, from: SocketAddr) -> Response {
+        Response::error(
+            ErrorKind::BadInput,
+            format!(
+                "{} is not served by the view leader (from {from})",
+                request.name()
+            ),
+        )
+    }
+
+    /// True for the requests that change the view leader's state (a group replicates them
+    /// through its log); false for reads and for requests it refuses.
+    pub fn changes_state(request: &Request) -> bool {
+        matches!(
+            request,
+            Request::Heartbeat { .. }
+                | Request::LockGet { .. }
+                | Request::LockRelease { .. }
+                | Request::LockWithdraw { .. }
+        )
     }
 
     /// The view leader's own tick (a quarter of `dead_after`), by which it notices its stalls.
@@ -613,6 +668,115 @@ impl ViewLeader {
     }
 }
 
+/// A live server in a [`ViewLeaderImage`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LivenessImage {
+    /// The server.
+    id: ServerId,
+    /// Where it is reached.
+    addr: SocketAddr,
+    /// Its last heartbeat, µs since the origin.
+    last_heartbeat: u64,
+    /// The last epoch it finished.
+    finished: Epoch,
+    /// The last epoch all of whose sends it had acknowledged.
+    sent: Epoch,
+}
+
+/// A view leader's replicated state as plain data, for the snapshots of the view-leader
+/// group (instants are µs since an origin instant of the member that took it). Settings,
+/// refusal counts and log limiters are each member's own and not included.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewLeaderImage {
+    /// The current epoch.
+    epoch: Epoch,
+    /// Live servers.
+    members: Vec<LivenessImage>,
+    /// Ids of servers declared dead, oldest first.
+    dead: Vec<ServerId>,
+    /// The last completed view.
+    completed: View,
+    /// The anchor of rebalancing plans.
+    anchor: View,
+    /// When the view first changed after the last completed epoch.
+    epoch_started: Option<u64>,
+    /// The gathering window's end and the servers gathered, if one is open.
+    gathering: Option<(u64, Vec<LivenessImage>)>,
+    /// The first instant the view leader was called at.
+    started: Option<u64>,
+    /// The last instant it was called at.
+    last_call: Option<u64>,
+    /// The lock table.
+    locks: LockImage,
+}
+
+/// Microseconds from `origin` to `at` (0 if `at` is earlier).
+fn micros_since(origin: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(origin).as_micros()).unwrap_or(u64::MAX)
+}
+
+impl ViewLeader {
+    /// The replicated state as plain data, instants measured from `origin`.
+    pub fn image(&self, origin: Instant) -> ViewLeaderImage {
+        let since = |at: Instant| micros_since(origin, at);
+        let live = |(&id, l): (&ServerId, &Liveness)| LivenessImage {
+            id,
+            addr: l.addr,
+            last_heartbeat: since(l.last_heartbeat),
+            finished: l.finished,
+            sent: l.sent,
+        };
+        ViewLeaderImage {
+            epoch: self.epoch,
+            members: self.members.iter().map(live).collect(),
+            dead: self.dead_order.iter().copied().collect(),
+            completed: self.completed.clone(),
+            anchor: self.anchor.clone(),
+            epoch_started: self.epoch_started.map(since),
+            gathering: self
+                .gathering
+                .as_ref()
+                .map(|g| (since(g.until), g.servers.iter().map(live).collect())),
+            started: self.started.map(since),
+            last_call: self.last_call.map(since),
+            locks: self.locks.image(origin),
+        }
+    }
+
+    /// A view leader with settings `config` and the replicated state of `image`, whose
+    /// instants are measured from `origin`.
+    pub fn restore(config: ViewLeaderConfig, image: &ViewLeaderImage, origin: Instant) -> Self {
+        let at = |micros: u64| origin + Duration::from_micros(micros);
+        let live = |l: &LivenessImage| {
+            (
+                l.id,
+                Liveness {
+                    addr: l.addr,
+                    last_heartbeat: at(l.last_heartbeat),
+                    finished: l.finished,
+                    sent: l.sent,
+                },
+            )
+        };
+        let mut vl = ViewLeader::new(config);
+        vl.epoch = image.epoch;
+        vl.members = image.members.iter().map(live).collect();
+        vl.dead = image.dead.iter().copied().collect();
+        vl.dead_order = image.dead.iter().copied().collect();
+        vl.completed = image.completed.clone();
+        vl.anchor = image.anchor.clone();
+        vl.epoch_started = image.epoch_started.map(at);
+        vl.gathering = image.gathering.as_ref().map(|(until, servers)| Gathering {
+            until: at(*until),
+            servers: servers.iter().map(live).collect(),
+        });
+        vl.started = image.started.map(at);
+        vl.last_call = image.last_call.map(at);
+        vl.locks = LockTable::restore(vl.config.locks, &image.locks, origin);
+        vl
+    }
+}
+
 impl ViewLeader {
     /// Refuses a heartbeat from `from` naming another address, `addr`: servers are reached
     /// at the address they name, so one forged heartbeat would otherwise turn every server's
@@ -668,19 +832,7 @@ impl Node for ViewLeader {
                 };
                 self.heartbeat(now, server, addr, progress)
             }
-            Request::QueryServers => match self.view_unknown(now) {
-                Some(reason) => Response::error(ErrorKind::Rebalancing, reason),
-                None => {
-                    let (rebalancing, pending) = self.rebalancing();
-                    Response::Servers {
-                        view: self.view(),
-                        rebalancing,
-                        pending,
-                        leader: None,
-                        group: Vec::new(),
-                    }
-                }
-            },
+            Request::QueryServers => self.query_servers(now),
             Request::LockGet { lock, requester } => self.lock_get(now, &lock, &requester),
             Request::LockRelease { lock, requester } => self.lock_release(now, &lock, &requester),
             Request::LockWithdraw { lock, requester } => {
@@ -689,13 +841,7 @@ impl Node for ViewLeader {
                 }
                 Response::LockReleased
             }
-            other => Response::error(
-                ErrorKind::BadInput,
-                format!(
-                    "{} is not served by the view leader (from {from})",
-                    other.name()
-                ),
-            ),
+            other => ViewLeader::refuse(&other, from),
         };
         self.actions.push_back(Action::Respond { id, response });
     }
@@ -1286,5 +1432,55 @@ mod tests {
         let gathering = ask(&mut restarted, t0, Request::QueryServers);
         assert!(matches!(&gathering, Response::Error(e) if e.kind == ErrorKind::Rebalancing));
         assert!(!Response::error(ErrorKind::BadInput, "a server").is_from_viewleader());
+    }
+
+    #[test]
+    fn an_image_restores_the_same_state_on_another_origin() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            ask(&mut vl, t0, heartbeat(n));
+        }
+        let lock = |requester: &str| Request::LockGet {
+            lock: "L".into(),
+            requester: requester.into(),
+        };
+        assert_eq!(ask(&mut vl, t0, lock("alice")), Response::LockGranted);
+        // Server 3 falls silent and is declared dead.
+        let t1 = t0 + Duration::from_millis(1500);
+        for step in 1..=5 {
+            let t = t0 + Duration::from_millis(300 * step);
+            ask(&mut vl, t, heartbeat(1));
+            ask(&mut vl, t, heartbeat(2));
+        }
+        let bob_asked = t1 - Duration::from_millis(50);
+        assert!(matches!(
+            ask(&mut vl, bob_asked, lock("bob")),
+            Response::LockWaiting { .. }
+        ));
+        run_until(&mut vl, t1);
+        assert_eq!(vl.view().members.len(), 2);
+        let origin = t0 - Duration::from_secs(5);
+        let image = vl.image(origin);
+        let other_origin = Instant::now() + Duration::from_secs(100);
+        let copy = ViewLeader::restore(vl.config.clone(), &image, other_origin);
+        assert_eq!(
+            copy.image(other_origin),
+            image,
+            "the image survives a round trip"
+        );
+        assert_eq!(copy.view(), vl.view());
+        assert_eq!(copy.rebalancing(), vl.rebalancing());
+        assert_eq!(copy.locks.holder("L"), Some("alice"));
+        // Bob's wait expires a renewal timeout after its request, on the copy's clock too.
+        let shift = other_origin - origin;
+        let mut copy = copy;
+        assert_eq!(copy.locks.entries(), 2, "alice holds, bob waits");
+        run_until(&mut copy, bob_asked + shift + Duration::from_millis(1200));
+        assert_eq!(copy.locks.entries(), 1, "bob's unrenewed wait expired");
+        assert_eq!(copy.locks.holder("L"), Some("alice"));
+        let bytes = crate::wire::codec::encode_body(&image).unwrap();
+        let decoded: ViewLeaderImage = crate::wire::codec::decode_body(&bytes).unwrap();
+        assert_eq!(decoded, image);
     }
 }
