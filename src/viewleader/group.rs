@@ -1589,4 +1589,84 @@ mod group_tests {
             h.leaders()
         );
     }
+
+    #[test]
+    fn group_messages_from_outside_the_group_are_refused_and_junk_is_dropped() {
+        let mut h = Harness::new(3);
+        h.run_for(Duration::from_millis(1500));
+        let leader = h.leaders()[0];
+        let stranger = server_addr(99);
+        let raft = h.ask(
+            leader,
+            stranger,
+            Request::Raft {
+                message: vec![1, 2, 3],
+            },
+        );
+        let hello = h.ask(
+            leader,
+            stranger,
+            Request::GroupHello {
+                member: 1,
+                incarnation: 5,
+            },
+        );
+        let inner = Request::QueryServers.encode().unwrap();
+        let forwarded = h.ask(
+            leader,
+            stranger,
+            Request::Forwarded {
+                origin: stranger,
+                request: inner.clone(),
+            },
+        );
+        for id in [raft, hello, forwarded] {
+            assert!(
+                matches!(&h.answers[&id], Response::Error(e) if e.kind == ErrorKind::BadInput),
+                "{:?}",
+                h.answers[&id]
+            );
+        }
+        // From a member: junk Raft bytes are dropped (answered Done, nothing changes), a
+        // forwarded Forwarded is refused, a forwarded query is served.
+        let member = h.addrs[(leader + 1) % 3];
+        let junk = h.ask(
+            leader,
+            member,
+            Request::Raft {
+                message: vec![0xff; 64],
+            },
+        );
+        assert_eq!(h.answers[&junk], Response::Done);
+        let nested = Request::Forwarded {
+            origin: stranger,
+            request: inner.clone(),
+        }
+        .encode()
+        .unwrap();
+        let twice = h.ask(
+            leader,
+            member,
+            Request::Forwarded {
+                origin: stranger,
+                request: nested,
+            },
+        );
+        assert!(matches!(&h.answers[&twice], Response::Error(e) if e.kind == ErrorKind::BadInput));
+        let query = h.ask(
+            leader,
+            member,
+            Request::Forwarded {
+                origin: stranger,
+                request: inner,
+            },
+        );
+        assert!(
+            matches!(&h.answers[&query], Response::Servers { group, .. } if group.len() == 3)
+                || matches!(&h.answers[&query], Response::Error(e) if e.kind == ErrorKind::Rebalancing),
+            "{:?}",
+            h.answers[&query]
+        );
+        assert_eq!(h.leaders(), vec![leader], "the leader kept its place");
+    }
 }
