@@ -1027,6 +1027,8 @@ impl Group {
         } else if role != StateRole::Leader && self.lead.is_some() {
             info!("member {} no longer leads (term {term})", self.config.me);
             self.lead = None;
+            // Its proposals may never commit: their senders retry (bounded memory).
+            self.pending.clear();
         }
         if !self.held.is_empty() && (self.is_leader() || self.leader().is_some()) {
             let held: Vec<Held> = self.held.drain(..).collect();
