@@ -308,10 +308,14 @@ pub struct Group {
     pending: HashMap<u64, IncomingId>,
     /// A timer input is proposed and not yet applied (no second one meanwhile).
     timeout_in_flight: Option<Instant>,
-    /// Requests passed on to the leader: slot to the id to answer.
-    forwards: HashMap<u64, IncomingId>,
+    /// Requests passed on to the leader: slot to the id to answer, the original sender and
+    /// the request (held again if the leader turns out gone).
+    forwards: HashMap<u64, (IncomingId, SocketAddr, Request)>,
     /// The next forward slot.
     next_forward: u64,
+    /// A leader that did not answer a request passed on: requests wait for another leader
+    /// rather than go to it again.
+    unanswering: Option<SocketAddr>,
     /// Requests waiting for a leader to be known.
     held: VecDeque<Held>,
     /// The next Raft tick.
@@ -365,6 +369,7 @@ impl Group {
             timeout_in_flight: None,
             forwards: HashMap::new(),
             next_forward: 0,
+            unanswering: None,
             held: VecDeque::new(),
             next_tick: now + config.tick(),
             incarnation,
@@ -641,7 +646,7 @@ impl Group {
         }
         if self.is_leader() {
             self.lead_request(now, from, id, request);
-        } else if let Some(leader) = self.leader() {
+        } else if let Some(leader) = self.leader().filter(|&l| Some(l) != self.unanswering) {
             self.forward(now, leader, from, id, request);
         } else if self.held.len() < MAX_HELD {
             let until = now + self.config.tick() * HELD_TICKS;
@@ -695,7 +700,7 @@ impl Group {
         };
         let slot = self.next_forward;
         self.next_forward += 1;
-        self.forwards.insert(slot, id);
+        self.forwards.insert(slot, (id, from, request));
         self.actions.push_back(Action::Request {
             token: Token::Forward(slot).encode(),
             dst: leader,
@@ -812,7 +817,10 @@ impl Group {
                 break;
             }
             let mut ready = node.ready();
-            let mut out = ready.take_messages();
+            // A leader's own messages may leave before it persists (Raft allows it), so its
+            // fsync and its followers' overlap.
+            let early = ready.take_messages();
+            let mut out = Vec::new();
             let mut failed: Option<StorageError> = None;
             let snapshot = ready.snapshot().clone();
             if !snapshot.is_empty()
@@ -821,6 +829,10 @@ impl Group {
                 failed.get_or_insert(e);
             }
             let committed = ready.take_committed_entries();
+            self.send_raft(now, early);
+            let Phase::Running(node) = &mut self.phase else {
+                return;
+            };
             let store = node.mut_store();
             if !ready.entries().is_empty() {
                 if let Err(e) = store.append(ready.entries()) {
@@ -1030,7 +1042,11 @@ impl Group {
             // Its proposals may never commit: their senders retry (bounded memory).
             self.pending.clear();
         }
-        if !self.held.is_empty() && (self.is_leader() || self.leader().is_some()) {
+        if self.unanswering.is_some() && self.leader() != self.unanswering {
+            self.unanswering = None;
+        }
+        let usable = self.leader().filter(|&l| Some(l) != self.unanswering);
+        if !self.held.is_empty() && (self.is_leader() || usable.is_some()) {
             let held: Vec<Held> = self.held.drain(..).collect();
             for h in held {
                 self.serve(now, h.from, h.id, h.request);
@@ -1125,17 +1141,37 @@ impl Node for Group {
                 }
             }
             Some(Token::Forward(slot)) => {
-                let Some(id) = self.forwards.remove(&slot) else {
+                let Some((id, from, request)) = self.forwards.remove(&slot) else {
                     return;
                 };
-                let response = match result {
-                    Ok(response) => response,
-                    Err(e) => Response::error(
-                        ErrorKind::Timeout,
-                        format!("the view-leader group's leader did not answer: {e}"),
+                match result {
+                    Ok(response) => self.actions.push_back(Action::Respond { id, response }),
+                    // A release may have been applied before the leader went: its outcome
+                    // is unknown, and a second one would wrongly say not_holder.
+                    Err(e) if matches!(request, Request::LockRelease { .. }) => self.respond(
+                        id,
+                        Response::error(
+                            ErrorKind::Timeout,
+                            format!(
+                                "the view-leader group's leader did not answer ({e}); \
+                                 whether the lock was released is unknown"
+                            ),
+                        ),
                     ),
-                };
-                self.actions.push_back(Action::Respond { id, response });
+                    // Anything else waits for the next leader (an election is under way).
+                    Err(e) => {
+                        debug!("the leader did not answer a request passed on ({e}): held");
+                        self.unanswering = self.leader();
+                        if self.held.len() < MAX_HELD {
+                            self.held.push_back(Held {
+                                until: now + self.config.tick() * HELD_TICKS,
+                                from,
+                                id,
+                                request,
+                            });
+                        }
+                    }
+                }
             }
             None => debug!("answer with an unknown token {token:#x}"),
         }
