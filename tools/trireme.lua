@@ -57,10 +57,12 @@ local KIND_NAMES = { [1] = "Request", [2] = "Response", [3] = "Ack", [4] = "Prob
 local REQUEST_NAMES = {
     [0] = "Heartbeat", "QueryServers", "LockGet", "LockRelease", "LockWithdraw", "Print",
     "Set", "Get", "QueryAllKeys", "Prepare", "Commit", "Abort", "QueryTx", "Transfer", "GetR",
+    "Raft", "GroupHello", "Forwarded",
 }
 local RESPONSE_NAMES = {
     [0] = "HeartbeatAck", "HeartbeatRefused", "Servers", "LockGranted", "LockWaiting",
     "LockReleased", "Done", "Value", "Keys", "Error", "Prepared", "TxState", "Found",
+    "GroupWelcome",
 }
 local ERROR_KINDS = {
     [0] = "not_found", "aborted", "rebalancing", "no_servers", "timeout", "unreachable",
@@ -131,6 +133,18 @@ local F = {
     cycle         = ProtoField.string("trireme.cycle", "Cycle element"),
     tx_state      = ProtoField.string("trireme.tx_state", "Transaction state"),
     present       = ProtoField.bool("trireme.version_present", "Version present"),
+
+    -- The view-leader group (Raft, GroupHello/GroupWelcome, Forwarded; leader hints)
+    leader        = ProtoField.string("trireme.leader", "Group leader"),
+    group_member  = ProtoField.string("trireme.group_member", "Group member"),
+    raft_len      = ProtoField.uint32("trireme.raft_len", "Raft message length", base.DEC),
+    member_index  = ProtoField.uint32("trireme.member_index", "Member (place in --peers)", base.DEC),
+    member_incarnation = ProtoField.uint64("trireme.member_incarnation", "Member incarnation", base.HEX),
+    origin        = ProtoField.string("trireme.origin", "Origin"),
+    inner_len     = ProtoField.uint32("trireme.inner_len", "Forwarded request length", base.DEC),
+    inner_message = ProtoField.string("trireme.inner_message", "Forwarded request"),
+    fresh         = ProtoField.bool("trireme.fresh", "Fresh (no Raft state)"),
+    knows_you     = ProtoField.bool("trireme.knows_you", "Knows the asker at this incarnation"),
 }
 
 local FIELD_ORDER = {
@@ -143,6 +157,8 @@ local FIELD_ORDER = {
     "txid", "server_id", "addr", "timeout_ms", "lock", "requester", "holder", "position", "text",
     "close", "rebalancing", "replicas", "vnodes", "finished", "sent", "delivered", "count",
     "error_kind", "error_message", "cycle", "tx_state", "present",
+    "leader", "group_member", "raft_len", "member_index", "member_incarnation", "origin",
+    "inner_len", "inner_message", "fresh", "knows_you",
 }
 local field_list = {}
 for _, name in ipairs(FIELD_ORDER) do field_list[#field_list + 1] = assert(F[name], name) end
@@ -379,6 +395,31 @@ local function lock_pair(r, tree, info)
     info.requester = r:str(tree, F.requester, { label = "requester" })
 end
 
+-- An Option<SocketAddr> naming the view-leader group's leader (None: the member that answered).
+local function leader_hint(r, tree, info)
+    local some, rg = r:byte()
+    if some > 1 then bad("invalid Option tag " .. some) end
+    if some == 1 then
+        info.leader = r:sockaddr(tree, F.leader)
+    else
+        tree:add(rg, "Group leader: none (the member that answered leads, a group of one)")
+    end
+end
+
+-- A Vec<u8> shown by its length (field `field`); skips the bytes this datagram holds and
+-- returns the length and the offset where the bytes start.
+function Reader:blob(tree, field, label)
+    local n, lrg = self:len(label)
+    tree:add(field, lrg, n)
+    local start = self.pos
+    if self.pos + n > self.limit then
+        self.pos = self.limit
+        short()
+    end
+    self.pos = self.pos + n
+    return n, start
+end
+
 -- Body decoders by variant name. Each reads the variant's fields in declaration order and may
 -- put a few values into `info` for the Info column.
 local REQUEST_BODY = {
@@ -438,6 +479,25 @@ local REQUEST_BODY = {
         info.key = r:str(t, F.key, { label = "key" })
         info.epoch = r:u64(t, F.epoch)
     end,
+    -- One raft-rs message (protobuf), shown by its length.
+    Raft = function(r, t, info) info.count = r:blob(t, F.raft_len, "raft message") end,
+    GroupHello = function(r, t, info)
+        info.member = r:u32(t, F.member_index, "member")
+        r:u64(t, F.member_incarnation, "incarnation")
+    end,
+    -- The origin, then the encoded inner request (its variant named when the byte is here).
+    Forwarded = function(r, t, info)
+        info.addr = r:sockaddr(t, F.origin)
+        local n, start = r:blob(t, F.inner_len, "forwarded request")
+        if n > 0 then
+            local idx = r.tvb(start, 1):uint()
+            local inner = idx < 251 and REQUEST_NAMES[idx] or nil
+            if inner then
+                t:add(F.inner_message, r.tvb(start, 1), inner)
+                info.inner = inner
+            end
+        end
+    end,
 }
 
 local RESPONSE_BODY = {
@@ -445,12 +505,15 @@ local RESPONSE_BODY = {
         info.epoch = view(r, t, "View")
         view(r, t, "Completed view")
         r:u64(t, F.delivered)
+        leader_hint(r, t, info)
     end,
     HeartbeatRefused = function(r, t, info) info.epoch = view(r, t, "View") end,
     Servers = function(r, t, info)
         info.epoch = view(r, t, "View")
         r:bool(t, F.rebalancing)
         r:seq(t, "Pending", function(rr, sub) rr:u128(sub, F.server_id) end, 1)
+        leader_hint(r, t, info)
+        r:seq(t, "Group", function(rr, sub) rr:sockaddr(sub, F.group_member) end, 2)
     end,
     LockGranted = function() end,
     LockWaiting = function(r, t, info)
@@ -489,6 +552,10 @@ local RESPONSE_BODY = {
     Found = function(r, t, info)
         r:str(t, F.value, { label = "value", len_field = F.value_len })
         info.version = r:u64(t, F.value_version)
+    end,
+    GroupWelcome = function(r, t)
+        r:bool(t, F.fresh)
+        r:bool(t, F.knows_you)
     end,
 }
 
@@ -538,6 +605,9 @@ local function info_details(info)
     if info.error then parts[#parts + 1] = "error=" .. info.error end
     if info.count then parts[#parts + 1] = "n=" .. info.count end
     if info.addr then parts[#parts + 1] = "addr=" .. info.addr end
+    if info.leader then parts[#parts + 1] = "leader=" .. info.leader end
+    if info.member then parts[#parts + 1] = "member=" .. info.member end
+    if info.inner then parts[#parts + 1] = "inner=" .. info.inner end
     if #parts == 0 then return "" end
     return " " .. table.concat(parts, " ")
 end

@@ -39,6 +39,21 @@ pub fn server(viewleader: SocketAddr, heartbeat: Duration) -> Running {
     node::start(server, socket, NetConfig::default()).expect("server")
 }
 
+/// Starts a server in-process that looks for the view leader among `candidates` (the members
+/// of a view-leader group, as `--viewleader A,B,C` gives them: probed first, and again when
+/// the one in use stops answering), heartbeating every `heartbeat`.
+pub fn server_of_group(candidates: Vec<SocketAddr>, heartbeat: Duration) -> Running {
+    let socket = socket();
+    let config = ServerConfig {
+        advertise: socket.local_addr().unwrap(),
+        viewleader: None,
+        heartbeat_interval: heartbeat,
+        candidates,
+    };
+    let server = Server::new(config, Rng::from_entropy(), Instant::now());
+    node::start(server, socket, NetConfig::default()).expect("server")
+}
+
 /// Formats p50/p90/p99/max of `samples` (sorted in place) in microseconds.
 pub fn percentiles(samples: &mut [Duration]) -> String {
     samples.sort();

@@ -20,7 +20,7 @@ use crate::cli::bench::echo::UdpEcho;
 use crate::cli::bench::etcd::{Endpoint, Etcd};
 use crate::cli::bench::trireme::{NetMode, Trireme};
 use crate::cli::bench::{BenchConfig, Length, Rate, ReadRatio, Report, Schedule, Workload};
-use crate::client::{Client, GetrOutcome, ServersInfo, SetrHooks, SetrOutcome};
+use crate::client::{Client, GetrOutcome, GroupInfo, ServersInfo, SetrHooks, SetrOutcome};
 use crate::faults::FaultSpec;
 use crate::placement::view::{Epoch, Member};
 use crate::reliable;
@@ -29,7 +29,8 @@ use crate::runtime::node;
 use crate::runtime::trace::{TraceError, Tracer};
 use crate::server::{Server, ServerConfig};
 use crate::util::rng::Rng;
-use crate::viewleader::{self, ViewLeader, ViewLeaderConfig};
+use crate::viewleader::group::{Group, GroupConfig, GroupError};
+use crate::viewleader::{self, ViewLeaderConfig};
 use crate::wire::auth::{Auth, ClusterKey};
 use crate::wire::message::{ErrorKind, OpError};
 
@@ -73,6 +74,30 @@ fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     };
     full.parse::<SocketAddr>()
         .map_err(|e| format!("{text:?} is not IP:PORT or :PORT ({e})"))
+}
+
+/// Parses one address of `--peers`: like [`parse_addr`], but port 0 is refused (the other
+/// members could not reach it).
+fn parse_peer(text: &str) -> Result<SocketAddr, String> {
+    let addr = parse_addr(text)?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{text:?} has port 0: a group member needs a fixed port its peers can reach"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Where a program finds the view leader, from its `--viewleader` list: one address is used
+/// at once (and is the only candidate); several are probed in order (the first that answers
+/// is used); none means the default ports are probed. Returns the address to start with, if
+/// any, and the candidates.
+pub fn viewleader_targets(given: &[SocketAddr]) -> (Option<SocketAddr>, Vec<SocketAddr>) {
+    match given {
+        [] => (None, viewleader::default_candidates()),
+        [one] => (Some(*one), vec![*one]),
+        many => (None, many.to_vec()),
+    }
 }
 
 /// Parses a `--faults` value (clap reports the error as a usage error, exit 2).
@@ -185,6 +210,20 @@ pub struct ViewLeaderArgs {
     /// Ring points per server carried in every view.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub vnodes: u32,
+    /// The whole view-leader group, comma separated, the same list on every member, this
+    /// member's own address among them (1, 3 or 5 members; default: a group of one). Without
+    /// --bind, this member binds the first address of the list it can bind on this host.
+    #[arg(
+        long,
+        value_name = "ADDR,ADDR,...",
+        value_delimiter = ',',
+        value_parser = parse_peer
+    )]
+    pub peers: Vec<SocketAddr>,
+    /// Where this member keeps its replicated state across restarts (default: in memory
+    /// only; a member restarted without it rejoins as a new member, or is refused).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Common flags.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -201,9 +240,16 @@ pub struct ServerArgs {
     /// Address to bind (default: first free of 127.0.0.1:38000..=38999; port 0 lets the OS pick).
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub bind: Option<SocketAddr>,
-    /// The view leader (default: the first of 127.0.0.1:39000..=39010 that answers).
-    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
-    pub viewleader: Option<SocketAddr>,
+    /// Members of the view-leader group, comma separated: the first that answers is used,
+    /// then the group's leader it names (default: the first of 127.0.0.1:39000..=39010 that
+    /// answers).
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        value_parser = parse_addr
+    )]
+    pub viewleader: Vec<SocketAddr>,
     /// Time between heartbeats.
     #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_interval_ms: u64,
@@ -219,9 +265,17 @@ pub struct ServerArgs {
 #[derive(Parser, Debug)]
 #[command(name = "client", version, about = "trireme command-line client")]
 pub struct ClientArgs {
-    /// The view leader (default: the first of 127.0.0.1:39000..=39010 that answers).
-    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_addr)]
-    pub viewleader: Option<SocketAddr>,
+    /// Members of the view-leader group, comma separated: the first that answers is used,
+    /// then the group's leader it names, and another member if one stops answering (default:
+    /// the first of 127.0.0.1:39000..=39010 that answers).
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        value_parser = parse_addr
+    )]
+    pub viewleader: Vec<SocketAddr>,
     /// Target of the unreplicated commands (print, set, get, query_all_keys).
     #[arg(long, global = true, value_name = "ADDR", default_value = "127.0.0.1:38000", value_parser = parse_addr)]
     pub server: SocketAddr,
@@ -520,6 +574,46 @@ fn bind_or_exit(
     })
 }
 
+/// Binds the first address of `peers` (in order) that can be bound on this host; exits 1,
+/// naming every address and why it failed, if none can.
+fn bind_first_peer_or_exit(peers: &[SocketAddr]) -> std::net::UdpSocket {
+    let mut failures = Vec::new();
+    for &addr in peers {
+        match net::bind(addr) {
+            Ok(socket) => return socket,
+            Err(e) => failures.push(format!("{addr}: {e}")),
+        }
+    }
+    eprintln!(
+        "error: cannot bind any address of --peers on this host ({}); give --bind",
+        failures.join("; ")
+    );
+    std::process::exit(1);
+}
+
+/// Exits with a usage error (exit 2) that clap formats: `message` about the view-leader
+/// group's flags.
+fn group_usage_error(message: impl std::fmt::Display) -> ! {
+    ViewLeaderArgs::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
+impl ViewLeaderArgs {
+    /// The group settings of the member bound at `local`: a group of one without `--peers`,
+    /// else the `--peers` group with `local` among it; `--data-dir`; a random seed.
+    fn group_config(&self, local: SocketAddr) -> Result<GroupConfig, GroupError> {
+        let mut group = if self.peers.is_empty() {
+            GroupConfig::default()
+        } else {
+            GroupConfig::new(self.peers.clone(), local)?
+        };
+        group.data_dir.clone_from(&self.data_dir);
+        group.seed = Rng::from_entropy().next_u64();
+        Ok(group)
+    }
+}
+
 /// The view leader program; returns the exit code.
 pub fn viewleader_main() -> i32 {
     let args = ViewLeaderArgs::parse();
@@ -530,18 +624,41 @@ pub fn viewleader_main() -> i32 {
         vnodes: args.vnodes,
         ..ViewLeaderConfig::default()
     };
-    let socket = bind_or_exit(args.bind, viewleader::DEFAULT_PORTS);
+    // A list that is no group (its size, a repeated address) is refused before binding.
+    if let Some(&first) = args.peers.first()
+        && let Err(e) = GroupConfig::new(args.peers.clone(), first)
+    {
+        group_usage_error(e);
+    }
+    let socket = match args.bind {
+        None if !args.peers.is_empty() => bind_first_peer_or_exit(&args.peers),
+        bind => bind_or_exit(bind, viewleader::DEFAULT_PORTS),
+    };
+    let local = match socket.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("error: cannot read the bound address: {e}");
+            return 1;
+        }
+    };
+    let group = match args.group_config(local) {
+        Ok(group) => group,
+        Err(e) => group_usage_error(e),
+    };
+    let member = match Group::new(config, group) {
+        Ok(member) => member,
+        Err(e @ GroupError::Peers(_)) => group_usage_error(e),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
     let trace = match open_trace_or_report(&args.common) {
         Ok(trace) => trace,
         Err(code) => return code,
     };
     let signals = termination_signals();
-    let Some(running) = start_or_report(
-        ViewLeader::new(config),
-        socket,
-        &args.common,
-        trace.as_ref(),
-    ) else {
+    let Some(running) = start_or_report(member, socket, &args.common, trace.as_ref()) else {
         return 1;
     };
     announce(&format!("listening on {}", running.addr()));
@@ -581,11 +698,12 @@ pub fn server_main() -> i32 {
         eprintln!("error: bound to {local}: give --advertise with an address others can reach");
         return 2;
     }
+    let (viewleader, candidates) = viewleader_targets(&args.viewleader);
     let config = ServerConfig {
         advertise,
-        viewleader: args.viewleader,
+        viewleader,
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
-        candidates: viewleader::default_candidates(),
+        candidates,
     };
     let trace = match open_trace_or_report(&args.common) {
         Ok(trace) => trace,
@@ -627,10 +745,9 @@ pub enum Outcome {
     Servers {
         /// The view and its rebalancing status.
         info: ServersInfo,
-        /// The view-leader member that answered (the leader).
-        leader: SocketAddr,
-        /// The whole view-leader group (a single view leader: itself).
-        viewleaders: Vec<SocketAddr>,
+        /// The view-leader group: its leader (the answer's `leader`, else the member that
+        /// answered) and members (the answer's `group`, else the member that answered).
+        group: GroupInfo,
     },
     /// `lock_get` granted.
     Locked {
@@ -681,14 +798,22 @@ impl Outcome {
             Outcome::Stored { key } => format!("stored {key}"),
             Outcome::Value { value, .. } => value.clone(),
             Outcome::Keys(keys) => keys.join("\n"),
-            Outcome::Servers { info, .. } => {
+            Outcome::Servers { info, group } => {
                 let mut out = format!(
-                    "epoch {} rebalancing {} replicas {} vnodes {} servers {}",
+                    "epoch {} rebalancing {} replicas {} vnodes {} servers {} leader {} \
+                     viewleaders {}",
                     info.view.epoch,
                     info.rebalancing,
                     info.view.replicas,
                     info.view.vnodes,
-                    info.view.members.len()
+                    info.view.members.len(),
+                    group.leader,
+                    group
+                        .members
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
                 );
                 for m in &info.view.members {
                     let state = if info.pending.contains(&m.id) {
@@ -725,14 +850,10 @@ impl Outcome {
             Outcome::Stored { key } => json!({"ok": true, "key": key}),
             Outcome::Value { key, value } => json!({"ok": true, "key": key, "value": value}),
             Outcome::Keys(keys) => json!({"ok": true, "keys": keys}),
-            Outcome::Servers {
-                info,
-                leader,
-                viewleaders,
-            } => json!({
+            Outcome::Servers { info, group } => json!({
                 "ok": true,
-                "leader": leader.to_string(),
-                "viewleaders": viewleaders.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "leader": group.leader.to_string(),
+                "viewleaders": group.members.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "epoch": info.view.epoch.0,
                 "rebalancing": info.rebalancing,
                 "pending": info.pending.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -829,7 +950,7 @@ fn run_client_command(
     };
     // Bound to the wildcard address, so that peers on any host can be reached (a socket bound
     // to 127.0.0.1 cannot send to another host).
-    let local_ip = match args.viewleader {
+    let local_ip = match args.viewleader.first() {
         Some(addr) if addr.is_ipv6() => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     };
@@ -851,13 +972,8 @@ fn run_client_command(
             cycle: Vec::new(),
         })?;
     let timeout = (args.timeout_ms > 0).then(|| Duration::from_millis(args.timeout_ms));
-    let mut client = Client::new(
-        handle.clone(),
-        args.viewleader,
-        viewleader::default_candidates(),
-        args.server,
-        timeout,
-    );
+    let (viewleader, candidates) = viewleader_targets(&args.viewleader);
+    let mut client = Client::new(handle.clone(), viewleader, candidates, args.server, timeout);
     let outcome = match command {
         ClientCommand::Print { text } => client.print(&text.join(" ")).map(|()| Outcome::Printed),
         ClientCommand::Set { key, .. } => {
@@ -866,14 +982,9 @@ fn run_client_command(
         }
         ClientCommand::Get { key } => client.get(&key).map(|value| Outcome::Value { key, value }),
         ClientCommand::QueryAllKeys => client.query_all_keys().map(Outcome::Keys),
-        ClientCommand::QueryServers => client.query_servers().and_then(|info| {
-            let leader = client.viewleader()?;
-            Ok(Outcome::Servers {
-                info,
-                leader,
-                viewleaders: vec![leader],
-            })
-        }),
+        ClientCommand::QueryServers => client
+            .query_servers_and_group()
+            .map(|(info, group)| Outcome::Servers { info, group }),
         ClientCommand::LockGet { lock, requester } => client
             .lock_get(&lock, &requester, cancel)
             .map(|()| Outcome::Locked { lock, requester }),
@@ -958,8 +1069,7 @@ fn run_bench(
         (_, BenchTarget::Trireme) => {
             let trireme = Trireme::connect(
                 handle.clone(),
-                args.viewleader,
-                &viewleader::default_candidates(),
+                &args.viewleader,
                 args.server,
                 timeout,
                 net,
@@ -1052,12 +1162,21 @@ mod tests {
         let leader: SocketAddr = "127.0.0.1:39000".parse().unwrap();
         let servers = Outcome::Servers {
             info,
-            leader,
-            viewleaders: vec![leader],
+            group: GroupInfo {
+                leader,
+                members: vec![leader],
+            },
         };
         assert_eq!(
             servers.json().to_string(),
             r#"{"epoch":7,"leader":"127.0.0.1:39000","ok":true,"pending":[],"rebalancing":false,"replicas":3,"servers":[{"addr":"127.0.0.1:38001","id":"00000000000000000000000000000001"}],"viewleaders":["127.0.0.1:39000"],"vnodes":64}"#
+        );
+        assert_eq!(
+            servers.human().lines().next(),
+            Some(
+                "epoch 7 rebalancing false replicas 3 vnodes 64 servers 1 leader 127.0.0.1:39000 \
+                 viewleaders 127.0.0.1:39000"
+            )
         );
         let value = Outcome::Value {
             key: "k".into(),
@@ -1165,5 +1284,111 @@ mod tests {
         assert!(ClientArgs::try_parse_from(["client", "query_all_keys"]).is_ok());
         assert!(ClientArgs::try_parse_from(["client", "set", "onlykey"]).is_err());
         assert!(ClientArgs::try_parse_from(["client", "get", "k", "--faults", "loss=2"]).is_err());
+    }
+
+    /// The usage error clap reports for `args` parsed as `P` (panics if they parse).
+    fn usage_error<P: Parser + std::fmt::Debug>(args: &[&str]) -> clap::Error {
+        P::try_parse_from(args).expect_err("a usage error")
+    }
+
+    /// Contract (flags): `--viewleader ADDR[,ADDR...]` takes one or more addresses on the
+    /// server and the client (a global flag there); one is used at once, several are probed
+    /// in order, none probes the default ports. A bad element is a usage error (exit 2)
+    /// naming it.
+    #[test]
+    fn viewleader_lists_parse_on_the_server_and_the_client() {
+        let a: SocketAddr = "127.0.0.1:39001".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:39000".parse().unwrap();
+        let server =
+            ServerArgs::try_parse_from(["server", "--viewleader", ":39001,10.0.0.2:39000"])
+                .unwrap();
+        assert_eq!(server.viewleader, vec![a, b]);
+        let client = ClientArgs::try_parse_from([
+            "client",
+            "query_servers",
+            "--viewleader",
+            "127.0.0.1:39001,10.0.0.2:39000",
+        ])
+        .unwrap();
+        assert_eq!(client.viewleader, vec![a, b]);
+        assert_eq!(viewleader_targets(&[a, b]), (None, vec![a, b]));
+        assert_eq!(viewleader_targets(&[a]), (Some(a), vec![a]));
+        assert_eq!(
+            viewleader_targets(&[]),
+            (None, viewleader::default_candidates())
+        );
+        let none = ClientArgs::try_parse_from(["client", "query_servers"]).unwrap();
+        assert!(none.viewleader.is_empty());
+        for bad in [
+            &[
+                "client",
+                "--viewleader",
+                "127.0.0.1:39001,nonsense",
+                "query_servers",
+            ][..],
+            &[
+                "client",
+                "--viewleader",
+                "127.0.0.1:39001,",
+                "query_servers",
+            ],
+            &["client", "--viewleader", "", "query_servers"],
+        ] {
+            let e = usage_error::<ClientArgs>(bad);
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let e = usage_error::<ServerArgs>(&["server", "--viewleader", "127.0.0.1:1,nonsense"]);
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string().contains("nonsense"),
+            "names the bad part: {e}"
+        );
+    }
+
+    /// Contract (flags): `--peers ADDR,ADDR,...` and `--data-dir DIR` parse on the view
+    /// leader (default: no peers, a group of one, no data dir); a bad element or port 0 is a
+    /// usage error naming it. The group the list describes is checked by `GroupConfig`
+    /// (3 members, this one among them).
+    #[test]
+    fn peers_and_data_dir_parse_on_the_view_leader() {
+        let alone = ViewLeaderArgs::try_parse_from(["viewleader"]).unwrap();
+        assert!(alone.peers.is_empty() && alone.data_dir.is_none());
+        let local: SocketAddr = "127.0.0.1:39000".parse().unwrap();
+        let single = alone.group_config(local).unwrap();
+        assert!(single.peers.is_empty() && single.data_dir.is_none());
+
+        let args = ViewLeaderArgs::try_parse_from([
+            "viewleader",
+            "--peers",
+            "127.0.0.1:39000,127.0.0.1:39001,:39002",
+            "--data-dir",
+            "/tmp/vl0",
+        ])
+        .unwrap();
+        let expected: Vec<SocketAddr> = (39000..=39002)
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .collect();
+        assert_eq!(args.peers, expected);
+        assert_eq!(args.data_dir, Some(PathBuf::from("/tmp/vl0")));
+        let member = args.group_config(expected[1]).unwrap();
+        assert_eq!((member.me, member.peers.len()), (1, 3));
+        assert_eq!(member.data_dir, Some(PathBuf::from("/tmp/vl0")));
+        assert!(
+            args.group_config("127.0.0.1:40000".parse().unwrap())
+                .is_err(),
+            "an address outside the list is no member"
+        );
+
+        for (bad, named) in [
+            ("127.0.0.1:39000,garbage,127.0.0.1:39002", "garbage"),
+            ("127.0.0.1:39000,,127.0.0.1:39002", "\"\""),
+            ("127.0.0.1:0,127.0.0.1:39001,127.0.0.1:39002", "port 0"),
+        ] {
+            let e = usage_error::<ViewLeaderArgs>(&["viewleader", "--peers", bad]);
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            assert!(e.to_string().contains(named), "{bad}: {e}");
+        }
+        let e = usage_error::<ViewLeaderArgs>(&["viewleader", "--data-dir"]);
+        assert_eq!(e.exit_code(), 2);
     }
 }

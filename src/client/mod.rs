@@ -3,6 +3,18 @@
 //! A [`Client`] sends requests through a [`net::Handle`] and turns answers and transport
 //! failures into values or [`OpError`]s with the contract's error kinds. One deadline bounds
 //! the whole command (`--timeout-ms`): every request it sends carries what is left of it.
+//!
+//! # The view-leader group
+//!
+//! The view leader may be a replicated group, any member of which answers. The client is
+//! given candidate addresses (`--viewleader A,B,C`, else the default ports): it uses the
+//! first that answers as a view leader ([`discover`]), then the group's leader once an
+//! answer names it, and adds the members an answer lists to its candidates. A view-leader
+//! request that fails with `timeout` or `unreachable` (the member died, paused or is cut
+//! off) is sent again to another member within the deadline: while another is left, each
+//! attempt is bounded by [`VIEWLEADER_ATTEMPT`], so one silent member cannot use up the
+//! command's time. Members that failed are tried last. With one candidate, nothing changes:
+//! a request may take until the deadline.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -38,15 +50,43 @@ const LOCK_RENEW_BOUND: Duration = Duration::from_millis(300);
 /// The longest a withdrawal after giving up on a lock may take, carved out of the deadline.
 const WITHDRAW_RESERVE: Duration = Duration::from_millis(300);
 
+/// While another view-leader member is left to try, the longest one view-leader request may
+/// take before the next member is asked (an election of the group takes well under it).
+pub const VIEWLEADER_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// Once a candidate answered discovery as a view leader, how much longer the candidates
+/// before it in order are waited for (a silent one, e.g. a paused member, would otherwise
+/// hold discovery until the deadline).
+pub const DISCOVERY_GRACE: Duration = Duration::from_millis(300);
+
+/// How long the client waits before asking the view-leader group again when every member
+/// it tried failed or answered that it could not reach a leader (an election is under way:
+/// it takes well under a second).
+pub const GROUP_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Without a deadline (`--timeout-ms 0`), how many times the client waits
+/// [`GROUP_RETRY_PAUSE`] for the view-leader group before giving up.
+const GROUP_RETRIES_WITHOUT_DEADLINE: u32 = 50;
+
+/// A `lock_get` whose renewals went unanswered this many times in a row asks another
+/// view-leader member, if there is one (the view leader drops a request not renewed for
+/// about a second).
+const LOCK_FAILOVER_AFTER: u32 = 3;
+
 /// A client bound to one network driver and one command deadline.
 #[derive(Debug)]
 pub struct Client {
     /// The network driver.
     handle: net::Handle,
-    /// The view leader: given, or found by probing `candidates`.
+    /// The view-leader member in use: given, found by probing `candidates`, or the group's
+    /// leader as an answer named it (`None`: discover one before the next request).
     viewleader: Option<SocketAddr>,
-    /// Where to look for a view leader when none is given.
+    /// The view-leader addresses known, in order: the given ones (or the default ports),
+    /// then the group members answers listed (never shrinks).
     candidates: Vec<SocketAddr>,
+    /// Members that failed a request (`timeout`, `unreachable`) or discovery in this
+    /// command: probed last, and never asked as a fallback.
+    failed: Vec<SocketAddr>,
     /// The target of the unreplicated commands.
     server: SocketAddr,
     /// When the whole command must have finished (`None`: no bound).
@@ -126,9 +166,44 @@ fn op_error(kind: ErrorKind, message: impl Into<String>) -> OpError {
     }
 }
 
+/// The view-leader group as one `query_servers` answer showed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The member that leads the group: the answer's `leader`, else the member that
+    /// answered (a group of one).
+    pub leader: SocketAddr,
+    /// The group's members: the answer's `group`, else the member that answered alone.
+    pub members: Vec<SocketAddr>,
+}
+
+/// Why a request got no usable answer.
+#[derive(Debug)]
+enum Failure {
+    /// No answer in time, or the OS reported the peer unreachable: the member may have died,
+    /// paused or been cut off, and another may answer.
+    Down(OpError),
+    /// The peer answered that it cannot serve now (an error of kind `timeout` or
+    /// `unreachable`: a view-leader member that cannot reach its group's leader, as during
+    /// an election), or a discovery round found no view leader but some candidate may
+    /// answer later: asking again shortly, or elsewhere, may succeed.
+    Later(OpError),
+    /// Anything else: an error answer, an undecodable one, a request that cannot be encoded.
+    Other(OpError),
+}
+
+impl Failure {
+    /// The error to report.
+    fn into_error(self) -> OpError {
+        match self {
+            Failure::Down(e) | Failure::Later(e) | Failure::Other(e) => e,
+        }
+    }
+}
+
 impl Client {
     /// Creates a client. `viewleader` `None` means: probe `candidates` in order when the view
-    /// leader is first needed. `timeout` `None` means no bound on the command.
+    /// leader is first needed; `Some` is used at once, `candidates` then serving as the
+    /// members to fall back on if it fails. `timeout` `None` means no bound on the command.
     pub fn new(
         handle: net::Handle,
         viewleader: Option<SocketAddr>,
@@ -137,10 +212,17 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Client {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let mut known = Vec::new();
+        for addr in viewleader.into_iter().chain(candidates) {
+            if !known.contains(&addr) {
+                known.push(addr);
+            }
+        }
         Client {
             handle,
             viewleader,
-            candidates,
+            candidates: known,
+            failed: Vec::new(),
             server,
             deadline,
             timeout,
@@ -200,20 +282,148 @@ impl Client {
         request: &Request,
         deadline: Option<Instant>,
     ) -> Result<Response, OpError> {
+        self.exchange(dst, request, deadline)
+            .map_err(Failure::into_error)
+    }
+
+    /// Sends `request` to `dst`, bounded by `deadline`, and returns the answer. No answer
+    /// (timeout, unreachable) is a [`Failure::Down`], an error answer of kind `timeout` or
+    /// `unreachable` a [`Failure::Later`], any other error answer a [`Failure::Other`].
+    fn exchange(
+        &self,
+        dst: SocketAddr,
+        request: &Request,
+        deadline: Option<Instant>,
+    ) -> Result<Response, Failure> {
         let body = request
             .encode()
-            .map_err(|e| op_error(ErrorKind::BadInput, e.to_string()))?;
-        let answer = self
-            .handle
-            .call(dst, body, deadline)
-            .map_err(|e| self.timed(transport_error(e)))?;
+            .map_err(|e| Failure::Other(op_error(ErrorKind::BadInput, e.to_string())))?;
+        let answer = self.handle.call(dst, body, deadline).map_err(|e| {
+            let down = matches!(
+                e,
+                RequestError::Timeout { .. } | RequestError::Unreachable { .. }
+            );
+            let error = self.timed(transport_error(e));
+            if down {
+                Failure::Down(error)
+            } else {
+                Failure::Other(error)
+            }
+        })?;
         match Response::decode(&answer) {
-            Ok(Response::Error(e)) => Err(e),
+            Ok(Response::Error(e)) if is_not_now(&e) => Err(Failure::Later(e)),
+            Ok(Response::Error(e)) => Err(Failure::Other(e)),
             Ok(response) => Ok(response),
-            Err(e) => Err(op_error(
+            Err(e) => Err(Failure::Other(op_error(
                 ErrorKind::BadInput,
                 format!("undecodable answer from {dst}: {e}"),
-            )),
+            ))),
+        }
+    }
+
+    /// The known view-leader members other than `current` that have not failed, in order:
+    /// where a view-leader request that `current` does not answer goes next.
+    fn fallbacks(&self, current: SocketAddr) -> Vec<SocketAddr> {
+        self.candidates
+            .iter()
+            .copied()
+            .filter(|&a| a != current && !self.failed.contains(&a))
+            .collect()
+    }
+
+    /// Records that view-leader member `member` failed: it is tried last from now on, and
+    /// the next view-leader request looks for another if it was the one in use.
+    fn forget_viewleader(&mut self, member: SocketAddr) {
+        if !self.failed.contains(&member) {
+            self.failed.push(member);
+        }
+        if self.viewleader == Some(member) {
+            self.viewleader = None;
+        }
+    }
+
+    /// Learns from a `Servers` answer: the group's members join the candidates, and the
+    /// leader it names (unless it failed in this command) answers the next view-leader
+    /// requests.
+    fn learn_group(&mut self, leader: Option<SocketAddr>, group: &[SocketAddr]) {
+        for &member in group {
+            if !self.candidates.contains(&member) {
+                self.candidates.push(member);
+            }
+        }
+        if let Some(leader) = leader.filter(|l| !self.failed.contains(l)) {
+            if !self.candidates.contains(&leader) {
+                self.candidates.push(leader);
+            }
+            if self.viewleader != Some(leader) {
+                debug!("following the view-leader group's leader to {leader}");
+            }
+            self.viewleader = Some(leader);
+        }
+    }
+
+    /// True when the view leader is a group of several known members (several addresses
+    /// given, or an answer listed them): a failed member is then worth replacing.
+    fn is_group(&self) -> bool {
+        self.candidates.len() > 1
+    }
+
+    /// True if there is time left for one more wait of [`GROUP_RETRY_PAUSE`] and a try.
+    fn has_time_for_retry(&self) -> bool {
+        self.deadline
+            .is_none_or(|d| Instant::now() + GROUP_RETRY_PAUSE < d)
+    }
+
+    /// Waits [`GROUP_RETRY_PAUSE`] (an election may be under way), then forgets which members
+    /// failed and which is in use, so the next request discovers again among all of them.
+    fn pause_for_group(&mut self) {
+        std::thread::sleep(GROUP_RETRY_PAUSE);
+        self.failed.clear();
+        self.viewleader = None;
+    }
+
+    /// How long the next view-leader request may take: with another member to fall back
+    /// on, at most [`VIEWLEADER_ATTEMPT`]; else until the deadline.
+    fn attempt_deadline(&self, has_fallback: bool) -> Option<Instant> {
+        if has_fallback {
+            let attempt = Instant::now() + VIEWLEADER_ATTEMPT;
+            Some(self.deadline.map_or(attempt, |d| d.min(attempt)))
+        } else {
+            self.deadline
+        }
+    }
+
+    /// Sends a view-leader request and returns the member that answered and its answer.
+    /// A member that does not answer (timeout, unreachable) or answers that it cannot serve
+    /// now is given up for the next (each attempt bounded by [`VIEWLEADER_ATTEMPT`] while
+    /// another is left); once every member failed, the client waits [`GROUP_RETRY_PAUSE`]
+    /// and starts over, within the deadline. With a single member, only a "not now" answer
+    /// is asked again (a silent or unreachable lone view leader fails as it always did).
+    fn call_viewleader(&mut self, request: &Request) -> Result<(SocketAddr, Response), OpError> {
+        let mut retries = GROUP_RETRIES_WITHOUT_DEADLINE;
+        loop {
+            let member = self.viewleader()?;
+            let fallbacks = self.fallbacks(member);
+            let bound = self.attempt_deadline(!fallbacks.is_empty());
+            let error = match self.exchange(member, request, bound) {
+                Ok(response) => return Ok((member, response)),
+                Err(Failure::Other(e)) => return Err(e),
+                Err(Failure::Down(e)) if !self.is_group() => return Err(e),
+                Err(Failure::Down(e) | Failure::Later(e)) => e,
+            };
+            let retries_left = self.deadline.is_some() || retries > 0;
+            if !self.has_time_for_retry() || !retries_left {
+                return Err(error);
+            }
+            info!(
+                "view leader {member} cannot answer ({}); trying again",
+                error.message
+            );
+            self.forget_viewleader(member);
+            if fallbacks.is_empty() {
+                retries = retries.saturating_sub(1);
+                self.pause_for_group();
+            }
         }
     }
 
@@ -227,15 +437,47 @@ impl Client {
         error
     }
 
-    /// The view leader's address, probing the candidates the first time if none was given.
+    /// The view-leader member in use, probing the candidates (those that failed last) if
+    /// none is: the first that answers, or the group's leader it names. While some member
+    /// may answer later (silent, or between leaders), discovery is tried again every
+    /// [`GROUP_RETRY_PAUSE`] within the deadline (each round bounded by
+    /// [`VIEWLEADER_ATTEMPT`] among several candidates); when every candidate is gone
+    /// (unreachable, or no view leader) it fails at once.
     pub fn viewleader(&mut self) -> Result<SocketAddr, OpError> {
-        if let Some(addr) = self.viewleader {
-            return Ok(addr);
+        let mut retries = GROUP_RETRIES_WITHOUT_DEADLINE;
+        loop {
+            if let Some(addr) = self.viewleader {
+                return Ok(addr);
+            }
+            let (fresh, failed): (Vec<SocketAddr>, Vec<SocketAddr>) = self
+                .candidates
+                .iter()
+                .partition(|a| !self.failed.contains(a));
+            let order: Vec<SocketAddr> = fresh.into_iter().chain(failed).collect();
+            let round = self.attempt_deadline(self.is_group());
+            match probe(&self.handle, &order, round) {
+                Ok(found) => {
+                    for member in found.failed {
+                        if !self.failed.contains(&member) {
+                            self.failed.push(member);
+                        }
+                    }
+                    debug!("found a view leader at {}", found.member);
+                    self.viewleader = Some(found.member);
+                    self.learn_group(found.leader, &found.group);
+                }
+                Err(Failure::Later(e)) => {
+                    let retries_left = self.deadline.is_some() || retries > 0;
+                    if !self.has_time_for_retry() || !retries_left {
+                        return Err(self.timed(e));
+                    }
+                    debug!("{}; asking again", e.message);
+                    retries = retries.saturating_sub(1);
+                    self.pause_for_group();
+                }
+                Err(failure) => return Err(failure.into_error()),
+            }
         }
-        let found = discover(&self.handle, &self.candidates, self.deadline)?;
-        debug!("found the view leader at {found}");
-        self.viewleader = Some(found);
-        Ok(found)
     }
 
     /// `print TEXT`: the server logs the text.
@@ -289,19 +531,40 @@ impl Client {
 
     /// `query_servers`: the current view and its rebalancing status.
     pub fn query_servers(&mut self) -> Result<ServersInfo, OpError> {
-        let viewleader = self.viewleader()?;
-        match self.call(viewleader, &Request::QueryServers)? {
-            Response::Servers {
-                view,
-                rebalancing,
-                pending,
-                ..
-            } => Ok(ServersInfo {
-                view,
-                rebalancing,
-                pending,
-            }),
-            other => Err(unexpected(&other)),
+        self.query_servers_and_group().map(|(info, _)| info)
+    }
+
+    /// `query_servers` with the view-leader group that answered: its leader and members
+    /// (the member that answered, when it is a group of one).
+    pub fn query_servers_and_group(&mut self) -> Result<(ServersInfo, GroupInfo), OpError> {
+        match self.call_viewleader(&Request::QueryServers)? {
+            (
+                member,
+                Response::Servers {
+                    view,
+                    rebalancing,
+                    pending,
+                    leader,
+                    group,
+                },
+            ) => {
+                self.learn_group(leader, &group);
+                let info = ServersInfo {
+                    view,
+                    rebalancing,
+                    pending,
+                };
+                let group = GroupInfo {
+                    leader: leader.unwrap_or(member),
+                    members: if group.is_empty() {
+                        vec![member]
+                    } else {
+                        group
+                    },
+                };
+                Ok((info, group))
+            }
+            (_, other) => Err(unexpected(&other)),
         }
     }
 
@@ -315,7 +578,7 @@ impl Client {
     ) -> Result<(), OpError> {
         message::check_lock_name("lock name", lock)?;
         message::check_lock_name("requester", requester)?;
-        let viewleader = self.viewleader()?;
+        let mut viewleader = self.viewleader()?;
         let reserve = self
             .timeout
             .map_or(WITHDRAW_RESERVE, |t| WITHDRAW_RESERVE.min(t / 4));
@@ -325,11 +588,13 @@ impl Client {
             requester: requester.to_owned(),
         };
         let mut holder = String::from("another requester");
+        // Renewals in a row the member in use left unanswered.
+        let mut unanswered = 0;
         loop {
             let renewal_bound = Instant::now() + LOCK_RENEW_BOUND;
             let bound = give_up_at.map_or(renewal_bound, |limit| limit.min(renewal_bound));
             let mut wait = LOCK_RENEW_INTERVAL;
-            match self.call_until(viewleader, &request, Some(bound)) {
+            match self.exchange(viewleader, &request, Some(bound)) {
                 Ok(Response::LockGranted) => return Ok(()),
                 Ok(Response::LockWaiting {
                     holder: current,
@@ -337,14 +602,43 @@ impl Client {
                 }) => {
                     debug!("waiting for {lock} held by {current} (position {position})");
                     holder = current;
+                    unanswered = 0;
                 }
                 Ok(other) => return Err(unexpected(&other)),
-                // A slow renewal (loss) is simply replaced by a fresh one below.
-                Err(e) if e.kind == ErrorKind::Timeout => {
-                    debug!("a renewal of {lock} went unanswered; renewing again");
+                // A member that died (unreachable) or stays silent is given up for another,
+                // if there is one; the request is then renewed there at once.
+                Err(Failure::Down(e))
+                    if !self.fallbacks(viewleader).is_empty()
+                        && (e.kind == ErrorKind::Unreachable
+                            || unanswered + 1 >= LOCK_FAILOVER_AFTER) =>
+                {
+                    info!(
+                        "view leader {viewleader} does not answer ({}); trying another member",
+                        e.message
+                    );
+                    self.forget_viewleader(viewleader);
+                    viewleader = self.viewleader()?;
+                    unanswered = 0;
                     wait = Duration::ZERO;
                 }
-                Err(e) => return Err(e),
+                // A slow renewal (loss) is simply replaced by a fresh one below.
+                Err(Failure::Down(e)) if e.kind == ErrorKind::Timeout => {
+                    debug!("a renewal of {lock} went unanswered; renewing again");
+                    unanswered += 1;
+                    wait = Duration::ZERO;
+                }
+                // A member that cannot reach its group's leader (an election): another member
+                // at once if there is one, else this one again after the usual interval.
+                Err(Failure::Later(e)) => {
+                    debug!("{viewleader} cannot serve {lock} now: {}", e.message);
+                    if !self.fallbacks(viewleader).is_empty() {
+                        self.forget_viewleader(viewleader);
+                        viewleader = self.viewleader()?;
+                        unanswered = 0;
+                        wait = Duration::ZERO;
+                    }
+                }
+                Err(failure) => return Err(failure.into_error()),
             }
             let now = Instant::now();
             if let Some(limit) = give_up_at {
@@ -397,14 +691,13 @@ impl Client {
     pub fn lock_release(&mut self, lock: &str, requester: &str) -> Result<(), OpError> {
         message::check_lock_name("lock name", lock)?;
         message::check_lock_name("requester", requester)?;
-        let viewleader = self.viewleader()?;
         let request = Request::LockRelease {
             lock: lock.to_owned(),
             requester: requester.to_owned(),
         };
-        match self.call(viewleader, &request)? {
-            Response::LockReleased => Ok(()),
-            other => Err(unexpected(&other)),
+        match self.call_viewleader(&request)? {
+            (_, Response::LockReleased) => Ok(()),
+            (_, other) => Err(unexpected(&other)),
         }
     }
 
@@ -414,6 +707,40 @@ impl Client {
     /// `retry`: a `rebalancing` refusal is retried on a fresh view with `--wait` (reads).
     /// Returns the outcome and the finished machine (for what it ran on).
     fn replicated<O: Operation>(
+        &mut self,
+        retry: bool,
+        build: impl FnMut(Instant, &Placement) -> O + Clone + 'static,
+    ) -> (Result<O::Output, OpError>, Option<Replicated<O>>) {
+        let mut retries = GROUP_RETRIES_WITHOUT_DEADLINE;
+        loop {
+            let (outcome, operation) = self.replicated_once(retry, build.clone());
+            // Only a failure of the view step is tried again (no coordinator ran, nothing
+            // was sent to a replica): every member of the group failed or answered that it
+            // could not reach a leader. Wait for the election and start over.
+            let view_step_failed = operation
+                .as_ref()
+                .is_some_and(|op| op.placement().is_none() && (op.is_not_now() || self.is_group()));
+            let retry_view = matches!(&outcome, Err(e) if is_not_now(e))
+                && view_step_failed
+                && self.has_time_for_retry()
+                && (self.deadline.is_some() || retries > 0);
+            if !retry_view {
+                return (outcome, operation);
+            }
+            if let Err(e) = &outcome {
+                info!(
+                    "the view-leader group cannot answer ({}); trying again",
+                    e.message
+                );
+            }
+            retries = retries.saturating_sub(1);
+            self.pause_for_group();
+        }
+    }
+
+    /// One attempt of [`Client::replicated`]: the view step (with the other known members
+    /// as fallbacks) and the coordinator.
+    fn replicated_once<O: Operation>(
         &mut self,
         retry: bool,
         build: impl FnMut(Instant, &Placement) -> O + 'static,
@@ -432,7 +759,15 @@ impl Client {
             ),
             None => Replicated::new(viewleader, deadline, timeout, wait, retry, floor, build),
         };
+        let fallbacks = self.fallbacks(viewleader);
+        if !fallbacks.is_empty() {
+            operation = operation.with_fallbacks(now, fallbacks, VIEWLEADER_ATTEMPT);
+        }
         let outcome = self.run(&mut operation);
+        for &member in operation.failed_viewleaders() {
+            self.forget_viewleader(member);
+        }
+        self.viewleader = Some(operation.viewleader());
         self.epoch_floor = self.epoch_floor.max(operation.floor());
         if let Some(placement) = operation.placement() {
             if cached.is_none()
@@ -567,67 +902,201 @@ impl Client {
     }
 }
 
-/// Probes `candidates` in parallel with `query_servers` and returns the first (in order)
-/// that answers as a view leader; `timeout` if none does before `deadline` (or within a
-/// second without one).
+/// Probes `candidates` in parallel with `query_servers` and returns the view leader to use:
+/// the first candidate (in order) that answers as a view leader, or the group's leader that
+/// it names; `timeout` if none does before `deadline` (or within a second without one),
+/// `unreachable` if the OS reported every one unreachable.
 pub fn discover(
     handle: &net::Handle,
     candidates: &[SocketAddr],
     deadline: Option<Instant>,
 ) -> Result<SocketAddr, OpError> {
+    probe(handle, candidates, deadline)
+        .map(|found| found.leader.unwrap_or(found.member))
+        .map_err(Failure::into_error)
+}
+
+/// What a discovery round found.
+#[derive(Debug)]
+struct Found {
+    /// The candidate chosen: the first in order that answered as a view leader.
+    member: SocketAddr,
+    /// The group's leader, as its answer named it (`None`: a group of one, or no view yet).
+    leader: Option<SocketAddr>,
+    /// The group's members, as its answer listed them (empty: a group of one).
+    group: Vec<SocketAddr>,
+    /// The candidates that failed (no answer in time, unreachable, not a view leader, or
+    /// unable to reach their group's leader).
+    failed: Vec<SocketAddr>,
+}
+
+/// How one discovery probe ended.
+#[derive(Clone, Debug)]
+enum Probed {
+    /// It answered as a view leader, naming the group's leader and members.
+    ViewLeader(Option<SocketAddr>, Vec<SocketAddr>),
+    /// A member answered that it cannot serve now (an error of kind `timeout` or
+    /// `unreachable`: it cannot reach its group's leader, or is still joining), or nothing
+    /// answered in time: it may answer later.
+    Later,
+    /// The OS reported it unreachable, or it answered as something else than a view leader.
+    Gone,
+}
+
+/// Reads a probe's outcome.
+fn probed(result: &Result<Vec<u8>, RequestError>) -> Probed {
+    let body = match result {
+        Ok(body) => body,
+        Err(RequestError::Timeout { .. }) => return Probed::Later,
+        Err(_) => return Probed::Gone,
+    };
+    match Response::decode(body) {
+        Ok(Response::Servers { leader, group, .. }) => Probed::ViewLeader(leader, group),
+        Ok(Response::Error(e)) if is_not_now(&e) => Probed::Later,
+        Ok(other) if other.is_from_viewleader() => Probed::ViewLeader(None, Vec::new()),
+        _ => Probed::Gone,
+    }
+}
+
+/// True for an error answer from a view-leader member that may succeed if asked again a
+/// little later or elsewhere: kind `timeout` or `unreachable` (it could not reach its
+/// group's leader, e.g. during an election, or is not yet part of its group).
+fn is_not_now(error: &OpError) -> bool {
+    matches!(error.kind, ErrorKind::Timeout | ErrorKind::Unreachable)
+}
+
+/// Describes `candidates` for an error message: a range of consecutive ports as
+/// `first..=last`, else the list.
+fn describe(candidates: &[SocketAddr]) -> String {
+    let consecutive = candidates
+        .windows(2)
+        .all(|w| w[0].ip() == w[1].ip() && u32::from(w[0].port()) + 1 == u32::from(w[1].port()));
+    match candidates {
+        [] => "no address".into(),
+        [one] => one.to_string(),
+        [first, .., last] if consecutive => format!("{first}..={last}"),
+        all => all
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Probes `candidates` in parallel with `query_servers`, each probe bounded by `deadline`
+/// (a second without one). The first candidate in order that answers as a view leader is
+/// chosen once every earlier one has failed, or [`DISCOVERY_GRACE`] after it answered (an
+/// earlier one may be paused). If none does: [`Failure::Later`] when some candidate may
+/// answer later (it stayed silent, or could not reach its group's leader), else
+/// [`Failure::Down`] (`unreachable` if the OS reported every one unreachable, else
+/// `timeout`).
+fn probe(
+    handle: &net::Handle,
+    candidates: &[SocketAddr],
+    deadline: Option<Instant>,
+) -> Result<Found, Failure> {
     let probe_deadline = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
     let body = Request::QueryServers
         .encode()
-        .map_err(|e| op_error(ErrorKind::BadInput, e.to_string()))?;
+        .map_err(|e| Failure::Other(op_error(ErrorKind::BadInput, e.to_string())))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     for (index, &addr) in candidates.iter().enumerate() {
         handle
             .start(addr, body.clone(), Some(probe_deadline), &tx, index as u64)
-            .map_err(|e| op_error(ErrorKind::Timeout, e.to_string()))?;
+            .map_err(|e| Failure::Down(op_error(ErrorKind::Timeout, e.to_string())))?;
     }
     drop(tx);
-    let mut answers: Vec<Option<bool>> = vec![None; candidates.len()];
+    let mut answers: Vec<Option<Probed>> = vec![None; candidates.len()];
     let mut all_unreachable = true;
-    while let Ok(reply) = rx.recv() {
-        all_unreachable &= matches!(reply.result, Err(RequestError::Unreachable { .. }));
-        let ok = reply
-            .result
-            .as_deref()
-            .is_ok_and(|body| Response::decode(body).is_ok_and(|r| r.is_from_viewleader()));
-        if let Some(slot) = answers.get_mut(reply.tag as usize) {
-            *slot = Some(ok);
-        }
+    // Why a member could not serve, for the error message.
+    let mut not_now: Option<String> = None;
+    // Set when a candidate first answered: until then earlier ones are waited for.
+    let mut grace_until: Option<Instant> = None;
+    let found = loop {
+        // The first candidate that answered, and whether every earlier one has failed.
+        let mut decided = true;
+        let mut first = None;
         for (index, answer) in answers.iter().enumerate() {
             match answer {
-                None => break,
-                Some(false) => continue,
-                Some(true) => return Ok(candidates[index]),
+                None => decided = false,
+                Some(Probed::ViewLeader(..)) => {
+                    first = Some(index);
+                    break;
+                }
+                Some(_) => continue,
             }
         }
+        let grace_over = grace_until.is_some_and(|t| Instant::now() >= t);
+        if let Some(index) = first.filter(|_| decided || grace_over) {
+            break Some(index);
+        }
+        let received = match grace_until {
+            Some(until) => rx.recv_deadline(until).map_err(|e| e.is_timeout()),
+            None => rx.recv().map_err(|_| false),
+        };
+        match received {
+            Ok(reply) => {
+                all_unreachable &= matches!(reply.result, Err(RequestError::Unreachable { .. }));
+                let answer = probed(&reply.result);
+                if let Some(&addr) = candidates.get(reply.tag as usize) {
+                    debug!("probe of {addr}: {answer:?}");
+                }
+                if matches!(answer, Probed::ViewLeader(..)) && grace_until.is_none() {
+                    grace_until = Some(Instant::now() + DISCOVERY_GRACE);
+                }
+                if let (Probed::Later, Ok(body)) = (&answer, &reply.result)
+                    && let Ok(Response::Error(e)) = Response::decode(body)
+                {
+                    not_now = Some(format!("{}: {}", candidates[reply.tag as usize], e.message));
+                }
+                if let Some(slot) = answers.get_mut(reply.tag as usize) {
+                    *slot = Some(answer);
+                }
+            }
+            // The grace ended: the loop above takes the first that answered.
+            Err(true) => {}
+            // Every probe has its outcome.
+            Err(false) => break first,
+        }
+    };
+    let failed = candidates
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| matches!(answer, Some(Probed::Later | Probed::Gone)))
+        .map(|(&addr, _)| addr)
+        .collect();
+    if let Some(index) = found
+        && let Some(Some(Probed::ViewLeader(leader, group))) = answers.get_mut(index)
+    {
+        return Ok(Found {
+            member: candidates[index],
+            leader: *leader,
+            group: std::mem::take(group),
+            failed,
+        });
     }
-    let first = candidates
-        .first()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    let last = candidates
-        .last()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let mut message = format!("no view leader answers on {}", describe(candidates));
+    if let Some(why) = not_now {
+        message.push_str(&format!(" ({why})"));
+    }
+    if answers.iter().any(|a| matches!(a, Some(Probed::Later))) {
+        return Err(Failure::Later(op_error(ErrorKind::Timeout, message)));
+    }
     let kind = if all_unreachable && !candidates.is_empty() {
         ErrorKind::Unreachable
     } else {
         ErrorKind::Timeout
     };
-    Err(op_error(
-        kind,
-        format!("no view leader answers on {first}..={last}"),
-    ))
+    Err(Failure::Down(op_error(kind, message)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::placement::view::{ServerId, View};
+    use crate::runtime::net::NetConfig;
+    use crate::runtime::node;
+    use crate::viewleader::{ViewLeader, ViewLeaderConfig};
 
     /// A placement of one server at `epoch`.
     fn placement(epoch: u64) -> Placement {
@@ -661,5 +1130,270 @@ mod tests {
             "expired with its lease"
         );
         assert_eq!(placement(6).replicas("k").len(), 1);
+    }
+
+    /// A stand-in for a group member during an election: its first `not_now` requests are
+    /// answered as a follower that cannot reach a leader answers them (an error of kind
+    /// `timeout`), the rest by a view leader.
+    struct Electing {
+        /// Requests still to answer "not now".
+        not_now: usize,
+        /// The view leader that answers the rest.
+        inner: ViewLeader,
+        /// Answers waiting for `poll_action`.
+        answers: std::collections::VecDeque<node::Action>,
+    }
+
+    impl node::Node for Electing {
+        /// Answers "not now", or passes the request on.
+        fn handle_request(
+            &mut self,
+            now: Instant,
+            from: SocketAddr,
+            id: crate::reliable::IncomingId,
+            request: Request,
+        ) {
+            if self.not_now == 0 {
+                return self.inner.handle_request(now, from, id, request);
+            }
+            self.not_now -= 1;
+            let response = Response::error(
+                ErrorKind::Timeout,
+                "the view-leader group's leader did not answer",
+            );
+            self.answers
+                .push_back(node::Action::Respond { id, response });
+        }
+
+        /// Passes it on.
+        fn handle_response(
+            &mut self,
+            now: Instant,
+            token: u64,
+            result: Result<Response, RequestError>,
+        ) {
+            self.inner.handle_response(now, token, result);
+        }
+
+        /// Passes it on.
+        fn handle_timeout(&mut self, now: Instant) {
+            self.inner.handle_timeout(now);
+        }
+
+        /// The view leader's.
+        fn poll_timeout(&self) -> Option<Instant> {
+            self.inner.poll_timeout()
+        }
+
+        /// Our answers first, then the view leader's actions.
+        fn poll_action(&mut self) -> Option<node::Action> {
+            self.answers
+                .pop_front()
+                .or_else(|| self.inner.poll_action())
+        }
+    }
+
+    /// Starts an [`Electing`] member answering `not_now` requests "not now".
+    fn electing(not_now: usize) -> node::Running {
+        let config = ViewLeaderConfig {
+            dead_after: Duration::from_millis(1),
+            ..ViewLeaderConfig::default()
+        };
+        let member = Electing {
+            not_now,
+            inner: ViewLeader::new(config),
+            answers: Default::default(),
+        };
+        let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        node::start(member, socket, NetConfig::default()).unwrap()
+    }
+
+    /// Contract (killing the leader "costs at most an election"): members that answer they
+    /// cannot reach a leader are asked again after [`GROUP_RETRY_PAUSE`] within the
+    /// deadline, by discovery, by a view-leader request and by a replicated operation's view
+    /// step alike, until a leader answers; a dead candidate beside them changes nothing.
+    #[test]
+    fn members_between_leaders_are_asked_again_until_one_answers() {
+        let net = Loopback::start();
+        let dead = dead_addr();
+
+        // Discovery: the dead candidate is gone, the electing one says "not now" twice.
+        let member = electing(2);
+        let mut client = net.client(None, &[dead, member.addr()]);
+        let started = Instant::now();
+        let (_, group) = query(&mut client).unwrap();
+        assert_eq!(group.leader, member.addr());
+        assert!(started.elapsed() >= 2 * GROUP_RETRY_PAUSE);
+        member.stop();
+
+        // A view-leader request to the one member given.
+        let member = electing(3);
+        let mut client = net.client(Some(member.addr()), &[member.addr()]);
+        assert_eq!(query(&mut client).unwrap().1.leader, member.addr());
+        member.stop();
+
+        // A replicated operation's view step (the read then fails on the empty view).
+        let member = electing(2);
+        let mut client = net.client(Some(member.addr()), &[member.addr()]);
+        assert_eq!(client.getr("k").unwrap_err().kind, ErrorKind::NoServers);
+        member.stop();
+
+        // Past the deadline, the member's own answer is the error.
+        let member = electing(usize::MAX);
+        let mut client = Client::new(
+            net.handle.clone(),
+            Some(member.addr()),
+            vec![member.addr()],
+            "127.0.0.1:1".parse().unwrap(),
+            Some(Duration::from_millis(400)),
+        );
+        let e = client.query_servers().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert!(e.message.contains("leader did not answer"), "{e:?}");
+        member.stop();
+        net.stop();
+    }
+
+    /// A view leader on loopback (a group of one, showing its empty view at once) and a
+    /// client driver; dropped together.
+    struct Loopback {
+        /// The view leader.
+        viewleader: node::Running,
+        /// The client's network driver.
+        handle: net::Handle,
+    }
+
+    impl Loopback {
+        /// Starts both on 127.0.0.1.
+        fn start() -> Loopback {
+            let config = ViewLeaderConfig {
+                dead_after: Duration::from_millis(1),
+                ..ViewLeaderConfig::default()
+            };
+            let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let viewleader =
+                node::start(ViewLeader::new(config), socket, NetConfig::default()).unwrap();
+            let socket = net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let (handle, _requests, _driver) = net::spawn(socket, NetConfig::default()).unwrap();
+            Loopback { viewleader, handle }
+        }
+
+        /// The view leader's address.
+        fn live(&self) -> SocketAddr {
+            self.viewleader.addr()
+        }
+
+        /// A client with `viewleader` and `candidates` and a 5 s bound.
+        fn client(&self, viewleader: Option<SocketAddr>, candidates: &[SocketAddr]) -> Client {
+            Client::new(
+                self.handle.clone(),
+                viewleader,
+                candidates.to_vec(),
+                "127.0.0.1:1".parse().unwrap(),
+                Some(Duration::from_secs(5)),
+            )
+        }
+
+        /// Stops both.
+        fn stop(self) {
+            self.handle.shutdown();
+            self.viewleader.stop();
+        }
+    }
+
+    /// An address nothing listens on (a port bound and released: the OS answers
+    /// "unreachable").
+    fn dead_addr() -> SocketAddr {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Asks `query_servers_and_group` until the fresh view leader shows its view (it answers
+    /// `rebalancing` for its first `dead_after`).
+    fn query(client: &mut Client) -> Result<(ServersInfo, GroupInfo), OpError> {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            match client.query_servers_and_group() {
+                Err(e) if e.kind == ErrorKind::Rebalancing && Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Contract (`--viewleader ADDR[,ADDR...]`): discovery skips a candidate nothing listens
+    /// on, uses the next that answers, and `query_servers` names it as the leader and the
+    /// group (a group of one answers with no leader and no group).
+    #[test]
+    fn discovery_skips_a_dead_candidate() {
+        let net = Loopback::start();
+        let dead = dead_addr();
+        let mut client = net.client(None, &[dead, net.live()]);
+        let (info, group) = query(&mut client).unwrap();
+        assert!(info.view.members.is_empty());
+        assert_eq!(
+            group,
+            GroupInfo {
+                leader: net.live(),
+                members: vec![net.live()]
+            }
+        );
+        assert_eq!(client.failed, vec![dead], "the dead one is tried last");
+        net.stop();
+    }
+
+    /// A view leader in use that died (unreachable) is replaced by the next candidate within
+    /// the deadline, for view-leader requests and for a replicated operation's view step
+    /// alike (the read then fails on the empty view, not on the dead member).
+    #[test]
+    fn a_dead_view_leader_in_use_falls_back_to_the_next_candidate() {
+        let net = Loopback::start();
+        let dead = dead_addr();
+        let mut client = net.client(Some(dead), &[dead, net.live()]);
+        let (_, group) = query(&mut client).unwrap();
+        assert_eq!(group.leader, net.live());
+        assert_eq!(client.viewleader().unwrap(), net.live());
+
+        let mut client = net.client(Some(dead), &[dead, net.live()]);
+        let e = client.getr("k").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoServers, "{e:?}");
+        assert_eq!(client.viewleader().unwrap(), net.live());
+        assert_eq!(client.failed, vec![dead]);
+        net.stop();
+    }
+
+    /// A view leader in use that stays silent (a paused member: its socket is open, nothing
+    /// answers) is given up after [`VIEWLEADER_ATTEMPT`], well within the deadline, and the
+    /// next candidate answers; with no other candidate the request may take the whole
+    /// deadline.
+    #[test]
+    fn a_silent_view_leader_is_given_up_after_one_attempt() {
+        let net = Loopback::start();
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let paused = silent.local_addr().unwrap();
+        let mut client = net.client(Some(paused), &[paused, net.live()]);
+        let started = Instant::now();
+        let (_, group) = query(&mut client).unwrap();
+        let took = started.elapsed();
+        assert_eq!(group.leader, net.live());
+        assert!(
+            took >= VIEWLEADER_ATTEMPT && took < Duration::from_secs(4),
+            "took {took:?}"
+        );
+        let mut alone = Client::new(
+            net.handle.clone(),
+            Some(paused),
+            Vec::new(),
+            "127.0.0.1:1".parse().unwrap(),
+            Some(Duration::from_millis(1500)),
+        );
+        let e = alone.query_servers().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert!(e.message.contains("within 1500 ms"), "{e:?}");
+        drop(silent);
+        net.stop();
     }
 }

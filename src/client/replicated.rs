@@ -7,7 +7,18 @@
 //! The command-line client ([`crate::client::Client`]) pumps it on a real network and the
 //! simulator in virtual time, so both run the same client code. It is itself an
 //! [`Operation`], so whoever drives a coordinator drives this the same way.
+//!
+//! The view leader may be a replicated group. The view step asks one member; a `Servers`
+//! answer naming the group's leader sends the following view requests there. Given other
+//! members to fall back on ([`Replicated::with_fallbacks`]), a view request that fails with
+//! `timeout` or `unreachable` (no answer: the member died, paused or is cut off; or a member
+//! answering so: it cannot reach its group's leader, as during an election) is asked of the
+//! next one, each but the last bounded so that one silent member cannot use up the
+//! deadline; a view step that ends on such an answer says so ([`Replicated::is_not_now`]),
+//! so its caller may ask again once the election is over. Only the view step fails over:
+//! once a coordinator runs, its outcome stands.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -42,8 +53,22 @@ enum Stage<O> {
 
 /// A replicated operation: the view step, then the coordinator `O` on that view.
 pub struct Replicated<O: Operation> {
-    /// The view leader asked for the view.
+    /// The view-leader member asked for the view: the one given, then the group's leader
+    /// once an answer names it, or the next fallback once a member failed.
     viewleader: SocketAddr,
+    /// Other members of the view-leader group to ask, in order, when the one asked fails
+    /// with `timeout` or `unreachable`, unanswered or answered so (empty: such a failure
+    /// ends the operation).
+    fallbacks: VecDeque<SocketAddr>,
+    /// While fallbacks are left, the longest one view request may take before the next
+    /// member is asked (`None`: each request may take until the deadline).
+    view_bound: Option<Duration>,
+    /// The members whose view request failed, in order (the caller tries them last).
+    failed: Vec<SocketAddr>,
+    /// True if the last view request was answered with an error of kind `timeout` or
+    /// `unreachable`: the member could not reach its group's leader (an election), so
+    /// asking again shortly may succeed.
+    not_now: bool,
     /// When the whole operation must have finished (`None`: no bound).
     deadline: Option<Instant>,
     /// The operation's time bound, for error messages.
@@ -89,6 +114,10 @@ impl<O: Operation> Replicated<O> {
     ) -> Replicated<O> {
         let mut operation = Replicated {
             viewleader,
+            fallbacks: VecDeque::new(),
+            view_bound: None,
+            failed: Vec::new(),
+            not_now: false,
             deadline,
             timeout,
             wait,
@@ -103,8 +132,49 @@ impl<O: Operation> Replicated<O> {
             views: Vec::new(),
             placement: None,
         };
-        operation.ask();
+        operation.ask(None);
         operation
+    }
+
+    /// Lets the view step fall back on the other view-leader members `fallbacks` (in order)
+    /// when the member asked fails with `timeout` or `unreachable`; while some are left, a
+    /// view request gives up after `bound` (counted from `now` for the request already
+    /// queued). Returns the operation.
+    pub fn with_fallbacks(
+        mut self,
+        now: Instant,
+        fallbacks: Vec<SocketAddr>,
+        bound: Duration,
+    ) -> Replicated<O> {
+        self.fallbacks = fallbacks
+            .into_iter()
+            .filter(|&a| a != self.viewleader)
+            .collect();
+        self.view_bound = Some(bound);
+        let deadline = self.view_deadline(Some(now));
+        if let (Stage::Asking, Some(send)) = (&self.stage, &mut self.send) {
+            send.deadline = deadline;
+        }
+        self
+    }
+
+    /// The view-leader member the view step asks now (the caller keeps it for its next
+    /// view-leader requests: it is the group's leader if an answer named one).
+    pub fn viewleader(&self) -> SocketAddr {
+        self.viewleader
+    }
+
+    /// The view-leader members whose view request failed with `timeout` or `unreachable`
+    /// (no answer, or an answer saying so), in order.
+    pub fn failed_viewleaders(&self) -> &[SocketAddr] {
+        &self.failed
+    }
+
+    /// True if the view step ended on a member's answer that it cannot serve now (an error
+    /// of kind `timeout` or `unreachable`: it could not reach its group's leader), with no
+    /// other member left to ask: the caller may ask again a little later.
+    pub fn is_not_now(&self) -> bool {
+        self.not_now
     }
 
     /// Starts the operation on `placement` (a view the caller kept, e.g. a
@@ -123,6 +193,10 @@ impl<O: Operation> Replicated<O> {
     ) -> Replicated<O> {
         let mut operation = Replicated {
             viewleader,
+            fallbacks: VecDeque::new(),
+            view_bound: None,
+            failed: Vec::new(),
+            not_now: false,
             deadline,
             timeout,
             wait,
@@ -173,16 +247,52 @@ impl<O: Operation> Replicated<O> {
         std::mem::take(&mut self.views)
     }
 
-    /// Queues the view request of a fresh attempt.
-    fn ask(&mut self) {
+    /// Queues the view request of a fresh attempt at `now` (`None` when it is not known: the
+    /// request may then take until the deadline).
+    fn ask(&mut self, now: Option<Instant>) {
         self.attempt += 1;
         self.stage = Stage::Asking;
         self.send = Some(Send {
             token: self.token(VIEW_TOKEN),
             dst: self.viewleader,
             request: Request::QueryServers,
-            deadline: self.deadline,
+            deadline: self.view_deadline(now),
         });
+    }
+
+    /// The deadline of a view request sent at `now`: the operation's, or with fallbacks
+    /// left, at most the view bound after `now`.
+    fn view_deadline(&self, now: Option<Instant>) -> Option<Instant> {
+        match (now, self.view_bound) {
+            (Some(now), Some(bound)) if !self.fallbacks.is_empty() => {
+                let bounded = now + bound;
+                Some(self.deadline.map_or(bounded, |d| d.min(bounded)))
+            }
+            _ => self.deadline,
+        }
+    }
+
+    /// The member asked failed with `error` at `now` (no answer, or an error answer): if
+    /// it is of kind `timeout` or `unreachable`, asks the next fallback and returns true;
+    /// returns false if it is another kind, none is left or the deadline has passed.
+    fn fall_back(&mut self, now: Instant, error: &OpError) -> bool {
+        if !matches!(error.kind, ErrorKind::Timeout | ErrorKind::Unreachable)
+            || self.deadline.is_some_and(|d| now >= d)
+        {
+            return false;
+        }
+        let Some(next) = self.fallbacks.pop_front() else {
+            return false;
+        };
+        log::debug!(
+            "view leader {} failed ({}); asking {next}",
+            self.viewleader,
+            error.message
+        );
+        self.failed.push(self.viewleader);
+        self.viewleader = next;
+        self.ask(Some(now));
+        true
     }
 
     /// The token of the current attempt for the coordinator's `token`.
@@ -227,13 +337,19 @@ impl<O: Operation> Replicated<O> {
     /// The view leader's answer (or why none came): start the coordinator on the view, wait
     /// (with `--wait`) while it rebalances, or fail.
     fn on_view(&mut self, now: Instant, result: Result<Response, RequestError>) {
+        self.not_now = false;
         let info = match result {
             Ok(Response::Servers {
                 view,
                 rebalancing,
                 pending,
+                leader,
                 ..
             }) => {
+                // The group's leader answers the following view requests (a poll, a retry).
+                if let Some(leader) = leader.filter(|l| !self.failed.contains(l)) {
+                    self.viewleader = leader;
+                }
                 self.views.push(view.epoch);
                 ServersInfo {
                     view,
@@ -249,9 +365,26 @@ impl<O: Operation> Replicated<O> {
                     format!("the view leader still had no view ({})", e.message),
                 );
             }
+            // A member that cannot reach its group's leader (an election under way): another
+            // member, if one is left; else the caller may ask again shortly.
+            Ok(Response::Error(e))
+                if matches!(e.kind, ErrorKind::Timeout | ErrorKind::Unreachable) =>
+            {
+                if self.fall_back(now, &e) {
+                    return;
+                }
+                self.not_now = true;
+                return self.finish(Err(e));
+            }
             Ok(Response::Error(e)) => return self.finish(Err(e)),
             Ok(other) => return self.finish(Err(unexpected(&other))),
-            Err(e) => return self.finish(Err(self.timed(transport_error(e)))),
+            Err(e) => {
+                let error = self.timed(transport_error(e));
+                if self.fall_back(now, &error) {
+                    return;
+                }
+                return self.finish(Err(error));
+            }
         };
         // Never operate on a view older than one already used.
         if let Err(e) = Placement::check_floor(&info, self.floor) {
@@ -320,7 +453,7 @@ impl<O: Operation> Operation for Replicated<O> {
     /// Asks again after a rebalancing poll, or passes the coordinator its timer.
     fn handle_timeout(&mut self, now: Instant) {
         match &mut self.stage {
-            Stage::Polling(at) if now >= *at => self.ask(),
+            Stage::Polling(at) if now >= *at => self.ask(Some(now)),
             Stage::Running(op) => op.handle_timeout(now),
             _ => {}
         }
@@ -378,7 +511,7 @@ impl<O: Operation> Replicated<O> {
                     && self.deadline.is_none_or(|d| now + REBALANCING_POLL < d) =>
             {
                 log::debug!("{}; asking for the view again", e.message);
-                self.ask();
+                self.ask(Some(now));
             }
             outcome => self.finish(outcome),
         }
@@ -626,6 +759,104 @@ mod tests {
             op.handle_response(t0, get.token, Ok(Response::Value { value: "w".into() }));
             assert_eq!(op.poll_outcome(), Some(Ok("w".into())));
         }
+    }
+
+    /// Group member `n` of these tests: 127.0.0.1:3900n.
+    fn member(n: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 39000 + n))
+    }
+
+    /// Contract (a member that died costs at most an election): with fallbacks, a view
+    /// request that fails (unreachable, timeout) is asked of the next member; every attempt
+    /// but the last is bounded, the last may take until the deadline; the members that
+    /// failed are reported, and the coordinator runs on the view the last one gave.
+    #[test]
+    fn a_failed_view_request_falls_back_to_the_next_member() {
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(200);
+        let mut op = operation(t0, false, false, 0).with_fallbacks(
+            t0,
+            vec![member(0), member(1), member(2)],
+            bound,
+        );
+        let ask = op.poll_send().unwrap();
+        assert_eq!(ask.dst, VL.parse().unwrap());
+        assert_eq!(ask.deadline, Some(t0 + bound), "bounded: others are left");
+        op.handle_response(
+            t0,
+            ask.token,
+            Err(RequestError::Unreachable { peer: ask.dst }),
+        );
+        let t1 = t0 + Duration::from_millis(10);
+        let ask = op.poll_send().expect("asked again");
+        assert_eq!(ask.dst, member(1), "the given one was skipped in the list");
+        assert_eq!(ask.deadline, Some(t0 + bound), "counted from the failure");
+        op.handle_response(t1, ask.token, Err(RequestError::Timeout { peer: ask.dst }));
+        let ask = op.poll_send().expect("the last member");
+        assert_eq!(ask.dst, member(2));
+        assert_eq!(
+            ask.deadline,
+            Some(t0 + Duration::from_secs(1)),
+            "the last attempt may take until the deadline"
+        );
+        op.handle_response(t1, ask.token, servers(4, false));
+        assert_eq!(op.coordinator().map(|p| p.epoch), Some(Epoch(4)));
+        assert_eq!(op.failed_viewleaders(), &[VL.parse().unwrap(), member(1)]);
+        assert_eq!(op.viewleader(), member(2));
+
+        // A refusal is an answer: it does not fall back.
+        let mut op = operation(t0, false, false, 0).with_fallbacks(t0, vec![member(1)], bound);
+        let ask = op.poll_send().unwrap();
+        op.handle_response(t0, ask.token, refusal(ErrorKind::Aborted));
+        assert_eq!(
+            op.poll_outcome().unwrap().unwrap_err().kind,
+            ErrorKind::Aborted
+        );
+        assert!(op.poll_send().is_none());
+    }
+
+    /// A member that answers it cannot reach its group's leader (an election under way:
+    /// an error of kind `timeout`) is replaced by the next member; with none left, the
+    /// operation ends saying so ([`Replicated::is_not_now`]), so the caller may ask again.
+    #[test]
+    fn a_member_between_leaders_falls_back_then_says_not_now() {
+        let t0 = Instant::now();
+        let bound = Duration::from_millis(200);
+        let mut op = operation(t0, false, false, 0).with_fallbacks(t0, vec![member(1)], bound);
+        let ask = op.poll_send().unwrap();
+        op.handle_response(t0, ask.token, refusal(ErrorKind::Timeout));
+        let ask = op.poll_send().expect("the next member");
+        assert_eq!(ask.dst, member(1));
+        assert!(!op.is_not_now());
+        op.handle_response(t0, ask.token, refusal(ErrorKind::Unreachable));
+        let e = op.poll_outcome().unwrap().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unreachable);
+        assert!(op.is_not_now() && op.placement().is_none());
+        assert_eq!(op.failed_viewleaders(), &[VL.parse().unwrap()]);
+    }
+
+    /// Contract (servers and clients find the group's leader themselves): a `Servers` answer
+    /// naming the group's leader sends the following view requests (a `--wait` poll) there.
+    #[test]
+    fn the_leader_an_answer_names_answers_the_next_view_request() {
+        let t0 = Instant::now();
+        let mut op = operation(t0, true, false, 0);
+        let ask = op.poll_send().unwrap();
+        let Ok(Response::Servers { view, .. }) = servers(5, true) else {
+            unreachable!()
+        };
+        let named = Ok(Response::Servers {
+            view,
+            rebalancing: true,
+            pending: Vec::new(),
+            leader: Some(member(3)),
+            group: vec![member(1), member(2), member(3)],
+        });
+        op.handle_response(t0, ask.token, named);
+        op.handle_timeout(t0 + REBALANCING_POLL);
+        let again = op.poll_send().expect("polled again");
+        assert_eq!(again.dst, member(3));
+        assert_eq!(op.viewleader(), member(3));
     }
 
     /// A kept view starts the coordinator at once, with no view request.

@@ -1,8 +1,11 @@
 //! One storage node: its bucket, its heartbeats, and its raw commands.
 //!
 //! [`Server`] is a sans-IO [`Node`]. It heartbeats the view leader every interval and learns
-//! the current epoch and view from each acknowledgement. If no view leader address was given
-//! it probes the default ports and takes the lowest one that answers. If the view leader
+//! the current epoch and view from each acknowledgement. Without a view leader address to
+//! start with, it probes its candidates (the `--viewleader` list, else the default ports) and
+//! takes the lowest one that answers; it then follows the leader of the view-leader group
+//! that the answers name, and looks again among its candidates when the one it heartbeats
+//! stops answering (see `membership`). If the view leader
 //! refuses a heartbeat (this server was declared dead), the server rejoins under a fresh id
 //! and keeps its bucket as candidates ([`Stored::candidate`]): unserved until the next
 //! rebalancing has reconciled them with the key's current holders. It serves `print`, `set`, `get` and `query_all_keys` on its own
@@ -15,7 +18,8 @@
 //! own `reset` on a rejoin; [`Server`] composes them and `serve` dispatches each request
 //! to them:
 //!
-//! - `membership`: id, view leader, view and ring, heartbeats, discovery;
+//! - `membership`: id, view leader (following the group's leader), view and ring,
+//!   heartbeats, discovery;
 //! - `bucket`: the stored keys ([`Stored`]), raw commands, candidates;
 //! - `replication`: the participant table and its glue (held-back reads, commits the primary
 //!   passes on);
@@ -72,11 +76,13 @@ use replication::{Read, Replication};
 pub struct ServerConfig {
     /// The address others reach this server at (carried in heartbeats).
     pub advertise: SocketAddr,
-    /// The view leader, or `None` to probe the default ports.
+    /// The view leader to heartbeat from the start, or `None` to probe `candidates` first.
     pub viewleader: Option<SocketAddr>,
     /// Time between heartbeats.
     pub heartbeat_interval: Duration,
-    /// Where to look for a view leader when none is given.
+    /// Where to look for a view leader: when none is given, and again whenever the one in
+    /// use stops answering (`viewleader` is tried too; with nothing else to try, heartbeats
+    /// simply go on to the same address).
     pub candidates: Vec<SocketAddr>,
 }
 
@@ -529,8 +535,7 @@ impl Node for Server {
             ),
             Some(Reply::Heartbeat(seq)) => self.on_heartbeat_answer(now, seq, result),
             Some(Reply::Probe(index)) => {
-                let is_viewleader = result.is_ok_and(|r| r.is_from_viewleader());
-                if self.membership.on_probe(index, is_viewleader).is_some() {
+                if self.membership.on_probe(now, index, result).is_some() {
                     self.membership.heartbeat_now(
                         now,
                         self.rebalancing.finished(),

@@ -236,6 +236,19 @@ impl Token {
     }
 }
 
+/// A request passed on to the leader, until it answers.
+#[derive(Debug)]
+struct Forward {
+    /// The leader it went to.
+    leader: SocketAddr,
+    /// The id to answer.
+    id: IncomingId,
+    /// The original sender.
+    from: SocketAddr,
+    /// The request (held again if that leader turns out gone).
+    request: Request,
+}
+
 /// A request waiting for the leader to be known.
 #[derive(Debug)]
 struct Held {
@@ -310,7 +323,7 @@ pub struct Group {
     timeout_in_flight: Option<Instant>,
     /// Requests passed on to the leader: slot to the id to answer, the original sender and
     /// the request (held again if the leader turns out gone).
-    forwards: HashMap<u64, (IncomingId, SocketAddr, Request)>,
+    forwards: HashMap<u64, Forward>,
     /// The next forward slot.
     next_forward: u64,
     /// A leader that did not answer a request passed on: requests wait for another leader
@@ -700,7 +713,15 @@ impl Group {
         };
         let slot = self.next_forward;
         self.next_forward += 1;
-        self.forwards.insert(slot, (id, from, request));
+        self.forwards.insert(
+            slot,
+            Forward {
+                leader,
+                id,
+                from,
+                request,
+            },
+        );
         self.actions.push_back(Action::Request {
             token: Token::Forward(slot).encode(),
             dst: leader,
@@ -1141,7 +1162,13 @@ impl Node for Group {
                 }
             }
             Some(Token::Forward(slot)) => {
-                let Some((id, from, request)) = self.forwards.remove(&slot) else {
+                let Some(Forward {
+                    leader,
+                    id,
+                    from,
+                    request,
+                }) = self.forwards.remove(&slot)
+                else {
                     return;
                 };
                 match result {
@@ -1161,7 +1188,11 @@ impl Node for Group {
                     // Anything else waits for the next leader (an election is under way).
                     Err(e) => {
                         debug!("the leader did not answer a request passed on ({e}): held");
-                        self.unanswering = self.leader();
+                        // Only if it is still the leader we know (a newer one may have
+                        // been elected while this request waited for its deadline).
+                        if self.leader() == Some(leader) {
+                            self.unanswering = Some(leader);
+                        }
                         if self.held.len() < MAX_HELD {
                             self.held.push_back(Held {
                                 until: now + self.config.tick() * HELD_TICKS,

@@ -7,6 +7,7 @@
 //! (`.config/nextest.toml`), so two cores are never overloaded into false failure detection.
 
 mod bench;
+mod dissector;
 mod flood;
 mod locks;
 mod membership;
@@ -17,6 +18,8 @@ mod robustness;
 mod security;
 mod tracing;
 mod util;
+mod viewleader_list;
+mod vl_group;
 
 /// The fault spec of the `*_under_faults` variants.
 pub const FAULTS: &str = "loss=0.2,dup=0.1,reorder=0.1";

@@ -65,7 +65,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `command`, waits (up to 10 s) for its first stdout line, and collects stderr.
-    fn start(mut command: Command) -> Proc {
+    pub fn start(mut command: Command) -> Proc {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

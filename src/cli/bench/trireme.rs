@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::cli::bench::{Connection, Op, Target};
+use crate::cli::viewleader_targets;
 use crate::client::{self, Client, SetrHooks, ViewCache};
 use crate::runtime::net::{self, NetConfig};
 use crate::wire::message::{ErrorKind, OpError};
@@ -41,8 +42,13 @@ impl FromStr for NetMode {
 /// A running trireme cluster, reached through its view leader.
 #[derive(Debug)]
 pub struct Trireme {
-    /// The view leader (given, or found once at the start).
+    /// The view leader (given, or found once at the start: the group's leader if the member
+    /// that answered named one).
     viewleader: SocketAddr,
+    /// The view-leader members an operation may fall back on when the view leader does not
+    /// answer: the `--viewleader` list when it names several (empty otherwise: the default
+    /// ports are not tried again for every operation).
+    fallbacks: Vec<SocketAddr>,
     /// `--server`: unused by replicated operations, but every [`Client`] has one.
     server: SocketAddr,
     /// The bound on each operation (`None`: none).
@@ -72,27 +78,35 @@ fn spawn_driver(config: NetConfig) -> Result<net::Handle, OpError> {
 
 impl Trireme {
     /// Finds the view leader through `shared` (the command's driver, which shared workers
-    /// use): `viewleader` if given, else the first of `candidates` that answers within
-    /// `timeout`. Per-worker drivers are started with `net`.
+    /// use) from the `--viewleader` list `given`, as the client does
+    /// ([`viewleader_targets`]): one address is used as it is; several are probed, the first
+    /// that answers (or the group's leader it names) is used and operations fall back on the
+    /// others; none probes the default ports, within `timeout`. Per-worker drivers are
+    /// started with `net`.
     pub fn connect(
         shared: net::Handle,
-        viewleader: Option<SocketAddr>,
-        candidates: &[SocketAddr],
+        given: &[SocketAddr],
         server: SocketAddr,
         timeout: Option<Duration>,
         net: NetConfig,
         mode: NetMode,
     ) -> Result<Trireme, OpError> {
-        let viewleader = match viewleader {
-            Some(addr) => addr,
-            None => client::discover(
+        let viewleader = match viewleader_targets(given) {
+            (Some(addr), _) => addr,
+            (None, candidates) => client::discover(
                 &shared,
-                candidates,
+                &candidates,
                 timeout.map(|t| std::time::Instant::now() + t),
             )?,
         };
+        let fallbacks = if given.len() > 1 {
+            given.to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(Trireme {
             viewleader,
+            fallbacks,
             server,
             timeout,
             net,
@@ -122,6 +136,7 @@ impl Target for Trireme {
         Ok(Box::new(TriremeConnection {
             handle,
             viewleader: self.viewleader,
+            fallbacks: self.fallbacks.clone(),
             server: self.server,
             timeout: self.timeout,
             views: self.views.clone(),
@@ -135,6 +150,8 @@ struct TriremeConnection {
     handle: net::Handle,
     /// The view leader.
     viewleader: SocketAddr,
+    /// The view-leader members to fall back on (see [`Trireme`]).
+    fallbacks: Vec<SocketAddr>,
     /// `--server` (unused by replicated operations).
     server: SocketAddr,
     /// The bound on each operation.
@@ -150,7 +167,7 @@ impl Connection for TriremeConnection {
         let mut client = Client::new(
             self.handle.clone(),
             Some(self.viewleader),
-            Vec::new(),
+            self.fallbacks.clone(),
             self.server,
             self.timeout,
         )
