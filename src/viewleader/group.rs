@@ -425,6 +425,12 @@ impl Group {
         &self.vl
     }
 
+    /// True once this member was refused (it restarted without its state while the group
+    /// has some, or its storage failed): it never takes part again.
+    pub fn is_refused(&self) -> bool {
+        matches!(self.phase, Phase::Refused(_))
+    }
+
     /// True while this member leads the group.
     pub fn is_leader(&self) -> bool {
         matches!(&self.phase, Phase::Running(node) if node.raft.state == StateRole::Leader)
@@ -465,7 +471,12 @@ impl Group {
                 }
             }
         }
-        let election = MIN_ELECTION_TICKS + jitter;
+        // raft-rs's own randomisation is pinned (deterministic simulation), so each member
+        // gets its own band of election timeouts within [MIN, 2 MIN) ticks: two members
+        // never share a timeout and split every vote in lock-step (found by the simulator,
+        // seeds 1628 and 459: two survivors of three with colliding draws never elected).
+        let band = (MIN_ELECTION_TICKS / n as usize).max(1);
+        let election = MIN_ELECTION_TICKS + self.config.me * band + jitter % band;
         let raft_config = raft::Config {
             id: self.config.me as u64 + 1,
             election_tick: election,
@@ -1327,6 +1338,13 @@ mod group_tests {
 
         /// A group of `n` members, each with a data dir under `dir` if given.
         fn with_dirs(n: usize, dir: Option<&std::path::Path>) -> Harness {
+            let seeds: Vec<u64> = (0..n as u64).map(|i| 1000 + i).collect();
+            Harness::with_seeds(&seeds, dir)
+        }
+
+        /// A group with one member per seed, each with a data dir under `dir` if given.
+        fn with_seeds(seeds: &[u64], dir: Option<&std::path::Path>) -> Harness {
+            let n = seeds.len();
             let addrs: Vec<SocketAddr> = (0..n)
                 .map(|i| SocketAddr::from(([127, 0, 0, 1], 39000 + i as u16)))
                 .collect();
@@ -1334,7 +1352,7 @@ mod group_tests {
             let members = (0..n)
                 .map(|i| {
                     let mut config = GroupConfig::new(addrs.clone(), addrs[i]).unwrap();
-                    config.seed = 1000 + i as u64;
+                    config.seed = seeds[i];
                     config.data_dir = dir.map(|d| d.join(format!("m{i}")));
                     Some(Group::start(vl_config(), config, now).unwrap())
                 })
@@ -1737,5 +1755,38 @@ mod group_tests {
             h.answers[&query]
         );
         assert_eq!(h.leaders(), vec![leader], "the leader kept its place");
+    }
+
+    #[test]
+    fn members_whose_draws_collide_elect_after_repeated_failovers() {
+        // Three seeds whose incarnations give the same jitter. (This harness delivers at
+        // once, in member order, which breaks lock-step ties by itself; the simulator's
+        // regression seeds 1628 and 459, with real delays, are what catch members sharing
+        // an election timeout.)
+        let jitter = |seed: u64| Rng::seeded(seed).next_u64() % MIN_ELECTION_TICKS as u64;
+        let mut seeds = vec![1u64];
+        let mut seed = 2;
+        while seeds.len() < 3 {
+            if jitter(seed) == jitter(seeds[0]) {
+                seeds.push(seed);
+            }
+            seed += 1;
+        }
+        let mut h = Harness::with_seeds(&seeds, None);
+        h.run_for(Duration::from_millis(1500));
+        for _ in 0..3 {
+            let old = h.leaders()[0];
+            h.cut[old] = true;
+            let cut_at = h.now;
+            while h.leaders().is_empty() {
+                h.run_for(Duration::from_millis(10));
+                assert!(
+                    h.now < cut_at + Duration::from_secs(2),
+                    "the survivors never elected a leader"
+                );
+            }
+            h.cut[old] = false;
+            h.run_for(Duration::from_millis(500));
+        }
     }
 }
