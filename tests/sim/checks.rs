@@ -1,11 +1,14 @@
 //! The invariants every simulated run must keep, checked on its history, its final state,
 //! and what the world observed on the way (who held which write, who crashed, the epochs
-//! each server process and client incarnation saw, the copies at stable points).
+//! each server process, client incarnation and group member saw, the view each member
+//! applied at each epoch, the copies at stable points, the lock clients' grants and
+//! releases).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::linearizability::{self, Op, OpKind};
-use crate::world::{Final, Observed, Outcome, Record};
+use crate::locker::{LockEvent, LockStep};
+use crate::world::{Final, Observed, Outcome, Record, describe_view};
 
 /// What the checks looked at.
 #[derive(Clone, Debug, Default)]
@@ -23,9 +26,20 @@ pub struct Checked {
     /// Acknowledged setrs lost with every server process that held them crashed (allowed;
     /// the linearizability check takes them as of unknown outcome).
     pub excused_losses: usize,
-    /// Epochs checked for going backwards: each change of a server process's epoch and of
-    /// the epoch of the views a client incarnation received.
+    /// Epochs checked for going backwards: each change of a server process's epoch, of the
+    /// epoch of the views a client incarnation received, and of a group member's applied
+    /// epoch.
     pub epochs: usize,
+    /// Epochs whose view was compared between group members (and clients, in a group of 3
+    /// or 5).
+    pub views: usize,
+    /// Lock grants checked for mutual exclusion.
+    pub lock_grants: usize,
+    /// Grants that overlapped a holder's of an earlier view-leader generation (a group of
+    /// one restarted with no memory forgets its lock table: allowed).
+    pub excused_grants: usize,
+    /// Group members that agreed on the view at the end (leaders and followers).
+    pub agreeing_members: usize,
 }
 
 impl Checked {
@@ -38,6 +52,10 @@ impl Checked {
         self.reads += other.reads;
         self.excused_losses += other.excused_losses;
         self.epochs += other.epochs;
+        self.views += other.views;
+        self.lock_grants += other.lock_grants;
+        self.excused_grants += other.excused_grants;
+        self.agreeing_members += other.agreeing_members;
     }
 }
 
@@ -45,10 +63,12 @@ impl Checked {
 /// candidate (unreconciled since a rejoin); every bucket holds exactly its keys and every
 /// key's replicas agree; no acknowledged setr is lost unless every server process that held
 /// it crashed; two setrs never both commit the same version of a key, and the versions of
-/// acknowledged setrs follow real time; no server process and
-/// no client incarnation sees its epoch go backwards; and per key, the history of setr and
-/// getr (with a final read of the settled state) is linearizable. Returns what was checked,
-/// or every violation found.
+/// acknowledged setrs follow real time; no server process, no client incarnation and no
+/// group member sees its epoch go backwards; every member (and client) that saw an epoch saw
+/// the same view at it, and at the end the members that take part agree on the view while
+/// a member restarted without its state is refused; no lock ever has two holders at once;
+/// and per key, the history of setr and getr (with a final read of the settled state) is
+/// linearizable. Returns what was checked, or every violation found.
 pub fn check(history: &[Record], state: &Final) -> Result<Checked, String> {
     let mut problems = Vec::new();
     for (id, _, pending) in &state.servers {
@@ -70,9 +90,14 @@ pub fn check(history: &[Record], state: &Final) -> Result<Checked, String> {
         ));
     }
     let settled = settled_values(state, &mut problems);
+    let (lock_grants, excused_grants) = check_locks(&state.observed.locks, &mut problems);
     let mut checked = Checked {
         keys: settled.len(),
         epochs: check_epochs(&state.observed, &mut problems),
+        views: state.observed.views.len(),
+        lock_grants,
+        excused_grants,
+        agreeing_members: check_members(state, &mut problems),
         ..Checked::default()
     };
     let keys: BTreeSet<&str> = history
@@ -372,6 +397,19 @@ fn check_epochs(observed: &Observed, problems: &mut Vec<String>) -> usize {
             }
         }
     }
+    for (&life, seen) in &observed.members {
+        checked += seen.epochs.len();
+        for pair in seen.epochs.windows(2) {
+            let ((_, before), (at, after)) = (pair[0], pair[1]);
+            if after < before {
+                problems.push(format!(
+                    "group member {} (life {life}) went back from epoch {before} to {after} at {:.6} s",
+                    seen.slot,
+                    at.as_secs_f64()
+                ));
+            }
+        }
+    }
     for (&life, seen) in &observed.clients {
         checked += seen.epochs.len();
         for pair in seen.epochs.windows(2) {
@@ -447,4 +485,87 @@ fn key_history(
         complete: Some(at),
     });
     ops
+}
+
+/// Checks the view-leader group: every view seen at an epoch was the one first seen at it
+/// (members apply one log: a view is a function of its epoch); at the end every member that
+/// takes part shows the leader's view and rebalancing status, and every member restarted
+/// without its state (in a group of 3 or 5) is refused, never taking part with amnesia.
+/// Returns how many members agreed.
+fn check_members(state: &Final, problems: &mut Vec<String>) -> usize {
+    for (at, conflict) in &state.observed.view_conflicts {
+        problems.push(format!(
+            "at {:.6} s, {conflict}: the members did not apply the same view at that epoch",
+            at.as_secs_f64()
+        ));
+    }
+    let taking_part: Vec<_> = state
+        .members
+        .iter()
+        .filter(|m| matches!(m.phase, "leader" | "follower" | "candidate"))
+        .collect();
+    if let Some(leader) = state.members.iter().find(|m| m.phase == "leader") {
+        for member in &taking_part {
+            if member.view != leader.view || member.rebalancing != leader.rebalancing {
+                problems.push(format!(
+                    "after the cluster settled, group member {} shows epoch {} {} (rebalancing {}) but the leader {} shows epoch {} {} (rebalancing {})",
+                    member.slot,
+                    member.view.epoch,
+                    describe_view(&member.view),
+                    member.rebalancing,
+                    leader.slot,
+                    leader.view.epoch,
+                    describe_view(&leader.view),
+                    leader.rebalancing
+                ));
+            }
+        }
+    }
+    for member in state.members.iter().filter(|m| m.restarted) {
+        if member.phase != "refused" {
+            problems.push(format!(
+                "group member {} was restarted without its state while the others had state, yet it is {} (it must be refused: it may have voted before it forgot)",
+                member.slot, member.phase
+            ));
+        }
+    }
+    taking_part.len()
+}
+
+/// Checks mutual exclusion from the lock clients' side: from the moment a client learned it
+/// holds a lock (its grant arrived) until it sent the release, no other client learns it
+/// holds that lock. A grant that overlaps a holder of an earlier view-leader generation is
+/// allowed (a group of one restarted with no memory has forgotten its lock table) and
+/// counted. Returns the grants checked and the grants excused.
+fn check_locks(events: &[LockEvent], problems: &mut Vec<String>) -> (usize, usize) {
+    // Lock → requester → (generation, when) of the grant it acts on.
+    let mut holders: BTreeMap<&str, BTreeMap<&str, (u64, f64)>> = BTreeMap::new();
+    let (mut grants, mut excused) = (0, 0);
+    for event in events {
+        let at = event.at.as_secs_f64();
+        let held = holders.entry(event.lock.as_str()).or_default();
+        match event.step {
+            LockStep::Granted => {
+                grants += 1;
+                for (&other, &(generation, since)) in held.iter() {
+                    if other == event.requester {
+                        continue;
+                    }
+                    if generation == event.generation {
+                        problems.push(format!(
+                            "lock {:?} granted to {} at {at:.6} s while {other} held it (granted at {since:.6} s, not released since): two holders at once",
+                            event.lock, event.requester
+                        ));
+                    } else {
+                        excused += 1;
+                    }
+                }
+                held.insert(event.requester.as_str(), (event.generation, at));
+            }
+            LockStep::ReleaseSent => {
+                held.remove(event.requester.as_str());
+            }
+        }
+    }
+    (grants, excused)
 }

@@ -1,17 +1,21 @@
-//! The simulated world: one view leader, several servers and several clients, running the
-//! real state machines (`ViewLeader`, `Server`, the client's `Setr`/`Getr` coordinators, and
-//! a reliable-layer `Endpoint` under each) in one thread, in virtual time, over the crate's
-//! seeded network ([`trireme::faults::network::Network`]: the product's `--faults` injector
-//! drops, duplicates, reorders and delays datagrams; the network cuts links). Servers and
-//! clients crash and restart; so does the view leader (all its memory lost). Hosts are
-//! frozen for a while (the view leader alone, or every server at once): a frozen host runs no
-//! timers and handles nothing, and what is sent to it waits in its socket buffer, handled in
-//! arrival order when it resumes, before any of its timers. The view leader is cut from every
-//! server at once. No sockets, no wall clock, no threads: a seed replays a run.
+//! The simulated world: a view-leader group (of 1, 3 or 5 members), several servers, several
+//! clients and a few lock clients, running the real state machines (`viewleader::group::Group`
+//! with its `ViewLeader` and raft-rs inside, `Server`, the client's `Replicated` machine with
+//! the `Setr`/`Getr` coordinators, and a reliable-layer `Endpoint` under each) in one thread,
+//! in virtual time, over the crate's seeded network ([`trireme::faults::network::Network`]:
+//! the product's `--faults` injector drops, duplicates, reorders and delays datagrams; the
+//! network cuts links). Servers and clients crash and restart; so do group members (all their
+//! memory lost: a group of one starts afresh, a member of a larger group must come back
+//! refused). Hosts are frozen for a while (a member, or every server at once): a frozen host
+//! runs no timers and handles nothing, and what is sent to it waits in its socket buffer,
+//! handled in arrival order when it resumes, before any of its timers. The group's leader is
+//! cut from every server, or from the other members, and the group is split. No sockets, no
+//! wall clock, no threads: a seed replays a run.
 //!
 //! The world also watches what the checks need beyond the final state ([`Observed`]): which
-//! server process ever held which version of each key, which processes crashed, and the
-//! epochs each server process and each client incarnation saw.
+//! server process ever held which version of each key, which processes crashed, the epochs
+//! each server process, client incarnation and group member saw, the view each member applied
+//! at each epoch, and when each lock client learned it holds a lock and when it let go.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,22 +23,24 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use trireme::client::{self, Placement, Replicated};
+use trireme::client::{self, Placement, Replicated, VIEWLEADER_ATTEMPT};
 use trireme::faults::network::{Datagram, Network};
 use trireme::faults::{FaultInjector, FaultSpec};
-use trireme::placement::view::{Epoch, ServerId};
+use trireme::placement::view::{Epoch, ServerId, View};
 use trireme::reliable::{self, Endpoint, IncomingId, RequestError, RequestId};
 use trireme::runtime::node::{self, Node, NodeNet};
 use trireme::runtime::trace::{Direction, Entry};
 use trireme::server::{Server, ServerConfig};
 use trireme::txn::coordinator::{Getr, Operation, Setr, SetrHooks};
 use trireme::util::rng::Rng;
+use trireme::viewleader::group::{Group, GroupConfig};
 use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
 use trireme::wire::auth::{Auth, ClusterKey, WallClock};
 use trireme::wire::codec::{Header, Kind};
 use trireme::wire::message::{ErrorKind, OpError, Response, TxId};
 
 use crate::checks;
+use crate::locker::{LockActor, LockEvent};
 
 /// Everything a run does, drawn from its seed.
 #[derive(Clone, Debug)]
@@ -81,6 +87,10 @@ pub struct Params {
     /// Share of operations run with `--wait` (waiting out rebalancing; a read refused as
     /// `rebalancing` retried on a fresh view).
     pub wait: f64,
+    /// Members of the view-leader group: 1 (a group of one, about half the seeds), 3 or 5.
+    pub group: usize,
+    /// Lock clients (0 to 3), each taking one of two locks at a time.
+    pub lockers: usize,
 }
 
 /// The wall-clock time (µs since the Unix epoch) a simulation starts at.
@@ -134,6 +144,13 @@ impl Params {
             // Drawn last, so that the other parameters of a seed stay what they were.
             keyed: rng.chance(0.5),
             wait: if rng.chance(0.5) { 0.5 } else { 0.0 },
+            // Drawn after those, for the same reason.
+            group: match rng.below(8) {
+                0..=3 => 1,
+                4..=6 => 3,
+                _ => 5,
+            },
+            lockers: rng.below(4) as usize,
         }
     }
 }
@@ -205,11 +222,13 @@ pub struct Stats {
     pub keyed_runs: u64,
     /// `Retry` datagrams sent: replies held until the requester proved its address.
     pub retries: u64,
-    /// View-leader pauses longer than dead-after ([`Fault::PauseLeader`]).
+    /// Pauses of the group's leader (the view leader of a group of one) longer than
+    /// dead-after ([`Fault::PauseLeader`]).
     pub vl_pauses: u64,
-    /// View-leader crashes, each followed by a restart with no memory ([`Fault::RestartLeader`]).
+    /// Crashes of the group's leader, each followed by a restart with no memory
+    /// ([`Fault::RestartLeader`]).
     pub vl_restarts: u64,
-    /// Cuts between the view leader and every server, longer than dead-after
+    /// Cuts between the group's leader and every server, longer than dead-after
     /// ([`Fault::CutLeader`]).
     pub vl_cuts: u64,
     /// Pauses of every server at once, longer than dead-after ([`Fault::PauseServers`]).
@@ -224,6 +243,31 @@ pub struct Stats {
     /// View requests beyond an operation's first: `--wait` polling a view that was
     /// rebalancing, or a read refused as `rebalancing` retried on a fresh view.
     pub view_retries: u64,
+    /// Runs with a view-leader group of one.
+    pub groups_of_one: u64,
+    /// Runs with a view-leader group of three.
+    pub groups_of_three: u64,
+    /// Runs with a view-leader group of five.
+    pub groups_of_five: u64,
+    /// Followers frozen past the election timeout ([`Fault::PauseFollower`]).
+    pub follower_pauses: u64,
+    /// Followers crashed and restarted with no state ([`Fault::RestartFollower`]).
+    pub follower_restarts: u64,
+    /// Leaders cut from every other member ([`Fault::IsolateLeader`]).
+    pub leader_isolations: u64,
+    /// Splits of the group in two ([`Fault::SplitGroup`]).
+    pub group_splits: u64,
+    /// Group faults that left no majority of the group running and connected (the group is
+    /// unavailable until they end: counted, not failed).
+    pub without_majority: u64,
+    /// Changes of the group's leader seen (elections that took over from another leader).
+    pub leader_changes: u64,
+    /// Lock grants lock clients received.
+    pub lock_grants: u64,
+    /// Lock requests given up (withdrawn at their bound, or failed).
+    pub lock_give_ups: u64,
+    /// Lock clients killed.
+    pub locker_kills: u64,
 }
 
 impl Stats {
@@ -248,6 +292,18 @@ impl Stats {
         self.buffer_drops += other.buffer_drops;
         self.waiting_ops += other.waiting_ops;
         self.view_retries += other.view_retries;
+        self.groups_of_one += other.groups_of_one;
+        self.groups_of_three += other.groups_of_three;
+        self.groups_of_five += other.groups_of_five;
+        self.follower_pauses += other.follower_pauses;
+        self.follower_restarts += other.follower_restarts;
+        self.leader_isolations += other.leader_isolations;
+        self.group_splits += other.group_splits;
+        self.without_majority += other.without_majority;
+        self.leader_changes += other.leader_changes;
+        self.lock_grants += other.lock_grants;
+        self.lock_give_ups += other.lock_give_ups;
+        self.locker_kills += other.locker_kills;
     }
 }
 
@@ -257,7 +313,7 @@ pub type Bucket = BTreeMap<String, (u64, String)>;
 /// The cluster at the end of a run, for the invariants.
 #[derive(Clone, Debug)]
 pub struct Final {
-    /// The view leader's final view, as a placement.
+    /// The group's final view (its leader's), as a placement.
     pub placement: Placement,
     /// Each live server's id, bucket (reconciled entries only), and undecided transactions.
     pub servers: Vec<(ServerId, Bucket, usize)>,
@@ -267,6 +323,23 @@ pub struct Final {
     pub observed: Observed,
     /// Virtual time at the end.
     pub at: Duration,
+    /// The group's members at the end (those running).
+    pub members: Vec<MemberState>,
+}
+
+/// A group member at the end of a run, for the agreement check.
+#[derive(Clone, Debug)]
+pub struct MemberState {
+    /// Its slot (its place in `--peers`).
+    pub slot: usize,
+    /// `leader`, `follower` or `candidate` (taking part), `joining` or `refused`.
+    pub phase: &'static str,
+    /// It was restarted with no state in a group of 3 or 5: it must be refused.
+    pub restarted: bool,
+    /// The view it applied.
+    pub view: View,
+    /// Whether its applied view is still rebalancing.
+    pub rebalancing: bool,
 }
 
 /// One server process (from its start to its crash; a rejoin under a fresh id is the same
@@ -307,6 +380,25 @@ pub struct Observed {
     /// current epoch, with no transaction in flight): when, and what was missing. The crash
     /// budget counts on every key having all its copies there.
     pub unstable: Vec<(Duration, String)>,
+    /// Group member lives by number (numbered from 1 in start order; a restart is a new one).
+    pub members: BTreeMap<u64, MemberLife>,
+    /// The view applied at each epoch of each view-leader generation, with who was first
+    /// seen with it: every member (and every client, in a group of 3 or 5) that saw that
+    /// epoch must have seen the same view.
+    pub views: BTreeMap<(u64, u64), (View, String)>,
+    /// Views that differed from the one first seen at their epoch: when, and what.
+    pub view_conflicts: Vec<(Duration, String)>,
+    /// What the lock clients learned and did, in order.
+    pub locks: Vec<LockEvent>,
+}
+
+/// One life of a group member (from its start to its crash) as the world saw it.
+#[derive(Clone, Debug, Default)]
+pub struct MemberLife {
+    /// Its slot.
+    pub slot: usize,
+    /// The epochs of the view it applied, each change with when.
+    pub epochs: Vec<(Duration, u64)>,
 }
 
 impl Observed {
@@ -351,6 +443,34 @@ impl Observed {
         previous.filter(|&old| old != id)
     }
 
+    /// Notes that `who` saw `view` at `at` in view-leader generation `generation`: the first
+    /// view seen at an epoch is the one every later sighting must equal.
+    pub fn see_view(
+        &mut self,
+        generation: u64,
+        view: &View,
+        at: Duration,
+        who: impl FnOnce() -> String,
+    ) {
+        match self.views.get(&(generation, view.epoch.0)) {
+            Some((first, _)) if first == view => {}
+            Some((first, by)) => {
+                let conflict = format!(
+                    "{} saw epoch {} as {}, but {by} saw it as {}",
+                    who(),
+                    view.epoch,
+                    describe_view(view),
+                    describe_view(first)
+                );
+                self.view_conflicts.push((at, conflict));
+            }
+            None => {
+                self.views
+                    .insert((generation, view.epoch.0), (view.clone(), who()));
+            }
+        }
+    }
+
     /// Notes that client incarnation `life` (slot `index`) received a view of `epoch` at `at`.
     fn see_client_view(&mut self, life: u64, index: usize, at: Duration, epoch: u64) {
         let seen = self.clients.entry(life).or_insert_with(|| ClientLife {
@@ -363,24 +483,48 @@ impl Observed {
     }
 }
 
-/// A fault of the view leader's membership service, injected by the chaos schedule now and
-/// then (or by a scenario test at a chosen instant). None of them may lose an acknowledged
-/// write: no server process loses its memory.
+/// The servers of a view as a short line, for messages.
+pub fn describe_view(view: &View) -> String {
+    let members: Vec<String> = view
+        .members
+        .iter()
+        .map(|m| format!("{}@{}", m.id, m.addr))
+        .collect();
+    format!("[{}]", members.join(" "))
+}
+
+/// A fault of the membership service (the view-leader group), injected by the chaos schedule
+/// now and then (or by a scenario test at a chosen instant). None of them may lose an
+/// acknowledged write: no server process loses its memory. "The leader" is the group's
+/// leader (the view leader itself in a group of one); the last four need a group of 3 or 5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The view leader's host is frozen this long (longer than dead-after).
+    /// The leader's host is frozen this long (longer than dead-after).
     PauseLeader(Duration),
-    /// The view leader crashes and starts again on the same address after `down`, as a fresh
-    /// `ViewLeader::new` on a fresh endpoint incarnation (no memory).
+    /// The leader crashes and starts again on the same address after `down`, as a fresh
+    /// `Group` with no data dir on a fresh endpoint incarnation (no memory): a group of one
+    /// starts afresh, a member of a larger group must be refused.
     RestartLeader {
         /// How long nobody listens at its address.
         down: Duration,
     },
-    /// Every link between the view leader and a server is cut this long (longer than
-    /// dead-after), then healed.
+    /// Every link between the leader and a server is cut this long (longer than dead-after),
+    /// then healed.
     CutLeader(Duration),
     /// Every running server's host is frozen this long (longer than dead-after).
     PauseServers(Duration),
+    /// A follower's host is frozen this long (past the election timeout).
+    PauseFollower(Duration),
+    /// A follower crashes and starts again with no state after `down` (it must be refused).
+    RestartFollower {
+        /// How long nobody listens at its address.
+        down: Duration,
+    },
+    /// Every link between the leader and the other members is cut this long.
+    IsolateLeader(Duration),
+    /// The group is split in two sides (a minority and a majority, the leader on either) for
+    /// this long: every link between the sides is cut.
+    SplitGroup(Duration),
 }
 
 /// Something scheduled.
@@ -399,8 +543,9 @@ enum Scheduled {
     Fault(Fault),
     /// Server slot `0` starts again (with a fresh id and an empty bucket).
     RestartServer(usize),
-    /// The view leader starts again (a fresh `ViewLeader`, a fresh endpoint incarnation).
-    RestartLeader,
+    /// Group member slot `0` starts again (a fresh `Group` with no data dir, a fresh
+    /// endpoint incarnation).
+    RestartMember(usize),
     /// Client slot `0` starts again.
     RestartClient(usize),
     /// The frozen host at `slot` resumes, if it is still frozen by pause number `pause`.
@@ -445,24 +590,30 @@ struct Pause {
 const SOCKET_BUFFER: usize = 4 << 20;
 
 /// The chance that a chaos event is a membership fault ([`Fault`]) rather than a server
-/// crash, a cut or a client kill.
+/// crash, a cut or a client kill, with a group of one.
 const MEMBERSHIP_FAULT_CHANCE: f64 = 0.08;
+
+/// The same with a group of 3 or 5 (whose faults come in eight kinds).
+const GROUP_FAULT_CHANCE: f64 = 0.3;
 
 /// The application a host runs.
 enum App {
-    /// The view leader.
-    Leader(Box<ViewLeader>),
+    /// A member of the view-leader group.
+    Member(Box<Group>),
     /// A server.
     Server(Box<Server>),
     /// A client.
     Client(Box<ClientActor>),
+    /// A lock client.
+    Locker(Box<LockActor>),
 }
 
 /// One simulated process: its address, its reliable endpoint and its application.
 struct Host {
     /// Its address.
     addr: SocketAddr,
-    /// For a server, its process number (see [`Observed::servers`]); 0 for other hosts.
+    /// For a server, its process number (see [`Observed::servers`]); for a group member, its
+    /// life number (see [`Observed::members`]); 0 for other hosts.
     process: u64,
     /// Its reliable layer.
     endpoint: Endpoint,
@@ -479,6 +630,16 @@ enum Op {
     Setr(Box<Replicated<Setr>>),
     /// A getr.
     Getr(Box<Replicated<Getr>>),
+}
+
+impl Op {
+    /// The view the operation's coordinator ran on, once the view step gave one.
+    fn placement(&self) -> Option<&Placement> {
+        match self {
+            Op::Setr(op) => op.placement(),
+            Op::Getr(op) => op.placement(),
+        }
+    }
 }
 
 /// The operation in progress at a client.
@@ -505,8 +666,14 @@ struct ClientActor {
     index: usize,
     /// Which start of this slot it is (values written stay unique across restarts).
     life: u64,
-    /// The view leader's address.
+    /// The view-leader member it asks first: the group's leader once an answer named it, or
+    /// the next member once one failed (as `Client` keeps it across a command's steps).
     viewleader: SocketAddr,
+    /// Every member of the view-leader group, in `--viewleader` order.
+    members: Vec<SocketAddr>,
+    /// Members whose view request failed (`timeout`, `unreachable`, or refused), most recent
+    /// last: asked last.
+    failed: Vec<SocketAddr>,
     /// Its random source (keys, values, think times, and, when a setr's coordinator is
     /// built on a view, its pause and txid: shared with that build).
     rng: Rc<RefCell<Rng>>,
@@ -595,14 +762,17 @@ impl ClientActor {
                     let txid = TxId::random(&mut rng);
                     Setr::new(now, &key, &value, placement, txid, deadline, timeout, hooks)
                 };
-                Op::Setr(Box::new(Replicated::new(
-                    self.viewleader,
-                    deadline,
-                    timeout,
-                    wait,
-                    false,
-                    floor,
-                    build,
+                Op::Setr(Box::new(self.with_fallbacks(
+                    now,
+                    Replicated::new(
+                        self.viewleader,
+                        deadline,
+                        timeout,
+                        wait,
+                        false,
+                        floor,
+                        build,
+                    ),
                 )))
             }
             None => {
@@ -610,14 +780,9 @@ impl ClientActor {
                 let build = move |now: Instant, placement: &Placement| {
                     Getr::new(now, &key, placement, deadline, timeout)
                 };
-                Op::Getr(Box::new(Replicated::new(
-                    self.viewleader,
-                    deadline,
-                    timeout,
-                    wait,
-                    true,
-                    floor,
-                    build,
+                Op::Getr(Box::new(self.with_fallbacks(
+                    now,
+                    Replicated::new(self.viewleader, deadline, timeout, wait, true, floor, build),
                 )))
             }
         };
@@ -630,6 +795,45 @@ impl ClientActor {
             wait,
             error: None,
         });
+    }
+
+    /// Lets `op`'s view step fall back on the other members (those that failed last), as
+    /// `Client` does; nothing changes with a group of one.
+    fn with_fallbacks<O: Operation>(&self, now: Instant, op: Replicated<O>) -> Replicated<O> {
+        let (fresh, failed): (Vec<SocketAddr>, Vec<SocketAddr>) = self
+            .members
+            .iter()
+            .filter(|&&m| m != self.viewleader)
+            .partition(|m| !self.failed.contains(m));
+        if fresh.is_empty() && failed.is_empty() {
+            return op;
+        }
+        let order = fresh.into_iter().chain(failed).collect();
+        op.with_fallbacks(now, order, VIEWLEADER_ATTEMPT)
+    }
+
+    /// After an operation: keeps the member its view step ended on (the group's leader if an
+    /// answer named it), puts the members that failed last, and gives up a member that
+    /// answered `unreachable` itself (a member refused after a restart without its state).
+    fn follow(&mut self, asked: SocketAddr, failed: &[SocketAddr], refused: bool) {
+        if self.members.len() < 2 {
+            return;
+        }
+        let mut gone: Vec<SocketAddr> = failed.to_vec();
+        if refused {
+            gone.push(asked);
+        }
+        self.failed.retain(|m| !gone.contains(m) && *m != asked);
+        self.failed.extend(gone.iter().copied());
+        self.viewleader = if refused {
+            self.members
+                .iter()
+                .copied()
+                .find(|m| !self.failed.contains(m))
+                .unwrap_or(self.failed[0])
+        } else {
+            asked
+        };
     }
 
     /// The outcome of a request this client sent.
@@ -668,7 +872,7 @@ impl ClientActor {
         };
         let seq = running.seq;
         let error = &mut running.error;
-        let (outcome, views, floor) = match &mut running.op {
+        let (outcome, views, floor, asked) = match &mut running.op {
             Op::Setr(op) => {
                 let outcome =
                     pump(op.as_mut(), now, endpoint, tokens, seq).map(|result| match result {
@@ -684,7 +888,8 @@ impl ClientActor {
                             }
                         }
                     });
-                (outcome, op.take_views(), op.floor())
+                let asked = (op.viewleader(), op.failed_viewleaders().to_vec());
+                (outcome, op.take_views(), op.floor(), asked)
             }
             Op::Getr(op) => {
                 let outcome =
@@ -699,13 +904,21 @@ impl ClientActor {
                             Outcome::ReadFailed(Some(e.kind))
                         }
                     });
-                (outcome, op.take_views(), op.floor())
+                let asked = (op.viewleader(), op.failed_viewleaders().to_vec());
+                (outcome, op.take_views(), op.floor(), asked)
             }
         };
         self.views
             .extend(views.into_iter().map(|epoch| (now, epoch.0)));
         self.epoch_floor = self.epoch_floor.max(floor);
         if let Some(outcome) = outcome {
+            // The view step's own answer was `unreachable`: the member is refused.
+            let refused = matches!(
+                &outcome,
+                Outcome::NotWritten(ErrorKind::Unreachable)
+                    | Outcome::ReadFailed(Some(ErrorKind::Unreachable))
+            ) && running.op.placement().is_none();
+            self.follow(asked.0, &asked.1, refused);
             self.complete(now, outcome);
         }
     }
@@ -810,21 +1023,22 @@ impl Host {
         }
     }
 
-    /// The node this host runs, if it is a view leader or a server.
+    /// The node this host runs, if it is a group member or a server.
     fn node(app: &mut App) -> Option<&mut dyn Node> {
         match app {
-            App::Leader(leader) => Some(leader.as_mut()),
+            App::Member(member) => Some(member.as_mut()),
             App::Server(server) => Some(server.as_mut()),
-            App::Client(_) => None,
+            App::Client(_) | App::Locker(_) => None,
         }
     }
 
     /// When the host next has timed work.
     fn poll_timeout(&self) -> Option<Instant> {
         let app = match &self.app {
-            App::Leader(leader) => leader.poll_timeout(),
+            App::Member(member) => member.poll_timeout(),
             App::Server(server) => server.poll_timeout(),
             App::Client(client) => client.poll_timeout(),
+            App::Locker(locker) => locker.poll_timeout(),
         };
         [self.endpoint.poll_timeout(), app]
             .into_iter()
@@ -847,6 +1061,11 @@ impl Host {
             App::Client(client) => {
                 if client.poll_timeout().is_some_and(|at| at <= now) {
                     client.handle_timeout(now, endpoint, tokens);
+                }
+            }
+            App::Locker(locker) => {
+                if locker.poll_timeout().is_some_and(|at| at <= now) {
+                    locker.handle_timeout(now, endpoint, tokens);
                 }
             }
             node => {
@@ -893,7 +1112,7 @@ impl Host {
             ..
         } = self;
         match (event, app) {
-            (reliable::Event::Request { id, .. }, App::Client(_)) => {
+            (reliable::Event::Request { id, .. }, App::Client(_) | App::Locker(_)) => {
                 let answer = Response::error(ErrorKind::BadInput, "a client serves nothing");
                 if let Ok(body) = answer.encode() {
                     let _ = endpoint.respond(now, id, body);
@@ -903,6 +1122,12 @@ impl Host {
                 if let Some(token) = tokens.remove(&id) {
                     let result = result.map(|body| Response::decode_or_error(&body));
                     client.handle_response(now, token, result, endpoint, tokens);
+                }
+            }
+            (reliable::Event::Response { id, result }, App::Locker(locker)) => {
+                if let Some(token) = tokens.remove(&id) {
+                    let result = result.map(|body| Response::decode_or_error(&body));
+                    locker.handle_response(now, token, result, endpoint, tokens);
                 }
             }
             (event, node) => {
@@ -945,7 +1170,8 @@ pub struct World {
     rng: Rng,
     /// The network: datagrams in flight, their faults, and cut links.
     net: Network,
-    /// Host 0 is the view leader; then servers; then clients (`None`: crashed).
+    /// The group's members first, then servers, then clients, then lock clients (`None`:
+    /// crashed).
     hosts: Vec<Option<Host>>,
     /// Each host slot's address.
     addrs: Vec<SocketAddr>,
@@ -959,6 +1185,15 @@ pub struct World {
     pauses: u64,
     /// Server processes started so far (numbers them).
     processes: u64,
+    /// Group member lives started so far (numbers them).
+    member_lives: u64,
+    /// The view-leader generation: a group of one restarted with no memory starts a new one
+    /// (a group of 3 or 5 keeps its log in the majority that runs, so it has one).
+    generation: u64,
+    /// Per member slot: restarted with no state in a group of 3 or 5 (refused for good).
+    lost: Vec<bool>,
+    /// The leader slot last seen (for counting leader changes).
+    leader_seen: Option<usize>,
     /// What the checks need beyond the final state.
     observed: Observed,
     /// Faults are still being injected.
@@ -982,28 +1217,64 @@ pub struct World {
     pub digest: u64,
     /// Print what happens (operations, faults, views) on stderr, for replaying a failure.
     pub verbose: bool,
-    /// The last epoch the view leader was seen at (for the log).
+    /// The last epoch the group's leader was seen at (for the log).
     seen_epoch: u64,
 }
 
-/// The first server slot.
-const FIRST_SERVER: usize = 1;
+/// A group member's phase for messages and the checks: `leader`, `follower` or `candidate`
+/// (taking part), `joining` (asking its peers) or `refused`. The group shows only whether it leads and
+/// whom it follows, so the rest is read from its `Debug` form.
+fn member_phase(member: &Group) -> &'static str {
+    if member.is_leader() {
+        return "leader";
+    }
+    let debug = format!("{member:?}");
+    if debug.contains("phase: Refused(") {
+        "refused"
+    } else if debug.contains("phase: Joining(") {
+        "joining"
+    } else if debug.contains("phase: Running(Follower)") {
+        "follower"
+    } else {
+        "candidate"
+    }
+}
+
+/// The seed of group member `member`'s first life in run `seed` (not drawn from the run's
+/// generator, so that adding the group left the other hosts' draws as they were).
+fn member_seed(seed: u64, member: usize) -> u64 {
+    (seed ^ 0x6772_6f75_7000_0000).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ member as u64
+}
 
 impl World {
-    /// A world for `params`: the view leader, the servers and the clients, all started at
-    /// virtual time 0. With `trace`, every datagram is recorded for [`World::trace`].
+    /// A world for `params`: the group, the servers, the clients and the lock clients, all
+    /// started at virtual time 0. With `trace`, every datagram is recorded for
+    /// [`World::trace`].
     pub fn new(params: Params, trace: bool) -> World {
         let mut rng = Rng::seeded(params.seed);
         let net = Network::new(FaultInjector::with_rng(params.faults(), rng.fork()));
         let start = Instant::now();
-        let leader_addr = SocketAddr::from(([10, 0, 0, 1], 39000));
-        let mut addrs = vec![leader_addr];
+        let mut addrs: Vec<SocketAddr> = (0..params.group)
+            .map(|i| SocketAddr::from(([10, 0, 0, 1 + i as u8], 39000)))
+            .collect();
         addrs.extend(
             (0..params.servers).map(|i| SocketAddr::from(([10, 0, 1, 1 + i as u8], 38000))),
         );
         addrs.extend(
             (0..params.clients).map(|i| SocketAddr::from(([10, 0, 2, 1 + i as u8], 40000))),
         );
+        addrs.extend(
+            (0..params.lockers).map(|i| SocketAddr::from(([10, 0, 3, 1 + i as u8], 41000))),
+        );
+        let mut stats = Stats {
+            keyed_runs: u64::from(params.keyed),
+            ..Stats::default()
+        };
+        match params.group {
+            1 => stats.groups_of_one = 1,
+            3 => stats.groups_of_three = 1,
+            _ => stats.groups_of_five = 1,
+        }
         let mut world = World {
             hosts: Vec::new(),
             paused: addrs.iter().map(|_| None).collect(),
@@ -1015,6 +1286,10 @@ impl World {
             net,
             pauses: 0,
             processes: 0,
+            member_lives: 0,
+            generation: 0,
+            lost: vec![false; params.group],
+            leader_seen: None,
             observed: Observed::default(),
             chaos: true,
             lives: 0,
@@ -1023,24 +1298,31 @@ impl World {
             holders: 0,
             trace: trace.then(Vec::new),
             history: Vec::new(),
-            stats: Stats {
-                keyed_runs: u64::from(params.keyed),
-                ..Stats::default()
-            },
+            stats,
             digest: 0xcbf2_9ce4_8422_2325,
             verbose: false,
             seen_epoch: 0,
             params,
             rng: Rng::seeded(0),
         };
-        let leader = world.leader_host(&mut rng);
-        world.hosts.push(Some(leader));
-        for slot in FIRST_SERVER..FIRST_SERVER + world.params.servers {
+        for slot in 0..world.params.group {
+            let seed = member_seed(world.params.seed, slot);
+            let host = world.member_host(slot, seed, &mut rng);
+            world.hosts.push(Some(host));
+        }
+        for slot in world.first_server()..world.first_client() {
             let host = world.server_host(slot, &mut rng);
             world.hosts.push(Some(host));
         }
-        for slot in world.first_client()..world.addrs.len() {
+        for slot in world.first_client()..world.first_locker() {
             let host = world.client_host(slot, &mut rng);
+            world.hosts.push(Some(host));
+        }
+        for slot in world.first_locker()..world.addrs.len() {
+            // Not drawn from the run's generator either (a run without lock clients draws
+            // what it drew before they existed).
+            let mut locker_rng = Rng::seeded(member_seed(world.params.seed, 1000 + slot));
+            let host = world.locker_host(slot, &mut locker_rng, false);
             world.hosts.push(Some(host));
         }
         world.rng = rng;
@@ -1051,33 +1333,70 @@ impl World {
         world
     }
 
-    /// The first client slot.
-    fn first_client(&self) -> usize {
-        FIRST_SERVER + self.params.servers
+    /// The first server slot (after the group's members).
+    fn first_server(&self) -> usize {
+        self.params.group
     }
 
-    /// A fresh view leader (no memory: epoch 0, an empty view) on a fresh endpoint
-    /// incarnation, for slot 0.
-    fn leader_host(&self, rng: &mut Rng) -> Host {
-        let leader = ViewLeader::new(ViewLeaderConfig {
+    /// The first client slot.
+    fn first_client(&self) -> usize {
+        self.first_server() + self.params.servers
+    }
+
+    /// The first lock client slot.
+    fn first_locker(&self) -> usize {
+        self.first_client() + self.params.clients
+    }
+
+    /// The group's members' addresses, in `--peers` order.
+    fn members(&self) -> Vec<SocketAddr> {
+        self.addrs[..self.params.group].to_vec()
+    }
+
+    /// A fresh life of group member `slot` (no data dir: no memory) seeded with `seed`, on a
+    /// fresh endpoint incarnation: a group of one takes part at once (epoch 0, an empty
+    /// view), a member of a larger group first asks its peers.
+    fn member_host(&mut self, slot: usize, seed: u64, rng: &mut Rng) -> Host {
+        let vl = ViewLeaderConfig {
             dead_after: self.params.dead_after,
             replicas: self.params.replicas,
             vnodes: self.params.vnodes,
             ..ViewLeaderConfig::default()
-        });
+        };
+        let config = GroupConfig {
+            peers: if self.params.group > 1 {
+                self.members()
+            } else {
+                Vec::new()
+            },
+            me: slot,
+            seed,
+            ..GroupConfig::default()
+        };
+        let member = Group::start(vl, config, self.now).expect("a valid group");
         let config = self.endpoint_config();
-        Host::new(self.addrs[0], App::Leader(Box::new(leader)), config, rng)
+        let mut host = Host::new(self.addrs[slot], App::Member(Box::new(member)), config, rng);
+        self.member_lives += 1;
+        host.process = self.member_lives;
+        host
     }
 
     /// A fresh server process for `slot` (a new process number, a new id, an empty bucket, a
-    /// new incarnation).
+    /// new incarnation). With a group of one it heartbeats the view leader from the start;
+    /// with a larger group it is given every member and finds the leader itself (as
+    /// `server --viewleader A,B,C`).
     fn server_host(&mut self, slot: usize, rng: &mut Rng) -> Host {
         self.processes += 1;
+        let (viewleader, candidates) = if self.params.group > 1 {
+            (None, self.members())
+        } else {
+            (Some(self.addrs[0]), Vec::new())
+        };
         let config = ServerConfig {
             advertise: self.addrs[slot],
-            viewleader: Some(self.addrs[0]),
+            viewleader,
             heartbeat_interval: self.params.heartbeat,
-            candidates: Vec::new(),
+            candidates,
         };
         let server = Server::new(config, rng.fork(), self.now);
         let config = self.endpoint_config();
@@ -1109,10 +1428,14 @@ impl World {
         self.lives += 1;
         let mut client_rng = rng.fork();
         let first = self.now + Duration::from_millis(300 + client_rng.below(200));
+        let index = slot - self.first_client();
         let client = ClientActor {
-            index: slot - self.first_client(),
+            index,
             life: self.lives,
-            viewleader: self.addrs[0],
+            // Clients start at different members (followers pass requests on).
+            viewleader: self.addrs[index % self.params.group],
+            members: self.members(),
+            failed: Vec::new(),
             rng: Rc::new(RefCell::new(client_rng)),
             next_op: Some(first),
             running: None,
@@ -1125,6 +1448,21 @@ impl World {
         };
         let config = self.endpoint_config();
         Host::new(self.addrs[slot], App::Client(Box::new(client)), config, rng)
+    }
+
+    /// A fresh lock client for `slot` (`recover`: a later life, which first releases what
+    /// the previous one may hold).
+    fn locker_host(&mut self, slot: usize, rng: &mut Rng, recover: bool) -> Host {
+        let locker = LockActor::new(
+            slot - self.first_locker(),
+            self.members(),
+            rng.fork(),
+            self.params.op_timeout,
+            self.now,
+            recover,
+        );
+        let config = self.endpoint_config();
+        Host::new(self.addrs[slot], App::Locker(Box::new(locker)), config, rng)
     }
 
     /// Queues `event` at `at`.
@@ -1145,25 +1483,62 @@ impl World {
         }
     }
 
-    /// Logs the view leader's view when its epoch changed.
-    fn log_view(&mut self) {
+    /// The group member at `slot`, if one runs there.
+    fn member(&self, slot: usize) -> Option<&Group> {
+        match self.hosts.get(slot) {
+            Some(Some(Host {
+                app: App::Member(member),
+                ..
+            })) => Some(member.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The slot of the group's leader: the member that leads (frozen or not); of two that
+    /// believe they lead (one deposed and not aware yet), the one more members follow.
+    fn leader_slot(&self) -> Option<usize> {
+        let group = self.params.group;
+        let followed = |slot: usize| {
+            (0..group)
+                .filter(|&s| self.member(s).and_then(Group::leader) == Some(self.addrs[slot]))
+                .count()
+        };
+        (0..group)
+            .filter(|&s| self.member(s).is_some_and(Group::is_leader))
+            .max_by_key(|&s| (followed(s), std::cmp::Reverse(s)))
+    }
+
+    /// The view leader the group's leader applied (the group's view), if there is a leader.
+    fn leader_vl(&self) -> Option<&ViewLeader> {
+        self.leader_slot()
+            .and_then(|s| self.member(s))
+            .map(Group::view_leader)
+    }
+
+    /// Notes a change of the group's leader, and logs the group's view when its epoch
+    /// changed.
+    fn note_leader(&mut self) {
+        let leader = self.leader_slot();
+        if let Some(slot) = leader
+            && self.leader_seen != Some(slot)
+        {
+            if self.leader_seen.is_some() {
+                self.stats.leader_changes += 1;
+            }
+            self.leader_seen = Some(slot);
+            if self.params.group > 1 {
+                let addr = self.addrs[slot];
+                self.log(|| format!("member {slot} ({addr}) leads the group"));
+            }
+        }
         if !self.verbose {
             return;
         }
-        if let Some(Some(Host {
-            app: App::Leader(leader),
-            ..
-        })) = self.hosts.first()
-        {
-            let view = leader.view();
+        if let Some(vl) = self.leader_vl() {
+            let view = vl.view();
             if view.epoch.0 != self.seen_epoch {
                 self.seen_epoch = view.epoch.0;
-                let members: Vec<String> = view
-                    .members
-                    .iter()
-                    .map(|m| format!("{}@{}", m.id, m.addr))
-                    .collect();
-                self.log(|| format!("view epoch {} members {}", view.epoch, members.join(" ")));
+                self.log(|| format!("view epoch {} members {}", view.epoch, describe_view(&view)));
             }
         }
     }
@@ -1214,7 +1589,7 @@ impl World {
         };
         host.pump(now, &mut out);
         let from = host.addr;
-        let is_leader = matches!(host.app, App::Leader(_));
+        let is_member = matches!(host.app, App::Member(_));
         let finished = match &mut host.app {
             App::Client(client) => std::mem::take(&mut client.done),
             _ => Vec::new(),
@@ -1227,8 +1602,8 @@ impl World {
         for (to, payload) in out {
             self.send(from, to, payload);
         }
-        if is_leader {
-            self.log_view();
+        if is_member {
+            self.note_leader();
         }
     }
 
@@ -1259,7 +1634,39 @@ impl World {
                         .see_client_view(client.life, client.index, when, epoch);
                 }
             }
-            App::Leader(_) => {}
+            App::Member(member) => {
+                let life = host.process;
+                let epoch = member.view_leader().view().epoch.0;
+                let seen = self
+                    .observed
+                    .members
+                    .entry(life)
+                    .or_insert_with(|| MemberLife {
+                        slot,
+                        ..MemberLife::default()
+                    });
+                if seen.epochs.last().is_none_or(|&(_, last)| last != epoch) {
+                    seen.epochs.push((at, epoch));
+                    let view = member.view_leader().view();
+                    self.observed.see_view(self.generation, &view, at, || {
+                        format!("group member {slot} (life {life})")
+                    });
+                }
+            }
+            App::Locker(locker) => {
+                self.stats.lock_grants += std::mem::take(&mut locker.grants);
+                self.stats.lock_give_ups += std::mem::take(&mut locker.given_up);
+                let requester = locker.requester().to_owned();
+                for (when, lock, step) in std::mem::take(&mut locker.events) {
+                    self.observed.locks.push(LockEvent {
+                        at: when - self.start,
+                        requester: requester.clone(),
+                        lock,
+                        step,
+                        generation: self.generation,
+                    });
+                }
+            }
         }
     }
 
@@ -1284,6 +1691,20 @@ impl World {
         };
         self.stats.waiting_ops += u64::from(running.wait);
         self.stats.view_retries += attempts.saturating_sub(1);
+        // A group of 3 or 5 has one log: the view a client used at an epoch is the one every
+        // member applied at it (a group of one restarted with no memory may reuse epochs).
+        if self.params.group > 1
+            && let Some(placement) = running.op.placement()
+        {
+            let at = running.invoked - self.start;
+            self.observed
+                .see_view(self.generation, &placement.view, at, || {
+                    format!(
+                        "client {client} (an operation invoked at {:.6} s)",
+                        at.as_secs_f64()
+                    )
+                });
+        }
         let invoked = (running.invoked - self.start).as_secs_f64();
         let txid = match &running.op {
             Op::Setr(op) => op
@@ -1444,51 +1865,134 @@ impl World {
         self.schedule(at, Scheduled::Fault(fault));
     }
 
-    /// Draws a membership fault: each of the four kinds equally likely, each lasting longer
-    /// than dead-after (a restarted view leader's down time is drawn from up to 1.5 times
-    /// dead-after).
+    /// Draws a membership fault: with a group of one, each of the four kinds of a lone view
+    /// leader equally likely, each lasting longer than dead-after (a restarted view leader's
+    /// down time is drawn from up to 1.5 times dead-after); with a group of 3 or 5, each of
+    /// the eight kinds equally likely, a follower's pause, the leader's isolation from the
+    /// other members and a split lasting from 0.4 s (past any election timeout) to 3 s.
     fn draw_fault(&mut self) -> Fault {
         let dead_after = self.params.dead_after;
         let longer = |rng: &mut Rng| {
             let extra = 50_000 + rng.below(dead_after.as_micros() as u64 + 1_000_000);
             dead_after + Duration::from_micros(extra)
         };
-        match self.rng.below(4) {
+        let down = |rng: &mut Rng| {
+            Duration::from_micros(10_000 + rng.below(dead_after.as_micros() as u64 * 3 / 2))
+        };
+        let election = |rng: &mut Rng| Duration::from_millis(400 + rng.below(2_600));
+        let kinds = if self.params.group > 1 { 8 } else { 4 };
+        match self.rng.below(kinds) {
             0 => Fault::PauseLeader(longer(&mut self.rng)),
             1 => Fault::RestartLeader {
-                down: Duration::from_micros(
-                    10_000 + self.rng.below(dead_after.as_micros() as u64 * 3 / 2),
-                ),
+                down: down(&mut self.rng),
             },
             2 => Fault::CutLeader(longer(&mut self.rng)),
-            _ => Fault::PauseServers(longer(&mut self.rng)),
+            3 => Fault::PauseServers(longer(&mut self.rng)),
+            4 => Fault::PauseFollower(election(&mut self.rng)),
+            5 => Fault::RestartFollower {
+                down: down(&mut self.rng),
+            },
+            6 => Fault::IsolateLeader(election(&mut self.rng)),
+            _ => Fault::SplitGroup(election(&mut self.rng)),
         }
     }
 
-    /// Carries out membership fault `fault` now (skipped where it cannot apply: a view leader
-    /// that is down cannot be paused or crashed again).
+    /// The member a leader fault strikes: the leader, or with none (an election under way)
+    /// a random running member.
+    fn target_leader(&mut self) -> Option<usize> {
+        if let Some(slot) = self.leader_slot() {
+            return Some(slot);
+        }
+        let running: Vec<usize> = (0..self.params.group)
+            .filter(|&s| self.hosts[s].is_some())
+            .collect();
+        (!running.is_empty()).then(|| running[self.rng.below(running.len() as u64) as usize])
+    }
+
+    /// A random running follower (a member other than the leader), if any.
+    fn target_follower(&mut self) -> Option<usize> {
+        let leader = self.leader_slot();
+        let followers: Vec<usize> = (0..self.params.group)
+            .filter(|&s| Some(s) != leader && self.hosts[s].is_some() && !self.lost[s])
+            .collect();
+        (!followers.is_empty()).then(|| followers[self.rng.below(followers.len() as u64) as usize])
+    }
+
+    /// Members that take part (not lost to a restart without state) and are not `out`, nor
+    /// down or frozen: if fewer than a majority, the group cannot run (counted).
+    fn note_majority(&mut self, out: &[usize]) {
+        let group = self.params.group;
+        if group == 1 {
+            return;
+        }
+        let able = (0..group)
+            .filter(|&s| {
+                !out.contains(&s)
+                    && !self.lost[s]
+                    && self.hosts[s].is_some()
+                    && self.paused[s].is_none()
+            })
+            .count();
+        if able <= group / 2 {
+            self.stats.without_majority += 1;
+            self.log(|| format!("{able} of {group} members left: no majority until this ends"));
+        }
+    }
+
+    /// True if one more member may be restarted without its state in this run: every such
+    /// member is refused for good, and a majority must stay.
+    fn may_lose_member(&self) -> bool {
+        let group = self.params.group;
+        let lost = self.lost.iter().filter(|&&l| l).count();
+        group == 1 || lost < (group - 1) / 2
+    }
+
+    /// Crashes group member `slot`; it starts again with no state after `down`.
+    fn crash_member(&mut self, slot: usize, down: Duration) {
+        let addr = self.addrs[slot];
+        self.log(|| format!("crash group member {slot} ({addr}); it restarts in {down:?}"));
+        self.hosts[slot] = None;
+        self.paused[slot] = None;
+        if self.params.group > 1 {
+            self.lost[slot] = true;
+        }
+        let at = self.now + down;
+        self.schedule(at, Scheduled::RestartMember(slot));
+    }
+
+    /// Carries out membership fault `fault` now (skipped where it cannot apply: a leader that
+    /// is down cannot be paused or crashed again, a group of one has no followers, a member
+    /// is restarted without its state only while a majority would remain).
     fn inject_now(&mut self, fault: Fault) {
         let now = self.now;
-        let servers = FIRST_SERVER..self.first_client();
+        let group = self.params.group;
+        let servers = self.first_server()..self.first_client();
         match fault {
             Fault::PauseLeader(length) => {
-                if self.pause(0, length) {
+                if let Some(slot) = self.target_leader()
+                    && self.pause(slot, length)
+                {
                     self.stats.vl_pauses += 1;
+                    self.note_majority(&[]);
                 }
             }
             Fault::RestartLeader { down } => {
-                if self.hosts[0].is_some() {
-                    self.log(|| format!("crash the view leader; it restarts in {down:?}"));
-                    self.hosts[0] = None;
-                    self.paused[0] = None;
+                if let Some(slot) = self.target_leader()
+                    && self.may_lose_member()
+                {
+                    self.crash_member(slot, down);
                     self.stats.vl_restarts += 1;
-                    self.schedule(now + down, Scheduled::RestartLeader);
+                    self.note_majority(&[]);
                 }
             }
             Fault::CutLeader(length) => {
-                self.log(|| format!("cut the view leader from every server for {length:?}"));
-                for slot in servers {
-                    self.cut(self.addrs[0], self.addrs[slot], now + length);
+                let Some(slot) = self.target_leader() else {
+                    return;
+                };
+                let leader = self.addrs[slot];
+                self.log(|| format!("cut the leader {leader} from every server for {length:?}"));
+                for server in servers {
+                    self.cut(leader, self.addrs[server], now + length);
                 }
                 self.stats.vl_cuts += 1;
             }
@@ -1501,6 +2005,67 @@ impl World {
                 if any {
                     self.stats.all_server_pauses += 1;
                 }
+            }
+            Fault::PauseFollower(length) => {
+                if let Some(slot) = self.target_follower()
+                    && self.pause(slot, length)
+                {
+                    self.stats.follower_pauses += 1;
+                    self.note_majority(&[]);
+                }
+            }
+            Fault::RestartFollower { down } => {
+                if self.may_lose_member()
+                    && let Some(slot) = self.target_follower()
+                {
+                    self.crash_member(slot, down);
+                    self.stats.follower_restarts += 1;
+                    self.note_majority(&[]);
+                }
+            }
+            Fault::IsolateLeader(length) => {
+                let Some(slot) = self.target_leader().filter(|_| group > 1) else {
+                    return;
+                };
+                let leader = self.addrs[slot];
+                self.log(|| {
+                    format!("cut the leader {leader} from the other members for {length:?}")
+                });
+                for member in (0..group).filter(|&m| m != slot) {
+                    self.cut(leader, self.addrs[member], now + length);
+                }
+                self.stats.leader_isolations += 1;
+                self.note_majority(&[slot]);
+            }
+            Fault::SplitGroup(length) => {
+                if group == 1 {
+                    return;
+                }
+                // A minority side of 1..=group/2 members, the leader on it half the time.
+                let mut order: Vec<usize> = (0..group).collect();
+                for i in (1..group).rev() {
+                    let j = self.rng.below(i as u64 + 1) as usize;
+                    order.swap(i, j);
+                }
+                let size = 1 + self.rng.below(group as u64 / 2) as usize;
+                if let Some(leader) = self.leader_slot()
+                    && self.rng.chance(0.5)
+                {
+                    let at = order.iter().position(|&m| m == leader).unwrap_or(0);
+                    order.swap(0, at);
+                }
+                let (minority, majority) = order.split_at(size);
+                let (minority, majority) = (minority.to_vec(), majority.to_vec());
+                self.log(|| {
+                    format!("split the group: members {minority:?} | {majority:?} for {length:?}")
+                });
+                for &a in &minority {
+                    for &b in &majority {
+                        self.cut(self.addrs[a], self.addrs[b], now + length);
+                    }
+                }
+                self.stats.group_splits += 1;
+                self.note_majority(&minority);
             }
         }
     }
@@ -1552,13 +2117,19 @@ impl World {
                 }
             }
             Scheduled::Fault(fault) => self.inject_now(fault),
-            Scheduled::RestartLeader => {
-                if self.hosts[0].is_none() {
+            Scheduled::RestartMember(slot) => {
+                if self.hosts[slot].is_none() {
                     let mut rng = self.rng.fork();
-                    let host = self.leader_host(&mut rng);
-                    self.log(|| "restart the view leader (no memory)".into());
-                    self.hosts[0] = Some(host);
-                    self.settle_host(0);
+                    // A fresh seed: a new election timeout and incarnation.
+                    let seed = rng.next_u64();
+                    if self.params.group == 1 {
+                        // A lone view leader with no memory: a new lock table, a new log.
+                        self.generation += 1;
+                    }
+                    let host = self.member_host(slot, seed, &mut rng);
+                    self.log(|| format!("restart group member {slot} (no memory)"));
+                    self.hosts[slot] = Some(host);
+                    self.settle_host(slot);
                 }
             }
             Scheduled::Chaos => {
@@ -1587,12 +2158,20 @@ impl World {
             Scheduled::RestartClient(slot) => {
                 if self.hosts[slot].is_none() {
                     let mut rng = self.rng.fork();
-                    let mut host = self.client_host(slot, &mut rng);
-                    if !self.chaos
-                        && let App::Client(client) = &mut host.app
-                    {
-                        client.next_op = None;
-                        client.stopped = true;
+                    let mut host = if slot >= self.first_locker() {
+                        self.locker_host(slot, &mut rng, true)
+                    } else {
+                        self.client_host(slot, &mut rng)
+                    };
+                    if !self.chaos {
+                        match &mut host.app {
+                            App::Client(client) => {
+                                client.next_op = None;
+                                client.stopped = true;
+                            }
+                            App::Locker(locker) => locker.stop(),
+                            _ => {}
+                        }
                     }
                     self.hosts[slot] = Some(host);
                 }
@@ -1600,15 +2179,11 @@ impl World {
         }
     }
 
-    /// True when no host is frozen, the view leader runs and its view holds exactly the live
-    /// servers, all at its epoch, and no rebalancing is in progress: the point from which
-    /// failures are counted.
+    /// True when no host is frozen, the group has a leader and its view holds exactly the
+    /// live servers, all at its epoch, and no rebalancing is in progress: the point from
+    /// which failures are counted.
     pub fn is_stable(&self) -> bool {
-        let Some(Some(Host {
-            app: App::Leader(leader),
-            ..
-        })) = self.hosts.first()
-        else {
+        let Some(leader) = self.leader_vl() else {
             return false;
         };
         if self.paused.iter().any(Option::is_some) {
@@ -1625,20 +2200,15 @@ impl World {
                 .all(|s| s.epoch() == view.epoch && !s.is_rebalancing())
     }
 
-    /// The number of servers in the view leader's view.
+    /// The number of servers in the group's view.
     fn view_size(&self) -> u32 {
-        match self.hosts.first() {
-            Some(Some(Host {
-                app: App::Leader(leader),
-                ..
-            })) => leader.view().members.len() as u32,
-            _ => 0,
-        }
+        self.leader_vl()
+            .map_or(0, |leader| leader.view().members.len() as u32)
     }
 
     /// The live servers.
     fn servers(&self) -> impl Iterator<Item = &Server> {
-        self.hosts[FIRST_SERVER..self.first_client()]
+        self.hosts[self.first_server()..self.first_client()]
             .iter()
             .filter_map(|h| match h {
                 Some(Host {
@@ -1649,23 +2219,26 @@ impl World {
             })
     }
 
-    /// Injects one fault: now and then a membership fault ([`Fault`]: the view leader paused,
-    /// restarted or cut from every server, or every server paused), only from a stable
-    /// cluster and alone until it is stable again; else a server crash or a cut between the
-    /// view leader and a server (each only while fewer than `replicas - 1` such failures
-    /// happened since the cluster was last stable, so that every key keeps a holder that can
-    /// serve it), a cut between other hosts, or a client killed (preferably one between the
-    /// votes and the decision of a setr). The durability check counts only crashes as
-    /// failures: nothing else makes a server process lose its memory.
+    /// Injects one fault: now and then a membership fault ([`Fault`]: the group's leader
+    /// paused, restarted or cut from every server, or every server paused; with a group of 3
+    /// or 5 also a follower paused or restarted, the leader cut from the other members, or
+    /// the group split), only from a stable cluster and alone until it is stable again; else
+    /// a server crash or a cut between a group member and a server (each only while fewer
+    /// than `replicas - 1` such failures happened since the cluster was last stable, so that
+    /// every key keeps a holder that can serve it), a cut between other hosts, or a client
+    /// killed (preferably one between the votes and the decision of a setr), or a lock
+    /// client killed. The durability check counts only crashes as failures: nothing else
+    /// makes a server process lose its memory.
     fn chaos_event(&mut self) {
-        // A cut between the view leader and a server is a failure in the making for
+        // A cut between a group member and a server is a failure in the making for
         // availability (the server may yet be declared dead, and its copies are then not
         // served until it rejoined): no reset while one lasts.
-        let leader = self.addrs[0];
+        let group = self.params.group;
+        let members = &self.addrs[..group];
         let leader_cut = self
             .net
             .cuts(self.now)
-            .any(|(a, b, _)| a == leader || b == leader);
+            .any(|(a, b, _)| members.contains(&a) != members.contains(&b));
         if self.is_stable() && !leader_cut {
             self.check_stable_point();
             self.failures = 0;
@@ -1680,8 +2253,14 @@ impl World {
         if self.membership_fault {
             return;
         }
-        if self.rng.chance(MEMBERSHIP_FAULT_CHANCE) {
-            let servers_up = (FIRST_SERVER..self.first_client()).all(|s| self.hosts[s].is_some());
+        let chance = if group > 1 {
+            GROUP_FAULT_CHANCE
+        } else {
+            MEMBERSHIP_FAULT_CHANCE
+        };
+        if self.rng.chance(chance) {
+            let servers_up =
+                (self.first_server()..self.first_client()).all(|s| self.hosts[s].is_some());
             if self.failures == 0 && !leader_cut && servers_up && self.is_stable() {
                 let fault = self.draw_fault();
                 self.membership_fault = true;
@@ -1694,7 +2273,7 @@ impl World {
         // that may crash.
         let holders = self.holders.min(self.params.replicas.min(self.view_size()));
         let may_fail = self.failures + 1 < holders;
-        let servers: Vec<usize> = (FIRST_SERVER..self.first_client()).collect();
+        let servers: Vec<usize> = (self.first_server()..self.first_client()).collect();
         let clients: Vec<usize> = (self.first_client()..self.addrs.len()).collect();
         let now = self.now;
         match self.rng.below(4) {
@@ -1734,7 +2313,7 @@ impl World {
                 self.schedule(now + back, Scheduled::RestartServer(slot));
             }
             1 => {
-                // A cut between two hosts (one between the view leader and a server may get
+                // A cut between two hosts (one between a group member and a server may get
                 // the server declared dead: it rejoins, keeping its bucket as candidates).
                 let a = self.rng.below(self.addrs.len() as u64) as usize;
                 let b = self.rng.below(self.addrs.len() as u64) as usize;
@@ -1742,7 +2321,7 @@ impl World {
                     return;
                 }
                 let leader_cut =
-                    (a == 0 && servers.contains(&b)) || (b == 0 && servers.contains(&a));
+                    (a < group && servers.contains(&b)) || (b < group && servers.contains(&a));
                 if leader_cut {
                     if !may_fail {
                         return;
@@ -1771,10 +2350,15 @@ impl World {
                     return;
                 }
                 let slot = pool[self.rng.below(pool.len() as u64) as usize];
+                // What a lock client did up to now is in its history.
+                self.observe(slot);
                 let Some(mut host) = self.hosts[slot].take() else {
                     return;
                 };
                 self.log(|| format!("kill client slot {slot}"));
+                if matches!(host.app, App::Locker(_)) {
+                    self.stats.locker_kills += 1;
+                }
                 if let App::Client(client) = &mut host.app {
                     if client.is_between_votes_and_decision() {
                         self.stats.kills_before_decision += 1;
@@ -1808,7 +2392,7 @@ impl World {
         let end = self.start + self.params.active;
         self.run_until(end);
         // Quiet: no more faults or new operations; crashed servers come back now; cuts heal,
-        // frozen hosts resume and a crashed view leader restarts when their time comes (each
+        // frozen hosts resume and a crashed group member restarts when their time comes (each
         // membership fault runs its whole length, longer than dead-after).
         self.chaos = false;
         let quiet = FaultSpec {
@@ -1818,7 +2402,7 @@ impl World {
             ..self.params.faults()
         };
         self.net.set_spec(quiet);
-        let first_client = self.first_client();
+        let (first_server, first_client) = (self.first_server(), self.first_client());
         for slot in 0..self.hosts.len() {
             match &mut self.hosts[slot] {
                 Some(Host {
@@ -1828,8 +2412,12 @@ impl World {
                     client.next_op = None;
                     client.stopped = true;
                 }
+                Some(Host {
+                    app: App::Locker(locker),
+                    ..
+                }) => locker.stop(),
                 Some(_) => {}
-                None if slot > 0 && slot < first_client => {
+                None if slot >= first_server && slot < first_client => {
                     let now = self.now;
                     self.schedule(now, Scheduled::RestartServer(slot));
                 }
@@ -1842,6 +2430,7 @@ impl World {
             let at = self.now + step;
             self.run_until(at);
             if self.is_settled() {
+                self.await_agreement();
                 return Ok(self.final_state());
             }
             if self.now >= limit {
@@ -1861,27 +2450,73 @@ impl World {
         }
         let idle = self.hosts.iter().flatten().all(|h| match &h.app {
             App::Client(client) => client.running.is_none(),
+            App::Locker(locker) => locker.is_idle(),
             _ => true,
         });
-        idle && self.servers().all(|s| s.pending_transactions() == 0) && self.is_stable()
+        let members_up = self.hosts[..self.params.group].iter().all(Option::is_some);
+        idle && members_up
+            && self.servers().all(|s| s.pending_transactions() == 0)
+            && self.is_stable()
+    }
+
+    /// Once settled, gives the group's members up to 5 s more to apply what the leader
+    /// applied (a follower learns the commit index with the leader's next message): the
+    /// agreement check then compares their views.
+    fn await_agreement(&mut self) {
+        let limit = self.now + Duration::from_secs(5);
+        while !self.members_agree() && self.now < limit {
+            let at = self.now + Duration::from_millis(100);
+            self.run_until(at);
+        }
+    }
+
+    /// True when every member that takes part follows the leader and shows its view and
+    /// rebalancing status, and no member restarted without its state is still asking its
+    /// peers whether it may take part.
+    fn members_agree(&self) -> bool {
+        let Some(leader) = self.leader_vl() else {
+            return false;
+        };
+        let (view, rebalancing) = (leader.view(), leader.rebalancing().0);
+        (0..self.params.group)
+            .filter_map(|s| self.member(s))
+            .all(|m| match member_phase(m) {
+                "refused" => true,
+                "joining" => false,
+                _ => {
+                    m.leader().is_some()
+                        && m.view_leader().view() == view
+                        && m.view_leader().rebalancing().0 == rebalancing
+                }
+            })
     }
 
     /// A line on the cluster's state, for failure messages.
     fn describe(&self) -> String {
-        let leader = match self.hosts.first() {
-            Some(Some(Host {
-                app: App::Leader(leader),
-                ..
-            })) => {
-                let view = leader.view();
-                format!(
-                    "view epoch {} with {} servers, rebalancing {:?}",
-                    view.epoch,
-                    view.members.len(),
-                    leader.rebalancing()
-                )
-            }
-            _ => "no view leader".into(),
+        let members: Vec<String> = (0..self.params.group)
+            .map(|slot| match self.member(slot) {
+                Some(member) => {
+                    let vl = member.view_leader();
+                    let view = vl.view();
+                    format!(
+                        "member {slot} {}{}: view epoch {} with {} servers, rebalancing {:?}",
+                        member_phase(member),
+                        if self.paused[slot].is_some() {
+                            " (frozen)"
+                        } else {
+                            ""
+                        },
+                        view.epoch,
+                        view.members.len(),
+                        vl.rebalancing()
+                    )
+                }
+                None => format!("member {slot} down"),
+            })
+            .collect();
+        let leader = match self.leader_slot() {
+            Some(slot) => format!("leader {slot}; {}", members.join("; ")),
+            None => format!("no leader; {}", members.join("; ")),
         };
         let servers: Vec<String> = self
             .servers()
@@ -1922,11 +2557,25 @@ impl World {
         }
     }
 
-    /// The final state for the checks (only once the view leader runs again: a settled
-    /// world has one).
+    /// The final state for the checks (only once the group has a leader: a settled world
+    /// has one), with every running member's phase and view.
     fn final_state(&self) -> Final {
+        let members = (0..self.params.group)
+            .filter_map(|slot| {
+                let member = self.member(slot)?;
+                let vl = member.view_leader();
+                Some(MemberState {
+                    slot,
+                    phase: member_phase(member),
+                    restarted: self.lost[slot],
+                    view: vl.view(),
+                    rebalancing: vl.rebalancing().0,
+                })
+            })
+            .collect();
         Final {
             observed: self.observed.clone(),
+            members,
             ..self.snapshot()
         }
     }
@@ -1963,15 +2612,13 @@ impl World {
         }
     }
 
-    /// The cluster as the checks see it now (with nothing observed): the view leader's view
-    /// and every running server's bucket, candidates apart. Only while the view leader runs.
+    /// The cluster as the checks see it now (with nothing observed): the group leader's view
+    /// and every running server's bucket, candidates apart. Only while the group has a
+    /// leader.
     fn snapshot(&self) -> Final {
-        let view = match self.hosts.first() {
-            Some(Some(Host {
-                app: App::Leader(leader),
-                ..
-            })) => leader.view(),
-            _ => unreachable!("a settled or stable world has a view leader"),
+        let view = match self.leader_vl() {
+            Some(leader) => leader.view(),
+            None => unreachable!("a settled or stable world has a leader"),
         };
         let mut candidates = Vec::new();
         let servers = self
@@ -1994,6 +2641,7 @@ impl World {
             candidates,
             observed: Observed::default(),
             at: self.elapsed(),
+            members: Vec::new(),
         }
     }
 
