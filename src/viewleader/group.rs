@@ -775,13 +775,15 @@ impl Group {
         self.actions.push_back(Action::Respond { id, response });
     }
 
-    /// Fills the group fields of a view-leader answer (a group of one leaves them empty:
-    /// the member that answered is the leader).
+    /// Fills the group fields of a view-leader answer: the leader as this member knows it,
+    /// and the group (a group of one leaves them empty: the member that answered leads).
     fn decorate(&self, response: Response) -> Response {
         if self.config.peers.is_empty() {
             return response;
         }
-        let me = Some(self.config.peers[self.config.me]);
+        // The leader this member knows (itself while it leads; an answer applied after it
+        // stepped down names its successor), else itself: it passes requests on.
+        let me = self.leader().or(Some(self.config.peers[self.config.me]));
         match response {
             Response::HeartbeatAck {
                 view,
