@@ -605,12 +605,9 @@ impl Group {
             *slot = Some((fresh, knows_you));
         }
         let me = self.config.me;
-        if let Some(&(_, _)) = welcomes
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != me)
-            .find_map(|(_, w)| w.as_ref().filter(|(fresh, knows)| !fresh && !knows))
-        {
+        // A peer with state that does not know this incarnation (earlier answers were judged
+        // when they came).
+        if !fresh && !knows_you {
             let why = format!(
                 "refused: this member (place {me} in --peers) has no state, but a peer has \
                  state and does not know this incarnation: it ran before and forgot what it \
