@@ -278,8 +278,10 @@ fn lock_case<'a>(label: &str, handle: &'a Handle, at: SocketAddr) -> Case<'a> {
     let never = crossbeam_channel::never::<()>();
     let op = move |_| {
         let mut client = client(handle, Some(at), &[], OP_TIMEOUT);
-        client.lock_get("bench", "me", &never).expect("lock_get");
-        client.lock_release("bench", "me").expect("lock_release");
+        let claim = client.lock_get("bench", "me", &never).expect("lock_get");
+        client
+            .lock_release("bench", "me", Some(claim))
+            .expect("lock_release");
     };
     (label.to_string(), Box::new(op))
 }

@@ -117,6 +117,7 @@ local F = {
     timeout_ms    = ProtoField.uint32("trireme.timeout_ms", "Timeout (ms)", base.DEC),
     lock          = ProtoField.string("trireme.lock", "Lock"),
     requester     = ProtoField.string("trireme.requester", "Requester"),
+    claim         = ProtoField.uint64("trireme.claim", "Claim", base.DEC),
     holder        = ProtoField.string("trireme.holder", "Holder"),
     position      = ProtoField.uint32("trireme.position", "Queue position", base.DEC),
     text          = ProtoField.string("trireme.text", "Text"),
@@ -154,7 +155,7 @@ local FIELD_ORDER = {
     "token", "payload",
     "ack_flags", "ack_complete", "ack_unknown", "ack_range_count", "ack_range", "ack_range_start",
     "ack_range_end", "message", "variant", "key", "value", "value_len", "value_version", "epoch",
-    "txid", "server_id", "addr", "timeout_ms", "lock", "requester", "holder", "position", "text",
+    "txid", "server_id", "addr", "timeout_ms", "lock", "requester", "claim", "holder", "position", "text",
     "close", "rebalancing", "replicas", "vnodes", "finished", "sent", "delivered", "count",
     "error_kind", "error_message", "cycle", "tx_state", "present",
     "leader", "group_member", "raft_len", "member_index", "member_incarnation", "origin",
@@ -395,6 +396,24 @@ local function lock_pair(r, tree, info)
     info.requester = r:str(tree, F.requester, { label = "requester" })
 end
 
+-- A lock request with its claim (LockGet, LockWithdraw).
+local function lock_claim(r, tree, info)
+    lock_pair(r, tree, info)
+    r:u64(tree, F.claim)
+end
+
+-- A release: the lock pair and an Option<u64> claim (None: whatever the requester holds).
+local function lock_release(r, tree, info)
+    lock_pair(r, tree, info)
+    local some, rg = r:byte()
+    if some > 1 then bad("invalid Option tag " .. some) end
+    if some == 1 then
+        r:u64(tree, F.claim)
+    else
+        tree:add(rg, "Claim: any (whatever the requester holds)")
+    end
+end
+
 -- An Option<SocketAddr> naming the view-leader group's leader (None: the member that answered).
 local function leader_hint(r, tree, info)
     local some, rg = r:byte()
@@ -431,9 +450,9 @@ local REQUEST_BODY = {
         info.epoch = r:u64(t, F.epoch)
     end,
     QueryServers = function() end,
-    LockGet = lock_pair,
-    LockRelease = lock_pair,
-    LockWithdraw = lock_pair,
+    LockGet = lock_claim,
+    LockRelease = lock_release,
+    LockWithdraw = lock_claim,
     Print = function(r, t) r:str(t, F.text, { label = "text" }) end,
     Set = function(r, t, info)
         info.key = r:str(t, F.key, { label = "key" })

@@ -388,6 +388,10 @@ pub enum ClientCommand {
         /// Who releases.
         #[arg(allow_hyphen_values = true)]
         requester: String,
+        /// Release only the grant of the `lock_get` that printed this claim (its `--json`
+        /// field "claim"): a release that arrives late then cannot release a later grant.
+        #[arg(long, value_name = "N")]
+        claim: Option<u64>,
     },
 }
 
@@ -755,6 +759,8 @@ pub enum Outcome {
         lock: String,
         /// The requester.
         requester: String,
+        /// The claim the grant was made under (for `lock_release --claim`).
+        claim: u64,
     },
     /// `setr` committed KEY on every replica.
     Replicated {
@@ -837,7 +843,9 @@ impl Outcome {
                 .map(|m| format!("{} {}", m.id, m.addr))
                 .collect::<Vec<_>>()
                 .join("\n"),
-            Outcome::Locked { lock, requester } => format!("granted {lock} to {requester}"),
+            Outcome::Locked {
+                lock, requester, ..
+            } => format!("granted {lock} to {requester}"),
             Outcome::Released { lock, requester } => format!("released {lock} held by {requester}"),
             Outcome::Bench(report) => report.table(),
         }
@@ -887,7 +895,12 @@ impl Outcome {
                 "epoch": epoch.0,
                 "replicas": members_json(replicas),
             }),
-            Outcome::Locked { lock, requester } | Outcome::Released { lock, requester } => {
+            Outcome::Locked {
+                lock,
+                requester,
+                claim,
+            } => json!({"ok": true, "lock": lock, "requester": requester, "claim": claim}),
+            Outcome::Released { lock, requester } => {
                 json!({"ok": true, "lock": lock, "requester": requester})
             }
             Outcome::Bench(report) => report.json(),
@@ -987,7 +1000,11 @@ fn run_client_command(
             .map(|(info, group)| Outcome::Servers { info, group }),
         ClientCommand::LockGet { lock, requester } => client
             .lock_get(&lock, &requester, cancel)
-            .map(|()| Outcome::Locked { lock, requester }),
+            .map(|claim| Outcome::Locked {
+                lock,
+                requester,
+                claim,
+            }),
         ClientCommand::Setr {
             key,
             pause_after_view_ms,
@@ -1022,8 +1039,12 @@ fn run_client_command(
                     replicas,
                 })
         }
-        ClientCommand::LockRelease { lock, requester } => client
-            .lock_release(&lock, &requester)
+        ClientCommand::LockRelease {
+            lock,
+            requester,
+            claim,
+        } => client
+            .lock_release(&lock, &requester, claim)
             .map(|()| Outcome::Released { lock, requester }),
         ClientCommand::Bench(bench) => run_bench(args, &bench, &handle, net_config)
             .map(|report| Outcome::Bench(Box::new(report))),

@@ -569,16 +569,19 @@ impl Client {
     }
 
     /// `lock_get LOCK REQUESTER`: waits until granted, renewing the request. Gives up at the
-    /// deadline or when `cancel` fires (Ctrl-C), withdrawing the request first.
+    /// deadline or when `cancel` fires (Ctrl-C), withdrawing the request first. Returns the
+    /// claim the grant was made under (a random number picked for this call; a release that
+    /// names it cannot release a later grant to the same requester).
     pub fn lock_get(
         &mut self,
         lock: &str,
         requester: &str,
         cancel: &Receiver<()>,
-    ) -> Result<(), OpError> {
+    ) -> Result<u64, OpError> {
         message::check_lock_name("lock name", lock)?;
         message::check_lock_name("requester", requester)?;
         let mut viewleader = self.viewleader()?;
+        let claim = Rng::from_entropy().next_u64();
         let reserve = self
             .timeout
             .map_or(WITHDRAW_RESERVE, |t| WITHDRAW_RESERVE.min(t / 4));
@@ -586,6 +589,7 @@ impl Client {
         let request = Request::LockGet {
             lock: lock.to_owned(),
             requester: requester.to_owned(),
+            claim,
         };
         let mut holder = String::from("another requester");
         // Renewals in a row the member in use left unanswered.
@@ -595,7 +599,7 @@ impl Client {
             let bound = give_up_at.map_or(renewal_bound, |limit| limit.min(renewal_bound));
             let mut wait = LOCK_RENEW_INTERVAL;
             match self.exchange(viewleader, &request, Some(bound)) {
-                Ok(Response::LockGranted) => return Ok(()),
+                Ok(Response::LockGranted) => return Ok(claim),
                 Ok(Response::LockWaiting {
                     holder: current,
                     position,
@@ -650,7 +654,7 @@ impl Client {
             };
             let expired = give_up_at.is_some_and(|limit| Instant::now() >= limit);
             if cancelled || expired {
-                self.withdraw(viewleader, lock, requester);
+                self.withdraw(viewleader, lock, requester, claim);
                 let why = if cancelled {
                     "interrupted"
                 } else {
@@ -664,15 +668,16 @@ impl Client {
         }
     }
 
-    /// Withdraws a waiting lock request (releasing the lock if a grant raced us); best
-    /// effort, within what is left of the deadline (or a short bound without one).
-    fn withdraw(&self, viewleader: SocketAddr, lock: &str, requester: &str) {
+    /// Withdraws the waiting lock request of `claim` (releasing the lock if a grant raced
+    /// us); best effort, within what is left of the deadline (or a short bound without one).
+    fn withdraw(&self, viewleader: SocketAddr, lock: &str, requester: &str, claim: u64) {
         let deadline = self
             .deadline
             .unwrap_or_else(|| Instant::now() + WITHDRAW_RESERVE);
         let request = Request::LockWithdraw {
             lock: lock.to_owned(),
             requester: requester.to_owned(),
+            claim,
         };
         match self.call_until(
             viewleader,
@@ -687,13 +692,20 @@ impl Client {
         }
     }
 
-    /// `lock_release LOCK REQUESTER`.
-    pub fn lock_release(&mut self, lock: &str, requester: &str) -> Result<(), OpError> {
+    /// `lock_release LOCK REQUESTER [--claim N]`: releases what REQUESTER holds (only the
+    /// holding granted under `claim`, if named).
+    pub fn lock_release(
+        &mut self,
+        lock: &str,
+        requester: &str,
+        claim: Option<u64>,
+    ) -> Result<(), OpError> {
         message::check_lock_name("lock name", lock)?;
         message::check_lock_name("requester", requester)?;
         let request = Request::LockRelease {
             lock: lock.to_owned(),
             requester: requester.to_owned(),
+            claim,
         };
         match self.call_viewleader(&request)? {
             (_, Response::LockReleased) => Ok(()),

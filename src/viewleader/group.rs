@@ -1511,6 +1511,7 @@ mod group_tests {
             Request::LockGet {
                 lock: "L".into(),
                 requester: "alice".into(),
+                claim: 1,
             },
         );
         h.run_for(Duration::from_millis(100));

@@ -16,6 +16,17 @@
 //! Every operation on a lock first applies that lock's due timeouts, so the outcome does not
 //! depend on how promptly the driver calls [`LockTable::handle_timeout`].
 //!
+//! # Claims
+//!
+//! Every `get` carries a [`Claim`]: a number its client picked for that one `lock_get`
+//! (renewals repeat it). The holding and each waiting request remember the claim of the `get`
+//! that last asked for them, and a release or withdrawal that names a claim touches only a
+//! holding or request of that claim. So a release or withdrawal that arrives late (held in a
+//! stalled view-leader member's buffer while its client moved on and asked again) can no
+//! longer release a later grant to the same requester, which its client believes it holds.
+//! A release naming no claim (the command-line `lock_release` run in another process)
+//! releases whatever the requester holds, as before.
+//!
 //! # Bounds
 //!
 //! A flood of `lock_get` with fresh lock or requester names must not grow the table without
@@ -103,6 +114,9 @@ impl fmt::Display for Bound {
     }
 }
 
+/// The number a client picks for one `lock_get` (see the module doc, "Claims").
+pub type Claim = u64;
+
 /// The answer to a `lock_get` (a first request or a renewal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockGetOutcome {
@@ -148,6 +162,8 @@ struct Holder {
     /// When the lock was granted to this holder; an unconfirmed grant expires
     /// `renew_timeout` later.
     granted_at: Instant,
+    /// The claim of the `get` that last asked for this holding.
+    claim: Claim,
 }
 
 /// One queued request.
@@ -157,6 +173,8 @@ struct Waiter {
     name: String,
     /// When the request was made or last renewed; it expires `renew_timeout` later.
     renewed_at: Instant,
+    /// The claim of its last renewal.
+    claim: Claim,
 }
 
 /// One lock in the table. A lock with no holder is removed from the table, so every entry
@@ -262,21 +280,35 @@ impl LockTable {
         self.locks.len() + self.waits.edges
     }
 
-    /// Handles `lock_get lock requester` at `now`: a first request or a renewal. Grants a
-    /// free lock (or confirms a pending grant), queues or renews a wait, or refuses the wait
-    /// with `Deadlock` or `Busy`; see [`LockGetOutcome`].
-    pub fn get(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
+    /// Handles `lock_get lock requester` with `claim` at `now`: a first request or a
+    /// renewal. Grants a free lock (or confirms a pending grant), queues or renews a wait, or
+    /// refuses the wait with `Deadlock` or `Busy`; see [`LockGetOutcome`]. A holding or wait
+    /// it grants, confirms or renews takes `claim`.
+    pub fn get(
+        &mut self,
+        now: Instant,
+        lock: &str,
+        requester: &str,
+        claim: Claim,
+    ) -> LockGetOutcome {
         self.expire(now, lock);
-        let outcome = self.get_unexpired(now, lock, requester);
+        let outcome = self.get_unexpired(now, lock, requester, claim);
         self.schedule(lock);
         outcome
     }
 
     /// [`LockTable::get`] once `lock`'s due timeouts are applied.
-    fn get_unexpired(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
+    fn get_unexpired(
+        &mut self,
+        now: Instant,
+        lock: &str,
+        requester: &str,
+        claim: Claim,
+    ) -> LockGetOutcome {
         let holder = match self.locks.get_mut(lock) {
-            None => return self.grant_free(now, lock, requester),
+            None => return self.grant_free(now, lock, requester, claim),
             Some(state) if state.holder.name == requester => {
+                state.holder.claim = claim;
                 if !state.holder.confirmed {
                     state.holder.confirmed = true;
                     info!("lock {lock}: grant to {requester} confirmed");
@@ -320,14 +352,21 @@ impl LockTable {
                 return LockGetOutcome::Busy(Bound::DeadlockWalk(self.config.max_deadlock_walk));
             }
         }
-        self.enqueue_or_renew(now, lock, requester, holder)
+        self.enqueue_or_renew(now, lock, requester, claim, holder)
     }
 
     /// Handles `lock_release lock requester` at `now`: if `requester` holds the lock
-    /// (confirmed or not), passes it on and returns `Released`; otherwise `NotHolder`.
-    pub fn release(&mut self, now: Instant, lock: &str, requester: &str) -> LockReleaseOutcome {
+    /// (confirmed or not), under `claim` when one is named, passes it on and returns
+    /// `Released`; otherwise `NotHolder`.
+    pub fn release(
+        &mut self,
+        now: Instant,
+        lock: &str,
+        requester: &str,
+        claim: Option<Claim>,
+    ) -> LockReleaseOutcome {
         self.expire(now, lock);
-        if self.holder(lock) != Some(requester) {
+        if !self.holds(lock, requester, claim) {
             return LockReleaseOutcome::NotHolder;
         }
         info!("lock {lock}: released by {requester}");
@@ -336,16 +375,23 @@ impl LockTable {
         LockReleaseOutcome::Released
     }
 
-    /// Withdraws `requester`'s interest in `lock` at `now` (its `lock_get` gave up): removes
-    /// its waiting request, or, if a grant raced the withdrawal, releases the lock to the next
-    /// waiter. Returns true if a wait or a hold of `requester` was removed.
-    pub fn withdraw(&mut self, now: Instant, lock: &str, requester: &str) -> bool {
+    /// Withdraws `requester`'s `lock_get` of `claim` on `lock` at `now` (it gave up):
+    /// removes its waiting request, or, if a grant raced the withdrawal, releases the lock to
+    /// the next waiter; a wait or holding last asked for under another claim is left alone.
+    /// Returns true if a wait or a hold of `requester` was removed.
+    pub fn withdraw(&mut self, now: Instant, lock: &str, requester: &str, claim: Claim) -> bool {
         self.expire(now, lock);
-        if self.remove_waiter(lock, requester) {
+        let waiting_under_claim = self.locks.get(lock).is_some_and(|state| {
+            state
+                .waiters
+                .iter()
+                .any(|w| w.name == requester && w.claim == claim)
+        });
+        if waiting_under_claim && self.remove_waiter(lock, requester) {
             debug!("lock {lock}: {requester} withdrew its request");
             return true;
         }
-        if self.holder(lock) == Some(requester) {
+        if self.holds(lock, requester, Some(claim)) {
             info!("lock {lock}: {requester} withdrew after being granted; releasing");
             self.pass_on(now, lock);
             self.schedule(lock);
@@ -432,6 +478,14 @@ impl LockTable {
         self.timers.push(Reverse((earliest, lock.to_owned())));
     }
 
+    /// Returns true if `requester` holds `lock` (confirmed or not), under `claim` if one is
+    /// named.
+    fn holds(&self, lock: &str, requester: &str, claim: Option<Claim>) -> bool {
+        self.locks.get(lock).is_some_and(|state| {
+            state.holder.name == requester && claim.is_none_or(|c| c == state.holder.claim)
+        })
+    }
+
     /// Returns the name of `lock`'s holder (confirmed or not), or None if it is free.
     pub fn holder(&self, lock: &str) -> Option<&str> {
         self.locks.get(lock).map(|state| state.holder.name.as_str())
@@ -447,9 +501,15 @@ impl LockTable {
         self.locks.is_empty()
     }
 
-    /// Grants the absent (free) `lock` to `requester` at `now`, confirmed, unless the table
-    /// is full (`Busy`).
-    fn grant_free(&mut self, now: Instant, lock: &str, requester: &str) -> LockGetOutcome {
+    /// Grants the absent (free) `lock` to `requester` under `claim` at `now`, confirmed,
+    /// unless the table is full (`Busy`).
+    fn grant_free(
+        &mut self,
+        now: Instant,
+        lock: &str,
+        requester: &str,
+        claim: Claim,
+    ) -> LockGetOutcome {
         if self.entries() >= self.config.max_entries {
             debug!("lock {lock}: {requester} refused, table full");
             return LockGetOutcome::Busy(Bound::Entries(self.config.max_entries));
@@ -458,6 +518,7 @@ impl LockTable {
             name: requester.to_owned(),
             confirmed: true,
             granted_at: now,
+            claim,
         };
         self.locks.insert(
             lock.to_owned(),
@@ -470,22 +531,25 @@ impl LockTable {
         LockGetOutcome::Granted
     }
 
-    /// Renews `requester`'s existing wait for `lock` at `now`, or queues a new one (the
-    /// caller checked the bounds). `holder` is the lock's current holder, for the answer.
+    /// Renews `requester`'s existing wait for `lock` at `now` under `claim`, or queues a new
+    /// one (the caller checked the bounds). `holder` is the lock's current holder, for the
+    /// answer.
     fn enqueue_or_renew(
         &mut self,
         now: Instant,
         lock: &str,
         requester: &str,
+        claim: Claim,
         holder: String,
     ) -> LockGetOutcome {
         let Some(state) = self.locks.get_mut(lock) else {
             // Not reachable (the caller saw a holder), but a missing lock is simply free.
-            return self.grant_free(now, lock, requester);
+            return self.grant_free(now, lock, requester, claim);
         };
         if let Some(index) = state.queue_index(requester) {
             if let Some(waiter) = state.waiters.get_mut(index) {
                 waiter.renewed_at = now;
+                waiter.claim = claim;
             }
             return LockGetOutcome::Waiting {
                 holder,
@@ -495,6 +559,7 @@ impl LockTable {
         state.waiters.push_back(Waiter {
             name: requester.to_owned(),
             renewed_at: now,
+            claim,
         });
         let position = state.waiters.len();
         self.waits.add(requester, lock);
@@ -635,8 +700,11 @@ struct LockEntryImage {
     confirmed: bool,
     /// When it was granted, µs since the origin.
     granted_at: u64,
-    /// Waiting requesters in FIFO order, each with its last renewal (µs since the origin).
-    waiters: Vec<(String, u64)>,
+    /// The holding's claim.
+    claim: Claim,
+    /// Waiting requesters in FIFO order, each with its last renewal (µs since the origin)
+    /// and its claim.
+    waiters: Vec<(String, u64, Claim)>,
 }
 
 /// Microseconds from `origin` to `at` (0 if `at` is earlier).
@@ -655,10 +723,11 @@ impl LockTable {
                 holder: state.holder.name.clone(),
                 confirmed: state.holder.confirmed,
                 granted_at: micros_since(origin, state.holder.granted_at),
+                claim: state.holder.claim,
                 waiters: state
                     .waiters
                     .iter()
-                    .map(|w| (w.name.clone(), micros_since(origin, w.renewed_at)))
+                    .map(|w| (w.name.clone(), micros_since(origin, w.renewed_at), w.claim))
                     .collect(),
             })
             .collect();
@@ -675,9 +744,10 @@ impl LockTable {
             let waiters: VecDeque<Waiter> = entry
                 .waiters
                 .iter()
-                .map(|(name, renewed)| Waiter {
+                .map(|(name, renewed, claim)| Waiter {
                     name: name.clone(),
                     renewed_at: at(*renewed),
+                    claim: *claim,
                 })
                 .collect();
             for w in &waiters {
@@ -690,6 +760,7 @@ impl LockTable {
                         name: entry.holder.clone(),
                         confirmed: entry.confirmed,
                         granted_at: at(entry.granted_at),
+                        claim: entry.claim,
                     },
                     waiters,
                 },
@@ -761,6 +832,7 @@ fn next_holder(
             name: waiter.name,
             confirmed: false,
             granted_at: now,
+            claim: waiter.claim,
         });
     }
     None
@@ -823,7 +895,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = table();
         assert!(t.is_empty());
-        assert_eq!(t.get(t0, "L", "a"), LockGetOutcome::Granted);
+        assert_eq!(t.get(t0, "L", "a", 0), LockGetOutcome::Granted);
         assert_eq!(t.holder("L"), Some("a"));
         assert_eq!(confirmed(&t, "L"), Some(true));
         assert_eq!(t.len(), 1);
@@ -834,8 +906,8 @@ mod tests {
     fn holder_getting_its_lock_again_is_granted() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        assert_eq!(t.get(at(t0, 5_000), "L", "a"), LockGetOutcome::Granted);
+        t.get(t0, "L", "a", 0);
+        assert_eq!(t.get(at(t0, 5_000), "L", "a", 0), LockGetOutcome::Granted);
         assert_eq!(t.holder("L"), Some("a"));
         assert!(queue(&t, "L").is_empty());
     }
@@ -846,11 +918,11 @@ mod tests {
     fn second_requester_waits_with_holder_and_position() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        assert_eq!(t.get(t0, "L", "b"), waiting("a", 1));
-        assert_eq!(t.get(t0, "L", "c"), waiting("a", 2));
+        t.get(t0, "L", "a", 0);
+        assert_eq!(t.get(t0, "L", "b", 0), waiting("a", 1));
+        assert_eq!(t.get(t0, "L", "c", 0), waiting("a", 2));
         // A renewal keeps the place in line.
-        assert_eq!(t.get(at(t0, 250), "L", "b"), waiting("a", 1));
+        assert_eq!(t.get(at(t0, 250), "L", "b", 0), waiting("a", 1));
         assert_eq!(queue(&t, "L"), ["b", "c"]);
     }
 
@@ -860,26 +932,32 @@ mod tests {
     fn release_grants_waiters_in_fifo_order_each_confirmed_by_renewal() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "h");
-        t.get(t0, "L", "w1");
-        t.get(t0, "L", "w2");
-        t.get(t0, "L", "w3");
+        t.get(t0, "L", "h", 0);
+        t.get(t0, "L", "w1", 0);
+        t.get(t0, "L", "w2", 0);
+        t.get(t0, "L", "w3", 0);
         let mut now = t0;
         let mut previous = "h";
         for (i, next) in ["w1", "w2", "w3"].into_iter().enumerate() {
             now += Duration::from_millis(200);
             // Everyone still waiting renews, so nobody is dropped.
             for w in ["w1", "w2", "w3"].iter().skip(i) {
-                t.get(now, "L", w);
+                t.get(now, "L", w, 0);
             }
-            assert_eq!(t.release(now, "L", previous), LockReleaseOutcome::Released);
+            assert_eq!(
+                t.release(now, "L", previous, None),
+                LockReleaseOutcome::Released
+            );
             assert_eq!(t.holder("L"), Some(next));
             assert_eq!(confirmed(&t, "L"), Some(false));
-            assert_eq!(t.get(now, "L", next), LockGetOutcome::Granted);
+            assert_eq!(t.get(now, "L", next, 0), LockGetOutcome::Granted);
             assert_eq!(confirmed(&t, "L"), Some(true));
             previous = next;
         }
-        assert_eq!(t.release(now, "L", "w3"), LockReleaseOutcome::Released);
+        assert_eq!(
+            t.release(now, "L", "w3", None),
+            LockReleaseOutcome::Released
+        );
         assert_eq!(t.holder("L"), None);
         assert!(t.is_empty());
     }
@@ -890,11 +968,11 @@ mod tests {
     fn release_by_non_holder_or_by_waiter_is_not_holder() {
         let t0 = Instant::now();
         let mut t = table();
-        assert_eq!(t.release(t0, "L", "a"), LockReleaseOutcome::NotHolder);
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        assert_eq!(t.release(t0, "L", "x"), LockReleaseOutcome::NotHolder);
-        assert_eq!(t.release(t0, "L", "b"), LockReleaseOutcome::NotHolder);
+        assert_eq!(t.release(t0, "L", "a", None), LockReleaseOutcome::NotHolder);
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        assert_eq!(t.release(t0, "L", "x", None), LockReleaseOutcome::NotHolder);
+        assert_eq!(t.release(t0, "L", "b", None), LockReleaseOutcome::NotHolder);
         assert_eq!(t.holder("L"), Some("a"));
         assert_eq!(queue(&t, "L"), ["b"]);
     }
@@ -905,17 +983,17 @@ mod tests {
     fn unrenewed_waiter_is_dropped_and_renewed_waiter_kept() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "stale");
-        t.get(t0, "L", "live");
-        t.get(at(t0, 300), "L", "live");
-        t.get(at(t0, 600), "L", "live");
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "stale", 0);
+        t.get(t0, "L", "live", 0);
+        t.get(at(t0, 300), "L", "live", 0);
+        t.get(at(t0, 600), "L", "live", 0);
         t.handle_timeout(at(t0, 999));
         assert_eq!(queue(&t, "L"), ["stale", "live"]);
         t.handle_timeout(at(t0, 1_000));
         assert_eq!(queue(&t, "L"), ["live"]);
         assert!(t.waits.locks_of("stale").next().is_none());
-        assert_eq!(t.get(at(t0, 1_100), "L", "live"), waiting("a", 1));
+        assert_eq!(t.get(at(t0, 1_100), "L", "live", 0), waiting("a", 1));
         assert_eq!(t.holder("L"), Some("a"));
     }
 
@@ -925,24 +1003,124 @@ mod tests {
     fn unconfirmed_grant_revoked_after_renew_timeout_passes_to_next_waiter() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        t.get(t0, "L", "c");
-        t.get(at(t0, 500), "L", "b");
-        t.get(at(t0, 500), "L", "c");
-        t.release(at(t0, 500), "L", "a");
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        t.get(t0, "L", "c", 0);
+        t.get(at(t0, 500), "L", "b", 0);
+        t.get(at(t0, 500), "L", "c", 0);
+        t.release(at(t0, 500), "L", "a", None);
         assert_eq!(t.holder("L"), Some("b"));
         // c keeps renewing; b never confirms.
-        t.get(at(t0, 900), "L", "c");
-        t.get(at(t0, 1_400), "L", "c");
+        t.get(at(t0, 900), "L", "c", 0);
+        t.get(at(t0, 1_400), "L", "c", 0);
         t.handle_timeout(at(t0, 1_499));
         assert_eq!(t.holder("L"), Some("b"));
         t.handle_timeout(at(t0, 1_500));
         assert_eq!(t.holder("L"), Some("c"));
         assert_eq!(confirmed(&t, "L"), Some(false));
-        assert_eq!(t.get(at(t0, 1_600), "L", "c"), LockGetOutcome::Granted);
+        assert_eq!(t.get(at(t0, 1_600), "L", "c", 0), LockGetOutcome::Granted);
         // The revoked requester is only a newcomer now.
-        assert_eq!(t.get(at(t0, 1_700), "L", "b"), waiting("c", 1));
+        assert_eq!(t.get(at(t0, 1_700), "L", "b", 0), waiting("c", 1));
+    }
+
+    /// Issue 16 (simulator seed 9757): a release naming the claim of an earlier `lock_get`
+    /// arrives after the same requester was granted the lock again under a new claim: it
+    /// leaves the new holding alone. A release naming no claim still releases it.
+    #[test]
+    fn a_late_release_of_an_earlier_claim_leaves_a_later_grant_alone() {
+        let t0 = Instant::now();
+        let mut t = table();
+        assert_eq!(t.get(t0, "L", "a", 1), LockGetOutcome::Granted);
+        assert_eq!(
+            t.release(t0, "L", "a", Some(1)),
+            LockReleaseOutcome::Released
+        );
+        assert_eq!(t.get(at(t0, 10), "L", "a", 2), LockGetOutcome::Granted);
+        assert_eq!(
+            t.release(at(t0, 20), "L", "a", Some(1)),
+            LockReleaseOutcome::NotHolder
+        );
+        assert_eq!(t.holder("L"), Some("a"));
+        // A waiter granted the lock carries its claim into the holding.
+        assert_eq!(t.get(at(t0, 30), "L", "b", 5), waiting("a", 1));
+        assert_eq!(
+            t.release(at(t0, 40), "L", "a", None),
+            LockReleaseOutcome::Released
+        );
+        assert_eq!(t.holder("L"), Some("b"));
+        assert_eq!(
+            t.release(at(t0, 50), "L", "b", Some(4)),
+            LockReleaseOutcome::NotHolder
+        );
+        assert_eq!(
+            t.release(at(t0, 60), "L", "b", Some(5)),
+            LockReleaseOutcome::Released
+        );
+        assert_eq!(t.holder("L"), None);
+    }
+
+    /// A holder asking again takes the new claim: the earlier claim no longer releases it.
+    #[test]
+    fn asking_again_for_a_held_lock_moves_the_holding_to_the_new_claim() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a", 1);
+        assert_eq!(t.get(t0, "L", "a", 2), LockGetOutcome::Granted);
+        assert!(!t.withdraw(t0, "L", "a", 1));
+        assert_eq!(
+            t.release(t0, "L", "a", Some(1)),
+            LockReleaseOutcome::NotHolder
+        );
+        assert_eq!(t.holder("L"), Some("a"));
+        assert!(t.withdraw(t0, "L", "a", 2));
+        assert_eq!(t.holder("L"), None);
+    }
+
+    /// A late withdrawal of an earlier claim leaves a wait renewed under a later one (and a
+    /// grant it led to) alone; the withdrawal of the current claim removes it.
+    #[test]
+    fn a_withdrawal_removes_only_the_wait_of_its_claim() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a", 1);
+        t.get(t0, "L", "b", 7);
+        t.get(at(t0, 100), "L", "b", 8);
+        assert!(!t.withdraw(at(t0, 150), "L", "b", 7));
+        assert_eq!(queue(&t, "L"), ["b"]);
+        assert!(t.withdraw(at(t0, 200), "L", "b", 8));
+        assert!(queue(&t, "L").is_empty());
+        // A grant that raced: the withdrawal of the claim it was made under releases it.
+        t.get(at(t0, 300), "L", "b", 9);
+        t.release(at(t0, 400), "L", "a", None);
+        assert_eq!(t.holder("L"), Some("b"));
+        assert!(!t.withdraw(at(t0, 500), "L", "b", 8));
+        assert_eq!(t.holder("L"), Some("b"));
+        assert!(t.withdraw(at(t0, 500), "L", "b", 9));
+        assert_eq!(t.holder("L"), None);
+    }
+
+    /// Claims survive a snapshot: the restored table judges releases as the original did.
+    #[test]
+    fn claims_survive_an_image_and_restore() {
+        let t0 = Instant::now();
+        let mut t = table();
+        t.get(t0, "L", "a", 1);
+        t.get(t0, "L", "b", 2);
+        let image = t.image(t0);
+        let mut restored = LockTable::restore(LockConfig::default(), &image, t0);
+        assert_eq!(restored.image(t0), image);
+        assert!(!restored.withdraw(t0, "L", "b", 1));
+        assert_eq!(
+            restored.release(t0, "L", "a", Some(2)),
+            LockReleaseOutcome::NotHolder
+        );
+        assert_eq!(
+            restored.release(t0, "L", "a", Some(1)),
+            LockReleaseOutcome::Released
+        );
+        assert_eq!(restored.holder("L"), Some("b"));
+        assert!(restored.withdraw(t0, "L", "b", 2));
+        assert_eq!(restored.holder("L"), None);
     }
 
     /// A revoked grant with no waiter left to take it frees the lock and empties the table.
@@ -950,9 +1128,9 @@ mod tests {
     fn revoked_grant_with_no_live_waiter_frees_the_lock() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        t.release(at(t0, 100), "L", "a");
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        t.release(at(t0, 100), "L", "a", None);
         t.handle_timeout(at(t0, 1_100));
         assert_eq!(t.holder("L"), None);
         assert!(t.is_empty());
@@ -964,10 +1142,10 @@ mod tests {
     fn confirmed_holder_never_expires() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        t.release(t0, "L", "a");
-        t.get(at(t0, 100), "L", "b");
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        t.release(t0, "L", "a", None);
+        t.get(at(t0, 100), "L", "b", 0);
         t.handle_timeout(at(t0, 3_600_000));
         assert_eq!(t.holder("L"), Some("b"));
     }
@@ -978,15 +1156,15 @@ mod tests {
     fn withdraw_removes_a_waiter() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        t.get(t0, "L", "c");
-        assert!(t.withdraw(t0, "L", "b"));
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        t.get(t0, "L", "c", 0);
+        assert!(t.withdraw(t0, "L", "b", 0));
         assert_eq!(queue(&t, "L"), ["c"]);
         assert_eq!(t.holder("L"), Some("a"));
-        assert!(!t.withdraw(t0, "L", "b"));
-        assert!(!t.withdraw(t0, "M", "b"));
-        assert_eq!(t.get(t0, "L", "c"), waiting("a", 1));
+        assert!(!t.withdraw(t0, "L", "b", 0));
+        assert!(!t.withdraw(t0, "M", "b", 0));
+        assert_eq!(t.get(t0, "L", "c", 0), waiting("a", 1));
     }
 
     /// Contract: if a grant raced the withdrawal, withdrawing releases the lock to the next waiter.
@@ -994,15 +1172,15 @@ mod tests {
     fn withdraw_after_raced_grant_releases_to_next_waiter() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        t.get(t0, "L", "c");
-        t.release(at(t0, 100), "L", "a");
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        t.get(t0, "L", "c", 0);
+        t.release(at(t0, 100), "L", "a", None);
         assert_eq!(t.holder("L"), Some("b"));
-        assert!(t.withdraw(at(t0, 150), "L", "b"));
+        assert!(t.withdraw(at(t0, 150), "L", "b", 0));
         assert_eq!(t.holder("L"), Some("c"));
         assert!(queue(&t, "L").is_empty());
-        assert!(t.withdraw(at(t0, 200), "L", "c"));
+        assert!(t.withdraw(at(t0, 200), "L", "c", 0));
         assert!(t.is_empty());
     }
 
@@ -1012,14 +1190,14 @@ mod tests {
     fn release_all_of_releases_held_locks_and_removes_waits() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "A", "s1");
-        t.get(t0, "B", "s1");
-        t.get(t0, "C", "s2");
-        t.get(t0, "A", "x");
-        t.get(t0, "C", "s1");
-        t.get(t0, "C", "y");
-        t.get(t0, "D", "z");
-        t.get(t0, "D", "s2");
+        t.get(t0, "A", "s1", 0);
+        t.get(t0, "B", "s1", 0);
+        t.get(t0, "C", "s2", 0);
+        t.get(t0, "A", "x", 0);
+        t.get(t0, "C", "s1", 0);
+        t.get(t0, "C", "y", 0);
+        t.get(t0, "D", "z", 0);
+        t.get(t0, "D", "s2", 0);
         let released = t.release_all_of(at(t0, 10), &["s1", "s2"]);
         assert_eq!(released, ["A", "B", "C"]);
         assert_eq!(t.holder("A"), Some("x"));
@@ -1037,10 +1215,10 @@ mod tests {
     fn two_party_deadlock_reports_cycle_and_changes_nothing() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "A", "a");
-        t.get(t0, "B", "b");
-        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
-        assert_eq!(t.get(t0, "B", "a"), deadlock(&["a", "B", "b", "A"]));
+        t.get(t0, "A", "a", 0);
+        t.get(t0, "B", "b", 0);
+        assert_eq!(t.get(t0, "A", "b", 0), waiting("a", 1));
+        assert_eq!(t.get(t0, "B", "a", 0), deadlock(&["a", "B", "b", "A"]));
         assert_eq!(t.holder("A"), Some("a"));
         assert_eq!(t.holder("B"), Some("b"));
         assert!(queue(&t, "B").is_empty());
@@ -1053,13 +1231,13 @@ mod tests {
     fn three_party_deadlock_is_detected() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "A", "a");
-        t.get(t0, "B", "b");
-        t.get(t0, "C", "c");
-        assert_eq!(t.get(t0, "C", "b"), waiting("c", 1));
-        assert_eq!(t.get(t0, "A", "c"), waiting("a", 1));
+        t.get(t0, "A", "a", 0);
+        t.get(t0, "B", "b", 0);
+        t.get(t0, "C", "c", 0);
+        assert_eq!(t.get(t0, "C", "b", 0), waiting("c", 1));
+        assert_eq!(t.get(t0, "A", "c", 0), waiting("a", 1));
         assert_eq!(
-            t.get(t0, "B", "a"),
+            t.get(t0, "B", "a", 0),
             deadlock(&["a", "B", "b", "C", "c", "A"])
         );
         assert!(queue(&t, "B").is_empty());
@@ -1071,21 +1249,21 @@ mod tests {
     fn chain_not_returning_to_requester_is_not_a_deadlock() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "A", "a");
-        t.get(t0, "B", "b");
-        t.get(t0, "C", "c");
-        t.get(t0, "E", "e");
-        t.get(t0, "B", "a");
-        t.get(t0, "C", "b");
-        t.get(t0, "C", "e");
+        t.get(t0, "A", "a", 0);
+        t.get(t0, "B", "b", 0);
+        t.get(t0, "C", "c", 0);
+        t.get(t0, "E", "e", 0);
+        t.get(t0, "B", "a", 0);
+        t.get(t0, "C", "b", 0);
+        t.get(t0, "C", "e", 0);
         // A diamond: a (a name shared by two clients) waits for B and E, whose holders both
         // wait for C, held by c.
-        assert_eq!(t.get(t0, "E", "a"), waiting("e", 1));
+        assert_eq!(t.get(t0, "E", "a", 0), waiting("e", 1));
         // d holds nothing, so the walk a -> {b, e} -> c never comes back to d.
-        assert_eq!(t.get(t0, "A", "d"), waiting("a", 1));
+        assert_eq!(t.get(t0, "A", "d", 0), waiting("a", 1));
         // c holds C: its wait on A closes c -> A -> a -> B -> b -> C.
         assert_eq!(
-            t.get(t0, "A", "c"),
+            t.get(t0, "A", "c", 0),
             deadlock(&["c", "A", "a", "B", "b", "C"])
         );
     }
@@ -1097,15 +1275,15 @@ mod tests {
         let t0 = Instant::now();
         let mut t = table();
         // A cycle y <-> z formed by a grant passing on (y is a name shared by two clients).
-        t.get(t0, "L", "h");
-        t.get(t0, "M", "z");
-        t.get(t0, "L", "y");
-        t.get(t0, "M", "y");
-        t.get(t0, "L", "z");
-        t.release(t0, "L", "h");
+        t.get(t0, "L", "h", 0);
+        t.get(t0, "M", "z", 0);
+        t.get(t0, "L", "y", 0);
+        t.get(t0, "M", "y", 0);
+        t.get(t0, "L", "z", 0);
+        t.release(t0, "L", "h", None);
         assert_eq!(t.holder("L"), Some("y"));
         // r holds nothing, so its wait on L closes no cycle even though the walk meets one.
-        assert_eq!(t.get(t0, "L", "r"), waiting("y", 2));
+        assert_eq!(t.get(t0, "L", "r", 0), waiting("y", 2));
     }
 
     /// A renewal that closes a cycle (after a grant moved on) fails with `deadlock` and drops that
@@ -1114,20 +1292,20 @@ mod tests {
     fn renewal_closing_a_cycle_reports_deadlock_and_drops_the_wait() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "h");
-        t.get(t0, "M", "z");
-        t.get(t0, "L", "y");
-        t.get(t0, "M", "y");
-        t.get(t0, "L", "z");
-        t.release(t0, "L", "h");
+        t.get(t0, "L", "h", 0);
+        t.get(t0, "M", "z", 0);
+        t.get(t0, "L", "y", 0);
+        t.get(t0, "M", "y", 0);
+        t.get(t0, "L", "z", 0);
+        t.release(t0, "L", "h", None);
         // Now z waits for L held by y, and y waits for M held by z.
         assert_eq!(
-            t.get(at(t0, 100), "L", "z"),
+            t.get(at(t0, 100), "L", "z", 0),
             deadlock(&["z", "L", "y", "M"])
         );
         assert!(queue(&t, "L").is_empty());
         assert_eq!(t.holder("M"), Some("z"));
-        assert_eq!(t.get(at(t0, 100), "M", "y"), waiting("z", 1));
+        assert_eq!(t.get(at(t0, 100), "M", "y", 0), waiting("z", 1));
     }
 
     /// `poll_timeout` is None when nothing can expire, else the earliest deadline of a waiter or
@@ -1137,23 +1315,23 @@ mod tests {
         let t0 = Instant::now();
         let mut t = table();
         assert_eq!(t.poll_timeout(), None);
-        t.get(t0, "L", "a");
+        t.get(t0, "L", "a", 0);
         // A confirmed holder alone has no deadline.
         assert_eq!(t.poll_timeout(), None);
-        t.get(at(t0, 100), "L", "b");
-        t.get(at(t0, 200), "L", "c");
+        t.get(at(t0, 100), "L", "b", 0);
+        t.get(at(t0, 200), "L", "c", 0);
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_100)));
         // b renews: its old deadline (1 100) stays armed, the earliest one true deadline
         // after it is c's (1 200).
-        t.get(at(t0, 300), "L", "b");
+        t.get(at(t0, 300), "L", "b", 0);
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_100)));
         t.handle_timeout(at(t0, 1_100));
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_200)));
         // An unconfirmed grant counts too.
-        t.release(at(t0, 400), "L", "a");
+        t.release(at(t0, 400), "L", "a", None);
         assert_eq!(t.holder("L"), Some("b"));
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_200)));
-        t.withdraw(at(t0, 400), "L", "c");
+        t.withdraw(at(t0, 400), "L", "c", 0);
         t.handle_timeout(at(t0, 1_200));
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_400)));
     }
@@ -1168,21 +1346,21 @@ mod tests {
             max_entries: 3,
             ..LockConfig::default()
         });
-        t.get(t0, "A", "a");
-        t.get(t0, "B", "a");
-        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        t.get(t0, "A", "a", 0);
+        t.get(t0, "B", "a", 0);
+        assert_eq!(t.get(t0, "A", "b", 0), waiting("a", 1));
         assert_eq!(t.entries(), 3);
         let full = LockGetOutcome::Busy(Bound::Entries(3));
-        assert_eq!(t.get(t0, "C", "a"), full);
-        assert_eq!(t.get(t0, "B", "c"), full, "a new wait is an entry too");
+        assert_eq!(t.get(t0, "C", "a", 0), full);
+        assert_eq!(t.get(t0, "B", "c", 0), full, "a new wait is an entry too");
         assert_eq!(t.len(), 2);
         assert_eq!(t.holder("C"), None);
         assert_eq!(queue(&t, "B"), Vec::<String>::new());
         // A renewal and the holders' own requests still work, and freeing one makes room.
-        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
-        assert_eq!(t.get(t0, "A", "a"), LockGetOutcome::Granted);
-        t.release(t0, "B", "a");
-        assert_eq!(t.get(t0, "C", "a"), LockGetOutcome::Granted);
+        assert_eq!(t.get(t0, "A", "b", 0), waiting("a", 1));
+        assert_eq!(t.get(t0, "A", "a", 0), LockGetOutcome::Granted);
+        t.release(t0, "B", "a", None);
+        assert_eq!(t.get(t0, "C", "a", 0), LockGetOutcome::Granted);
         assert!(
             Bound::Entries(3)
                 .to_string()
@@ -1203,9 +1381,9 @@ mod tests {
         for i in 0..5_000 {
             // Fresh locks, and fresh waiters on the locks already held.
             let outcome = if i % 2 == 0 {
-                t.get(t0, &format!("L{i}"), &format!("r{i}"))
+                t.get(t0, &format!("L{i}"), &format!("r{i}"), 0)
             } else {
-                t.get(t0, &format!("L{}", i % 100 * 2), &format!("w{i}"))
+                t.get(t0, &format!("L{}", i % 100 * 2), &format!("w{i}"), 0)
             };
             busy += usize::from(matches!(outcome, LockGetOutcome::Busy(_)));
         }
@@ -1229,22 +1407,22 @@ mod tests {
         });
         // A chain: r{i} holds L{i} and waits for L{i+1}.
         for i in 0..6 {
-            t.get(t0, &format!("L{i}"), &format!("r{i}"));
+            t.get(t0, &format!("L{i}"), &format!("r{i}"), 0);
         }
         for i in 0..5 {
             assert!(matches!(
-                t.get(t0, &format!("L{}", i + 1), &format!("r{i}")),
+                t.get(t0, &format!("L{}", i + 1), &format!("r{i}"), 0),
                 LockGetOutcome::Waiting { .. }
             ));
         }
         // Waiting behind r0 would walk r0, r1, r2, r3, ...: past the bound.
         assert_eq!(
-            t.get(t0, "L0", "x"),
+            t.get(t0, "L0", "x", 0),
             LockGetOutcome::Busy(Bound::DeadlockWalk(3))
         );
         assert!(queue(&t, "L0").is_empty());
         // Behind r4 (r3 waits there already) the walk is short.
-        assert_eq!(t.get(t0, "L4", "x"), waiting("r4", 2));
+        assert_eq!(t.get(t0, "L4", "x", 0), waiting("r4", 2));
     }
 
     /// Timers: a stale timer (the waiter renewed since) costs one early look that changes
@@ -1253,9 +1431,9 @@ mod tests {
     fn a_renewal_moves_the_timer_after_one_early_look() {
         let t0 = Instant::now();
         let mut t = table();
-        t.get(t0, "L", "a");
-        t.get(t0, "L", "b");
-        t.get(at(t0, 600), "L", "b");
+        t.get(t0, "L", "a", 0);
+        t.get(t0, "L", "b", 0);
+        t.get(at(t0, 600), "L", "b", 0);
         assert_eq!(t.poll_timeout(), Some(at(t0, 1_000)), "never later");
         t.handle_timeout(at(t0, 1_000));
         assert_eq!(queue(&t, "L"), ["b"]);
@@ -1274,15 +1452,15 @@ mod tests {
             max_waiters_per_lock: 1,
             ..LockConfig::default()
         });
-        t.get(t0, "A", "a");
-        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        t.get(t0, "A", "a", 0);
+        assert_eq!(t.get(t0, "A", "b", 0), waiting("a", 1));
         assert_eq!(
-            t.get(t0, "A", "c"),
+            t.get(t0, "A", "c", 0),
             LockGetOutcome::Busy(Bound::WaitersPerLock(1))
         );
         assert_eq!(queue(&t, "A"), ["b"]);
         // A renewal of an existing wait is not refused.
-        assert_eq!(t.get(t0, "A", "b"), waiting("a", 1));
+        assert_eq!(t.get(t0, "A", "b", 0), waiting("a", 1));
     }
 
     /// Released locks nobody waits for are removed, so the table does not grow with lock names.
@@ -1292,8 +1470,8 @@ mod tests {
         let mut t = table();
         for i in 0..100 {
             let name = format!("L{i}");
-            t.get(t0, &name, "a");
-            t.release(t0, &name, "a");
+            t.get(t0, &name, "a", 0);
+            t.release(t0, &name, "a", None);
         }
         assert!(t.is_empty());
         assert_eq!(t.len(), 0);

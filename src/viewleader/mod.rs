@@ -617,12 +617,12 @@ impl ViewLeader {
         self.check_completion(now);
     }
 
-    /// Handles `lock_get`.
-    fn lock_get(&mut self, now: Instant, lock: &str, requester: &str) -> Response {
+    /// Handles `lock_get` of `lock` by `requester` under `claim`.
+    fn lock_get(&mut self, now: Instant, lock: &str, requester: &str, claim: u64) -> Response {
         if let Err(e) = check_names(lock, requester) {
             return Response::Error(e);
         }
-        match self.locks.get(now, lock, requester) {
+        match self.locks.get(now, lock, requester, claim) {
             LockGetOutcome::Granted => Response::LockGranted,
             LockGetOutcome::Waiting { holder, position } => Response::LockWaiting {
                 holder,
@@ -653,16 +653,26 @@ impl ViewLeader {
         }
     }
 
-    /// Handles `lock_release`.
-    fn lock_release(&mut self, now: Instant, lock: &str, requester: &str) -> Response {
+    /// Handles `lock_release` of `lock` by `requester` (of the holding under `claim`, if
+    /// named).
+    fn lock_release(
+        &mut self,
+        now: Instant,
+        lock: &str,
+        requester: &str,
+        claim: Option<u64>,
+    ) -> Response {
         if let Err(e) = check_names(lock, requester) {
             return Response::Error(e);
         }
-        match self.locks.release(now, lock, requester) {
+        match self.locks.release(now, lock, requester, claim) {
             LockReleaseOutcome::Released => Response::LockReleased,
             LockReleaseOutcome::NotHolder => Response::error(
                 ErrorKind::NotHolder,
-                format!("{requester} does not hold {lock}"),
+                match claim {
+                    None => format!("{requester} does not hold {lock}"),
+                    Some(claim) => format!("{requester} does not hold {lock} under claim {claim}"),
+                },
             ),
         }
     }
@@ -833,10 +843,22 @@ impl Node for ViewLeader {
                 self.heartbeat(now, server, addr, progress)
             }
             Request::QueryServers => self.query_servers(now),
-            Request::LockGet { lock, requester } => self.lock_get(now, &lock, &requester),
-            Request::LockRelease { lock, requester } => self.lock_release(now, &lock, &requester),
-            Request::LockWithdraw { lock, requester } => {
-                if self.locks.withdraw(now, &lock, &requester) {
+            Request::LockGet {
+                lock,
+                requester,
+                claim,
+            } => self.lock_get(now, &lock, &requester, claim),
+            Request::LockRelease {
+                lock,
+                requester,
+                claim,
+            } => self.lock_release(now, &lock, &requester, claim),
+            Request::LockWithdraw {
+                lock,
+                requester,
+                claim,
+            } => {
+                if self.locks.withdraw(now, &lock, &requester, claim) {
                     info!("{requester} withdrew its request for {lock}");
                 }
                 Response::LockReleased
@@ -1051,16 +1073,19 @@ mod tests {
         let by_id = Request::LockGet {
             lock: "A".into(),
             requester: ServerId(9).to_string(),
+            claim: 1,
         };
         let by_addr = Request::LockGet {
             lock: "B".into(),
             requester: "127.0.0.1:9".into(),
+            claim: 1,
         };
         assert_eq!(ask(&mut vl, t0, by_id), Response::LockGranted);
         assert_eq!(ask(&mut vl, t0, by_addr), Response::LockGranted);
         let other = Request::LockGet {
             lock: "A".into(),
             requester: "carol".into(),
+            claim: 1,
         };
         assert!(matches!(
             ask(&mut vl, t0, other.clone()),
@@ -1216,6 +1241,7 @@ mod tests {
         let get = |lock: &str| Request::LockGet {
             lock: lock.into(),
             requester: "r".into(),
+            claim: 1,
         };
         assert_eq!(ask(&mut vl, t0, get("A")), Response::LockGranted);
         let answer = ask(&mut vl, t0, get("B"));
@@ -1444,6 +1470,7 @@ mod tests {
         let lock = |requester: &str| Request::LockGet {
             lock: "L".into(),
             requester: requester.into(),
+            claim: 1,
         };
         assert_eq!(ask(&mut vl, t0, lock("alice")), Response::LockGranted);
         // Server 3 falls silent and is declared dead.

@@ -48,6 +48,10 @@ pub enum Request {
         lock: String,
         /// Who asks.
         requester: String,
+        /// The number this `lock_get` picked (its renewals repeat it): the holding or wait
+        /// it leads to remembers it, and a release or withdrawal naming another claim leaves
+        /// them alone.
+        claim: u64,
     },
     /// Releases a held lock.
     LockRelease {
@@ -55,6 +59,8 @@ pub enum Request {
         lock: String,
         /// Who releases.
         requester: String,
+        /// Release only a holding of this claim (None: whatever `requester` holds).
+        claim: Option<u64>,
     },
     /// Withdraws a waiting request (and releases the lock if a grant raced the withdrawal).
     LockWithdraw {
@@ -62,6 +68,8 @@ pub enum Request {
         lock: String,
         /// Who withdraws.
         requester: String,
+        /// The claim of the `lock_get` that gives up: only its wait or holding is removed.
+        claim: u64,
     },
     /// Asks a server to log a text.
     Print {
@@ -524,14 +532,22 @@ mod tests {
             Request::LockGet {
                 lock: "L".into(),
                 requester: "alice".into(),
+                claim: 7,
             },
             Request::LockRelease {
                 lock: "L".into(),
                 requester: "alice".into(),
+                claim: Some(7),
+            },
+            Request::LockRelease {
+                lock: "L".into(),
+                requester: "alice".into(),
+                claim: None,
             },
             Request::LockWithdraw {
                 lock: "L".into(),
                 requester: "alice".into(),
+                claim: 7,
             },
             Request::Print {
                 text: "hello world".into(),

@@ -51,15 +51,27 @@ fn every_request() -> Vec<(&'static str, Request)> {
         ("QueryServers", Request::QueryServers),
         ("LockGet", {
             let (lock, requester) = lock();
-            Request::LockGet { lock, requester }
+            Request::LockGet {
+                lock,
+                requester,
+                claim: 300,
+            }
         }),
         ("LockRelease", {
             let (lock, requester) = lock();
-            Request::LockRelease { lock, requester }
+            Request::LockRelease {
+                lock,
+                requester,
+                claim: Some(300),
+            }
         }),
         ("LockWithdraw", {
             let (lock, requester) = lock();
-            Request::LockWithdraw { lock, requester }
+            Request::LockWithdraw {
+                lock,
+                requester,
+                claim: 300,
+            }
         }),
         ("Print", Request::Print { text: "hi".into() }),
         (

@@ -68,14 +68,17 @@ fn hostile(target: &Target, rand: &mut Rng, i: u32) -> Request {
             0 | 1 => Request::LockGet {
                 lock: format!("flood-lock-{i}"),
                 requester: format!("flood-{}", rand.next_u64()),
+                claim: rand.next_u64(),
             },
             2 => Request::LockGet {
                 lock: format!("flood-lock-{}", rand.below(u64::from(i) + 1)),
                 requester: format!("waiter-{}", rand.next_u64()),
+                claim: rand.next_u64(),
             },
             3 => Request::LockRelease {
                 lock: format!("flood-lock-{}", rand.below(u64::from(i) + 1)),
                 requester: "nobody".into(),
+                claim: None,
             },
             _ if i.is_multiple_of(2) => Request::QueryServers,
             _ => Request::Get { key },

@@ -153,6 +153,49 @@ fn a_free_lock_is_granted_and_regranted_to_its_holder(env: &Env) {
 
 cluster_test!(a_free_lock_is_granted_and_regranted_to_its_holder);
 
+/// Contract (CHANGELOG, issue 16): `lock_get --json` prints the claim its grant was made
+/// under; `lock_release --claim N` releases only that grant (`not_holder` for an earlier
+/// claim, after the requester asked again), and without `--claim` whatever it holds.
+fn lock_release_with_a_claim_releases_only_that_grant(env: &Env) {
+    let vl = viewleader(env);
+    let first = lock_get(env, &vl, "L", "alice");
+    assert_success(&first, "L", "alice");
+    let old_claim = first.1["claim"]
+        .as_u64()
+        .expect("lock_get prints its claim");
+    let again = lock_get(env, &vl, "L", "alice");
+    assert_success(&again, "L", "alice");
+    let claim = again.1["claim"]
+        .as_u64()
+        .expect("lock_get prints its claim");
+    assert_ne!(claim, old_claim, "each lock_get picks its own claim");
+    let release = |claim: u64| {
+        let vl = vl.addr.to_string();
+        let claim = claim.to_string();
+        client_json(
+            env,
+            &[
+                "--viewleader",
+                &vl,
+                "lock_release",
+                "L",
+                "alice",
+                "--claim",
+                &claim,
+            ],
+        )
+    };
+    assert_failure(&release(old_claim), "not_holder");
+    assert_success(&release(claim), "L", "alice");
+    assert_failure(&release(claim), "not_holder");
+    // Without a claim: whatever the requester holds.
+    assert_success(&lock_get(env, &vl, "L", "alice"), "L", "alice");
+    assert_success(&lock_release(env, &vl, "L", "alice"), "L", "alice");
+    assert_granted_at_once(env, &vl, "L", "bob");
+}
+
+cluster_test!(lock_release_with_a_claim_releases_only_that_grant);
+
 /// Contract: a `lock_get` of a lock held by another requester waits until it is granted.
 fn a_held_lock_makes_others_wait_until_released(env: &Env) {
     let vl = viewleader(env);

@@ -10,9 +10,13 @@
 //! What the checks need is the client's side of the story ([`LockEvent`]): when it learned it
 //! holds a lock (the `LockGranted` answer arrived) and when it stopped holding it (it sent
 //! the release: the view leader may hand the lock on as soon as that arrives). A client
-//! killed while holding a lock holds it until its next life, which first releases every lock
-//! of the run (a real program recovering would do the same; a confirmed holder otherwise
-//! keeps a lock forever).
+//! killed while holding a lock holds it until its next life, which first releases what the
+//! previous one asked for (a real program recovering would do the same; a confirmed holder
+//! otherwise keeps a lock forever).
+//!
+//! Each `lock_get` picks a claim, written down before the first request leaves (the
+//! client's durable record, which survives a kill: [`LockActor::claims`]); a release and a
+//! withdrawal name it, so one that arrives late cannot release a later grant.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,8 +72,9 @@ pub struct LockEvent {
 /// Where a lock client stands.
 #[derive(Debug)]
 enum State {
-    /// Releasing the locks a previous life may hold, these still to go.
-    Recovering(Vec<String>),
+    /// Releasing the locks a previous life may hold (each with the claim it last asked
+    /// under), these still to go.
+    Recovering(Vec<(String, u64)>),
     /// Between operations (the next one at the timer, unless stopped).
     Idle,
     /// Asking for `lock` (the first request or a renewal).
@@ -119,25 +124,29 @@ pub struct LockActor {
     pub given_up: u64,
     /// While recovering: the release of the first lock left was sent (and noted).
     recovering_sent: bool,
+    /// The claim of the last `lock_get` per lock (written before it is sent; kept across
+    /// lives).
+    claims: BTreeMap<String, u64>,
 }
 
 impl LockActor {
     /// Lock client `index` talking to `members` (the first one first), starting at `now`;
-    /// `recover`: a later life, which first releases every lock.
+    /// `recover`: a later life, given the claims its previous one wrote down, which it
+    /// first releases.
     pub fn new(
         index: usize,
         members: Vec<SocketAddr>,
         mut rng: Rng,
         op_timeout: Duration,
         now: Instant,
-        recover: bool,
+        recover: Option<BTreeMap<String, u64>>,
     ) -> LockActor {
         let current = rng.below(members.len() as u64) as usize;
         let first = now + Duration::from_millis(300 + rng.below(200));
-        let state = if recover {
-            State::Recovering(LOCKS.iter().map(|l| (*l).to_owned()).collect())
-        } else {
-            State::Idle
+        let claims = recover.clone().unwrap_or_default();
+        let state = match recover {
+            Some(claims) => State::Recovering(claims.into_iter().collect()),
+            None => State::Idle,
         };
         LockActor {
             requester: format!("locker{index}"),
@@ -154,7 +163,13 @@ impl LockActor {
             grants: 0,
             given_up: 0,
             recovering_sent: false,
+            claims,
         }
+    }
+
+    /// The claims it wrote down (what its next life releases).
+    pub fn claims(&self) -> BTreeMap<String, u64> {
+        self.claims.clone()
     }
 
     /// Its requester name.
@@ -194,6 +209,7 @@ impl LockActor {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle if !self.stopped => {
                 let lock = LOCKS[self.rng.below(LOCKS.len() as u64) as usize].to_owned();
+                self.claims.insert(lock.clone(), self.rng.next_u64());
                 let reserve = WITHDRAW_RESERVE.min(self.op_timeout / 4);
                 self.state = State::Getting {
                     lock,
@@ -222,7 +238,7 @@ impl LockActor {
             }
             State::Recovering(locks) if self.waiting.is_none() => {
                 // The first release, or one sent again after a failure.
-                match locks.first().cloned() {
+                match locks.first().map(|(lock, _)| lock.clone()) {
                     Some(lock) if self.recovering_sent => {
                         self.state = State::Recovering(locks);
                         self.send_release(now, lock, endpoint, tokens);
@@ -263,6 +279,7 @@ impl LockActor {
         }
         let deadline = (now + RENEW_BOUND).min(*give_up);
         let request = Request::LockGet {
+            claim: self.claim(&lock),
             lock,
             requester: self.requester.clone(),
         };
@@ -280,13 +297,19 @@ impl LockActor {
         self.given_up += 1;
         self.state = State::Withdrawing;
         let request = Request::LockWithdraw {
+            claim: self.claim(&lock),
             lock,
             requester: self.requester.clone(),
         };
         self.send(now, request, now + WITHDRAW_RESERVE, endpoint, tokens);
     }
 
-    /// Sends the release of `lock`.
+    /// The claim of the last `lock_get` of `lock` (0 if none was ever made).
+    fn claim(&self, lock: &str) -> u64 {
+        self.claims.get(lock).copied().unwrap_or(0)
+    }
+
+    /// Sends the release of `lock` (of the holding under its last claim).
     fn send_release(
         &mut self,
         now: Instant,
@@ -295,6 +318,7 @@ impl LockActor {
         tokens: &mut BTreeMap<RequestId, u64>,
     ) {
         let request = Request::LockRelease {
+            claim: Some(self.claim(&lock)),
             lock,
             requester: self.requester.clone(),
         };
@@ -313,7 +337,7 @@ impl LockActor {
             return;
         };
         match locks.first() {
-            Some(lock) => {
+            Some((lock, _)) => {
                 let lock = lock.clone();
                 self.events.push((now, lock.clone(), LockStep::ReleaseSent));
                 self.recovering_sent = true;

@@ -95,6 +95,13 @@ const REGRESSION_SEEDS: &[(u64, Found)] = &[
     // ordinary refusal), was declared dead and never rejoined: "did not settle".
     (1204, Found::WithGroups),
     (1014, Found::WithGroups),
+    // Issue 16: a lock client's release, sent to a leader that froze with it in its socket
+    // buffer, went again to the next leader; the client asked again and was granted; the
+    // thawed member passed the old release on, which released the new grant: "two holders
+    // at once". Releases and withdrawals now name the claim of their `lock_get`.
+    (9757, Found::WithGroups),
+    (11649, Found::WithGroups),
+    (13618, Found::WithGroups),
 ];
 
 /// What one seed's run amounted to.

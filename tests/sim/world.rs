@@ -1219,6 +1219,8 @@ pub struct World {
     pub verbose: bool,
     /// The last epoch the group's leader was seen at (for the log).
     seen_epoch: u64,
+    /// The claims a killed lock client wrote down, by slot, for its next life.
+    locker_claims: BTreeMap<usize, BTreeMap<String, u64>>,
 }
 
 /// A group member's phase for messages and the checks: `leader`, `follower` or `candidate`
@@ -1296,6 +1298,7 @@ impl World {
             failures: 0,
             membership_fault: false,
             holders: 0,
+            locker_claims: BTreeMap::new(),
             trace: trace.then(Vec::new),
             history: Vec::new(),
             stats,
@@ -1322,7 +1325,7 @@ impl World {
             // Not drawn from the run's generator either (a run without lock clients draws
             // what it drew before they existed).
             let mut locker_rng = Rng::seeded(member_seed(world.params.seed, 1000 + slot));
-            let host = world.locker_host(slot, &mut locker_rng, false);
+            let host = world.locker_host(slot, &mut locker_rng, None);
             world.hosts.push(Some(host));
         }
         world.rng = rng;
@@ -1451,8 +1454,13 @@ impl World {
     }
 
     /// A fresh lock client for `slot` (`recover`: a later life, which first releases what
-    /// the previous one may hold).
-    fn locker_host(&mut self, slot: usize, rng: &mut Rng, recover: bool) -> Host {
+    /// the previous one may hold: the claims it wrote down).
+    fn locker_host(
+        &mut self,
+        slot: usize,
+        rng: &mut Rng,
+        recover: Option<BTreeMap<String, u64>>,
+    ) -> Host {
         let locker = LockActor::new(
             slot - self.first_locker(),
             self.members(),
@@ -2159,7 +2167,8 @@ impl World {
                 if self.hosts[slot].is_none() {
                     let mut rng = self.rng.fork();
                     let mut host = if slot >= self.first_locker() {
-                        self.locker_host(slot, &mut rng, true)
+                        let claims = self.locker_claims.remove(&slot).unwrap_or_default();
+                        self.locker_host(slot, &mut rng, Some(claims))
                     } else {
                         self.client_host(slot, &mut rng)
                     };
@@ -2356,8 +2365,9 @@ impl World {
                     return;
                 };
                 self.log(|| format!("kill client slot {slot}"));
-                if matches!(host.app, App::Locker(_)) {
+                if let App::Locker(locker) = &host.app {
                     self.stats.locker_kills += 1;
+                    self.locker_claims.insert(slot, locker.claims());
                 }
                 if let App::Client(client) = &mut host.app {
                     if client.is_between_votes_and_decision() {

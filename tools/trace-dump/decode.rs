@@ -360,15 +360,33 @@ fn describe_request(body: &[u8]) -> MessageInfo {
             format!("id={id} addr={addr} epoch={epoch} sent={sent} finished={finished}"),
         ),
         Request::QueryServers => ("QueryServers", String::new()),
-        Request::LockGet { lock, requester } => {
-            ("LockGet", format!("lock={lock} requester={requester}"))
+        Request::LockGet {
+            lock,
+            requester,
+            claim,
+        } => (
+            "LockGet",
+            format!("lock={lock} requester={requester} claim={claim}"),
+        ),
+        Request::LockRelease {
+            lock,
+            requester,
+            claim,
+        } => {
+            let claim = claim.map_or_else(|| "any".to_owned(), |c| c.to_string());
+            (
+                "LockRelease",
+                format!("lock={lock} requester={requester} claim={claim}"),
+            )
         }
-        Request::LockRelease { lock, requester } => {
-            ("LockRelease", format!("lock={lock} requester={requester}"))
-        }
-        Request::LockWithdraw { lock, requester } => {
-            ("LockWithdraw", format!("lock={lock} requester={requester}"))
-        }
+        Request::LockWithdraw {
+            lock,
+            requester,
+            claim,
+        } => (
+            "LockWithdraw",
+            format!("lock={lock} requester={requester} claim={claim}"),
+        ),
         Request::Print { text } => ("Print", format!("text={} B", text.len())),
         Request::Set { key, value } => {
             info.key = Some(key);
