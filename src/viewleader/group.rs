@@ -262,6 +262,21 @@ struct Held {
     request: Request,
 }
 
+/// Where a member stands ([`Group::role`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    /// It leads the group.
+    Leader,
+    /// It follows a leader (or waits for one to be elected).
+    Follower,
+    /// It stands for election (a pre-vote or a vote).
+    Candidate,
+    /// It has no Raft state yet and is asking its peers whether it may take part.
+    Joining,
+    /// It was refused and never takes part.
+    Refused,
+}
+
 /// Where a member stands.
 enum Phase {
     /// No Raft state: asking the peers whether this member may take part.
@@ -429,6 +444,20 @@ impl Group {
     /// has some, or its storage failed): it never takes part again.
     pub fn is_refused(&self) -> bool {
         matches!(self.phase, Phase::Refused(_))
+    }
+
+    /// Where this member stands: taking part (as leader, follower or candidate), still
+    /// asking its peers whether it may, or refused. For logs, tests and the simulator.
+    pub fn role(&self) -> MemberRole {
+        match &self.phase {
+            Phase::Joining { .. } => MemberRole::Joining,
+            Phase::Refused(_) => MemberRole::Refused,
+            Phase::Running(node) => match node.raft.state {
+                StateRole::Leader => MemberRole::Leader,
+                StateRole::Follower => MemberRole::Follower,
+                StateRole::Candidate | StateRole::PreCandidate => MemberRole::Candidate,
+            },
+        }
     }
 
     /// True while this member leads the group.

@@ -33,7 +33,7 @@ use trireme::runtime::trace::{Direction, Entry};
 use trireme::server::{Server, ServerConfig};
 use trireme::txn::coordinator::{Getr, Operation, Setr, SetrHooks};
 use trireme::util::rng::Rng;
-use trireme::viewleader::group::{Group, GroupConfig};
+use trireme::viewleader::group::{Group, GroupConfig, MemberRole};
 use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
 use trireme::wire::auth::{Auth, ClusterKey, WallClock};
 use trireme::wire::codec::{Header, Kind};
@@ -1224,21 +1224,14 @@ pub struct World {
 }
 
 /// A group member's phase for messages and the checks: `leader`, `follower` or `candidate`
-/// (taking part), `joining` (asking its peers) or `refused`. The group shows only whether it leads and
-/// whom it follows, so the rest is read from its `Debug` form.
+/// (taking part), `joining` (asking its peers) or `refused`.
 fn member_phase(member: &Group) -> &'static str {
-    if member.is_leader() {
-        return "leader";
-    }
-    let debug = format!("{member:?}");
-    if debug.contains("phase: Refused(") {
-        "refused"
-    } else if debug.contains("phase: Joining(") {
-        "joining"
-    } else if debug.contains("phase: Running(Follower)") {
-        "follower"
-    } else {
-        "candidate"
+    match member.role() {
+        MemberRole::Leader => "leader",
+        MemberRole::Follower => "follower",
+        MemberRole::Candidate => "candidate",
+        MemberRole::Joining => "joining",
+        MemberRole::Refused => "refused",
     }
 }
 
