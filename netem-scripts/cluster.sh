@@ -6,11 +6,13 @@
 #
 # Sourced after lib.sh; not meant to be run by itself. The scripts keep their state in these
 # globals: SERVERS KEYS KEEP DEAD_AFTER_MS HEARTBEAT_MS REPLICAS TIMEOUT_MS STEP_DEADLINE (the
-# options), VL_ADDR, CLIENT_FAULTS, LIVE (host -> 1 for the servers running), VALUES (key ->
-# value written), ROWS (table rows), FAILED (failed steps), FAIL_NOTES (extra failure reasons
-# for the verdict line), T_START, CL_OUT, EPOCH, KEYS_OK, KEYS_BAD, PLACEMENT. With
-# SCN_TRACK_EPOCHS=1, every successful client answer that carries an epoch is noted (see
-# scn_note_epoch).
+# options), VL_MEMBERS (view-leader group members, one host each; 1 = a lone view leader on
+# P-vl, the default; set by a script before scn_setup), VL_HOSTS (their hosts), VL_ADDR (their
+# addresses, comma-separated: what servers and the client are given), CLIENT_FAULTS, LIVE
+# (host -> 1 for the servers running), VALUES (key -> value written), ROWS (table rows),
+# FAILED (failed steps), FAIL_NOTES (extra failure reasons for the verdict line), T_START,
+# CL_OUT, EPOCH, KEYS_OK, KEYS_BAD, PLACEMENT. With SCN_TRACK_EPOCHS=1, every successful client
+# answer that carries an epoch is noted (see scn_note_epoch).
 
 VL_PORT=39000
 SERVER_PORT=38000
@@ -18,7 +20,7 @@ SERVER_PORT=38000
 # Sets the defaults of the common options.
 scn_defaults() {
     SERVERS=3 KEYS=20 KEEP=0 DEAD_AFTER_MS=1000 HEARTBEAT_MS=200 REPLICAS=3
-    TIMEOUT_MS=10000 STEP_DEADLINE=60
+    TIMEOUT_MS=10000 STEP_DEADLINE=60 VL_MEMBERS=1
     IMP_LOSS="" IMP_DUP="" IMP_DELAY="" IMP_JITTER="" IMP_REORDER="" IMP_HOSTS=all
 }
 
@@ -82,7 +84,9 @@ scn_validate() {
 # Everything before the first server: checks the tools and binaries, installs the traps,
 # builds the hosts, applies the impairments (before any process starts, so that --faults
 # fallbacks apply to all of them; the mechanism lines go to stdout), starts the view leader
-# on P-vl and checks that the client reaches it. Sets VL_ADDR, CLIENT_FAULTS, T_START, FAILED,
+# on P-vl (or, with VL_MEMBERS > 1, the group's members on P-vl, P-vl2, ...; see
+# scn_start_group) and checks that the client reaches it. Sets VL_HOSTS, VL_ADDR,
+# CLIENT_FAULTS, T_START, FAILED,
 # ROWS, FAIL_NOTES, LIVE, VALUES, and TRN_IPT (the iptables backend, empty if none) with the
 # other probe results.
 scn_setup() {
@@ -113,7 +117,8 @@ scn_setup() {
     trap 'trn_log "interrupted"; exit 130' INT
     trap 'trn_log "terminated"; exit 143' TERM
 
-    trn_up "$SERVERS"
+    trn_up "$SERVERS" "$VL_MEMBERS"
+    mapfile -t VL_HOSTS < <(trn_vl_hosts "$VL_MEMBERS")
     VL_ADDR="$(trn_host_ip vl):$VL_PORT"
 
     local hosts=() h loss="" dup="" delay="" jitter="" reorder=""
@@ -142,16 +147,42 @@ scn_setup() {
     CLIENT_FAULTS=()
     mapfile -t CLIENT_FAULTS < <(trn_faults_args c)
 
-    trn_start vl viewleader viewleader --bind "$VL_ADDR" --dead-after-ms "$DEAD_AFTER_MS" \
-        --replicas "$REPLICAS"
-    trn_log "view leader on $VL_ADDR"
+    local reach_ms=2000
+    if ((VL_MEMBERS > 1)); then
+        scn_start_group
+        # The group elects its first leader before it answers.
+        reach_ms=5000
+    else
+        trn_start vl viewleader viewleader --bind "$VL_ADDR" --dead-after-ms "$DEAD_AFTER_MS" \
+            --replicas "$REPLICAS"
+        trn_log "view leader on $VL_ADDR"
+    fi
     # Any answer proves the way there and back: a view leader started less than
     # --dead-after-ms ago answers query_servers with kind "rebalancing" (it may have restarted
     # and does not know its view yet).
-    if ! TIMEOUT_MS=2000 cl query_servers &&
+    if ! TIMEOUT_MS="$reach_ms" cl query_servers &&
         [[ "$(jq -r '.kind // "none"' <<<"$CL_OUT" 2>/dev/null)" != rebalancing ]]; then
         trn_die "the client cannot reach the view leader: $CL_OUT"
     fi
+}
+
+# Prints the address view-leader host HOST (vl, vl2..vl5) binds and is reached at.
+vl_member_addr() { echo "$(trn_host_ip "$1"):$VL_PORT"; }
+
+# Starts a view-leader group of VL_MEMBERS members, one on each of VL_HOSTS (P-vl, P-vl2, ...),
+# each bound to its host's address, all with the same --peers list (VL_ADDR, which it sets to
+# the members' addresses) and each with its own --data-dir under the state directory.
+scn_start_group() {
+    local h member_addrs=()
+    for h in "${VL_HOSTS[@]}"; do member_addrs+=("$(vl_member_addr "$h")"); done
+    VL_ADDR="$(IFS=,; echo "${member_addrs[*]}")"
+    mkdir -p "$TRN_STATE/vl-data"
+    for h in "${VL_HOSTS[@]}"; do
+        trn_start "$h" "viewleader-$h" viewleader --bind "$(vl_member_addr "$h")" \
+            --peers "$VL_ADDR" --data-dir "$TRN_STATE/vl-data/$h" \
+            --dead-after-ms "$DEAD_AFTER_MS" --replicas "$REPLICAS"
+    done
+    trn_log "view-leader group of ${#VL_HOSTS[@]} on ${VL_HOSTS[*]}: $VL_ADDR"
 }
 
 # Starts servers s1..sN, waits for the view, writes the keys and checks them: the step

@@ -10,16 +10,21 @@
 #          \                  |                 /
 #           +------------ P-r (router, ip_forward=1) ---+
 #
+# With a view-leader group (trn_up N M, M > 1), the other members get hosts of their own:
+# P-vl2 .. P-vlM, linked to the router like every other host.
+#
 # The host end of each pair is named P-HOST (inside namespace P-HOST), the router end
 # P-HOST-r (inside P-r). The veths are created directly inside the namespaces, so nothing is
 # ever added to the root namespace: two runs with different prefixes cannot collide, and even
 # equal subnets would not (each run has its own router). Subnets are still derived from the
 # prefix (10.B.0.0/16, B from a checksum of the prefix, or --subnet-base 10.B) so that runs are
 # easy to tell apart in captures. Host link i is 10.B.i.0/24: router .1, host .2; i = 1 for
-# the view leader, 2 for the client, 10+k for server sk.
+# the view leader, 2 for the client, 1+m for view-leader member vlm (m = 2..5), 10+k for
+# server sk.
 #
-# Run state (pid files, logs, the iptables backend chosen, per-host --faults specs) lives in
-# $TRN_STATE_DIR, default /tmp/trireme-netem/P.
+# Run state (pid files, logs, the iptables backend chosen, per-host --faults specs, the data
+# directories of view-leader group members) lives in $TRN_STATE_DIR, default
+# /tmp/trireme-netem/P.
 
 # Globals, set by trn_init: TRN_PREFIX TRN_STATE TRN_BIN_DIR TRN_BASE TRN_REPO.
 
@@ -73,17 +78,26 @@ trn_require_netns() {
     ip netns del "$probe"
 }
 
-# Prints the namespace name of HOST (vl, c, r, s1..s99).
+# Prints the namespace name of HOST (vl, vl2..vl5, c, r, s1..s99).
 trn_ns() { printf '%s-%s' "$TRN_PREFIX" "$1"; }
 
-# Prints the link index of HOST (1 = view leader, 2 = client, 10+k = server sk).
+# Prints the link index of HOST (1 = view leader, 2 = client, 1+m = view-leader member vlm
+# for m = 2..5, 10+k = server sk).
 trn_host_index() {
     case "$1" in
         vl) echo 1 ;;
         c) echo 2 ;;
+        vl[2-5]) echo $((1 + ${1#vl})) ;;
         s[1-9] | s[1-9][0-9]) echo $((10 + ${1#s})) ;;
-        *) trn_die "unknown host '$1' (expected vl, c or s1..s99)" ;;
+        *) trn_die "unknown host '$1' (expected vl, vl2..vl5, c or s1..s99)" ;;
     esac
+}
+
+# Prints the view-leader hosts of a group of M members, one per line: vl, then vl2..vlM.
+trn_vl_hosts() {
+    local m="$1" i
+    echo vl
+    for ((i = 2; i <= m; i++)); do echo "vl$i"; done
 }
 
 # Prints HOST's own IP address (on its veth).
@@ -92,7 +106,7 @@ trn_host_ip() { printf '%s.%s.2' "$TRN_BASE" "$(trn_host_index "$1")"; }
 # Prints the router's IP address on HOST's link (HOST's gateway).
 trn_router_ip() { printf '%s.%s.1' "$TRN_BASE" "$(trn_host_index "$1")"; }
 
-# Prints the hosts recorded by `up`, one per line (vl, c, s1..sN).
+# Prints the hosts recorded by `up`, one per line (vl, [vl2..vlM,] c, s1..sN).
 trn_hosts() {
     [[ -f "$TRN_STATE/hosts" ]] || trn_die "no hosts recorded in $TRN_STATE (run hosts.sh up first)"
     cat "$TRN_STATE/hosts"
@@ -105,10 +119,13 @@ trn_in() {
     ip netns exec "$(trn_ns "$host")" "$@"
 }
 
-# Creates the router, the view leader, the client and N servers, and links them. Argument: N.
+# Creates the router, the view leader, the client and N servers, and links them. Arguments:
+# N, and optionally M (default 1), the view-leader hosts: with M > 1, also vl2..vlM (one per
+# member of a view-leader group).
 trn_up() {
-    local n="$1" host r
+    local n="$1" m="${2:-1}" host r
     [[ "$n" =~ ^[1-9][0-9]?$ ]] || trn_die "server count '$n' must be 1..99"
+    [[ "$m" =~ ^[1-5]$ ]] || trn_die "view-leader host count '$m' must be 1..5"
     r="$(trn_ns r)"
     if ip netns list | grep -q "^$TRN_PREFIX-"; then
         trn_die "namespaces with prefix '$TRN_PREFIX-' already exist (run hosts.sh --prefix $TRN_PREFIX down first, or pick another prefix)"
@@ -118,7 +135,9 @@ trn_up() {
     ip netns add "$r"
     ip -n "$r" link set lo up
     ip netns exec "$r" sysctl -qw net.ipv4.ip_forward=1
-    local hosts=(vl c)
+    local hosts=()
+    mapfile -t hosts < <(trn_vl_hosts "$m")
+    hosts+=(c)
     local k
     for ((k = 1; k <= n; k++)); do hosts+=("s$k"); done
     for host in "${hosts[@]}"; do
@@ -173,7 +192,7 @@ trn_down() {
         ip link del "$link" 2>/dev/null || true
     done
     # Only what the scripts put there: TRN_STATE_DIR may point at a directory with other files.
-    rm -rf "$TRN_STATE/pids" "$TRN_STATE/faults"
+    rm -rf "$TRN_STATE/pids" "$TRN_STATE/faults" "$TRN_STATE/vl-data"
     rm -f "$TRN_STATE/hosts" "$TRN_STATE/iptables" "$TRN_STATE/client.out"
     if ((keep_logs)) && [[ -d "$TRN_STATE/logs" ]]; then
         trn_log "down: prefix '$TRN_PREFIX' removed (logs kept in $TRN_STATE/logs)"

@@ -50,6 +50,7 @@ use thiserror::Error;
 
 use crate::reliable::{IncomingId, RequestError};
 use crate::runtime::node::{Action, Node};
+use crate::util::ratelimit::LogLimiter;
 use crate::util::rng::Rng;
 use crate::viewleader::storage::{GroupStorage, StorageError};
 use crate::viewleader::{ViewLeader, ViewLeaderConfig, ViewLeaderImage};
@@ -86,6 +87,9 @@ const MAX_HELD: usize = 4096;
 const MAX_FORWARDS: usize = 4096;
 /// A request held for want of a leader is dropped after this many ticks (its sender retries).
 const HELD_TICKS: u32 = 4 * MIN_ELECTION_TICKS as u32;
+/// How long (in ticks) a leader that left a passed-on request unanswered is not used (about
+/// two election timeouts: a dead leader is replaced by then).
+const UNANSWERING_TICKS: u32 = 4 * MIN_ELECTION_TICKS as u32;
 /// The largest batch of entries in one Raft message, in bytes.
 const MAX_ENTRIES_BYTES: u64 = 256 << 10;
 /// A snapshot of the view leader is taken, and the log before it dropped, every this many
@@ -341,9 +345,14 @@ pub struct Group {
     forwards: HashMap<u64, Forward>,
     /// The next forward slot.
     next_forward: u64,
-    /// A leader that did not answer a request passed on: requests wait for another leader
-    /// rather than go to it again.
-    unanswering: Option<SocketAddr>,
+    /// A leader that did not answer a request passed on, and until when: requests wait for
+    /// another leader rather than go to it again, for [`UNANSWERING_TICKS`] (a leader that
+    /// is alive, only slow or lossy once, is used again after that).
+    unanswering: Option<(SocketAddr, Instant)>,
+    /// Group messages (`Raft`, `GroupHello`, `Forwarded`) refused from non-members.
+    non_member_refusals: u64,
+    /// Rate limit of their log lines.
+    non_member_log: LogLimiter,
     /// Requests waiting for a leader to be known.
     held: VecDeque<Held>,
     /// The next Raft tick.
@@ -398,6 +407,8 @@ impl Group {
             forwards: HashMap::new(),
             next_forward: 0,
             unanswering: None,
+            non_member_refusals: 0,
+            non_member_log: LogLimiter::default(),
             held: VecDeque::new(),
             next_tick: now + config.tick(),
             incarnation,
@@ -463,6 +474,20 @@ impl Group {
     /// True while this member leads the group.
     pub fn is_leader(&self) -> bool {
         matches!(&self.phase, Phase::Running(node) if node.raft.state == StateRole::Leader)
+    }
+
+    /// The leader to pass requests on to at `now`: the one this member knows, unless it left
+    /// a passed-on request unanswered a short while ago.
+    fn usable_leader(&self, now: Instant) -> Option<SocketAddr> {
+        self.leader().filter(|&l| {
+            self.unanswering
+                .is_none_or(|(addr, until)| addr != l || now >= until)
+        })
+    }
+
+    /// Group messages refused so far because they came from outside the group.
+    pub fn non_member_refusals(&self) -> u64 {
+        self.non_member_refusals
     }
 
     /// The leader's address if this member knows one (itself in a group of one).
@@ -696,7 +721,7 @@ impl Group {
         }
         if self.is_leader() {
             self.lead_request(now, from, id, request);
-        } else if let Some(leader) = self.leader().filter(|&l| Some(l) != self.unanswering) {
+        } else if let Some(leader) = self.usable_leader(now) {
             self.forward(now, leader, from, id, request);
         } else if self.held.len() < MAX_HELD {
             let until = now + self.config.tick() * HELD_TICKS;
@@ -815,12 +840,14 @@ impl Group {
                 view,
                 completed,
                 delivered,
+                recent,
                 ..
             } => Response::HeartbeatAck {
                 view,
                 completed,
                 delivered,
                 leader: me,
+                recent,
             },
             Response::Servers {
                 view,
@@ -1102,10 +1129,13 @@ impl Group {
             // Its proposals may never commit: their senders retry (bounded memory).
             self.pending.clear();
         }
-        if self.unanswering.is_some() && self.leader() != self.unanswering {
+        if self
+            .unanswering
+            .is_some_and(|(addr, until)| self.leader() != Some(addr) || now >= until)
+        {
             self.unanswering = None;
         }
-        let usable = self.leader().filter(|&l| Some(l) != self.unanswering);
+        let usable = self.usable_leader(now);
         if !self.held.is_empty() && (self.is_leader() || usable.is_some()) {
             let held: Vec<Held> = self.held.drain(..).collect();
             for h in held {
@@ -1155,6 +1185,15 @@ impl Node for Group {
                 }
             }
             Request::Raft { .. } | Request::GroupHello { .. } | Request::Forwarded { .. } => {
+                self.non_member_refusals += 1;
+                if let Some(held_back) = self.non_member_log.allow(now) {
+                    warn!(
+                        "refused {} from {from}: accepted only from a member of the view-leader \
+                         group ({} such refusals, {held_back} not logged)",
+                        request.name(),
+                        self.non_member_refusals
+                    );
+                }
                 self.respond(
                     id,
                     Response::error(
@@ -1230,7 +1269,8 @@ impl Node for Group {
                         // Only if it is still the leader we know (a newer one may have
                         // been elected while this request waited for its deadline).
                         if self.leader() == Some(leader) {
-                            self.unanswering = Some(leader);
+                            let until = now + self.config.tick() * UNANSWERING_TICKS;
+                            self.unanswering = Some((leader, until));
                         }
                         if self.held.len() < MAX_HELD {
                             self.held.push_back(Held {

@@ -1,7 +1,8 @@
 //! Issue 8 on the real binaries: the cluster key (`--cluster-key-file`), replay refusal, and
-//! the anti-amplification limit.
+//! the anti-amplification limit; and (issue 16) a view-leader group whose members hold the
+//! key, with one member holding a wrong one.
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -395,4 +396,157 @@ fn keyed_and_retried_traffic_reads_back_in_the_trace_tools() {
             check_with_tshark(&tshark, trace, names);
         }
     }
+}
+
+/// Issue 16 with issue 8's cluster key (`--cluster-key-file`): a view-leader group of three
+/// members all started with the key elects a leader and, with servers started with the key,
+/// serves `setr`/`getr` to a keyed client. Its leader is then killed and restarted in place
+/// (with its `--data-dir`, so it resumes its Raft state at once) under a *wrong* key: its
+/// datagrams fail the others' MAC check and theirs fail its own, which both sides log
+/// ("from ADDR that fails the MAC check"); it stands for election and never even wins a
+/// pre-vote (never a candidate, never a leader), while the other two elect a leader between
+/// them that every right-keyed member names and that serves `setr`/`getr`. Finally a client
+/// without the key, or with the wrong one, gets no reply at all: a `timeout` saying "no view
+/// leader answers on A, B, C", and the members log its datagrams as carrying no MAC.
+#[test]
+fn a_keyed_group_serves_and_a_member_with_the_wrong_key_is_shut_out() {
+    let env = Env::clean();
+    let right = KeyFile::new("group-right", "the group's cluster key, 32 bytes\n");
+    let wrong = KeyFile::new("group-wrong", "not the group's cluster key......\n");
+    let keyed = ["--cluster-key-file", right.path()];
+    let mut group = VlGroup::start(&env, 3, true, |_| {
+        ["-v", "--cluster-key-file", right.path()]
+            .map(str::to_owned)
+            .to_vec()
+    });
+    let list = group.list();
+    let _servers: Vec<Server> = (0..3).map(|_| group.server(&env, &keyed)).collect();
+    let mut view = None;
+    let joined = wait_until(Duration::from_secs(20), || {
+        view = group_query(&env, &list, &keyed);
+        view.as_ref().is_some_and(|v| server_ids(v).len() == 3)
+    });
+    assert!(
+        joined,
+        "the keyed servers never all joined the keyed group: {view:?}"
+    );
+    let leader = group.leader(&env, &keyed);
+    assert!(
+        group
+            .member(leader)
+            .stderr()
+            .contains("leads the view-leader group"),
+        "{}",
+        group.logs()
+    );
+    let keyed_client = |args: &[&str]| {
+        let mut all = vec!["--viewleader", list.as_str(), "--timeout-ms", "10000"];
+        all.extend_from_slice(args);
+        client_keyed(&env, Some(&right), &all)
+    };
+    let run = keyed_client(&["setr", "--wait", "k", "v1"]);
+    assert_eq!(run.code, 0, "setr through the keyed group: {run:?}");
+    let run = keyed_client(&["getr", "k"]);
+    assert_eq!(run.stdout.trim(), "v1", "{run:?}");
+
+    // The leader comes back with its Raft state but the wrong key.
+    group.kill(leader);
+    group.start_member(&env, leader, &["-v", "--cluster-key-file", wrong.path()]);
+    let intruder = group.addrs[leader];
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let refused_line = format!("from {intruder} that fails the MAC check");
+    let logged = wait_until(Duration::from_secs(10), || {
+        let log = group.member(leader).stderr();
+        log.contains("resuming from its data dir")
+            && raft_role_changes(&log)
+                .iter()
+                .any(|(role, _)| role == "pre-candidate")
+            && log.contains("that fails the MAC check")
+            && others
+                .iter()
+                .any(|&i| group.member(i).stderr().contains(&refused_line))
+    });
+    assert!(
+        logged,
+        "the wrong-keyed member should resume, stand for election, refuse the others' \
+         datagrams, and be refused by them:{}",
+        group.logs()
+    );
+
+    // The other two keep serving under a leader of their own, named by both.
+    let mut named = None;
+    let agreed = wait_until(Duration::from_secs(10), || {
+        let answers: Vec<Option<SocketAddr>> = others
+            .iter()
+            .map(|&i| group_query(&env, &group.addrs[i].to_string(), &keyed))
+            .map(|answer| answer.as_ref().and_then(leader_of))
+            .collect();
+        named = answers[0];
+        named.is_some() && answers.iter().all(|&a| a == named)
+    });
+    assert!(
+        agreed,
+        "the right-keyed members never agreed on a leader:{}",
+        group.logs()
+    );
+    assert_ne!(
+        named,
+        Some(intruder),
+        "the wrong-keyed member is named leader"
+    );
+    let run = keyed_client(&["setr", "k", "v2"]);
+    assert_eq!(
+        run.code, 0,
+        "setr with a wrong-keyed member in the list: {run:?}"
+    );
+    let run = keyed_client(&["getr", "k"]);
+    assert_eq!(run.stdout.trim(), "v2", "{run:?}");
+    // It never won a pre-vote, let alone an election.
+    let log = group.member(leader).stderr();
+    for never in [
+        "] became candidate",
+        "] became leader",
+        "leads the view-leader group",
+    ] {
+        assert!(
+            !log.contains(never),
+            "the wrong-keyed member logged {never:?}:\n{log}"
+        );
+    }
+
+    // Clients without the key, or with the wrong one, get no reply at all.
+    group.kill(leader);
+    for (name, key) in [("no key", None), ("wrong key", Some(&wrong))] {
+        let run = client_keyed(
+            &env,
+            key,
+            &[
+                "--json",
+                "--viewleader",
+                &list,
+                "--timeout-ms",
+                "1500",
+                "query_servers",
+            ],
+        );
+        assert_eq!(run.code, 1, "{name}: must fail: {run:?}");
+        let json = run.json();
+        assert_eq!(json["kind"], "timeout", "{name}: no reply at all: {json}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("no view leader answers on")
+                && group.addrs.iter().all(|a| error.contains(&a.to_string())),
+            "{name}: the error names every member it tried: {json}"
+        );
+    }
+    let logged = wait_until(Duration::from_secs(5), || {
+        others
+            .iter()
+            .any(|&i| group.member(i).stderr().contains("that carries no MAC"))
+    });
+    assert!(
+        logged,
+        "the members log the unkeyed client's datagrams:{}",
+        group.logs()
+    );
 }

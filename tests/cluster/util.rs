@@ -527,3 +527,228 @@ pub fn view_of(json: &Value) -> View {
         vnodes: number("vnodes") as u32,
     }
 }
+
+/// `n` free loopback UDP addresses (each bound to port 0, read, and released), for processes
+/// whose addresses must be known before they start (a view-leader group's `--peers`).
+pub fn free_loopback_addrs(n: usize) -> Vec<SocketAddr> {
+    let sockets: Vec<std::net::UdpSocket> = (0..n)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    sockets
+        .iter()
+        .map(|s| s.local_addr().expect("addr"))
+        .collect()
+}
+
+/// A view-leader group of real `viewleader --peers` processes on loopback, each member owned
+/// by its [`Proc`] guard (killed when dropped); the members' data directories, if any, are
+/// removed when the group is dropped.
+pub struct VlGroup {
+    /// The members' processes in `--peers` order (`None` while one is stopped).
+    pub members: Vec<Option<Proc>>,
+    /// The members' addresses, in `--peers` order.
+    pub addrs: Vec<SocketAddr>,
+    /// The directory holding one data directory per member, if the group is durable.
+    dir: Option<std::path::PathBuf>,
+}
+
+impl VlGroup {
+    /// Starts a group of `n` members on free loopback ports with the tests'
+    /// `--dead-after-ms`, member `i` with the extra flags `flags(i)` and, if `durable`, a
+    /// `--data-dir` of its own. Returns once every member printed its address.
+    pub fn start(
+        env: &Env,
+        n: usize,
+        durable: bool,
+        flags: impl Fn(usize) -> Vec<String>,
+    ) -> VlGroup {
+        let addrs = free_loopback_addrs(n);
+        let dir = durable.then(|| {
+            std::env::temp_dir().join(format!(
+                "trireme-vlgroup-hostile-{}-{}",
+                std::process::id(),
+                addrs[0].port()
+            ))
+        });
+        let mut group = VlGroup {
+            members: (0..n).map(|_| None).collect(),
+            addrs,
+            dir,
+        };
+        for i in 0..n {
+            let extra = flags(i);
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            group.start_member(env, i, &extra);
+        }
+        group
+    }
+
+    /// The `--peers` / `--viewleader` list of the group.
+    pub fn list(&self) -> String {
+        self.addrs
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// (Re)starts member `i` in its place with the extra flags `extra` (and its data
+    /// directory, if the group is durable); panics unless it prints its address.
+    pub fn start_member(&mut self, env: &Env, i: usize, extra: &[&str]) {
+        let mut command = env.command(VIEWLEADER);
+        command.args([
+            "--bind",
+            &self.addrs[i].to_string(),
+            "--peers",
+            &self.list(),
+            "--dead-after-ms",
+            &DEAD_AFTER_MS.to_string(),
+        ]);
+        if let Some(dir) = &self.dir {
+            command.arg("--data-dir").arg(dir.join(format!("m{i}")));
+        }
+        command.args(extra);
+        let proc = Proc::start(command);
+        assert_eq!(
+            proc.first_line,
+            format!("listening on {}", self.addrs[i]),
+            "member {i}: {}",
+            proc.stderr()
+        );
+        self.members[i] = Some(proc);
+    }
+
+    /// Kills member `i` (SIGKILL) and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].take();
+    }
+
+    /// The running process of member `i` (panics if it is stopped).
+    pub fn member(&self, i: usize) -> &Proc {
+        self.members[i].as_ref().expect("a running member")
+    }
+
+    /// The place (in `--peers`) of the leader that `query_servers` through the whole list
+    /// names, run with the client flags `flags` (e.g. a cluster key); waits up to 10 s for
+    /// an answer naming a running member.
+    pub fn leader(&self, env: &Env, flags: &[&str]) -> usize {
+        let mut found = None;
+        let named = wait_until(Duration::from_secs(10), || {
+            found = group_query(env, &self.list(), flags)
+                .and_then(|json| leader_of(&json))
+                .and_then(|leader| self.addrs.iter().position(|&a| a == leader));
+            found.is_some_and(|i| self.members[i].is_some())
+        });
+        assert!(named, "no running leader named by the group");
+        found.expect("a leader")
+    }
+
+    /// Every running member's stderr so far, each under a line naming its address (for
+    /// failure messages).
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .zip(&self.addrs)
+            .filter_map(|(member, addr)| {
+                let log = member.as_ref()?.stderr();
+                Some(format!("\n--- member {addr}:\n{log}"))
+            })
+            .collect()
+    }
+
+    /// Starts a server given the whole group (`--viewleader A,B,C`) with the tests'
+    /// heartbeat interval and the extra flags `extra`.
+    pub fn server(&self, env: &Env, extra: &[&str]) -> Server {
+        let mut command = env.command(SERVER);
+        command.args([
+            "--bind",
+            "127.0.0.1:0",
+            "--viewleader",
+            &self.list(),
+            "--heartbeat-interval-ms",
+            &HEARTBEAT_MS.to_string(),
+        ]);
+        command.args(extra);
+        let proc = Proc::start(command);
+        let words: Vec<&str> = proc.first_line.split(' ').collect();
+        match words.as_slice() {
+            ["listening", "on", addr, "id", id] if id.len() == 32 => Server {
+                addr: addr.parse().expect("server address"),
+                id: (*id).to_owned(),
+                proc,
+            },
+            _ => panic!("server said {:?}: {}", proc.first_line, proc.stderr()),
+        }
+    }
+}
+
+impl Drop for VlGroup {
+    /// Kills the members, then removes the data directories.
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            member.take();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `query_servers --json` sent to `viewleader` (one address or a list) with the client
+/// flags `flags` and a 3 s bound; the answer if the client exited 0, else `None`.
+pub fn group_query(env: &Env, viewleader: &str, flags: &[&str]) -> Option<Value> {
+    let mut args: Vec<&str> = flags.to_vec();
+    args.extend([
+        "--viewleader",
+        viewleader,
+        "--timeout-ms",
+        "3000",
+        "query_servers",
+    ]);
+    let (code, json) = client_json(env, &args);
+    (code == 0).then_some(json)
+}
+
+/// The leader a `query_servers --json` answer names, if any.
+pub fn leader_of(json: &Value) -> Option<SocketAddr> {
+    json["leader"].as_str()?.parse().ok()
+}
+
+/// Every change of role raft-rs logged in a member's stderr `log` ("became follower at term
+/// 3", "became pre-candidate at term 3", "became candidate at term 4", ...), in order, as
+/// (role, term).
+pub fn raft_role_changes(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter_map(|line| line.split_once("] became ")?.1.split_once(" at term "))
+        .filter_map(|(role, rest)| {
+            let term = rest.split(',').next()?.trim().parse().ok()?;
+            Some((role.to_owned(), term))
+        })
+        .collect()
+}
+
+/// An exclusive lock shared by every test process (an OS file lock on a file in the temp
+/// directory), held while this guard lives. Tests that load both cores on their own (the
+/// floods) take it, so that no two of them overlap, whether as threads of `cargo test` or as
+/// the processes nextest runs two at a time: two floods at once starve the programs they
+/// flood into failing over.
+pub struct ExclusiveLock {
+    /// The locked file (closing it releases the lock).
+    _file: std::fs::File,
+}
+
+impl ExclusiveLock {
+    /// Waits for the lock named `name` and takes it.
+    pub fn take(name: &str) -> ExclusiveLock {
+        let path = std::env::temp_dir().join(format!("trireme-test-{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        file.lock()
+            .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+        ExclusiveLock { _file: file }
+    }
+}
