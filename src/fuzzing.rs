@@ -459,6 +459,7 @@ pub fn templates() -> &'static [Vec<u8>] {
                     vnodes: 8,
                 },
                 completed: View::default(),
+                recent: Vec::new(),
                 delivered: Epoch(4),
                 leader: Some(SocketAddr::from(([10, 0, 0, 1], 39000))),
             },

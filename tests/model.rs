@@ -803,7 +803,7 @@ impl State {
                 let ctx = PrepareContext {
                     me: id(i),
                     epoch,
-                    rebalancing: false,
+                    ready: true,
                     replicas: Some(args.participants.clone()),
                     settling: 0,
                 };

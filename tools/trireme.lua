@@ -525,6 +525,7 @@ local RESPONSE_BODY = {
         view(r, t, "Completed view")
         r:u64(t, F.delivered)
         leader_hint(r, t, info)
+        r:seq(t, "Recent views", function(rr, sub) view(rr, sub, "View") end, 4)
     end,
     HeartbeatRefused = function(r, t, info) info.epoch = view(r, t, "View") end,
     Servers = function(r, t, info)

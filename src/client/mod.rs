@@ -716,7 +716,7 @@ impl Client {
     /// Runs the replicated operation whose coordinator `build` makes: the view step (from
     /// the view cache when a long-lived caller keeps one, else from the view leader) and the
     /// coordinator, pumped on the network driver by [`Client::run`]; see [`Replicated`].
-    /// `retry`: a `rebalancing` refusal is retried on a fresh view with `--wait` (reads).
+    /// `retry`: a `rebalancing` refusal is retried on a fresh view with `--wait` (reads, and writes a replica refused before any commit).
     /// Returns the outcome and the finished machine (for what it ran on).
     fn replicated<O: Operation>(
         &mut self,
@@ -853,20 +853,24 @@ impl Client {
         outcome
     }
 
-    /// [`Client::setr`] after the input checks: one attempt, never retried.
+    /// [`Client::setr`] after the input checks: one attempt, never retried after an abort,
+    /// but for `--wait`: a transaction a replica refused because the key is not settled
+    /// there yet (kind `rebalancing`, aborted everywhere) is tried again, under a fresh
+    /// transaction id, on a fresh view, within the deadline.
     fn setr_at(
         &mut self,
         key: &str,
         value: &str,
         hooks: SetrHooks,
     ) -> Result<SetrOutcome, OpError> {
-        let txid = TxId::random(&mut Rng::from_entropy());
+        let mut rng = Rng::from_entropy();
         let (key, value) = (key.to_owned(), value.to_owned());
         let (deadline, timeout) = (self.deadline, self.timeout);
         let build = move |now: Instant, placement: &Placement| {
+            let txid = TxId::random(&mut rng);
             Setr::new(now, &key, &value, placement, txid, deadline, timeout, hooks)
         };
-        self.replicated(false, build).0
+        self.replicated(true, build).0
     }
 
     /// `getr KEY`: a replicated read. Tries the key's replicas in ring order until one has

@@ -101,7 +101,7 @@ pub struct Replicated<O: Operation> {
 impl<O: Operation> Replicated<O> {
     /// Starts an operation that asks `viewleader` for the view and then runs the
     /// coordinator `build` makes on it. `floor` is the newest epoch the client used; `wait`
-    /// is `--wait`; `retry` lets a `rebalancing` outcome be retried on a fresh view (reads).
+    /// is `--wait`; `retry` lets a `rebalancing` outcome be retried on a fresh view (reads, and writes refused before any commit).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         viewleader: SocketAddr,
@@ -393,7 +393,7 @@ impl<O: Operation> Replicated<O> {
             }
             return self.finish(Err(e));
         }
-        if self.wait && info.rebalancing {
+        if self.wait && info.rebalancing && info.view.members.is_empty() {
             return self.poll_again(
                 now,
                 format!("epoch {} was still rebalancing", info.view.epoch),
@@ -602,6 +602,35 @@ mod tests {
         })
     }
 
+    /// The view leader's answer while it gathers the servers that came back: an empty view
+    /// at `epoch`, rebalancing.
+    fn gathering(epoch: u64) -> Result<Response, RequestError> {
+        Ok(Response::Servers {
+            view: View {
+                epoch: Epoch(epoch),
+                members: Vec::new(),
+                replicas: 3,
+                vnodes: 4,
+            },
+            rebalancing: true,
+            pending: Vec::new(),
+            group: Vec::new(),
+            leader: None,
+        })
+    }
+
+    /// Issue 17: a view that rebalances is used at once (each replica decides per key).
+    #[test]
+    fn a_rebalancing_view_with_servers_is_used() {
+        let t0 = Instant::now();
+        for wait in [false, true] {
+            let mut op = operation(t0, wait, true, 0);
+            let ask = op.poll_send().unwrap();
+            op.handle_response(t0, ask.token, servers(5, true));
+            assert_eq!(op.coordinator().map(|p| p.epoch), Some(Epoch(5)));
+        }
+    }
+
     /// A refusal of kind `kind`.
     fn refusal(kind: ErrorKind) -> Result<Response, RequestError> {
         Ok(Response::Error(OpError {
@@ -652,7 +681,7 @@ mod tests {
     fn without_wait_a_view_that_cannot_be_used_fails() {
         let t0 = Instant::now();
         let cases = [
-            (servers(5, true), 0, ErrorKind::Rebalancing),
+            (gathering(5), 0, ErrorKind::Rebalancing),
             (servers(3, false), 4, ErrorKind::Rebalancing),
             (refusal(ErrorKind::Rebalancing), 0, ErrorKind::Rebalancing),
             (
@@ -696,7 +725,7 @@ mod tests {
         let t0 = Instant::now();
         let mut op = operation(t0, true, false, 0);
         let ask = op.poll_send().unwrap();
-        op.handle_response(t0, ask.token, servers(5, true));
+        op.handle_response(t0, ask.token, gathering(5));
         assert_eq!(op.poll_timeout(), Some(t0 + REBALANCING_POLL));
         assert!(op.poll_send().is_none(), "nothing before the poll");
         op.handle_timeout(t0 + REBALANCING_POLL);
@@ -714,7 +743,7 @@ mod tests {
         let mut now = t0;
         loop {
             if let Some(send) = op.poll_send() {
-                op.handle_response(now, send.token, servers(5, true));
+                op.handle_response(now, send.token, gathering(5));
             }
             if let Some(outcome) = op.poll_outcome() {
                 let e = outcome.unwrap_err();
@@ -731,8 +760,8 @@ mod tests {
         }
     }
 
-    /// With `--wait` and `retry` (reads), a coordinator's `rebalancing` refusal fetches the
-    /// view again and runs a fresh coordinator on it; without `retry` (setr) it stands.
+    /// With `--wait` and `retry` (reads; writes since issue 17), a coordinator's `rebalancing` refusal fetches the
+    /// view again and runs a fresh coordinator on it; without `retry` it stands.
     #[test]
     fn a_refused_read_is_retried_on_a_fresh_view_but_a_write_is_not() {
         let t0 = Instant::now();
@@ -842,7 +871,7 @@ mod tests {
         let t0 = Instant::now();
         let mut op = operation(t0, true, false, 0);
         let ask = op.poll_send().unwrap();
-        let Ok(Response::Servers { view, .. }) = servers(5, true) else {
+        let Ok(Response::Servers { view, .. }) = gathering(5) else {
             unreachable!()
         };
         let named = Ok(Response::Servers {

@@ -77,6 +77,8 @@ pub(super) enum Heard {
         completed: View,
         /// The newest epoch every server had its sends acknowledged for.
         delivered: Epoch,
+        /// The views published between the one this server knew and the new one.
+        recent: Vec<View>,
     },
     /// The view leader declared this server dead (at that epoch): rejoin under a fresh id.
     Refused(Epoch),
@@ -399,6 +401,7 @@ impl Membership {
                 completed,
                 delivered,
                 leader,
+                recent,
             }) => {
                 self.follow(now, seq, leader);
                 let old = self.epoch();
@@ -424,6 +427,7 @@ impl Membership {
                 Some(Heard::View {
                     completed,
                     delivered,
+                    recent,
                 })
             }
             Ok(Response::HeartbeatRefused { .. }) if seq < self.id_since_seq => {
@@ -598,6 +602,7 @@ mod tests {
             completed: View::default(),
             delivered: Epoch(0),
             leader,
+            recent: Vec::new(),
         })
     }
 

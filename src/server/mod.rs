@@ -41,6 +41,7 @@
 
 mod bucket;
 mod membership;
+mod readiness;
 mod rebalancing;
 mod refusals;
 mod replication;
@@ -55,9 +56,9 @@ use log::{debug, info, warn};
 
 use crate::reliable::{IncomingId, RequestError};
 use crate::runtime::node::{Action, Node};
-use crate::txn::participant::{CommitRefusal, PrepareArgs, PrepareContext, QueryArgs};
+use crate::txn::participant::{CommitRefusal, PrepareArgs, PrepareContext, QueryArgs, VoteNo};
 use crate::util::rng::Rng;
-use crate::wire::message::{self, ErrorKind, Request, Response};
+use crate::wire::message::{self, ErrorKind, OpError, Request, Response};
 
 use crate::placement::view::{Epoch, ServerId};
 pub use crate::txn::participant::MAX_SETTLING;
@@ -67,6 +68,7 @@ pub use replication::MAX_DEFERRED_READS;
 
 use bucket::Bucket;
 use membership::{Heard, Membership};
+use readiness::Readiness;
 use rebalancing::Rebalancing;
 use refusals::RefusalCounter;
 use replication::{Read, Replication};
@@ -147,6 +149,8 @@ pub struct Server {
     replication: Replication,
     /// Transfers toward the newest view, and the progress reported.
     rebalancing: Rebalancing,
+    /// The views since the last finished epoch: which keys stayed ours (see [`readiness`]).
+    readiness: Readiness,
     /// What was refused, by kind.
     refusals: RefusalCounter,
     /// Actions waiting for [`Node::poll_action`].
@@ -162,6 +166,7 @@ impl Server {
             bucket: Bucket::default(),
             replication: Replication::default(),
             rebalancing: Rebalancing::new(),
+            readiness: Readiness::default(),
             refusals: RefusalCounter::default(),
             actions: VecDeque::new(),
         }
@@ -208,6 +213,18 @@ impl Server {
         self.rebalancing.is_rebalancing(self.epoch())
     }
 
+    /// True if this server may serve `key` in the view it knows: it finished that epoch, or
+    /// it stayed a replica of `key` in every view since the last epoch it finished (see
+    /// [`readiness`]).
+    pub fn is_ready(&self, key: &str) -> bool {
+        self.readiness.is_ready(
+            self.membership.id(),
+            key,
+            self.rebalancing.finished(),
+            self.epoch(),
+        )
+    }
+
     /// Handles at `now` the answer to heartbeat number `seq`: a view learned is passed to
     /// the parts that follow it (a new epoch refuses the reads held back in the old one); a
     /// refusal meant for the current id is a rejoin.
@@ -222,7 +239,12 @@ impl Server {
             Some(Heard::View {
                 completed,
                 delivered,
+                recent,
             }) => {
+                let finished = self.rebalancing.finished();
+                for view in recent.iter().chain(self.membership.view()) {
+                    self.readiness.learn(view, finished);
+                }
                 if self.epoch() != old {
                     let refusal = Response::error(
                         ErrorKind::Rebalancing,
@@ -252,6 +274,7 @@ impl Server {
                     &mut self.membership,
                     &mut self.bucket,
                 );
+                self.readiness.prune(self.rebalancing.finished());
             }
             Some(Heard::Refused(epoch)) => self.rejoin(now, epoch),
             None => {}
@@ -274,6 +297,7 @@ impl Server {
         // current holders.
         self.bucket.reset();
         self.rebalancing.reset();
+        self.readiness.reset();
         let refusal = Response::error(
             ErrorKind::Rebalancing,
             format!("this server left the view at epoch {epoch}"),
@@ -368,7 +392,7 @@ impl Server {
                 close,
             } => {
                 if let Err(refusal) = self.check_member(now, from, "termination query") {
-                    return Some(refusal);
+                    return Some(Response::Error(refusal));
                 }
                 let args = QueryArgs {
                     txid,
@@ -386,7 +410,7 @@ impl Server {
                 // Only a server of our view may write into the bucket this way. One of a newer
                 // view we have not learned yet is refused too: its sender tries again.
                 if let Err(refusal) = self.check_member(now, from, "transfer") {
-                    return Some(refusal);
+                    return Some(Response::Error(refusal));
                 }
                 // A transfer planned for an epoch this server has left behind (delayed, or
                 // from a plan its sender abandoned) may carry keys that are no longer ours,
@@ -405,14 +429,16 @@ impl Server {
                 Response::Done
             }
             Request::GetR { key, epoch } => {
-                if epoch != self.epoch() || self.is_rebalancing() {
+                if epoch != self.epoch() {
                     return Some(Response::error(
                         ErrorKind::Rebalancing,
-                        format!(
-                            "replica at epoch {} (rebalancing: {}), client at {epoch}",
-                            self.epoch(),
-                            self.is_rebalancing()
-                        ),
+                        format!("replica at epoch {}, client at {epoch}", self.epoch()),
+                    ));
+                }
+                if !self.is_ready(&key) {
+                    return Some(Response::error(
+                        ErrorKind::Rebalancing,
+                        not_settled(&key, self.epoch()),
                     ));
                 }
                 match self.replication.read(key.clone(), id, &self.bucket) {
@@ -449,7 +475,8 @@ impl Server {
         let ctx = PrepareContext {
             me: self.membership.id(),
             epoch: self.epoch(),
-            rebalancing: self.is_rebalancing(),
+            // Not while a new view waits for undecided transactions (they must drain).
+            ready: self.is_ready(&args.key) && !self.rebalancing.is_waiting(),
             replicas: self.membership.replicas(&args.key),
             settling: self.replication.settling_count(),
         };
@@ -461,7 +488,18 @@ impl Server {
                 if no.is_bound() {
                     self.refusals.count_pending_full(now, &reason);
                 }
-                Response::error(ErrorKind::Aborted, reason)
+                // A key not settled here yet is refused as the contract says (`rebalancing`:
+                // the caller may wait for it), and so is a prepare from a view this server
+                // has not learned yet (the key is not settled here in that view); every
+                // other no is an abort.
+                let kind = match no {
+                    VoteNo::Rebalancing { .. } => ErrorKind::Rebalancing,
+                    VoteNo::EpochMismatch { theirs, ours } if theirs > ours => {
+                        ErrorKind::Rebalancing
+                    }
+                    _ => ErrorKind::Aborted,
+                };
+                Response::error(kind, reason)
             }
         }
     }
@@ -470,13 +508,17 @@ impl Server {
     /// server-to-server request (`what`, for the message). A refusal is counted, logged (rate
     /// limited) and returned as the answer: kind `rebalancing`, since the sender may simply be
     /// in a view we have not learned yet (it asks again).
-    fn check_member(&mut self, now: Instant, from: SocketAddr, what: &str) -> Result<(), Response> {
+    fn check_member(&mut self, now: Instant, from: SocketAddr, what: &str) -> Result<(), OpError> {
         if self.membership.is_member_addr(from) {
             return Ok(());
         }
         let reason = format!("refused: {from} is not a server in view {}", self.epoch());
         self.refusals.count_not_a_member(now, what, &reason);
-        Err(Response::error(ErrorKind::Rebalancing, reason))
+        Err(OpError {
+            kind: ErrorKind::Rebalancing,
+            message: reason,
+            cycle: Vec::new(),
+        })
     }
 
     /// Starts at `now` a rebalancing that waited for undecided transactions, once none is
@@ -593,4 +635,9 @@ impl Node for Server {
     fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
+}
+
+/// The refusal of a replicated request on `key`, not settled at this replica in `epoch` yet.
+fn not_settled(key: &str, epoch: Epoch) -> String {
+    format!("key {key:?} is not settled at this replica in epoch {epoch} yet (rebalancing)")
 }

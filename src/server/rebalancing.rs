@@ -104,6 +104,12 @@ impl Rebalancing {
         self.sent
     }
 
+    /// True while a new view waits for undecided transactions before its plan is made: no
+    /// prepare may be accepted then, or the wait might never end under load.
+    pub(super) fn is_waiting(&self) -> bool {
+        self.waiting
+    }
+
     /// True while this server has not finished rebalancing for `epoch` (the one it knows).
     pub(super) fn is_rebalancing(&self, epoch: Epoch) -> bool {
         self.finished < epoch
@@ -207,7 +213,7 @@ impl Rebalancing {
         // A transaction prepared under the old view may still commit: its write must be in
         // the bucket before the keys are copied to their new replicas (and before the old
         // copies are dropped), or it would reach only the old ones. New prepares are refused
-        // while rebalancing, so the wait ends with the last decision.
+        // while this wait lasts (`is_waiting`), so it ends with the last decision.
         if undecided > 0 {
             if !self.waiting {
                 info!(

@@ -125,6 +125,7 @@ fn heartbeats_go_out_every_interval_and_learn_the_epoch() {
             completed,
             delivered: Epoch(0),
             leader: None,
+            recent: Vec::new(),
         }),
     );
     assert_eq!(s.epoch(), Epoch(4));
@@ -352,6 +353,7 @@ fn learn(
             completed: anchor.clone(),
             delivered: Epoch(delivered),
             leader: None,
+            recent: Vec::new(),
         }),
     );
     view
@@ -828,10 +830,10 @@ fn assert_refused(response: &Response, kind: ErrorKind, message: &str) {
 }
 
 /// Issue 15 (one place for the prepare checks): the server answers each no vote of the
-/// participant as `aborted` with its reason, word for word; a key over the limit is
-/// `bad_input` before any vote.
+/// participant as `aborted` with its reason, word for word (a key not settled here yet as
+/// `rebalancing`, issue 17); a key over the limit is `bad_input` before any vote.
 #[test]
-fn prepare_refusals_are_aborted_with_the_reason() {
+fn prepare_refusals_name_the_reason() {
     let t0 = Instant::now();
     let mut s = server(t0);
     let me = s.id();
@@ -848,8 +850,8 @@ fn prepare_refusals_are_aborted_with_the_reason() {
     let busy = ask(&mut s, prepare(2, &key, "v", 2, me, participants.clone()));
     assert_refused(
         &busy,
-        ErrorKind::Aborted,
-        "this replica is rebalancing for epoch 2",
+        ErrorKind::Rebalancing,
+        &format!("key {key:?} is not settled at this replica in epoch 2 yet (rebalancing)"),
     );
 
     let (mut s, _) = settled_in_a_pair(t0);
@@ -864,10 +866,17 @@ fn prepare_refusals_are_aborted_with_the_reason() {
         &format!("server id mismatch: expected {stranger}, this is {me}"),
     );
     let wrong_epoch = ask(&mut s, prepare(4, &key, "v", 3, me, participants.clone()));
+    // A coordinator ahead of this replica: the key is not settled here in its view yet.
     assert_refused(
         &wrong_epoch,
-        ErrorKind::Aborted,
+        ErrorKind::Rebalancing,
         "epoch mismatch: the coordinator is at epoch 3, this replica at 2",
+    );
+    let behind = ask(&mut s, prepare(6, &key, "v", 1, me, participants.clone()));
+    assert_refused(
+        &behind,
+        ErrorKind::Aborted,
+        "epoch mismatch: the coordinator is at epoch 1, this replica at 2",
     );
     let mut reversed = participants.clone();
     reversed.reverse();
@@ -886,4 +895,94 @@ fn prepare_refusals_are_aborted_with_the_reason() {
         "{oversized:?}"
     );
     assert_eq!(s.pending_transactions(), 0);
+}
+
+/// A heartbeat acknowledgement carrying `view`, the views `recent` before it, anchor
+/// `anchor` and delivered epoch `delivered`.
+fn ack_with_recent(view: &View, recent: &[View], anchor: &View, delivered: u64) -> Response {
+    Response::HeartbeatAck {
+        view: view.clone(),
+        completed: anchor.clone(),
+        delivered: Epoch(delivered),
+        leader: None,
+        recent: recent.to_vec(),
+    }
+}
+
+/// Issue 17 (readiness per key): while the view that added a server rebalances, a key that
+/// stayed this server's replica is served (`getr`, `setr`'s prepare) at once; a key it is no
+/// longer a replica of is refused with `rebalancing` naming it; and when a view in between
+/// is missing, nothing is vouched for until the heartbeat brings the missed view.
+#[test]
+fn during_a_rebalancing_keys_that_stayed_are_served_and_the_others_refused() {
+    let t0 = Instant::now();
+    let (mut s, settled) = settled_in_a_pair(t0);
+    let me = s.id();
+    let grown = |epoch: u64, extra: &[u128]| {
+        let mut members = settled.members.clone();
+        members.extend(extra.iter().map(|&n| Member {
+            id: ServerId(n),
+            addr: SocketAddr::from(([127, 0, 0, 1], 38000 + n as u16)),
+        }));
+        members.sort_by_key(|m| m.id);
+        View {
+            epoch: Epoch(epoch),
+            members,
+            ..settled.clone()
+        }
+    };
+    let (three, four) = (grown(3, &[5]), grown(4, &[5, 6]));
+    let mine = |view: &View, key: &str| Ring::new(view).replicas(key, 2).iter().any(|m| m.id == me);
+    let stayed = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| mine(&three, k) && mine(&four, k))
+        .expect("a key that stays");
+    let left = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| !mine(&four, k))
+        .expect("a key that leaves");
+    let getr = |key: &str, epoch: u64| Request::GetR {
+        key: key.into(),
+        epoch: Epoch(epoch),
+    };
+    // Epoch 4 learned with epoch 3 missing: a gap, nothing is vouched for.
+    s.handle_response(
+        t0,
+        Reply::Heartbeat(10).token(),
+        Ok(ack_with_recent(&four, &[], &settled, 2)),
+    );
+    drain(&mut s);
+    assert!(s.is_rebalancing());
+    assert_refused(
+        &ask(&mut s, getr(&stayed, 4)),
+        ErrorKind::Rebalancing,
+        &format!("key {stayed:?} is not settled at this replica in epoch 4 yet (rebalancing)"),
+    );
+    // The next answer brings epoch 3 along: the chain 2, 3, 4 is whole.
+    s.handle_response(
+        t0,
+        Reply::Heartbeat(11).token(),
+        Ok(ack_with_recent(
+            &four,
+            std::slice::from_ref(&three),
+            &settled,
+            2,
+        )),
+    );
+    drain(&mut s);
+    assert!(s.is_rebalancing(), "epoch 4 is not finished");
+    assert!(matches!(
+        ask(&mut s, getr(&stayed, 4)),
+        Response::Error(e) if e.kind == ErrorKind::NotFound
+    ));
+    let participants = Ring::new(&four).replicas(&stayed, 2);
+    assert_eq!(
+        ask(&mut s, prepare(40, &stayed, "v", 4, me, participants)),
+        Response::Prepared { version: None }
+    );
+    assert_refused(
+        &ask(&mut s, getr(&left, 4)),
+        ErrorKind::Rebalancing,
+        &format!("key {left:?} is not settled at this replica in epoch 4 yet (rebalancing)"),
+    );
 }

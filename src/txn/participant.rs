@@ -102,8 +102,10 @@ pub struct PrepareContext {
     pub me: ServerId,
     /// The epoch of the view this server learned last.
     pub epoch: Epoch,
-    /// This server has not finished rebalancing for that epoch.
-    pub rebalancing: bool,
+    /// This server holds the key's latest committed version in that view: it finished the
+    /// epoch, or it stayed the key's replica in every view since the last epoch it finished
+    /// (see `server::readiness`).
+    pub ready: bool,
     /// The key's replicas in ring order in that view (`None` before any view is learned).
     pub replicas: Option<Vec<Member>>,
     /// Keys whose commit this server, as their primary, is still passing on to the others.
@@ -233,10 +235,14 @@ pub enum VoteNo {
         /// Ours.
         ours: Epoch,
     },
-    /// This server has not finished rebalancing for its epoch (the epoch's copies may not
-    /// all be in place yet).
-    #[error("this replica is rebalancing for epoch {0}")]
-    Rebalancing(Epoch),
+    /// The key is not settled here in this epoch yet (its copy may still be on its way).
+    #[error("key {key:?} is not settled at this replica in epoch {epoch} yet (rebalancing)")]
+    Rebalancing {
+        /// The key.
+        key: String,
+        /// This server's epoch.
+        epoch: Epoch,
+    },
     /// This server has not learned a view, so it cannot tell the key's replicas.
     #[error("this replica has not learned a view yet")]
     NoView,
@@ -377,8 +383,11 @@ impl Participant {
                 ours: ctx.epoch,
             });
         }
-        if ctx.rebalancing {
-            return Err(VoteNo::Rebalancing(ctx.epoch));
+        if !ctx.ready {
+            return Err(VoteNo::Rebalancing {
+                key: args.key,
+                epoch: ctx.epoch,
+            });
         }
         let Some(replicas) = &ctx.replicas else {
             return Err(VoteNo::NoView);
@@ -829,7 +838,7 @@ mod tests {
         PrepareContext {
             me: ServerId(me),
             epoch: Epoch(epoch),
-            rebalancing: false,
+            ready: true,
             replicas: Some(vec![member(1), member(2), member(3)]),
             settling: 0,
         }
@@ -941,21 +950,27 @@ mod tests {
         );
     }
 
-    /// Assignment 3.4 (no commit while rebalancing): a replica still rebalancing for its
-    /// epoch votes no, naming the epoch, and locks nothing.
+    /// Assignment 3.4 (no commit while rebalancing), per key since issue 17: a replica
+    /// where the key is not settled yet votes no, naming the key and epoch, and locks nothing.
     #[test]
-    fn a_rebalancing_replica_votes_no() {
+    fn a_replica_where_the_key_is_not_settled_votes_no() {
         let now = Instant::now();
         let mut p = Participant::new();
         let rebalancing = PrepareContext {
-            rebalancing: true,
+            ready: false,
             ..ctx(2, 4)
         };
         let vote = p.prepare(now, &rebalancing, prepare(1, "k", 2), None);
-        assert_eq!(vote, Err(VoteNo::Rebalancing(Epoch(4))));
+        assert_eq!(
+            vote,
+            Err(VoteNo::Rebalancing {
+                key: "k".into(),
+                epoch: Epoch(4)
+            })
+        );
         assert_eq!(
             vote.unwrap_err().to_string(),
-            "this replica is rebalancing for epoch 4"
+            "key \"k\" is not settled at this replica in epoch 4 yet (rebalancing)"
         );
         assert!(!p.is_locked("k"));
     }

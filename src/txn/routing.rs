@@ -68,11 +68,13 @@ impl Placement {
     }
 
     /// The placement of a view replicated operations may use: refused while the view is
-    /// empty (`no_servers`) or rebalancing (`rebalancing`).
+    /// empty (`no_servers`), or empty and rebalancing (`rebalancing`: the view leader is
+    /// gathering the servers that came back). A view that rebalances is used: each replica
+    /// decides per key whether it may serve it yet (issue 17).
     pub fn operable(info: ServersInfo) -> Result<Placement, OpError> {
         // Rebalancing first: an empty view that is rebalancing is gathering the servers that
         // came back (see `viewleader`), and `--wait` waits that out.
-        if info.rebalancing {
+        if info.rebalancing && info.view.members.is_empty() {
             return Err(op_error(
                 ErrorKind::Rebalancing,
                 format!("epoch {} is still rebalancing", info.view.epoch),

@@ -55,6 +55,8 @@ const DEAD_IDS_REMEMBERED: usize = 10_000;
 /// The view leader's own tick is `dead_after` divided by this; a gap between two calls longer
 /// than twice the tick is a stall of the view leader itself.
 const TICKS_PER_DEAD_AFTER: u32 = 4;
+/// The most recent views a view leader remembers for the heartbeat answers' `recent`.
+pub const RECENT_VIEWS: usize = 8;
 /// Default of [`ViewLeaderConfig::max_servers`].
 pub const MAX_SERVERS: usize = 1024;
 
@@ -174,6 +176,9 @@ pub struct ViewLeader {
     anchor: View,
     /// When the view first changed after the last completed epoch (for the log).
     epoch_started: Option<Instant>,
+    /// The last [`RECENT_VIEWS`] views published, oldest first (the current one last), for
+    /// the heartbeat answers' `recent` (soft state: not in the snapshots).
+    history: VecDeque<View>,
     /// The servers gathered into an empty view, until the window closes.
     gathering: Option<Gathering>,
     /// The first instant this view leader was called at (nobody is declared dead before
@@ -215,6 +220,7 @@ impl ViewLeader {
                 vnodes,
             },
             epoch_started: None,
+            history: VecDeque::new(),
             gathering: None,
             started: None,
             last_call: None,
@@ -266,14 +272,22 @@ impl ViewLeader {
         }
     }
 
-    /// The acknowledgement of a heartbeat: the view, the anchor of plans (in the `completed`
-    /// field), the delivered epoch.
-    fn heartbeat_ack(&self) -> Response {
+    /// The acknowledgement of a heartbeat from a server that knows epoch `known`: the view,
+    /// the anchor of plans (in the `completed` field), the delivered epoch, and the views
+    /// published since `known` that it may have missed.
+    fn heartbeat_ack(&self, known: Epoch) -> Response {
+        let recent = self
+            .history
+            .iter()
+            .filter(|v| v.epoch > known && v.epoch < self.epoch)
+            .cloned()
+            .collect();
         Response::HeartbeatAck {
             view: self.view(),
             completed: self.anchor.clone(),
             delivered: self.delivered(),
             leader: None,
+            recent,
         }
     }
 
@@ -356,7 +370,7 @@ impl ViewLeader {
                 }
             }
             self.check_completion(now);
-            return self.heartbeat_ack();
+            return self.heartbeat_ack(epoch);
         }
         // A server restarted on the same address under a new id before its old incarnation
         // was declared dead: the old one is gone, so it leaves now.
@@ -409,7 +423,7 @@ impl ViewLeader {
             self.epoch,
             self.members.len()
         );
-        self.heartbeat_ack()
+        self.heartbeat_ack(epoch)
     }
 
     /// Why this view leader has no view to show at `now`, if it has none: it started less
@@ -581,11 +595,15 @@ impl ViewLeader {
         self.config.dead_after / TICKS_PER_DEAD_AFTER
     }
 
-    /// Starts a new epoch at `now`.
+    /// Starts a new epoch at `now` (the members already changed) and remembers its view.
     fn new_epoch(&mut self, now: Instant) {
         debug_assert!(self.epoch.0 < u64::MAX, "epochs only grow");
         self.epoch = Epoch(self.epoch.0 + 1);
         self.epoch_started.get_or_insert(now);
+        if self.history.len() == RECENT_VIEWS {
+            self.history.pop_front();
+        }
+        self.history.push_back(self.view());
     }
 
     /// Removes server `id` from the view, declares it dead and releases its locks.

@@ -226,6 +226,11 @@ pub enum Response {
         /// The view-leader group's leader, where heartbeats should go (`None`: the member
         /// that answered, a group of one).
         leader: Option<SocketAddr>,
+        /// The views published after the epoch the heartbeat reported and before `view`,
+        /// oldest first, as far as the view leader remembers them: with them a server knows
+        /// every view it passed through, which tells it which keys stayed its own (see
+        /// `server::readiness`).
+        recent: Vec<View>,
     },
     /// The heartbeat came from a server already declared dead: it rejoins under a fresh id,
     /// keeping its bucket as unserved candidates until rebalancing reconciles them.
@@ -606,6 +611,7 @@ mod tests {
                 completed: View::default(),
                 delivered: Epoch(1),
                 leader: None,
+                recent: vec![view.clone()],
             },
             Response::HeartbeatRefused { view: view.clone() },
             Response::Servers {

@@ -165,6 +165,7 @@ fn every_response() -> Vec<(&'static str, Response)> {
                 completed: View::default(),
                 delivered: Epoch(1),
                 leader: None,
+                recent: Vec::new(),
             },
         ),
         (
@@ -174,6 +175,7 @@ fn every_response() -> Vec<(&'static str, Response)> {
                 completed: view(),
                 delivered: Epoch(3),
                 leader: Some(member(2)),
+                recent: vec![view(), view()],
             },
         ),
         (

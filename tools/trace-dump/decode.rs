@@ -506,14 +506,17 @@ fn describe_response(body: &[u8]) -> MessageInfo {
             completed,
             delivered,
             leader: _,
+            recent,
         } => {
             info.epoch = Some(view.epoch.0);
+            let recent: Vec<String> = recent.iter().map(|v| v.epoch.to_string()).collect();
             (
                 "HeartbeatAck",
                 format!(
-                    "servers={} completed={} delivered={delivered}",
+                    "servers={} completed={} delivered={delivered} recent=[{}]",
                     view.members.len(),
-                    completed.epoch
+                    completed.epoch,
+                    recent.join(",")
                 ),
             )
         }
