@@ -1001,7 +1001,7 @@ fn group_messages_from_a_non_member_are_refused_and_logged_by_every_member() {
 /// timeouts, so member 0 leads) sends every datagram with up to 1 s of extra latency
 /// (`jitter=1000ms`), so some of its forwards miss their 600 ms deadline while Raft keeps
 /// the leader in place. Once member 2 logged "the leader did not answer a request passed
-/// on", it must still answer `query_servers` within 5 s (its next forwards reach the same,
+/// on", it must still answer `query_servers` within 15 s (its next forwards reach the same,
 /// live leader), and that leader must be unchanged. Before the fix it answered nothing more.
 #[test]
 fn a_follower_passes_requests_on_again_after_one_went_unanswered() {
@@ -1044,8 +1044,11 @@ fn a_follower_passes_requests_on_again_after_one_went_unanswered() {
         "no forward of member 2 ever missed its deadline:{}",
         group.logs()
     );
+    // Every forward of member 2 may miss its deadline again (its 1 s jitter), each shunning
+    // the leader for about two election timeouts: allow several rounds (before the fix it
+    // never answered again).
     let mut answer = None;
-    let answered = wait_until(Duration::from_secs(5), || {
+    let answered = wait_until(Duration::from_secs(15), || {
         answer = ask_slow();
         answer.is_some()
     });
