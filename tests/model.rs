@@ -8,7 +8,7 @@
 //! the others; success only with every acknowledgement; never a retry. The server glue of
 //! `src/server/` is modelled too: a bucket per server holding the key's last committed
 //! transaction and version (what `QueryTx` passes as `last_committed`; a write is kept only if
-//! newer), the server's epoch check before the participant votes, votes carrying the bucket's
+//! newer), the server's view (epoch and the key's replicas) as the participant votes, votes carrying the bucket's
 //! version, and effects carried out as the server does.
 //!
 //! # What is modelled
@@ -33,9 +33,11 @@
 //! - **Servers**: those in `crashable` may crash (at most `max_crashes` in all); a crashed
 //!   server's participant table and bucket are gone. A crash starts a new view without it
 //!   (epoch + 1); each survivor learns the new view at a moment of its own (a transition), and
-//!   until then passes its old view to `handle_timeout` / `handle_query_answer` and its old
-//!   epoch to the vote (a prepare carries epoch 1, so a survivor that learned a later view
-//!   votes no). Not modelled: a server declared dead while still running, restarts, and
+//!   until then passes its old view to `handle_timeout` / `handle_query_answer` and to the
+//!   vote. A prepare carries epoch 1 and all three servers as participants; since issue 17 a
+//!   coordinator behind the server's view is judged by whether the participants are still the
+//!   key's replicas in that view, not by the bare epoch: a survivor that learned the view
+//!   without the crashed server votes no because its replicas changed. Not modelled: a server declared dead while still running, restarts, and
 //!   rebalancing.
 //! - **Time**: each server has its own clock (milliseconds from a common base). It advances
 //!   only when that server's timer fires: the clock moves to `poll_timeout()` and
@@ -789,6 +791,7 @@ impl State {
                 let now = at(self.clock[i]);
                 let current = self.bucket[i].map(|(_, v)| v);
                 let epoch = Epoch(self.known[i].0);
+                let replicas = self.view_for(cfg, i).members;
                 let args = PrepareArgs {
                     txid: txid(tx),
                     key: KEY.to_owned(),
@@ -799,12 +802,14 @@ impl State {
                     timeout: TIMEOUT,
                 };
                 let p = self.parts[i].as_mut().expect("normalized away");
-                // Every prepare check is the participant's, the epoch's first among them.
+                // Every prepare check is the participant's, against the key's replicas in
+                // the view this server knows (issue 17: a coordinator behind is judged by
+                // them, not by the bare epoch).
                 let ctx = PrepareContext {
                     me: id(i),
                     epoch,
                     ready: true,
-                    replicas: Some(args.participants.clone()),
+                    replicas: Some(replicas),
                     settling: 0,
                 };
                 let vote = p.prepare(now, &ctx, args, current);

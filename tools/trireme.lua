@@ -57,7 +57,7 @@ local KIND_NAMES = { [1] = "Request", [2] = "Response", [3] = "Ack", [4] = "Prob
 local REQUEST_NAMES = {
     [0] = "Heartbeat", "QueryServers", "LockGet", "LockRelease", "LockWithdraw", "Print",
     "Set", "Get", "QueryAllKeys", "Prepare", "Commit", "Abort", "QueryTx", "Transfer", "GetR",
-    "Raft", "GroupHello", "Forwarded",
+    "Raft", "GroupHello", "Forwarded", "ViewPush",
 }
 local RESPONSE_NAMES = {
     [0] = "HeartbeatAck", "HeartbeatRefused", "Servers", "LockGranted", "LockWaiting",
@@ -516,6 +516,13 @@ local REQUEST_BODY = {
                 info.inner = inner
             end
         end
+    end,
+    -- The view leader's push of a new view: HeartbeatAck's fields without the leader hint.
+    ViewPush = function(r, t, info)
+        info.epoch = view(r, t, "View")
+        view(r, t, "Completed view")
+        r:u64(t, F.delivered)
+        r:seq(t, "Recent views", function(rr, sub) view(rr, sub, "View") end, 4)
     end,
 }
 

@@ -404,27 +404,7 @@ impl Membership {
                 recent,
             }) => {
                 self.follow(now, seq, leader);
-                let old = self.epoch();
-                // Answers may arrive out of order: never step back to an older view.
-                if self.view.is_some() && view.epoch < old {
-                    return None;
-                }
-                if view.epoch != old || self.view.is_none() {
-                    self.ring = Ring::new(&view);
-                }
-                if view.epoch != old {
-                    info!(
-                        "epoch {old} -> {}: {} servers in view",
-                        view.epoch,
-                        view.members.len()
-                    );
-                }
-                debug_assert!(
-                    view.epoch >= self.epoch(),
-                    "a server never steps back a view"
-                );
-                self.view = Some(view);
-                Some(Heard::View {
+                self.learn(view).then_some(Heard::View {
                     completed,
                     delivered,
                     recent,
@@ -483,6 +463,52 @@ impl Membership {
                 None
             }
         }
+    }
+
+    /// Adopts `view` unless it is older than the one known (answers and pushes may arrive
+    /// out of order: a server never steps back a view). Returns true if adopted (also when
+    /// it is the same epoch again).
+    fn learn(&mut self, view: View) -> bool {
+        let old = self.epoch();
+        if self.view.is_some() && view.epoch < old {
+            return false;
+        }
+        if view.epoch != old || self.view.is_none() {
+            self.ring = Ring::new(&view);
+        }
+        if view.epoch != old {
+            info!(
+                "epoch {old} -> {}: {} servers in view",
+                view.epoch,
+                view.members.len()
+            );
+        }
+        self.view = Some(view);
+        true
+    }
+
+    /// Handles a view the view leader at `from` pushed (`Request::ViewPush`): learned like a
+    /// heartbeat's answer if `from` is a view-leader address this server knows (the one in
+    /// use, or a candidate). Returns what the rest of the server must do (`None` for an
+    /// older view), or why the push was refused.
+    pub(super) fn on_push(
+        &mut self,
+        from: SocketAddr,
+        view: View,
+        completed: View,
+        delivered: Epoch,
+        recent: Vec<View>,
+    ) -> Result<Option<Heard>, String> {
+        if self.viewleader != Some(from) && !self.candidates.contains(&from) {
+            return Err(format!(
+                "refused: {from} is not a view leader this server knows"
+            ));
+        }
+        Ok(self.learn(view).then_some(Heard::View {
+            completed,
+            delivered,
+            recent,
+        }))
     }
 
     /// True if heartbeat `seq` went to the view leader in use (sent since it was adopted,

@@ -153,9 +153,30 @@ pub struct Server {
     readiness: Readiness,
     /// What was refused, by kind.
     refusals: RefusalCounter,
+    /// Requests from a client ahead of this server's view, held until the view is learned.
+    ahead: VecDeque<Ahead>,
     /// Actions waiting for [`Node::poll_action`].
     actions: VecDeque<Action>,
 }
+
+/// A `getr` or `prepare` stamped with an epoch this server has not learned yet: the client
+/// heard of the new view first (it asked the view leader before the push reached us). It is
+/// held until the view arrives (a heartbeat goes out at once) and then served as if it had
+/// just come, or refused as `rebalancing` at `until`.
+#[derive(Debug)]
+struct Ahead {
+    /// When it is refused if the view has not come.
+    until: Instant,
+    /// Its sender.
+    from: SocketAddr,
+    /// Its id, to answer.
+    id: IncomingId,
+    /// The request.
+    request: Request,
+}
+
+/// The most requests held for a view not learned yet ([`Ahead`]); beyond, they are refused.
+pub const MAX_AHEAD: usize = 1024;
 
 impl Server {
     /// Creates a server with a fresh id drawn from `rng`; its first heartbeat (or discovery)
@@ -168,6 +189,7 @@ impl Server {
             rebalancing: Rebalancing::new(),
             readiness: Readiness::default(),
             refusals: RefusalCounter::default(),
+            ahead: VecDeque::new(),
             actions: VecDeque::new(),
         }
     }
@@ -225,9 +247,77 @@ impl Server {
         )
     }
 
+    /// Holds at `now` a `getr` or `prepare` from a client at an epoch newer than ours (see
+    /// [`Ahead`]) for about one heartbeat interval, asking the view leader at once; returns
+    /// the request if it is to be served now. Beyond [`MAX_AHEAD`] held, it is served now
+    /// (and so refused).
+    fn hold_if_ahead(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: IncomingId,
+        request: Request,
+    ) -> Option<Request> {
+        let epoch = match &request {
+            Request::GetR { epoch, .. } | Request::Prepare { epoch, .. } => *epoch,
+            _ => return Some(request),
+        };
+        if epoch <= self.epoch() || self.ahead.len() >= MAX_AHEAD {
+            return Some(request);
+        }
+        if self.ahead.is_empty() {
+            self.membership.heartbeat_now(
+                now,
+                self.rebalancing.finished(),
+                self.rebalancing.sent(),
+                &mut self.actions,
+            );
+        }
+        let interval = self.membership.config.heartbeat_interval;
+        self.ahead.push_back(Ahead {
+            until: now + interval.max(Duration::from_millis(100)),
+            from,
+            id,
+            request,
+        });
+        None
+    }
+
+    /// Serves at `now` the held requests (see [`Ahead`]) whose epoch this server has
+    /// learned, and those whose time ran out (refused as `rebalancing` by `serve`).
+    fn release_ahead(&mut self, now: Instant) {
+        if self.ahead.is_empty() {
+            return;
+        }
+        let epoch = self.epoch();
+        let (due, kept): (VecDeque<Ahead>, VecDeque<Ahead>) =
+            std::mem::take(&mut self.ahead).into_iter().partition(|a| {
+                a.until <= now
+                    || matches!(&a.request,
+                        Request::GetR { epoch: e, .. } | Request::Prepare { epoch: e, .. }
+                            if *e <= epoch)
+            });
+        self.ahead = kept;
+        for Ahead {
+            from, id, request, ..
+        } in due
+        {
+            if let Some(response) = self.serve(now, from, id, request) {
+                self.actions.push_back(Action::Respond { id, response });
+            }
+        }
+    }
+
+    /// True if this server is one of `key`'s replicas in the view it knows.
+    fn is_replica(&self, key: &str) -> bool {
+        let me = self.membership.id();
+        self.membership
+            .replicas(key)
+            .is_some_and(|r| r.iter().any(|m| m.id == me))
+    }
+
     /// Handles at `now` the answer to heartbeat number `seq`: a view learned is passed to
-    /// the parts that follow it (a new epoch refuses the reads held back in the old one); a
-    /// refusal meant for the current id is a rejoin.
+    /// the parts that follow it; a refusal meant for the current id is a rejoin.
     fn on_heartbeat_answer(
         &mut self,
         now: Instant,
@@ -235,7 +325,17 @@ impl Server {
         result: Result<Response, RequestError>,
     ) {
         let old = self.epoch();
-        match self.membership.on_heartbeat_answer(now, seq, result) {
+        let heard = self.membership.on_heartbeat_answer(now, seq, result);
+        self.on_heard(now, old, heard);
+    }
+
+    /// Acts at `now` on what a heartbeat's answer or a view push told (`heard`; the epoch
+    /// known before was `old`): the views learned go to readiness; reads held back on keys
+    /// no longer ready here are refused (the others are answered in the new view as soon as
+    /// their write is decided); rebalancing starts, or drops what a delivered epoch allows. A
+    /// refusal meant for the current id is a rejoin.
+    fn on_heard(&mut self, now: Instant, old: Epoch, heard: Option<Heard>) {
+        match heard {
             Some(Heard::View {
                 completed,
                 delivered,
@@ -246,14 +346,24 @@ impl Server {
                     self.readiness.learn(view, finished);
                 }
                 if self.epoch() != old {
+                    let epoch = self.epoch();
                     let refusal = Response::error(
                         ErrorKind::Rebalancing,
                         format!(
-                            "the view changed from epoch {old} to {} while this read was held                              back",
-                            self.epoch()
+                            "the view changed from epoch {old} to {epoch} while this read was \
+                             held back, and its key is not settled here in the new view"
                         ),
                     );
-                    self.replication.refuse_held(&refusal, &mut self.actions);
+                    let (me, readiness) = (self.membership.id(), &self.readiness);
+                    let membership = &self.membership;
+                    let unsettled = |key: &str| {
+                        !readiness.is_ready(me, key, finished, epoch)
+                            || !membership
+                                .replicas(key)
+                                .is_some_and(|r| r.iter().any(|m| m.id == me))
+                    };
+                    self.replication
+                        .refuse_held_where(unsettled, &refusal, &mut self.actions);
                 }
                 self.replication.prune_settling(
                     self.membership.view(),
@@ -275,6 +385,7 @@ impl Server {
                     &mut self.bucket,
                 );
                 self.readiness.prune(self.rebalancing.finished());
+                self.release_ahead(now);
             }
             Some(Heard::Refused(epoch)) => self.rejoin(now, epoch),
             None => {}
@@ -429,10 +540,24 @@ impl Server {
                 Response::Done
             }
             Request::GetR { key, epoch } => {
-                if epoch != self.epoch() {
+                // A client ahead of us knows a view we have not learned yet (the key may
+                // have moved here in it): it asks again, or another replica. A client
+                // behind us is served if we are the key's ready replica in our view: the
+                // key's latest committed version is here whatever the client's view said.
+                if epoch > self.epoch() {
                     return Some(Response::error(
                         ErrorKind::Rebalancing,
                         format!("replica at epoch {}, client at {epoch}", self.epoch()),
+                    ));
+                }
+                if !self.is_replica(&key) {
+                    return Some(Response::error(
+                        ErrorKind::Rebalancing,
+                        format!(
+                            "this server is not a replica of key {key:?} in epoch {} (the \
+                             client's view is epoch {epoch})",
+                            self.epoch()
+                        ),
                     ));
                 }
                 if !self.is_ready(&key) {
@@ -448,6 +573,27 @@ impl Server {
                         let reason = replication::deferred_full_reason();
                         self.refusals.count_deferred_full(now, from, &key, &reason);
                         Response::error(ErrorKind::Aborted, reason)
+                    }
+                }
+            }
+            Request::ViewPush {
+                view,
+                completed,
+                delivered,
+                recent,
+            } => {
+                let old = self.epoch();
+                match self
+                    .membership
+                    .on_push(from, view, completed, delivered, recent)
+                {
+                    Ok(heard) => {
+                        self.on_heard(now, old, heard);
+                        Response::Done
+                    }
+                    Err(reason) => {
+                        self.refusals.count_not_a_member(now, "view push", &reason);
+                        Response::error(ErrorKind::BadInput, reason)
                     }
                 }
             }
@@ -537,6 +683,10 @@ impl Server {
 impl Node for Server {
     /// Serves a raw storage request.
     fn handle_request(&mut self, now: Instant, from: SocketAddr, id: IncomingId, request: Request) {
+        let request = match self.hold_if_ahead(now, from, id, request) {
+            Some(request) => request,
+            None => return,
+        };
         if let Some(response) = self.serve(now, from, id, request) {
             self.actions.push_back(Action::Respond { id, response });
         }
@@ -594,6 +744,7 @@ impl Node for Server {
     /// Sends what is due: rebalancing batches, the participant's timers, and the next
     /// heartbeat (or discovery round).
     fn handle_timeout(&mut self, now: Instant) {
+        self.release_ahead(now);
         self.rebalancing.pump_transfers(
             now,
             &mut self.membership,
@@ -619,12 +770,14 @@ impl Node for Server {
     }
 
     /// The earliest of: the next heartbeat (unless a discovery round is waiting for its
-    /// probes), the participant's next timer, and the next batch to send again.
+    /// probes), the participant's next timer, the next batch to send again, and the
+    /// expiry of the oldest request held for a view not learned yet.
     fn poll_timeout(&self) -> Option<Instant> {
         [
             self.membership.poll_timeout(),
             self.replication.poll_timeout(),
             self.rebalancing.poll_timeout(),
+            self.ahead.iter().map(|a| a.until).min(),
         ]
         .into_iter()
         .flatten()

@@ -60,12 +60,13 @@ impl DeferredReads {
         waiting
     }
 
-    /// Takes every read held back, on any key.
-    pub(super) fn take_all(&mut self) -> Vec<IncomingId> {
-        let waiting: Vec<IncomingId> = std::mem::take(&mut self.by_key)
-            .into_values()
-            .flatten()
-            .collect();
+    /// Takes every read held back on a key for which `pick` is true.
+    pub(super) fn take_where(&mut self, mut pick: impl FnMut(&str) -> bool) -> Vec<IncomingId> {
+        let keys: Vec<String> = self.by_key.keys().filter(|k| pick(k)).cloned().collect();
+        let mut waiting = Vec::new();
+        for key in keys {
+            waiting.extend(self.by_key.remove(&key).unwrap_or_default());
+        }
         self.count -= waiting.len();
         self.check();
         waiting
@@ -135,13 +136,23 @@ impl Replication {
         self.refuse_held(refusal, actions);
     }
 
-    /// Refuses every read held back with `refusal` (into `actions`). A held read is answered
-    /// only in the epoch it was accepted in: once the view changed, the key may have moved
-    /// away (rebalancing drops it here) and an answer from this bucket could miss a write the
-    /// new replicas have, so the reader asks the view again, as a fresh read at an old epoch
-    /// is told to.
+    /// Refuses every read held back with `refusal` (into `actions`).
     pub(super) fn refuse_held(&mut self, refusal: &Response, actions: &mut VecDeque<Action>) {
-        for id in self.deferred.take_all() {
+        self.refuse_held_where(|_| true, refusal, actions);
+    }
+
+    /// Refuses with `refusal` (into `actions`) the reads held back on the keys for which
+    /// `unsettled` is true. After a view change a held read may be answered only if this
+    /// server is still ready for its key (it stayed a replica in every view since): a key
+    /// that moved away may be dropped here and an answer from this bucket could miss a
+    /// write the new replicas have, so its reader asks the view again.
+    pub(super) fn refuse_held_where(
+        &mut self,
+        unsettled: impl FnMut(&str) -> bool,
+        refusal: &Response,
+        actions: &mut VecDeque<Action>,
+    ) {
+        for id in self.deferred.take_where(unsettled) {
             actions.push_back(Action::Respond {
                 id,
                 response: refusal.clone(),
@@ -525,7 +536,7 @@ mod tests {
         assert_eq!(deferred.take("a"), vec![read(1), read(2)]);
         assert_eq!(deferred.len(), 1);
         assert!(deferred.take("a").is_empty());
-        assert_eq!(deferred.take_all(), vec![read(3)]);
+        assert_eq!(deferred.take_where(|_| true), vec![read(3)]);
         assert_eq!(deferred.len(), 0);
     }
 }

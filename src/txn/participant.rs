@@ -9,8 +9,10 @@
 //!
 //! - **Vote**: every check of a prepare is made here, in one order
 //!   ([`Participant::prepare`]), against what the server knows ([`PrepareContext`]): the
-//!   expected id and the epoch are ours, we are not rebalancing, the participants are the
-//!   key's replicas in our view, and (as its primary) we are not passing on too many commits
+//!   expected id is ours and the coordinator's epoch is not ahead of ours, the key is
+//!   settled here, the participants are the key's replicas in our view (a coordinator
+//!   behind on the view is judged by this, not by the bare epoch number: its transaction
+//!   survives a view change that did not touch the key), and (as its primary) we are not passing on too many commits
 //!   ([`MAX_SETTLING`]); then the transaction is not already decided (or tombstoned), we are
 //!   among the participants, no other transaction holds the key, and the pending table has
 //!   room. A yes vote locks the key and reports our version of it. Each no is a [`VoteNo`].
@@ -227,7 +229,8 @@ pub enum VoteNo {
         /// Our id.
         me: ServerId,
     },
-    /// The coordinator computed the replicas from another view.
+    /// The coordinator computed the replicas from a view newer than ours (we have not
+    /// learned it yet; the key may have moved here in it).
     #[error("epoch mismatch: the coordinator is at epoch {theirs}, this replica at {ours}")]
     EpochMismatch {
         /// The coordinator's epoch.
@@ -377,7 +380,9 @@ impl Participant {
                 me,
             });
         }
-        if args.epoch != ctx.epoch {
+        // A coordinator behind us is judged by the participants below: if they are still
+        // the key's replicas, a commit reaching them all reaches every current replica.
+        if args.epoch > ctx.epoch {
             return Err(VoteNo::EpochMismatch {
                 theirs: args.epoch,
                 ours: ctx.epoch,
@@ -898,14 +903,16 @@ mod tests {
         assert!(p.is_locked("k") && p.is_locked("other"));
     }
 
-    /// Assignment 3.3: a commit fails if the participant's epoch or id is not the expected one.
+    /// Assignment 3.3: a commit fails if the participant's id is not the expected one, or
+    /// its epoch is behind the coordinator's (issue 17: a coordinator *behind* is judged by
+    /// the key's replicas instead, see the next test).
     #[test]
     fn epoch_or_id_mismatch_votes_no() {
         let now = Instant::now();
         let mut p = Participant::new();
         let wrong_id = p.prepare(now, &ctx(2, 4), prepare(1, "k", 3), None);
         assert!(wrong_id.unwrap_err().to_string().contains("id mismatch"));
-        let wrong_epoch = p.prepare(now, &ctx(2, 5), prepare(2, "k", 2), None);
+        let wrong_epoch = p.prepare(now, &ctx(2, 3), prepare(2, "k", 2), None);
         assert!(
             wrong_epoch
                 .unwrap_err()
@@ -913,6 +920,33 @@ mod tests {
                 .contains("epoch mismatch")
         );
         assert!(!p.is_locked("k"));
+    }
+
+    /// Issue 17: a prepare from a coordinator at an older epoch is voted on by whether the
+    /// key's replicas changed since: the same replicas (a view change elsewhere in the ring)
+    /// vote yes; other replicas vote no, and so does a replica where the key is not settled.
+    #[test]
+    fn an_older_coordinator_is_judged_by_the_keys_replicas() {
+        let now = Instant::now();
+        let mut p = Participant::new();
+        assert_eq!(
+            p.prepare(now, &ctx(2, 7), prepare(1, "k", 2), None),
+            Ok(None)
+        );
+        let mut moved = prepare(2, "other", 2);
+        moved.participants.reverse();
+        assert!(matches!(
+            p.prepare(now, &ctx(2, 7), moved, None),
+            Err(VoteNo::NotTheReplicas { .. })
+        ));
+        let unsettled = PrepareContext {
+            ready: false,
+            ..ctx(2, 7)
+        };
+        assert!(matches!(
+            p.prepare(now, &unsettled, prepare(3, "third", 2), None),
+            Err(VoteNo::Rebalancing { .. })
+        ));
     }
 
     /// One place for the prepare checks (issue 15): a replica restarted on the same address

@@ -55,6 +55,10 @@ const DEAD_IDS_REMEMBERED: usize = 10_000;
 /// The view leader's own tick is `dead_after` divided by this; a gap between two calls longer
 /// than twice the tick is a stall of the view leader itself.
 const TICKS_PER_DEAD_AFTER: u32 = 4;
+/// The node token of the view leader's pushes ([`Request::ViewPush`]); their answers only
+/// confirm delivery.
+pub const PUSH_TOKEN: u64 = 1;
+
 /// The most recent views a view leader remembers for the heartbeat answers' `recent`.
 pub const RECENT_VIEWS: usize = 8;
 /// Default of [`ViewLeaderConfig::max_servers`].
@@ -179,6 +183,9 @@ pub struct ViewLeader {
     /// The last [`RECENT_VIEWS`] views published, oldest first (the current one last), for
     /// the heartbeat answers' `recent` (soft state: not in the snapshots).
     history: VecDeque<View>,
+    /// What the servers were last told by a push ([`ViewLeader::push_changes`]): the epoch,
+    /// the anchor's epoch and the delivered epoch.
+    pushed: (Epoch, Epoch, Epoch),
     /// The servers gathered into an empty view, until the window closes.
     gathering: Option<Gathering>,
     /// The first instant this view leader was called at (nobody is declared dead before
@@ -221,6 +228,7 @@ impl ViewLeader {
             },
             epoch_started: None,
             history: VecDeque::new(),
+            pushed: (Epoch(0), Epoch(0), Epoch(0)),
             gathering: None,
             started: None,
             last_call: None,
@@ -288,6 +296,42 @@ impl ViewLeader {
             delivered: self.delivered(),
             leader: None,
             recent,
+        }
+    }
+
+    /// Tells every server in the view, as soon as it changed, what a heartbeat's answer would
+    /// tell it: a new view, a new anchor or a newly delivered epoch. A server then starts its
+    /// rebalancing (or drops what it kept) at once instead of at its next heartbeat, which
+    /// stays the liveness signal and the fallback when a push is lost. Each push is a request
+    /// of the reliable layer (acknowledged, sent again until `dead_after` / 2), queued as an
+    /// [`Action::Request`] with token [`PUSH_TOKEN`]; a view-leader group sends only its
+    /// leader's. Nothing is pushed while there is no view to show. `now` starts the deadline.
+    fn push_changes(&mut self, now: Instant) {
+        let now_state = (self.epoch, self.anchor.epoch, self.delivered());
+        if now_state == self.pushed || self.members.is_empty() || self.gathering.is_some() {
+            return;
+        }
+        let known = self.pushed.0;
+        self.pushed = now_state;
+        let recent: Vec<View> = self
+            .history
+            .iter()
+            .filter(|v| v.epoch > known && v.epoch < self.epoch)
+            .cloned()
+            .collect();
+        let view = self.view();
+        for member in &view.members {
+            self.actions.push_back(Action::Request {
+                token: PUSH_TOKEN,
+                dst: member.addr,
+                request: Request::ViewPush {
+                    view: view.clone(),
+                    completed: self.anchor.clone(),
+                    delivered: self.delivered(),
+                    recent: recent.clone(),
+                },
+                deadline: Some(now + self.config.dead_after / 2),
+            });
         }
     }
 
@@ -884,6 +928,7 @@ impl Node for ViewLeader {
             other => ViewLeader::refuse(&other, from),
         };
         self.actions.push_back(Action::Respond { id, response });
+        self.push_changes(now);
     }
 
     /// The view leader sends no requests of its own; it only notes the call.
@@ -916,6 +961,7 @@ impl Node for ViewLeader {
             self.remove(now, id, "no heartbeat");
         }
         self.locks.handle_timeout(now);
+        self.push_changes(now);
     }
 
     /// The earliest of: the next server to fall silent for `dead_after`, the next lock
@@ -981,15 +1027,60 @@ mod tests {
             _ => "127.0.0.1:1".parse().unwrap(),
         };
         vl.handle_request(now, from, id, request);
-        match vl.poll_action() {
-            Some(Action::Respond { response, .. }) => response,
-            other => panic!("expected a response, got {other:?}"),
+        let mut answer = None;
+        while let Some(action) = vl.poll_action() {
+            match action {
+                Action::Respond { response, .. } if answer.is_none() => answer = Some(response),
+                Action::Request {
+                    request: Request::ViewPush { .. },
+                    ..
+                } => {}
+                other => panic!("expected one response and view pushes, got {other:?}"),
+            }
         }
+        answer.expect("a response")
     }
 
     /// A heartbeat from server `n` on port `n` that was never in a view (epoch 0).
     fn heartbeat(n: u128) -> Request {
         heartbeat_at(n, 0)
+    }
+
+    /// Issue 17 (views are pushed): a join pushes the new view to every server in it, once,
+    /// with the views published since the last push; a heartbeat that changes nothing
+    /// pushes nothing.
+    #[test]
+    fn a_new_view_is_pushed_to_every_server_once() {
+        let mut vl = leader();
+        let t0 = Instant::now();
+        let pushes = |vl: &mut ViewLeader, now: Instant, request: Request| {
+            let id = IncomingId {
+                incarnation: 1,
+                request: 1,
+            };
+            let from = match &request {
+                Request::Heartbeat { addr, .. } => *addr,
+                _ => unreachable!(),
+            };
+            vl.handle_request(now, from, id, request);
+            let mut to = Vec::new();
+            while let Some(action) = vl.poll_action() {
+                if let Action::Request {
+                    dst,
+                    request: Request::ViewPush { view, .. },
+                    token,
+                    ..
+                } = action
+                {
+                    assert_eq!(token, PUSH_TOKEN);
+                    to.push((dst.port(), view.epoch.0));
+                }
+            }
+            to
+        };
+        assert_eq!(pushes(&mut vl, t0, heartbeat(1)), vec![(1, 1)]);
+        assert_eq!(pushes(&mut vl, t0, heartbeat(2)), vec![(1, 2), (2, 2)]);
+        assert_eq!(pushes(&mut vl, t0, heartbeat_at(1, 2)), vec![]);
     }
 
     /// Assignment 3.4: adding or removing a server triggers a view change; each join, and each

@@ -171,6 +171,20 @@ pub enum Request {
         /// The encoded request.
         request: Vec<u8>,
     },
+    /// The view leader tells a server about a new view (or new rebalancing progress) as soon
+    /// as it exists, instead of waiting for the server's next heartbeat; the fields are those
+    /// of a heartbeat's acknowledgement ([`Response::HeartbeatAck`]). Accepted only from a
+    /// view-leader address the server knows.
+    ViewPush {
+        /// The current view (its epoch included).
+        view: View,
+        /// The anchor of every rebalancing plan (see `HeartbeatAck`).
+        completed: View,
+        /// The last epoch whose sends every server has had acknowledged.
+        delivered: Epoch,
+        /// The views published before `view` that the server may have missed, oldest first.
+        recent: Vec<View>,
+    },
 }
 
 impl Request {
@@ -195,6 +209,7 @@ impl Request {
             Request::Raft { .. } => "raft",
             Request::GroupHello { .. } => "group_hello",
             Request::Forwarded { .. } => "forwarded",
+            Request::ViewPush { .. } => "view_push",
         }
     }
 
@@ -590,6 +605,23 @@ mod tests {
             Request::GetR {
                 key: "k".into(),
                 epoch: Epoch(3),
+            },
+            Request::ViewPush {
+                view: View {
+                    epoch: Epoch(4),
+                    members: vec![Member {
+                        id: ServerId(1),
+                        addr: "127.0.0.1:1".parse().unwrap(),
+                    }],
+                    replicas: 3,
+                    vnodes: 64,
+                },
+                completed: View::default(),
+                delivered: Epoch(3),
+                recent: vec![View {
+                    epoch: Epoch(3),
+                    ..View::default()
+                }],
             },
         ]
     }

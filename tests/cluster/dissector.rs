@@ -1,6 +1,7 @@
 //! The Wireshark dissector (`tools/trireme.lua`) against every message variant, the
 //! view-leader group's included (`Raft`, `GroupHello`, `Forwarded`, `GroupWelcome`, and the
-//! leader and group that `HeartbeatAck` and `Servers` carry): a trace written with the
+//! leader and group that `HeartbeatAck` and `Servers` carry), and the view leader's
+//! `ViewPush`: a trace written with the
 //! product's own codec and trace writer, read by tshark, must decode cleanly and name each
 //! message. Real runs cover the common messages (`tracing`); this covers those a run of the
 //! programs may not send.
@@ -149,6 +150,15 @@ fn every_request() -> Vec<(&'static str, Request)> {
             Request::Forwarded {
                 origin: "127.0.0.1:38000".parse().unwrap(),
                 request: Request::QueryServers.encode().unwrap(),
+            },
+        ),
+        (
+            "ViewPush",
+            Request::ViewPush {
+                view: view(),
+                completed: View::default(),
+                delivered: Epoch(2),
+                recent: vec![view(), view()],
             },
         ),
     ]

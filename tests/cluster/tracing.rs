@@ -203,6 +203,7 @@ fn traces_of_real_runs_decode_filter_summarise_and_follow_a_setr() {
         "Commit",
         "GetR",
         "Found",
+        "ViewPush",
     ] {
         assert!(
             lines.iter().any(|l| l

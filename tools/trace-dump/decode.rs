@@ -462,6 +462,24 @@ fn describe_request(body: &[u8]) -> MessageInfo {
                 format!("origin={origin} request={name} {}", inner.detail),
             )
         }
+        Request::ViewPush {
+            view,
+            completed,
+            delivered,
+            recent,
+        } => {
+            info.epoch = Some(view.epoch.0);
+            let recent: Vec<String> = recent.iter().map(|v| v.epoch.to_string()).collect();
+            (
+                "ViewPush",
+                format!(
+                    "servers={} completed={} delivered={delivered} recent=[{}]",
+                    view.members.len(),
+                    completed.epoch,
+                    recent.join(",")
+                ),
+            )
+        }
     };
     info.request = Some(name);
     info.detail = detail;

@@ -106,6 +106,7 @@ pub const MESSAGE_NAMES: &[&str] = &[
     "QueryTx",
     "Transfer",
     "GetR",
+    "ViewPush",
     "HeartbeatAck",
     "HeartbeatRefused",
     "Servers",
