@@ -6,7 +6,14 @@
 //!    a second joins, and every key is copied to it (time from the join until the view
 //!    leader reports the epoch complete);
 //! 3. the refusal window after a view change with the default heartbeat interval (500 ms):
-//!    how long `rebalancing` stays true after a join with little data.
+//!    how long `rebalancing` stays true after a join with little data;
+//! 4. issue 17, what users see during a view change: 10 000 keys of 100 B on 5 servers at the
+//!    default flags, 8 workers alternating `getr` and `setr` over every key while a sixth
+//!    server joins, then while one is killed: failures on keys whose replica set did not
+//!    change (goal: none), how long after the view change moved keys were still refused (goal:
+//!    under 100 ms), and the longest stretch with no successful operation
+//!    ([`trireme::cli::bench::churn`]). `cargo bench --bench rebalance -- churn` prints
+//!    this figure alone.
 
 mod support;
 
@@ -112,6 +119,13 @@ fn settle(handle: &Handle, vl: SocketAddr, n: usize) -> Duration {
 
 /// Prints every figure.
 fn main() {
+    // `cargo bench --bench rebalance -- churn` prints figure 4 only.
+    if std::env::args().any(|a| a == "churn") {
+        let (handle, _requests, _thread) =
+            net::spawn(support::socket(), NetConfig::default()).unwrap();
+        churn(&handle);
+        return;
+    }
     let keys: Vec<String> = (0..100_000).map(|i| format!("key{i}")).collect();
     let eleven = members(11, 7);
     let (join_sent, join_min) = copies(&view(1, &eleven[..10]), &view(2, &eleven), &keys);
@@ -208,4 +222,76 @@ fn main() {
     }
     println!("== refusal window after a join, default heartbeat 500 ms, 3 joins (ms) ==");
     println!("{windows:?}");
+    drop(nodes);
+
+    churn(&handle);
+}
+
+/// Figure 4 (issue 17): a load on 10 000 keys of 100 B over 5 servers while a sixth joins
+/// and then while one is killed (see the module doc).
+fn churn(handle: &Handle) {
+    use std::sync::Arc;
+    use trireme::cli::bench::churn::{self, Load};
+    const WORKERS: usize = 8;
+    let heartbeat = Duration::from_millis(500);
+    let vl = support::viewleader();
+    let mut nodes: Vec<Running> = (0..5)
+        .map(|_| support::server(vl.addr(), heartbeat))
+        .collect();
+    settle(handle, vl.addr(), 5);
+    let keys: Arc<Vec<String>> = Arc::new((0..10_000).map(|i| format!("churn-{i}")).collect());
+    let value = "v".repeat(100);
+    let vl_addr = vl.addr();
+    std::thread::scope(|scope| {
+        for w in 0..16 {
+            let keys = keys.clone();
+            let value = value.clone();
+            scope.spawn(move || {
+                for key in keys.iter().skip(w).step_by(16) {
+                    client(handle, vl_addr, vl_addr)
+                        .setr(key, &value, Default::default())
+                        .expect("preload setr");
+                }
+            });
+        }
+    });
+    println!("== issue 17: 10000 keys of 100 B, 5 servers, {WORKERS} workers (getr/setr) ==");
+    let view = |handle: &Handle| {
+        client(handle, vl.addr(), vl.addr())
+            .query_servers()
+            .expect("view")
+            .view
+    };
+    let mut change = |what: &str, act: &mut dyn FnMut(&mut Vec<Running>)| {
+        let before = view(handle);
+        let load = Load::start(
+            handle,
+            vl.addr(),
+            keys.clone(),
+            WORKERS,
+            100,
+            Duration::from_secs(5),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        act(&mut nodes);
+        let changed = loop {
+            if view(handle).epoch > before.epoch {
+                break Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let n = view(handle).members.len();
+        settle(handle, vl.addr(), n);
+        std::thread::sleep(Duration::from_millis(500));
+        let records = load.stop();
+        let after = view(handle);
+        let report = churn::analyse(&records, &keys, &before, &after, changed);
+        println!("{what}: {}", report.line());
+    };
+    change("a sixth server joins", &mut |nodes| {
+        nodes.push(support::server(vl.addr(), heartbeat));
+    });
+    change("a server is killed (dead after 2000 ms)", &mut |nodes| {
+        nodes.remove(0).stop();
+    });
 }

@@ -373,7 +373,7 @@ impl Server {
                 self.rebalancing.on_completed(completed);
                 self.rebalancing.maybe_rebalance(
                     now,
-                    self.replication.pending_count(),
+                    &self.replication.pending_txids(),
                     &mut self.membership,
                     &mut self.bucket,
                     &mut self.actions,
@@ -621,8 +621,7 @@ impl Server {
         let ctx = PrepareContext {
             me: self.membership.id(),
             epoch: self.epoch(),
-            // Not while a new view waits for undecided transactions (they must drain).
-            ready: self.is_ready(&args.key) && !self.rebalancing.is_waiting(),
+            ready: self.is_ready(&args.key),
             replicas: self.membership.replicas(&args.key),
             settling: self.replication.settling_count(),
         };
@@ -670,9 +669,12 @@ impl Server {
     /// Starts at `now` a rebalancing that waited for undecided transactions, once none is
     /// left.
     fn resume_rebalance(&mut self, now: Instant) {
+        if !self.rebalancing.is_waiting() {
+            return;
+        }
         self.rebalancing.resume(
             now,
-            self.replication.pending_count(),
+            &self.replication.pending_txids(),
             &mut self.membership,
             &mut self.bucket,
             &mut self.actions,

@@ -5,9 +5,11 @@
 //! destination), and once all are acknowledged drops the keys it no longer needs and reports
 //! the epoch `sent`. When the view leader says every server's sends were acknowledged
 //! (`delivered`), it drops the leftovers, reconciles its candidates, and reports the epoch
-//! `finished`. A rebalancing waits for transactions prepared under the old view to be decided.
+//! `finished`. A rebalancing waits for the transactions prepared before the new view arrived
+//! to be decided; transactions prepared since (on keys settled here in the new view) do not
+//! hold it back, so the wait ends under any load.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use crate::placement::rebalance;
 use crate::placement::view::{Epoch, View};
 use crate::reliable::RequestError;
 use crate::runtime::node::Action;
-use crate::wire::message::{Entry, Request, Response};
+use crate::wire::message::{Entry, Request, Response, TxId};
 
 use super::Reply;
 use super::bucket::Bucket;
@@ -62,8 +64,11 @@ pub(super) struct Rebalancing {
     sent: Epoch,
     /// The rebalancing in progress, if any.
     rebalance: Option<Rebalance>,
-    /// A new view is waiting for undecided transactions before its rebalancing starts.
-    waiting: bool,
+    /// A new view waits for these transactions (undecided when it arrived) before its
+    /// rebalancing starts (empty: not waiting).
+    waiting: BTreeSet<TxId>,
+    /// The newest epoch whose undecided transactions were noted in `waiting`.
+    waited_for: Epoch,
     /// The last transfer token handed out.
     pub(super) last_transfer: u64,
     /// Keys and bytes received by transfers since the last finished rebalance.
@@ -78,7 +83,8 @@ impl Rebalancing {
             finished: Epoch(0),
             sent: Epoch(0),
             rebalance: None,
-            waiting: false,
+            waiting: BTreeSet::new(),
+            waited_for: Epoch(0),
             last_transfer: 0,
             received: (0, 0),
         }
@@ -89,7 +95,7 @@ impl Rebalancing {
     /// transfer numbers keep growing (late answers to old ones are ignored).
     pub(super) fn reset(&mut self) {
         self.rebalance = None;
-        self.waiting = false;
+        self.waiting.clear();
         self.finished = Epoch(0);
         self.sent = Epoch(0);
     }
@@ -104,10 +110,9 @@ impl Rebalancing {
         self.sent
     }
 
-    /// True while a new view waits for undecided transactions before its plan is made: no
-    /// prepare may be accepted then, or the wait might never end under load.
+    /// True while a new view waits for transactions undecided when it arrived.
     pub(super) fn is_waiting(&self) -> bool {
-        self.waiting
+        !self.waiting.is_empty()
     }
 
     /// True while this server has not finished rebalancing for `epoch` (the one it knows).
@@ -189,12 +194,12 @@ impl Rebalancing {
     }
 
     /// Starts at `now` rebalancing `bucket` toward `membership`'s newest view if this server
-    /// has not done so yet, unless `undecided` transactions (prepared under the old view) must
-    /// be decided first. Batches go out into `actions`.
+    /// has not done so yet, unless transactions undecided when the view arrived (`pending`
+    /// are those undecided now) must be decided first. Batches go out into `actions`.
     pub(super) fn maybe_rebalance(
         &mut self,
         now: Instant,
-        undecided: usize,
+        pending: &BTreeSet<TxId>,
         membership: &mut Membership,
         bucket: &mut Bucket,
         actions: &mut VecDeque<Action>,
@@ -212,19 +217,26 @@ impl Rebalancing {
         }
         // A transaction prepared under the old view may still commit: its write must be in
         // the bucket before the keys are copied to their new replicas (and before the old
-        // copies are dropped), or it would reach only the old ones. New prepares are refused
-        // while this wait lasts (`is_waiting`), so it ends with the last decision.
-        if undecided > 0 {
-            if !self.waiting {
+        // copies are dropped), or it would reach only the old ones. Only those undecided
+        // when the view arrived are waited for: a prepare accepted since was judged against
+        // the new view (its key settled here, its participants the key's new replicas, each
+        // of which settled too), so no copy of its key is still to be made, and the wait
+        // ends with the last old decision however busy the key space is.
+        if self.waited_for < view.epoch {
+            self.waited_for = view.epoch;
+            self.waiting = pending.clone();
+            if !self.waiting.is_empty() {
                 info!(
-                    "epoch {}: rebalancing waits for {undecided} undecided transactions",
-                    view.epoch
+                    "epoch {}: rebalancing waits for {} undecided transactions",
+                    view.epoch,
+                    self.waiting.len()
                 );
-                self.waiting = true;
             }
+        }
+        self.waiting.retain(|txid| pending.contains(txid));
+        if !self.waiting.is_empty() {
             return;
         }
-        self.waiting = false;
         if let Some(abandoned) = &self.rebalance {
             info!(
                 "epoch {} arrived before rebalancing for {} finished; planning again",
@@ -276,18 +288,19 @@ impl Rebalancing {
         self.pump_transfers(now, membership, bucket, actions);
     }
 
-    /// Starts at `now` a rebalancing that waited for undecided transactions, once none is
-    /// left (`undecided` is 0).
+    /// Starts at `now` a rebalancing that waited for undecided transactions, once none of
+    /// them is among the `pending` ones any more.
     pub(super) fn resume(
         &mut self,
         now: Instant,
-        undecided: usize,
+        pending: &BTreeSet<TxId>,
         membership: &mut Membership,
         bucket: &mut Bucket,
         actions: &mut VecDeque<Action>,
     ) {
-        if self.waiting && undecided == 0 {
-            self.maybe_rebalance(now, undecided, membership, bucket, actions);
+        if !self.waiting.is_empty() && self.waiting.iter().all(|t| !pending.contains(t)) {
+            self.waiting.clear();
+            self.maybe_rebalance(now, pending, membership, bucket, actions);
         }
     }
 

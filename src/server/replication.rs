@@ -7,7 +7,7 @@
 //! as the primary of a committed key, passes the commit on to the other replicas itself
 //! ([`Settling`]): the coordinator does too, but may have died.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::placement::view::{Member, ServerId, View};
@@ -163,6 +163,11 @@ impl Replication {
     /// Transactions voted yes on and undecided (each locks its key).
     pub(super) fn pending_count(&self) -> usize {
         self.participant.pending_count()
+    }
+
+    /// The transactions voted yes on and undecided.
+    pub(super) fn pending_txids(&self) -> BTreeSet<TxId> {
+        self.participant.pending_txids().collect()
     }
 
     /// Keys whose commit this server, as the primary, is still passing on.

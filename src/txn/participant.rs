@@ -347,6 +347,11 @@ impl Participant {
         self.pending.len()
     }
 
+    /// The transactions voted yes on and not decided yet.
+    pub fn pending_txids(&self) -> impl Iterator<Item = TxId> + '_ {
+        self.pending.keys().copied()
+    }
+
     /// Number of outcomes remembered (decided transactions, tombstones, and aborts of
     /// transactions never prepared here).
     pub fn remembered_count(&self) -> usize {

@@ -428,3 +428,68 @@ fn replicated_operations_refuse_only_unsettled_keys_or_wait_with_wait() {
     });
     assert!(settled, "{view}");
 }
+
+/// Issue 17 (view changes stall only the keys that move): 5 servers and 1,000 keys; readers
+/// and writers go round every key while a sixth server joins, and again while one is
+/// killed. Operations on keys whose replica set did not change never fail; no `getr` fails
+/// (a killed replica is skipped); moved keys are refused only briefly after the view change
+/// (bounded here generously; `cargo bench --bench rebalance -- churn` prints the figure).
+#[test]
+fn a_view_change_fails_no_operation_on_a_key_it_did_not_move() {
+    use std::sync::Arc;
+    use trireme::cli::bench::churn::{self, Load};
+    let env = Env::clean();
+    let (vl, mut servers, handle) = start(&env, 5);
+    let keys: Arc<Vec<String>> = Arc::new((0..1000).map(|i| format!("churn-{i}")).collect());
+    write_all(&handle, &vl, &keys, value_of);
+    let view = || {
+        client(&handle, &vl, vl.addr)
+            .query_servers()
+            .expect("view")
+            .view
+    };
+    let mut change = |what: &str, act: &mut dyn FnMut(&mut Vec<Server>)| {
+        let before = view();
+        let load = Load::start(
+            &handle,
+            vl.addr,
+            keys.clone(),
+            6,
+            100,
+            Duration::from_secs(10),
+        );
+        assert!(wait_until(Duration::from_secs(20), || load.done() >= 300));
+        act(&mut servers);
+        let mut changed = None;
+        assert!(wait_until(Duration::from_secs(20), || {
+            changed = (view().epoch > before.epoch).then(Instant::now);
+            changed.is_some()
+        }));
+        let after = wait_rebalanced(&handle, &vl, &servers);
+        let settled = load.done();
+        assert!(wait_until(Duration::from_secs(20), || load.done() >= settled + 300));
+        let records = load.stop();
+        let report = churn::analyse(&records, &keys, &before, &after, changed.unwrap());
+        eprintln!("{what}: {}", report.line());
+        assert!(
+            report.unmoved_keys > 0 && report.moved_keys > 0,
+            "{report:?}"
+        );
+        assert!(
+            report.unmoved_failures.is_empty(),
+            "{what}: operations on unmoved keys failed: {report:?}"
+        );
+        assert_eq!(report.failed_reads, 0, "{what}: {report:?}");
+        assert!(
+            report.moved_window < Duration::from_secs(5),
+            "{what}: moved keys refused too long: {report:?}"
+        );
+    };
+    change("a sixth server joins", &mut |servers| {
+        servers.push(server(&env, &vl));
+    });
+    change("a server is killed", &mut |servers| {
+        let killed = servers.remove(0);
+        killed.proc.signal(libc::SIGKILL);
+    });
+}

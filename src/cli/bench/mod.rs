@@ -23,6 +23,7 @@
 //! histogram per worker (3 significant digits from 1 ns to 60 s, in bounded memory whatever
 //! the run's length), merged at the end.
 
+pub mod churn;
 pub mod echo;
 pub mod etcd;
 pub mod trireme;
