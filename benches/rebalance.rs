@@ -13,7 +13,12 @@
 //!    change (goal: none), how long after the view change moved keys were still refused (goal:
 //!    under 100 ms), and the longest stretch with no successful operation
 //!    ([`trireme::cli::bench::churn`]). `cargo bench --bench rebalance -- churn` prints
-//!    this figure alone.
+//!    this figure alone;
+//! 5. issue 17, a Jepsen-style run: the real binaries, 5 servers (heartbeat 300 ms,
+//!    `--dead-after-ms 1500`), 6 workers on 3 keys for 40 s; every 4 s one server is killed
+//!    and replaced, or frozen (SIGSTOP) for 2-3 s and thawed: the longest stretch with no
+//!    successful operation on any key (goal: under 0.5 s), and failed `getr`s (goal: none).
+//!    `cargo bench --bench rebalance -- nemesis` prints this figure alone.
 
 mod support;
 
@@ -119,11 +124,17 @@ fn settle(handle: &Handle, vl: SocketAddr, n: usize) -> Duration {
 
 /// Prints every figure.
 fn main() {
-    // `cargo bench --bench rebalance -- churn` prints figure 4 only.
-    if std::env::args().any(|a| a == "churn") {
+    // `cargo bench --bench rebalance -- churn` prints figure 4 only, `-- nemesis` figure 5.
+    let only = |name: &str| std::env::args().any(|a| a == name);
+    if only("churn") || only("nemesis") {
         let (handle, _requests, _thread) =
             net::spawn(support::socket(), NetConfig::default()).unwrap();
-        churn(&handle);
+        if only("churn") {
+            churn(&handle);
+        }
+        if only("nemesis") {
+            nemesis(&handle);
+        }
         return;
     }
     let keys: Vec<String> = (0..100_000).map(|i| format!("key{i}")).collect();
@@ -294,4 +305,163 @@ fn churn(handle: &Handle) {
     change("a server is killed (dead after 2000 ms)", &mut |nodes| {
         nodes.remove(0).stop();
     });
+}
+
+/// A real server process for figure 5, stopped (SIGKILL) when dropped.
+struct Proc {
+    /// The process.
+    child: std::process::Child,
+}
+
+impl Drop for Proc {
+    /// Kills and reaps the process.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Starts the `server` binary attached to `viewleader`, heartbeating every 300 ms, and
+    /// waits for its first line.
+    fn server(viewleader: SocketAddr) -> Proc {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server"))
+            .args(["--bind", "127.0.0.1:0", "--heartbeat-interval-ms", "300"])
+            .args(["--viewleader", &viewleader.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(match std::env::var_os("TRIREME_NEMESIS_LOGS") {
+                // A debugging aid: each server's log in that directory.
+                Some(dir) => {
+                    static NEXT: std::sync::atomic::AtomicUsize =
+                        std::sync::atomic::AtomicUsize::new(0);
+                    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let path = std::path::Path::new(&dir).join(format!("server-{n}.log"));
+                    std::process::Stdio::from(std::fs::File::create(path).expect("log file"))
+                }
+                None => std::process::Stdio::null(),
+            })
+            .spawn()
+            .expect("server binary");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("first line");
+        assert!(line.starts_with("listening on"), "{line}");
+        Proc { child }
+    }
+
+    /// Sends `signal` to the process.
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on a child we own and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+/// Figure 5 (issue 17): the Jepsen-style run of the module doc.
+fn nemesis(handle: &Handle) {
+    use std::sync::Arc;
+    use trireme::cli::bench::churn::{self, Load};
+    use trireme::viewleader::{ViewLeader, ViewLeaderConfig};
+    let config = ViewLeaderConfig {
+        dead_after: Duration::from_millis(1500),
+        ..ViewLeaderConfig::default()
+    };
+    let vl = trireme::runtime::node::start(
+        ViewLeader::new(config),
+        support::socket(),
+        NetConfig::default(),
+    )
+    .expect("view leader");
+    let mut servers: Vec<Proc> = (0..5).map(|_| Proc::server(vl.addr())).collect();
+    settle(handle, vl.addr(), 5);
+    let keys: Arc<Vec<String>> = Arc::new(vec!["x".into(), "y".into(), "z".into()]);
+    for key in keys.iter() {
+        client(handle, vl.addr(), vl.addr())
+            .setr(key, "0", Default::default())
+            .expect("preload setr");
+    }
+    let load = Load::start(
+        handle,
+        vl.addr(),
+        keys.clone(),
+        6,
+        100,
+        Duration::from_secs(5),
+    );
+    let started = Instant::now();
+    let (mut kills, mut pauses) = (0, 0);
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(40) {
+        std::thread::sleep(Duration::from_secs(4));
+        round += 1;
+        let victim = (round as usize * 7) % servers.len();
+        if round % 2 == 1 {
+            kills += 1;
+            drop(servers.remove(victim));
+            servers.push(Proc::server(vl.addr()));
+        } else {
+            pauses += 1;
+            servers[victim].signal(libc::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(2000 + 250 * (round % 5)));
+            servers[victim].signal(libc::SIGCONT);
+        }
+    }
+    let records = load.stop();
+    let failed = |write: bool| {
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        for r in records.iter().filter(|r| r.write == write) {
+            if let Some(kind) = r.error {
+                *kinds.entry(kind.to_string()).or_default() += 1;
+            }
+        }
+        kinds
+    };
+    let ok = records.iter().filter(|r| r.error.is_none()).count();
+    println!(
+        "== issue 17: Jepsen-style run, 5 servers (heartbeat 300 ms, dead after 1500 ms), \
+         6 workers on 3 keys, {:.0} s, {kills} kills+replacements, {pauses} pauses of 2-2.75 s ==",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{} operations, {ok} succeeded; failed setr {:?}; failed getr {:?}; longest stretch \
+         with no success {} ms",
+        records.len(),
+        failed(true),
+        failed(false),
+        churn::longest_gap(&records).as_millis()
+    );
+    if std::env::var_os("TRIREME_NEMESIS_DEBUG").is_some() {
+        let mut sorted: Vec<&churn::Record> = records.iter().collect();
+        sorted.sort_by_key(|r| r.end);
+        let mut previous = started;
+        let mut worst = (Duration::ZERO, started);
+        for r in sorted.iter().filter(|r| r.error.is_none()) {
+            if r.end.saturating_duration_since(previous) > worst.0 {
+                worst = (r.end.saturating_duration_since(previous), previous);
+            }
+            previous = previous.max(r.end);
+        }
+        let (len, from) = worst;
+        println!(
+            "worst gap {} ms from {:.3} s",
+            len.as_millis(),
+            (from - started).as_secs_f64()
+        );
+        for r in sorted
+            .iter()
+            .filter(|r| r.end > from && r.start < from + len)
+        {
+            println!(
+                "  {:.3}..{:.3} key {} {} {:?} {}",
+                (r.start.saturating_duration_since(started)).as_secs_f64(),
+                (r.end - started).as_secs_f64(),
+                r.key,
+                if r.write { "setr" } else { "getr" },
+                r.error,
+                r.message
+            );
+        }
+    }
+    drop(servers);
 }

@@ -800,7 +800,14 @@ impl Client {
             while let Some(send) = operation.poll_send() {
                 let started = replicated::encode(&send).and_then(|body| {
                     self.handle
-                        .start(send.dst, body, send.deadline, &tx, send.token)
+                        .start_with(
+                            send.dst,
+                            body,
+                            send.deadline,
+                            send.unacked_attempts,
+                            &tx,
+                            send.token,
+                        )
                         .map_err(|e| {
                             debug!("cannot start a request to {}: {e}", send.dst);
                             RequestError::Unreachable { peer: send.dst }
@@ -813,15 +820,18 @@ impl Client {
             if let Some(outcome) = operation.poll_outcome() {
                 return outcome;
             }
-            // A timer is a test hook's pause: sleep through it (tests tell a client sitting in
-            // its hook by the sleep); answers that come meanwhile wait in the channel.
-            let received = match operation.poll_timeout() {
-                Some(at) => {
+            // A pause (a test hook's, a poll of a rebalancing view) is slept through (tests
+            // tell a client sitting in its hook by the sleep; answers that come meanwhile
+            // wait in the channel); otherwise answers are taken as they come until the
+            // operation's next timer (a read's hedge), which then fires.
+            let timer = operation.poll_timeout();
+            let received = match timer {
+                Some(at) if !operation.listens_while_waiting() => {
                     std::thread::sleep(at.saturating_duration_since(Instant::now()));
                     None
                 }
-                None => match net::recv_spinning(&rx) {
-                    Ok(reply) => Some(reply),
+                _ => match net::recv_spinning_until(&rx, timer) {
+                    Ok(reply) => reply,
                     Err(_) => {
                         return Err(op_error(ErrorKind::Timeout, "the network driver stopped"));
                     }

@@ -257,6 +257,7 @@ impl<O: Operation> Replicated<O> {
             dst: self.viewleader,
             request: Request::QueryServers,
             deadline: self.view_deadline(now),
+            unacked_attempts: None,
         });
     }
 
@@ -476,6 +477,11 @@ impl<O: Operation> Operation for Replicated<O> {
     fn poll_outcome(&mut self) -> Option<Result<O::Output, OpError>> {
         self.outcome.take()
     }
+
+    /// The coordinator's say while it runs (a rebalancing poll is slept through).
+    fn listens_while_waiting(&self) -> bool {
+        matches!(&self.stage, Stage::Running(op) if op.listens_while_waiting())
+    }
 }
 
 /// Encodes the body of `send` for the reliable layer; a request too large to encode is
@@ -577,6 +583,7 @@ mod tests {
                 dst: placement.replicas("k")[0].addr,
                 request: Request::Get { key: "k".into() },
                 deadline: None,
+                unacked_attempts: None,
             }),
             outcome: None,
             epoch: placement.view.epoch,

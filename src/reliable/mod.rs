@@ -350,6 +350,10 @@ struct Outgoing {
     phase: OutPhase,
     /// Give up at this instant, if set.
     deadline: Option<Instant>,
+    /// Give up after this many consecutive timeouts while the peer has not acknowledged the
+    /// whole request (a silent peer: frozen, cut off, gone); `config.max_attempts` unless the
+    /// caller asked for fewer ([`Endpoint::request_with`]).
+    unacked_attempts: u32,
     /// The peer's latest transmission number seen (echoed in our acks).
     last_rx_tx: u32,
     /// The last echo an RTT sample was taken from (one sample per echoed transmission).
@@ -665,6 +669,24 @@ impl Endpoint {
         body: Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<RequestId, RequestError> {
+        self.request_with(now, dst, body, deadline, None)
+    }
+
+    /// [`Endpoint::request`], giving up with `Timeout` after `unacked_attempts` consecutive
+    /// retransmission timeouts while the peer has acknowledged nothing of the whole request
+    /// (`None`: the configured `max_attempts`). With a peer whose round trip is known the
+    /// retransmission timeout is milliseconds, so a small budget tells a silent peer (frozen,
+    /// cut off) quickly; with an unknown one it starts at `initial_rto` and doubles, so the
+    /// same budget stays patient, and the deadline bounds it anyway. Once the peer has the
+    /// whole request (it is working on it) the usual limit applies.
+    pub fn request_with(
+        &mut self,
+        now: Instant,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        unacked_attempts: Option<u32>,
+    ) -> Result<RequestId, RequestError> {
         if body.len() > self.config.max_message {
             return Err(RequestError::TooLarge {
                 size: body.len(),
@@ -692,6 +714,9 @@ impl Endpoint {
                 transfer,
                 phase: OutPhase::Sending,
                 deadline,
+                unacked_attempts: unacked_attempts.map_or(self.config.max_attempts, |a| {
+                    a.min(self.config.max_attempts)
+                }),
                 last_rx_tx: 0,
                 sampled_echo: 0,
                 timer_at: None,
@@ -1669,7 +1694,7 @@ impl Endpoint {
                 let rto = self.rtt_of(peer).rto_with_floor(backoff, floor);
                 let out = self.outgoing.get_mut(&id).expect("checked above");
                 out.transfer.on_timeout(now, rto);
-                if out.transfer.backoff > max_attempts {
+                if out.transfer.backoff > out.unacked_attempts {
                     self.fail(id, RequestError::Timeout { peer });
                     return;
                 }

@@ -428,6 +428,35 @@ fn a_silent_peer_times_out_after_bounded_attempts() {
     assert_eq!(sim.node(addr(1)).outstanding(), 0);
 }
 
+/// Issue 17: a request given a budget of unacknowledged attempts gives up on a silent peer
+/// after that many resends; once the peer has the request (it acknowledged it), the budget
+/// no longer applies.
+#[test]
+fn a_budget_of_unacknowledged_attempts_gives_up_on_a_silent_peer_sooner() {
+    let mut sim = Sim::new(2, Config::default(), 12);
+    sim.set_faults("loss=1,delay=1ms");
+    let now = sim.now;
+    let id = sim
+        .node(addr(1))
+        .request_with(now, addr(2), b"anyone?".to_vec(), None, Some(3))
+        .expect("request");
+    sim.flush();
+    assert_eq!(
+        sim.outcome((addr(1), id)),
+        Err(RequestError::Timeout { peer: addr(2) })
+    );
+    assert_eq!(sim.node(addr(1)).stats().retransmissions, 3);
+    // A live peer answers within the same budget.
+    sim.set_faults("");
+    let now = sim.now;
+    let id = sim
+        .node(addr(1))
+        .request_with(now, addr(2), b"there?".to_vec(), None, Some(3))
+        .expect("request");
+    sim.flush();
+    assert!(sim.outcome((addr(1), id)).is_ok());
+}
+
 /// A caller's deadline ends a request with `Timeout` at that deadline, not later.
 #[test]
 fn a_deadline_bounds_the_request() {

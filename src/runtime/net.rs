@@ -71,6 +71,8 @@ enum Command {
         body: Vec<u8>,
         /// Give up at this instant.
         deadline: Option<Instant>,
+        /// Give up after this many timeouts while the peer acknowledged nothing.
+        unacked_attempts: Option<u32>,
         /// Where the outcome goes.
         reply: Sender<Reply>,
         /// Echoed in the reply.
@@ -147,10 +149,25 @@ impl Handle {
         reply: &Sender<Reply>,
         tag: u64,
     ) -> io::Result<()> {
+        self.start_with(dst, body, deadline, None, reply, tag)
+    }
+
+    /// [`Handle::start`], giving up after `unacked_attempts` retransmission timeouts while
+    /// the peer has acknowledged nothing (see `reliable::Endpoint::request_with`).
+    pub fn start_with(
+        &self,
+        dst: SocketAddr,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+        unacked_attempts: Option<u32>,
+        reply: &Sender<Reply>,
+        tag: u64,
+    ) -> io::Result<()> {
         self.send(Command::Request {
             dst,
             body,
             deadline,
+            unacked_attempts,
             reply: reply.clone(),
             tag,
         })
@@ -273,6 +290,38 @@ pub fn recv_spinning<T>(rx: &Receiver<T>) -> Result<T, crossbeam_channel::RecvEr
         }
         // Yield rather than spin: where threads wait for the CPU (the driver this reply comes
         // from, among them), they run first.
+        std::thread::yield_now();
+    }
+}
+
+/// Receives from `rx` like [`recv_spinning`], but gives up at `until` (if given): `Ok(None)`
+/// then, so the caller can fire its timer.
+pub fn recv_spinning_until<T>(
+    rx: &Receiver<T>,
+    until: Option<Instant>,
+) -> Result<Option<T>, crossbeam_channel::RecvError> {
+    let Some(until) = until else {
+        return recv_spinning(rx).map(Some);
+    };
+    let spin_until = (Instant::now() + REPLY_SPIN).min(until);
+    loop {
+        match rx.try_recv() {
+            Ok(value) => return Ok(Some(value)),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                return Err(crossbeam_channel::RecvError);
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        let now = Instant::now();
+        if now >= spin_until {
+            return match rx.recv_timeout(until.saturating_duration_since(now)) {
+                Ok(value) => Ok(Some(value)),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    Err(crossbeam_channel::RecvError)
+                }
+            };
+        }
         std::thread::yield_now();
     }
 }
@@ -741,9 +790,13 @@ impl Driver {
                     dst,
                     body,
                     deadline,
+                    unacked_attempts,
                     reply,
                     tag,
-                }) => match self.endpoint.request(now, dst, body, deadline) {
+                }) => match self
+                    .endpoint
+                    .request_with(now, dst, body, deadline, unacked_attempts)
+                {
                     Ok(id) => {
                         self.pending.insert(id, Waiter::Channel(reply, tag));
                     }

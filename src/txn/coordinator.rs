@@ -17,7 +17,7 @@
 //! the operation has finished, after which late answers are ignored. `now` never goes
 //! backwards.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,17 @@ use crate::wire::message::{ErrorKind, OpError, Request, Response, TxId};
 
 /// The time `setr` keeps, out of its deadline, for sending aborts after a failed vote.
 const ABORT_RESERVE: Duration = Duration::from_millis(500);
+
+/// How many retransmission timeouts `setr` gives a replica that has acknowledged nothing of
+/// its prepare (or abort) before it counts the replica silent: the transaction is then
+/// aborted everywhere (kind `aborted`) instead of holding the caller until its deadline. The
+/// timeouts grow from the reliable layer's retransmission timeout for that peer: with a
+/// round trip already measured (a long-lived client, `client bench`) that is milliseconds,
+/// and a frozen or cut-off replica is given up on within about a quarter of a second; a
+/// fresh client (one `client` command) starts from the layer's initial 100 ms and doubles,
+/// so under loss it stays as patient as before, bounded by `--timeout-ms`. A replica that
+/// acknowledged the prepare is working on it and is waited for as usual.
+pub const SILENT_PEER_ATTEMPTS: u32 = 8;
 
 /// How long a participant waits for a decision when the command has no deadline.
 const UNBOUNDED_DECISION_WAIT: Duration = Duration::from_secs(30);
@@ -83,6 +94,9 @@ pub struct Send {
     pub request: Request,
     /// Give up at this instant (`None`: only the reliable layer's attempts bound it).
     pub deadline: Option<Instant>,
+    /// Give up after this many retransmission timeouts while the peer has acknowledged
+    /// nothing (`None`: the reliable layer's own limit); see [`SILENT_PEER_ATTEMPTS`].
+    pub unacked_attempts: Option<u32>,
 }
 
 /// A replicated operation as a sans-IO state machine (see the module documentation for the
@@ -101,8 +115,16 @@ pub trait Operation {
     /// The instant from [`Operation::poll_timeout`] has come.
     fn handle_timeout(&mut self, now: Instant);
 
-    /// The next instant at which the operation has timed work (a test hook's pause), if any.
+    /// The next instant at which the operation has timed work (a test hook's pause, a read's
+    /// hedge), if any.
     fn poll_timeout(&self) -> Option<Instant>;
+
+    /// True if answers may come before the timer of [`Operation::poll_timeout`] and must be
+    /// taken as they come (a read's hedge); false if the timer is a pause that the caller
+    /// sleeps through (a test hook: tests see the client sleeping there).
+    fn listens_while_waiting(&self) -> bool {
+        false
+    }
 
     /// The operation's result, once it has finished (returned once).
     fn poll_outcome(&mut self) -> Option<Result<Self::Output, OpError>>;
@@ -218,7 +240,10 @@ enum SetrPhase {
     },
     /// Aborts are out (best effort); the operation then fails with `error`.
     Aborting {
-        /// Aborts not yet acknowledged (or failed).
+        /// Per slot of the aborts sent: whether its acknowledgement is waited for (the
+        /// replica voted yes and holds the key's lock).
+        waited: Vec<bool>,
+        /// Waited-for aborts not yet acknowledged (or failed).
         outstanding: usize,
         /// What the operation reports.
         error: OpError,
@@ -346,11 +371,16 @@ impl Setr {
         self.last_token += 1;
         let token = self.last_token;
         self.awaited.insert(token, slot);
+        // Prepares and aborts give up on a silent replica (see SILENT_PEER_ATTEMPTS); a
+        // commit is a decision and is waited for until the deadline.
+        let unacked_attempts = matches!(request, Request::Prepare { .. } | Request::Abort { .. })
+            .then_some(SILENT_PEER_ATTEMPTS);
         self.sends.push_back(Send {
             token,
             dst,
             request,
             deadline,
+            unacked_attempts,
         });
     }
 
@@ -439,9 +469,20 @@ impl Setr {
 
     /// The vote is over (every replica answered, or one said anything but yes): decide.
     fn decide(&mut self, now: Instant, votes: &[Option<Result<Response, OpError>>]) {
-        if let Some(error) = refusal(&self.replicas, votes) {
-            let error = self.bound.timed(error);
-            self.abort(now, 0, error);
+        if let Some(mut error) = refusal(&self.replicas, votes) {
+            if error.kind == ErrorKind::Timeout && self.bound.deadline.is_none_or(|d| now < d) {
+                // A replica silent through SILENT_PEER_ATTEMPTS retransmissions, before the
+                // command's deadline: the transaction is aborted everywhere, which is what
+                // the caller learns.
+                error.kind = ErrorKind::Aborted;
+                error.message = format!(
+                    "{} (it acknowledged nothing through {SILENT_PEER_ATTEMPTS} retransmissions)",
+                    error.message
+                );
+            } else {
+                error = self.bound.timed(error);
+            }
+            self.abort_after_votes(now, votes, error);
             return;
         }
         let version = votes
@@ -473,9 +514,41 @@ impl Setr {
     }
 
     /// Tells the replicas from index `from` on that the transaction aborted (so they release
-    /// the key at once), waits for their acknowledgements (best effort: one that misses it
-    /// learns the outcome through the termination protocol), then fails with `error`.
+    /// the key at once), waits for the acknowledgements of those that may hold the key's lock (all of them, or after `votes` all but those that answered
+    /// no), then fails with `error`. Best effort: a replica that misses its abort learns the
+    /// outcome through the termination protocol.
+    fn abort_after_votes(
+        &mut self,
+        now: Instant,
+        votes: &[Option<Result<Response, OpError>>],
+        error: OpError,
+    ) {
+        // Only a replica that answered no (an error answer from the replica itself, not a
+        // transport failure) holds no lock; any other may have prepared.
+        let waited = votes
+            .iter()
+            .map(|v| {
+                !matches!(v, Some(Err(e)) if e.kind != ErrorKind::Timeout
+                && e.kind != ErrorKind::Unreachable)
+            })
+            .collect();
+        self.abort_waiting(now, 0, Some(waited), error);
+    }
+
+    /// [`Setr::abort_after_votes`] for the replicas from `from` on, all of which voted yes.
     fn abort(&mut self, now: Instant, from: usize, error: OpError) {
+        self.abort_waiting(now, from, None, error);
+    }
+
+    /// Sends the aborts to the replicas from `from` on and waits for those `waited` says
+    /// (all if `None`; see [`Setr::abort_after_votes`]).
+    fn abort_waiting(
+        &mut self,
+        now: Instant,
+        from: usize,
+        waited: Option<Vec<bool>>,
+        error: OpError,
+    ) {
         self.awaited.clear();
         let deadline = self
             .bound
@@ -491,11 +564,14 @@ impl Setr {
                 slot,
             );
         }
-        if to.is_empty() {
+        let waited = waited.unwrap_or_else(|| vec![true; to.len()]);
+        let outstanding = waited.iter().filter(|&&w| w).count();
+        if outstanding == 0 {
             self.fail(error);
         } else {
             self.phase = SetrPhase::Aborting {
-                outstanding: to.len(),
+                waited,
+                outstanding,
                 error,
             };
         }
@@ -630,15 +706,21 @@ impl Operation for Setr {
                     self.phase = SetrPhase::CommittingOthers { version, acks };
                 }
             }
-            SetrPhase::Aborting { outstanding, error } => {
+            SetrPhase::Aborting {
+                waited,
+                outstanding,
+                error,
+            } => {
                 if !matches!(result, Ok(Response::Done)) {
                     debug!("abort of {}: a replica did not acknowledge", self.txid);
                 }
-                if outstanding <= 1 {
+                let outstanding = outstanding - usize::from(waited.get(slot) == Some(&true));
+                if outstanding == 0 {
                     self.fail(error);
                 } else {
                     self.phase = SetrPhase::Aborting {
-                        outstanding: outstanding - 1,
+                        waited,
+                        outstanding,
                         error,
                     };
                 }
@@ -739,10 +821,18 @@ fn refusal(replicas: &[Member], votes: &[Option<Result<Response, OpError>>]) -> 
     voted_no.or_else(failed).or_else(silent)
 }
 
+/// How long `getr` waits for a replica before asking the next one as well (a hedge): a
+/// frozen or cut-off replica then costs a read this long, not its share of the deadline.
+/// On loopback a read answers in tens of microseconds, and under load in a few
+/// milliseconds; a replica silent this long is most likely not answering.
+pub const GETR_HEDGE_AFTER: Duration = Duration::from_millis(50);
+
 /// `getr KEY` against one view as a state machine: the key's replicas are asked in ring
 /// order until one has the key; `not_found` only when every replica that answered said it
 /// does not hold it. Each replica gets its share of the remaining time, so one silent
-/// replica cannot use it all.
+/// replica cannot use it all, and a replica silent for [`GETR_HEDGE_AFTER`] has the next
+/// one asked beside it (the first value to come back wins: every replica that serves the
+/// key holds its latest committed version).
 #[derive(Debug)]
 pub struct Getr {
     /// The key.
@@ -753,10 +843,12 @@ pub struct Getr {
     replicas: Vec<Member>,
     /// The command's deadline.
     bound: Bound,
-    /// The replica being asked (an index into `replicas`).
+    /// The next replica to ask (an index into `replicas`): those before it were asked.
     index: usize,
-    /// The token of the request in flight.
-    awaited: Option<u64>,
+    /// The tokens of the requests in flight (a replica's index + 1).
+    awaited: BTreeSet<u64>,
+    /// When the next replica is asked beside those in flight, if any is left.
+    hedge_at: Option<Instant>,
     /// Requests to hand out.
     sends: VecDeque<Send>,
     /// Replicas that said they do not hold the key.
@@ -789,7 +881,8 @@ impl Getr {
             replicas: placement.replicas(key),
             bound: Bound { deadline, timeout },
             index: 0,
-            awaited: None,
+            awaited: BTreeSet::new(),
+            hedge_at: None,
             sends: VecDeque::new(),
             not_found: 0,
             silent: None,
@@ -807,10 +900,14 @@ impl Getr {
         self.view_refused
     }
 
-    /// Asks the replica at `index`, or concludes when none is left.
+    /// Asks the replica at `index` (and arms the hedge if another is left), or concludes
+    /// when none is left and none is in flight.
     fn ask(&mut self, now: Instant) {
         let Some(replica) = self.replicas.get(self.index).copied() else {
-            self.conclude();
+            self.hedge_at = None;
+            if self.awaited.is_empty() {
+                self.conclude();
+            }
             return;
         };
         let left = (self.replicas.len() - self.index) as u32;
@@ -819,7 +916,9 @@ impl Getr {
             .deadline
             .map(|d| now + d.saturating_duration_since(now) / left);
         let token = self.index as u64 + 1;
-        self.awaited = Some(token);
+        self.index += 1;
+        self.awaited.insert(token);
+        self.hedge_at = (self.index < self.replicas.len()).then(|| now + GETR_HEDGE_AFTER);
         self.sends.push_back(Send {
             token,
             dst: replica.addr,
@@ -828,6 +927,7 @@ impl Getr {
                 epoch: self.epoch,
             },
             deadline: share,
+            unacked_attempts: None,
         });
     }
 
@@ -867,13 +967,14 @@ impl Operation for Getr {
         token: u64,
         result: Result<Response, RequestError>,
     ) {
-        if self.awaited != Some(token) {
+        if self.outcome.is_some() || !self.awaited.remove(&token) {
             return;
         }
-        self.awaited = None;
-        let replica = self.replicas[self.index];
+        let replica = self.replicas[(token - 1) as usize];
         match self.bound.answer(result, true) {
             Ok(Response::Found { value, version }) => {
+                self.awaited.clear();
+                self.hedge_at = None;
                 self.outcome = Some(Ok(GetrOutcome {
                     value,
                     version,
@@ -903,20 +1004,112 @@ impl Operation for Getr {
                 }
             }
         }
-        self.index += 1;
+        // This replica is done: ask the next (a hedged request still out may yet answer;
+        // with none left to ask, the read concludes once nothing is in flight).
         self.ask(now);
     }
 
-    /// A read has no timers of its own (each request carries its deadline).
-    fn handle_timeout(&mut self, _now: Instant) {}
+    /// The hedge: a replica silent for [`GETR_HEDGE_AFTER`] has the next one asked too.
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.outcome.is_none() && self.hedge_at.is_some_and(|at| at <= now) {
+            self.ask(now);
+        }
+    }
 
-    /// No timers.
+    /// When the next replica is asked beside the one that is silent, if any is left.
     fn poll_timeout(&self) -> Option<Instant> {
-        None
+        self.hedge_at
+    }
+
+    /// The hedge timer runs while answers are awaited.
+    fn listens_while_waiting(&self) -> bool {
+        true
     }
 
     /// The result, once finished.
     fn poll_outcome(&mut self) -> Option<Result<GetrOutcome, OpError>> {
         self.outcome.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::view::{ServerId, View};
+
+    /// A placement of three servers, all replicas of every key.
+    fn placement() -> Placement {
+        Placement::new(View {
+            epoch: Epoch(3),
+            members: (1..=3u16)
+                .map(|i| Member {
+                    id: ServerId(u128::from(i)),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 38000 + i)),
+                })
+                .collect(),
+            replicas: 3,
+            vnodes: 8,
+        })
+    }
+
+    /// Every request the read hands out now.
+    fn sent(getr: &mut Getr) -> Vec<Send> {
+        std::iter::from_fn(|| getr.poll_send()).collect()
+    }
+
+    /// Issue 17: a replica silent for the hedge delay (frozen, cut off) has the next one
+    /// asked beside it; the first value back wins, and the late answer changes nothing.
+    #[test]
+    fn a_silent_replica_is_hedged_past() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(9);
+        let mut getr = Getr::new(t0, "k", &placement(), Some(deadline), None);
+        let first = sent(&mut getr);
+        assert_eq!(first.len(), 1);
+        // Without the hedge the first replica would have a third of the 9 s.
+        assert_eq!(getr.poll_timeout(), Some(t0 + GETR_HEDGE_AFTER));
+        getr.handle_timeout(t0 + GETR_HEDGE_AFTER);
+        let second = sent(&mut getr);
+        assert_eq!(second.len(), 1);
+        assert_ne!(second[0].dst, first[0].dst);
+        let found = Response::Found {
+            value: "v".into(),
+            version: 7,
+        };
+        getr.handle_response(t0 + GETR_HEDGE_AFTER, second[0].token, Ok(found.clone()));
+        let outcome = getr.poll_outcome().expect("done").expect("found");
+        assert_eq!(
+            (outcome.value.as_str(), outcome.from.addr),
+            ("v", second[0].dst)
+        );
+        getr.handle_response(t0 + GETR_HEDGE_AFTER, first[0].token, Ok(found));
+        assert!(getr.poll_outcome().is_none() && sent(&mut getr).is_empty());
+        assert_eq!(getr.poll_timeout(), None);
+    }
+
+    /// A read is `not_found` only once every replica answered so; a hedged request still
+    /// out is waited for.
+    #[test]
+    fn not_found_waits_for_every_replica_asked() {
+        let t0 = Instant::now();
+        let mut getr = Getr::new(t0, "k", &placement(), None, None);
+        let first = sent(&mut getr);
+        getr.handle_timeout(t0 + GETR_HEDGE_AFTER);
+        let second = sent(&mut getr);
+        let missing = || {
+            Ok(Response::Error(OpError {
+                kind: ErrorKind::NotFound,
+                message: "no such key".into(),
+                cycle: Vec::new(),
+            }))
+        };
+        getr.handle_response(t0 + GETR_HEDGE_AFTER, second[0].token, missing());
+        let third = sent(&mut getr);
+        assert_eq!(third.len(), 1, "the next replica is asked at once");
+        getr.handle_response(t0 + GETR_HEDGE_AFTER, third[0].token, missing());
+        assert!(getr.poll_outcome().is_none(), "the first is still out");
+        getr.handle_response(t0 + GETR_HEDGE_AFTER, first[0].token, missing());
+        let outcome = getr.poll_outcome().expect("done");
+        assert_eq!(outcome.unwrap_err().kind, ErrorKind::NotFound);
     }
 }

@@ -729,44 +729,67 @@ cluster_test!(a_getr_during_a_pending_commit_returns_the_decided_value);
 
 /// Assignment 3.4 "Verify that distributed commits fail if servers don't agree on the epoch
 /// ... the view may change in between the time that the client requests the server list
-/// from the view leader and the time that it attempts to perform the commit ... a mismatch
-/// in expected epoch ... should result in a failed commit": a `setr` that learned the view
-/// of 3 servers, then waited while a 4th joined and every server learned the new epoch,
-/// is aborted for the epoch mismatch; no server holds the key afterwards, and a new `setr`
-/// of it succeeds.
+/// from the view leader and the time that it attempts to perform the commit", as issue 17
+/// refines it (transactions survive view changes that did not touch their key; the issue
+/// outranks the assignment here): `setr`s of 12 keys learned the view of 3 servers, then
+/// waited while a 4th joined and every server learned the new epoch. Each `setr` whose key
+/// got new replicas is aborted (its participants are no longer the key's replicas), and no
+/// server holds that key afterwards; each whose replicas did not change commits, and reads
+/// back. A new `setr` of a moved key then succeeds on the new view.
 fn a_view_change_between_learning_the_view_and_voting_aborts_everywhere(env: &Env) {
     let (vl, mut servers) = cluster(env, 3);
+    let before = settle(env, &vl, &servers.iter().collect::<Vec<_>>());
     let pause = by_env(env, 3_000, 12_000);
-    let mut staged = Staged::setr(env, &vl, 30_000, "k", "v", "--pause-after-view-ms", pause);
-    staged.expect_hook("setr k v");
+    let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    let mut staged: Vec<Staged> = keys
+        .iter()
+        .map(|k| Staged::setr(env, &vl, 30_000, k, "v", "--pause-after-view-ms", pause))
+        .collect();
+    for (s, k) in staged.iter_mut().zip(&keys) {
+        s.expect_hook(&format!("setr {k} v"));
+    }
     servers.push(server(env, &vl));
     wait_for_members(env, &vl, 4);
     let view = settle(env, &vl, &servers.iter().collect::<Vec<_>>());
     assert!(
-        staged.is_running() && staged.in_pause(),
-        "the view change must happen while the setr pauses after learning the view"
+        staged.iter_mut().all(|s| s.is_running() && s.in_pause()),
+        "the view change must happen while the setrs pause after learning the view"
     );
 
-    let run = staged.finish(FINISH_LIMIT);
-    let error = assert_failed(
-        &(run.code, run.json()),
-        "aborted",
-        "setr k v across a view change",
-    );
-    assert!(error.contains("epoch"), "{error}");
-    for s in &servers {
-        assert!(
-            !keys_on(env, s.addr).contains("k"),
-            "{} holds k after the abort",
-            s.addr
-        );
+    let mut unmoved = 0;
+    for (s, key) in staged.into_iter().zip(&keys) {
+        let run = s.finish(FINISH_LIMIT);
+        let moved = replicas_of(&before, key) != replicas_of(&view, key);
+        if moved {
+            let error = assert_failed(
+                &(run.code, run.json()),
+                "aborted",
+                &format!("setr {key} v across a view change that moved it"),
+            );
+            assert!(error.contains("replicas"), "{error}");
+            for s in &servers {
+                assert!(
+                    !keys_on(env, s.addr).contains(key.as_str()),
+                    "{} holds {key} after the abort",
+                    s.addr
+                );
+            }
+            let again = setr(env, &vl, key, "v2");
+            assert_ok(&again, &format!("setr {key} v2 after the aborted one"));
+            assert_eq!(again.1["epoch"], view.epoch.0);
+            assert_eq!(members_of(&again.1["replicas"]), replicas_of(&view, key));
+            assert_reads(env, &vl, key, "v2");
+        } else {
+            unmoved += 1;
+            assert_ok(
+                &(run.code, run.json()),
+                &format!("setr {key} v across a view change that left its replicas"),
+            );
+            assert_reads(env, &vl, key, "v");
+        }
     }
-
-    let again = setr(env, &vl, "k", "v2");
-    assert_ok(&again, "setr k v2 after the aborted one");
-    assert_eq!(again.1["epoch"], view.epoch.0);
-    assert_eq!(members_of(&again.1["replicas"]), replicas_of(&view, "k"));
-    assert_reads(env, &vl, "k", "v2");
+    // Each key stays with probability 1/4 (the joiner is not among its 3 replicas).
+    eprintln!("{unmoved} of {} keys kept their replicas", keys.len());
 }
 cluster_test!(a_view_change_between_learning_the_view_and_voting_aborts_everywhere);
 

@@ -968,8 +968,9 @@ fn pump<O: Operation>(
 ) -> Option<Result<O::Output, OpError>> {
     while let Some(send) = op.poll_send() {
         debug_assert!(send.token < 1 << SEQ_SHIFT);
-        let started = client::encode(&send)
-            .and_then(|body| endpoint.request(now, send.dst, body, send.deadline));
+        let started = client::encode(&send).and_then(|body| {
+            endpoint.request_with(now, send.dst, body, send.deadline, send.unacked_attempts)
+        });
         match started {
             Ok(id) => {
                 tokens.insert(id, (seq << SEQ_SHIFT) | send.token);

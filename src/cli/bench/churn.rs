@@ -54,7 +54,8 @@ pub struct Load {
 
 impl Load {
     /// Starts `workers` threads sending through `handle` to the view leader at `viewleader`:
-    /// worker `w` goes round the keys `w, w + workers, ...` of `keys`, alternating `getr` and
+    /// worker `w` goes round the keys `w, w + workers, ...` of `keys` (every key, from `w` on,
+    /// when there are fewer keys than workers), alternating `getr` and
     /// `setr` of a `value_len`-byte value, each operation bounded by `timeout`.
     pub fn start(
         handle: &Handle,
@@ -110,7 +111,13 @@ fn work(
     (stop, done): (&AtomicBool, &AtomicUsize),
 ) -> Vec<Record> {
     let mut records = Vec::new();
-    let mine: Vec<usize> = (w..keys.len()).step_by(of.max(1)).collect();
+    // Disjoint shares while there are keys enough; otherwise every worker goes round every
+    // key from its own starting point (writers of one key then contend, as clients do).
+    let mine: Vec<usize> = if keys.len() >= of {
+        (w..keys.len()).step_by(of.max(1)).collect()
+    } else {
+        (0..keys.len()).map(|i| (i + w) % keys.len()).collect()
+    };
     let mut round = 0usize;
     while !stop.load(Ordering::Relaxed) && !mine.is_empty() {
         let key = mine[round % mine.len()];
@@ -252,7 +259,7 @@ pub fn analyse(
 
 /// The longest stretch between the first start and the last end of `records` during which
 /// no operation succeeded (a success counts at its end).
-fn longest_gap(records: &[Record]) -> Duration {
+pub fn longest_gap(records: &[Record]) -> Duration {
     let Some(first) = records.iter().map(|r| r.start).min() else {
         return Duration::ZERO;
     };
