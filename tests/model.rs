@@ -37,7 +37,9 @@
 //!   vote. A prepare carries epoch 1 and all three servers as participants; since issue 17 a
 //!   coordinator behind the server's view is judged by whether the participants are still the
 //!   key's replicas in that view, not by the bare epoch: a survivor that learned the view
-//!   without the crashed server votes no because its replicas changed. Not modelled: a server declared dead while still running, restarts, and
+//!   without the crashed server votes no because its replicas changed. Learning a view
+//!   without the primary makes a pending transaction's termination round due at once
+//!   (`Participant::on_view`), as the server does, instead of at the coordinator's deadline. Not modelled: a server declared dead while still running, restarts, and
 //!   rebalancing.
 //! - **Time**: each server has its own clock (milliseconds from a common base). It advances
 //!   only when that server's timer fires: the clock moves to `poll_timeout()` and
@@ -983,7 +985,18 @@ impl State {
                 self.bucket[i] = None;
                 self.holder[i] = None;
             }
-            Action::LearnView(i) => self.known[usize::from(*i)] = self.current,
+            Action::LearnView(i) => {
+                let i = usize::from(*i);
+                self.known[i] = self.current;
+                // As the server does (issue 17): a transaction whose primary left the view
+                // has its termination round due at once; the round runs when the timer
+                // fires (at any later moment the explorer picks).
+                let v = self.view_for(cfg, i);
+                let now = at(self.clock[i]);
+                if let Some(p) = self.parts[i].as_mut() {
+                    p.on_view(now, &v);
+                }
+            }
         }
         self.normalize(cfg)
     }

@@ -489,8 +489,9 @@ impl Membership {
 
     /// Handles a view the view leader at `from` pushed (`Request::ViewPush`): learned like a
     /// heartbeat's answer if `from` is a view-leader address this server knows (the one in
-    /// use, or a candidate). Returns what the rest of the server must do (`None` for an
-    /// older view), or why the push was refused.
+    /// use, or a candidate) and the view names this server's current id. Returns what the
+    /// rest of the server must do (`None` for an older view, or one naming an abandoned id),
+    /// or why the push was refused.
     pub(super) fn on_push(
         &mut self,
         from: SocketAddr,
@@ -503,6 +504,17 @@ impl Membership {
             return Err(format!(
                 "refused: {from} is not a view leader this server knows"
             ));
+        }
+        // A view is pushed to the servers in it, under the ids it names. One that does not
+        // name our current id was meant for an id we have abandoned since (declared dead, we
+        // rejoined): acting on it would plan, send and drop as a server we no longer are. A
+        // heartbeat's answer never names another id (the view leader refuses a dead id).
+        if !view.members.iter().any(|m| m.id == self.id) {
+            debug!(
+                "ignoring a pushed view of epoch {} that does not name this server's id {}",
+                view.epoch, self.id
+            );
+            return Ok(None);
         }
         Ok(self.learn(view).then_some(Heard::View {
             completed,

@@ -370,6 +370,11 @@ impl Server {
                     &self.bucket,
                     &mut self.actions,
                 );
+                if let Some(view) = self.membership.view() {
+                    let me = self.membership.id();
+                    self.replication
+                        .on_view(now, me, view, &mut self.bucket, &mut self.actions);
+                }
                 self.rebalancing.on_completed(completed);
                 self.rebalancing.maybe_rebalance(
                     now,

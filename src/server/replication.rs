@@ -290,6 +290,22 @@ impl Replication {
         true
     }
 
+    /// Learns at `now` the view `view` (this server is `me`): transactions whose primary
+    /// left it start their termination round at once (see `Participant::on_view`), and what
+    /// that round sends goes into `actions`.
+    pub(super) fn on_view(
+        &mut self,
+        now: Instant,
+        me: ServerId,
+        view: &View,
+        bucket: &mut Bucket,
+        actions: &mut VecDeque<Action>,
+    ) {
+        if self.participant.on_view(now, view) {
+            self.handle_timeout(now, me, Some(view), bucket, actions);
+        }
+    }
+
     /// Hands the answer to termination query `query` (a `TxState`, or anything else: no
     /// information) to the participant at `now` and carries out what it decides.
     pub(super) fn handle_query_answer(

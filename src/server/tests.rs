@@ -1031,6 +1031,24 @@ fn a_pushed_view_is_learned_only_from_a_known_view_leader() {
     };
     assert_eq!(ask_from(&mut s, viewleader, late), Response::Done);
     assert_eq!(s.epoch(), Epoch(3));
+    // A newer view that does not name this server's id (meant for an id abandoned since, a
+    // late push after a rejoin) is not acted on.
+    let stranger_view = View {
+        epoch: Epoch(9),
+        members: vec![Member {
+            id: ServerId(4242),
+            addr: "127.0.0.1:38000".parse().unwrap(),
+        }],
+        ..view
+    };
+    let other = Request::ViewPush {
+        view: stranger_view,
+        completed: View::default(),
+        delivered: Epoch(9),
+        recent: Vec::new(),
+    };
+    assert_eq!(ask_from(&mut s, viewleader, other), Response::Done);
+    assert_eq!(s.epoch(), Epoch(3));
 }
 
 /// Issue 17: a `getr` or `prepare` from a client that learned a newer view before this

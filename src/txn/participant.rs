@@ -21,7 +21,8 @@
 //!   A primary still undecided at its deadline (the coordinator's remaining time when the
 //!   prepare arrived) aborts for good, and refuses a commit that arrives later.
 //! - **Termination**: a non-primary participant still undecided a grace period after its
-//!   deadline asks the primary and the other participants (`QueryTx`). Anyone committed →
+//!   deadline, or as soon as it learns a view without the primary
+//!   ([`Participant::on_view`]), asks the primary and the other participants (`QueryTx`). Anyone committed →
 //!   commit; anyone aborted → abort. A peer with no record (or a forgotten one) answers from
 //!   its bucket (is this the key's last committed transaction?), and otherwise `Unknown` (no
 //!   information), except the primary, which records and answers `Aborted`. If the primary has
@@ -596,6 +597,32 @@ impl Participant {
         (TxOutcome::Unknown, None)
     }
 
+    /// Learns at `now` that the view is `view`: a non-primary participant whose transaction's
+    /// primary is no longer in it asks its peers at once (a closing round, see the module
+    /// doc) instead of waiting for the coordinator's deadline. A primary that left the view
+    /// (declared dead: frozen, cut off, crashed) decides nothing any more, and every replica
+    /// holding the prepare would otherwise hold the key (reads and writes) until that
+    /// deadline. The round is the same one the deadline would start, only sooner; the model
+    /// checker runs it at each survivor's view transition. Returns true if a round is now due.
+    pub fn on_view(&mut self, now: Instant, view: &View) -> bool {
+        let mut due = false;
+        for pending in self.pending.values_mut() {
+            let gone = pending
+                .participants
+                .first()
+                .is_some_and(|primary| !view.contains(primary.id));
+            if !pending.is_primary
+                && gone
+                && pending.round.asked.is_empty()
+                && pending.next_query > now
+            {
+                pending.next_query = now;
+                due = true;
+            }
+        }
+        due
+    }
+
     /// The earliest instant at which [`Participant::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pending = self
@@ -925,6 +952,47 @@ mod tests {
                 .contains("epoch mismatch")
         );
         assert!(!p.is_locked("k"));
+    }
+
+    /// Issue 17: a participant that learns a view without its transaction's primary starts
+    /// termination at once (its timer is due now, not at the coordinator's deadline); one
+    /// whose primary is still there keeps waiting, and a primary has nothing to start.
+    #[test]
+    fn a_view_without_the_primary_makes_termination_due_at_once() {
+        let now = Instant::now();
+        let view = |ids: &[u128]| View {
+            epoch: Epoch(5),
+            members: ids.iter().map(|&n| member(n)).collect(),
+            replicas: 3,
+            vnodes: 8,
+        };
+        let mut p = Participant::new();
+        p.prepare(now, &ctx(2, 4), prepare(1, "k", 2), None)
+            .expect("yes");
+        let later = now + Duration::from_millis(10);
+        assert!(!p.on_view(later, &view(&[1, 2, 3])));
+        assert!(
+            p.poll_timeout()
+                .is_some_and(|t| t > later + Duration::from_secs(1))
+        );
+        assert!(p.on_view(later, &view(&[2, 3])));
+        assert_eq!(p.poll_timeout(), Some(later));
+        let effects = p.handle_timeout(later, ServerId(2), Some(&view(&[2, 3])));
+        assert!(
+            effects.iter().any(|e| matches!(
+                e,
+                Effect::Query {
+                    query: Request::QueryTx { close: true, .. },
+                    ..
+                }
+            )),
+            "a closing round: {effects:?}"
+        );
+        let mut primary = Participant::new();
+        primary
+            .prepare(now, &ctx(1, 4), prepare(1, "k", 1), None)
+            .expect("yes");
+        assert!(!primary.on_view(later, &view(&[2, 3])));
     }
 
     /// Issue 17: a prepare from a coordinator at an older epoch is voted on by whether the

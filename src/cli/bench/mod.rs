@@ -28,6 +28,7 @@ pub mod echo;
 pub mod etcd;
 pub mod trireme;
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
@@ -461,6 +462,8 @@ struct Tally {
     writes: u64,
     /// Failed operations.
     errors: ErrorCounts,
+    /// The keys (their index in the key space) refused with `rebalancing` at least once.
+    refused_keys: BTreeSet<u64>,
 }
 
 impl Tally {
@@ -472,11 +475,13 @@ impl Tally {
             reads: 0,
             writes: 0,
             errors: ErrorCounts::default(),
+            refused_keys: BTreeSet::new(),
         }
     }
 
-    /// Records one operation's outcome and latency.
-    fn record(&mut self, op: Op, result: Result<(), OpError>, latency: Duration) {
+    /// Records one operation's outcome and latency (`key` is its key's index in the key
+    /// space).
+    fn record(&mut self, op: Op, key: u64, result: Result<(), OpError>, latency: Duration) {
         match op {
             Op::Read => self.reads += 1,
             Op::Write => self.writes += 1,
@@ -488,7 +493,12 @@ impl Tally {
                 let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
                 self.latency.saturating_record(nanos.max(1));
             }
-            Err(error) => self.errors.add(&error),
+            Err(error) => {
+                if error.kind == ErrorKind::Rebalancing {
+                    self.refused_keys.insert(key);
+                }
+                self.errors.add(&error);
+            }
         }
     }
 
@@ -500,6 +510,7 @@ impl Tally {
         self.reads += other.reads;
         self.writes += other.writes;
         self.errors.merge(other.errors);
+        self.refused_keys.extend(other.refused_keys);
     }
 }
 
@@ -523,6 +534,9 @@ pub struct Report {
     pub unsent: u64,
     /// Failed operations by kind.
     pub errors: ErrorCounts,
+    /// Distinct keys refused with `rebalancing` at least once (issue 17: only keys a view
+    /// change moved should be).
+    pub refused_keys: u64,
     /// Latency of the successful operations; `None` if none succeeded.
     pub latency: Option<Latency>,
 }
@@ -598,6 +612,7 @@ impl Report {
             "reads": self.reads,
             "writes": self.writes,
             "unsent": self.unsent,
+            "refused_keys": self.refused_keys,
             "throughput": tenth(self.throughput()),
             "errors": errors,
             "latency_us": latency,
@@ -671,6 +686,12 @@ impl Report {
             "errors",
             if errors.is_empty() {
                 "none".to_owned()
+            } else if self.refused_keys > 0 {
+                format!(
+                    "{} ({} keys refused with rebalancing)",
+                    errors.join(", "),
+                    self.refused_keys
+                )
             } else {
                 errors.join(", ")
             },
@@ -803,7 +824,8 @@ impl Plan<'_> {
             };
             let op = self.config.workload.op(self.config.seed, index);
             let result = connection.execute(op, self.keys.key(index), self.value);
-            tally.record(op, result, due.elapsed());
+            let key = index % self.config.keys.get() as u64;
+            tally.record(op, key, result, due.elapsed());
         }
     }
 }
@@ -879,6 +901,7 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
         writes: total.writes,
         unsent,
         errors: total.errors,
+        refused_keys: total.refused_keys.len() as u64,
         latency: Latency::of(&total.latency),
     })
 }
@@ -1134,6 +1157,7 @@ mod tests {
             writes: 150,
             unsent: 0,
             errors,
+            refused_keys: 0,
             latency: Some(Latency {
                 p50: Duration::from_micros(100),
                 p90: Duration::from_micros(150),
@@ -1164,6 +1188,7 @@ mod tests {
             "reads": 50,
             "writes": 150,
             "unsent": 0,
+            "refused_keys": 0,
             "throughput": 497.5,
             "errors": {
                 "not_found": 0, "aborted": 1, "rebalancing": 0, "no_servers": 0, "timeout": 0,
@@ -1178,5 +1203,33 @@ mod tests {
         let table = report.table();
         assert!(table.contains("aborted 1"), "{table}");
         assert!(table.contains("497.5 ops/s"), "{table}");
+    }
+
+    /// Issue 17: the report counts the distinct keys refused with `rebalancing`, across
+    /// workers; other failures do not count.
+    #[test]
+    fn refusals_are_counted_per_key() {
+        let refusal = |kind| {
+            Err(OpError {
+                kind,
+                message: "refused".into(),
+                cycle: Vec::new(),
+            })
+        };
+        let mut a = Tally::new();
+        a.record(Op::Read, 3, refusal(ErrorKind::Rebalancing), Duration::ZERO);
+        a.record(
+            Op::Write,
+            3,
+            refusal(ErrorKind::Rebalancing),
+            Duration::ZERO,
+        );
+        a.record(Op::Write, 4, refusal(ErrorKind::Aborted), Duration::ZERO);
+        let mut b = Tally::new();
+        b.record(Op::Read, 5, refusal(ErrorKind::Rebalancing), Duration::ZERO);
+        b.record(Op::Read, 3, Ok(()), Duration::from_micros(5));
+        a.merge(b);
+        assert_eq!(a.refused_keys.len(), 2);
+        assert_eq!(a.errors.count(ErrorKind::Rebalancing), 3);
     }
 }
