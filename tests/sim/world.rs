@@ -525,6 +525,12 @@ pub enum Fault {
     /// The group is split in two sides (a minority and a majority, the leader on either) for
     /// this long: every link between the sides is cut.
     SplitGroup(Duration),
+    /// The first running server crashes and starts again (a fresh id, an empty bucket) after
+    /// `down` (issue 17's scenario: one departure, then one join).
+    CrashServer {
+        /// How long nobody listens at its address.
+        down: Duration,
+    },
 }
 
 /// Something scheduled.
@@ -1997,6 +2003,26 @@ impl World {
                     self.cut(leader, self.addrs[server], now + length);
                 }
                 self.stats.vl_cuts += 1;
+            }
+            Fault::CrashServer { down } => {
+                if let Some(slot) = servers.clone().find(|&s| self.hosts[s].is_some()) {
+                    if let Some(host) = &self.hosts[slot] {
+                        let process = host.process;
+                        self.observed
+                            .servers
+                            .entry(process)
+                            .or_insert_with(|| ServerProcess {
+                                slot,
+                                ..ServerProcess::default()
+                            })
+                            .crashed = true;
+                    }
+                    self.log(|| format!("crash server slot {slot} for {down:?}"));
+                    self.hosts[slot] = None;
+                    self.paused[slot] = None;
+                    self.stats.crashes += 1;
+                    self.schedule(now + down, Scheduled::RestartServer(slot));
+                }
             }
             Fault::PauseServers(length) => {
                 self.log(|| format!("pause every server for {length:?}"));
