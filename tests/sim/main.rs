@@ -716,6 +716,21 @@ fn group_faults_replay_exactly() {
     assert_eq!(run(), first, "seed 21 with group faults replays exactly");
 }
 
+/// The parameters of seed `seed` made quiet: a clean network, no random faults, 6 s of
+/// operations, a view-leader group of `group` members (two lock clients with a larger one).
+fn quiet(seed: u64, group: usize) -> Params {
+    Params {
+        chaos_every: None,
+        loss: 0.0,
+        dup: 0.0,
+        reorder: 0.0,
+        active: Duration::from_secs(6),
+        group,
+        lockers: if group > 1 { 2 } else { 0 },
+        ..Params::from_seed(seed)
+    }
+}
+
 /// A quiet run of seed `seed` (a clean network, no random faults, 6 s of operations) with a
 /// view-leader group of `group` members (and two lock clients with a larger group) and
 /// membership fault `fault(&params)` injected 2 s in; returns the world, and what the checks
@@ -725,16 +740,7 @@ fn scenario(
     group: usize,
     fault: impl Fn(&Params) -> Fault,
 ) -> (World, Result<checks::Checked, String>) {
-    let params = Params {
-        chaos_every: None,
-        loss: 0.0,
-        dup: 0.0,
-        reorder: 0.0,
-        active: Duration::from_secs(6),
-        group,
-        lockers: if group > 1 { 2 } else { 0 },
-        ..Params::from_seed(seed)
-    };
+    let params = quiet(seed, group);
     let fault = fault(&params);
     let mut world = World::new(params, false);
     world.inject(FAULT_AT, fault);
@@ -1066,15 +1072,8 @@ fn a_key_the_view_changes_did_not_move_is_never_refused() {
     let (mut unmoved_ops, mut moved_refusals) = (0, 0);
     for seed in 0..8 {
         let params = Params {
-            chaos_every: None,
-            loss: 0.0,
-            dup: 0.0,
-            reorder: 0.0,
-            active: Duration::from_secs(6),
-            group: 1,
-            lockers: 0,
             keys: 16,
-            ..Params::from_seed(seed)
+            ..quiet(seed, 1)
         };
         let down = params.dead_after * 2;
         let mut world = World::new(params, false);

@@ -2006,22 +2006,7 @@ impl World {
             }
             Fault::CrashServer { down } => {
                 if let Some(slot) = servers.clone().find(|&s| self.hosts[s].is_some()) {
-                    if let Some(host) = &self.hosts[slot] {
-                        let process = host.process;
-                        self.observed
-                            .servers
-                            .entry(process)
-                            .or_insert_with(|| ServerProcess {
-                                slot,
-                                ..ServerProcess::default()
-                            })
-                            .crashed = true;
-                    }
-                    self.log(|| format!("crash server slot {slot} for {down:?}"));
-                    self.hosts[slot] = None;
-                    self.paused[slot] = None;
-                    self.stats.crashes += 1;
-                    self.schedule(now + down, Scheduled::RestartServer(slot));
+                    self.crash_server(slot, now + down);
                 }
             }
             Fault::PauseServers(length) => {
@@ -2248,6 +2233,31 @@ impl World {
             })
     }
 
+    /// Crashes the server at `slot` (its process is marked crashed: its bucket is gone) and
+    /// schedules its restart, under a fresh id with an empty bucket, at `back`.
+    fn crash_server(&mut self, slot: usize, back: Instant) {
+        if let Some(Some(host)) = self.hosts.get(slot) {
+            let process = host.process;
+            let seen = self
+                .observed
+                .servers
+                .entry(process)
+                .or_insert_with(|| ServerProcess {
+                    slot,
+                    ..ServerProcess::default()
+                });
+            seen.crashed = true;
+            if let App::Server(server) = &host.app {
+                let id = server.id();
+                self.log(|| format!("crash server {id} (process {process}) at slot {slot}"));
+            }
+        }
+        self.hosts[slot] = None;
+        self.paused[slot] = None;
+        self.stats.crashes += 1;
+        self.schedule(back, Scheduled::RestartServer(slot));
+    }
+
     /// Injects one fault: now and then a membership fault ([`Fault`]: the group's leader
     /// paused, restarted or cut from every server, or every server paused; with a group of 3
     /// or 5 also a follower paused or restarted, the leader cut from the other members, or
@@ -2316,30 +2326,9 @@ impl World {
                     return;
                 }
                 let slot = live[self.rng.below(live.len() as u64) as usize];
-                if let Some(Some(host)) = self.hosts.get(slot) {
-                    let process = host.process;
-                    let seen =
-                        self.observed
-                            .servers
-                            .entry(process)
-                            .or_insert_with(|| ServerProcess {
-                                slot,
-                                ..ServerProcess::default()
-                            });
-                    seen.crashed = true;
-                    if let App::Server(server) = &host.app {
-                        let id = server.id();
-                        self.log(|| {
-                            format!("crash server {id} (process {process}) at slot {slot}")
-                        });
-                    }
-                }
-                self.hosts[slot] = None;
-                self.paused[slot] = None;
                 self.failures += 1;
-                self.stats.crashes += 1;
                 let back = Duration::from_millis(100 + self.rng.below(3_000));
-                self.schedule(now + back, Scheduled::RestartServer(slot));
+                self.crash_server(slot, now + back);
             }
             1 => {
                 // A cut between two hosts (one between a group member and a server may get
