@@ -537,6 +537,9 @@ pub struct Report {
     /// Distinct keys refused with `rebalancing` at least once (issue 17: only keys a view
     /// change moved should be).
     pub refused_keys: u64,
+    /// The longest stretch of the run during which no operation succeeded (from the start to
+    /// the first success, between two successes, or from the last one to the end).
+    pub longest_gap: Duration,
     /// Latency of the successful operations; `None` if none succeeded.
     pub latency: Option<Latency>,
 }
@@ -613,6 +616,7 @@ impl Report {
             "writes": self.writes,
             "unsent": self.unsent,
             "refused_keys": self.refused_keys,
+            "longest_gap_ms": tenth(self.longest_gap.as_secs_f64() * 1e3),
             "throughput": tenth(self.throughput()),
             "errors": errors,
             "latency_us": latency,
@@ -657,6 +661,13 @@ impl Report {
         }
         rows.push(("ops", ops));
         rows.push(("elapsed", format!("{:.3} s", self.elapsed.as_secs_f64())));
+        rows.push((
+            "stall",
+            format!(
+                "{:.1} ms: the longest stretch with no operation succeeding",
+                self.longest_gap.as_secs_f64() * 1e3
+            ),
+        ));
         rows.push(("throughput", format!("{:.1} ops/s", self.throughput())));
         let from = if config.schedule.rate().is_some() {
             "from the intended send time"
@@ -783,6 +794,29 @@ struct Plan<'a> {
     start: Instant,
     /// The index of the next operation to send.
     next: AtomicU64,
+    /// When the latest successful operation ended, in ns since `start`.
+    last_success: AtomicU64,
+    /// The longest stretch between two successes seen so far, in ns.
+    longest_gap: AtomicU64,
+}
+
+impl Plan<'_> {
+    /// Notes at `end` the end of a successful operation: the stretch since the previous
+    /// success (or the start) may be the longest with no success.
+    fn succeeded_at(&self, end: Instant) {
+        let at =
+            u64::try_from(end.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
+        let previous = self.last_success.fetch_max(at, Ordering::Relaxed);
+        self.longest_gap
+            .fetch_max(at.saturating_sub(previous), Ordering::Relaxed);
+    }
+
+    /// The longest stretch with no success, up to `end` (the end of the run).
+    fn longest_gap(&self, end: Instant) -> Duration {
+        let end = end.saturating_duration_since(self.start).as_nanos() as u64;
+        let tail = end.saturating_sub(self.last_success.load(Ordering::Relaxed));
+        Duration::from_nanos(self.longest_gap.load(Ordering::Relaxed).max(tail))
+    }
 }
 
 impl Plan<'_> {
@@ -824,6 +858,9 @@ impl Plan<'_> {
             };
             let op = self.config.workload.op(self.config.seed, index);
             let result = connection.execute(op, self.keys.key(index), self.value);
+            if result.is_ok() {
+                self.succeeded_at(Instant::now());
+            }
             let key = index % self.config.keys.get() as u64;
             tally.record(op, key, result, due.elapsed());
         }
@@ -859,6 +896,8 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
         value: &value,
         start: Instant::now(),
         next: AtomicU64::new(0),
+        last_success: AtomicU64::new(0),
+        longest_gap: AtomicU64::new(0),
     };
     let tallies: Vec<Tally> = std::thread::scope(|scope| {
         let workers: Vec<_> = connections
@@ -873,7 +912,9 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
             .map(|w| w.join().expect("a bench worker panicked"))
             .collect()
     });
-    let elapsed = plan.start.elapsed();
+    let ended = Instant::now();
+    let elapsed = ended.saturating_duration_since(plan.start);
+    let longest_gap = plan.longest_gap(ended);
     let mut total = Tally::new();
     for tally in tallies {
         total.merge(tally);
@@ -902,6 +943,7 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
         unsent,
         errors: total.errors,
         refused_keys: total.refused_keys.len() as u64,
+        longest_gap,
         latency: Latency::of(&total.latency),
     })
 }
@@ -1105,6 +1147,7 @@ mod tests {
         let l = report.latency.unwrap();
         assert!(l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max);
         assert_eq!(report.unsent, 0);
+        assert!(report.longest_gap <= report.elapsed, "{report:?}");
     }
 
     /// Without a preload every read would miss: a write-only load does not preload, and a
@@ -1131,6 +1174,14 @@ mod tests {
         config.schedule = Schedule::open("1000".parse().unwrap());
         let report = run(&target, &config).unwrap();
         assert_eq!(report.succeeded + report.unsent, 200);
+        // One success due every millisecond: the longest stretch without one is at least
+        // about that (the schedule's spacing), and well below the 200 ms run.
+        assert!(
+            report.longest_gap >= Duration::from_micros(500)
+                && report.longest_gap < Duration::from_millis(150),
+            "{:?}",
+            report.longest_gap
+        );
         assert!(report.elapsed >= Duration::from_millis(199));
         assert!(report.succeeded > 0);
     }
@@ -1158,6 +1209,7 @@ mod tests {
             unsent: 0,
             errors,
             refused_keys: 0,
+            longest_gap: Duration::from_micros(2500),
             latency: Some(Latency {
                 p50: Duration::from_micros(100),
                 p90: Duration::from_micros(150),
@@ -1189,6 +1241,7 @@ mod tests {
             "writes": 150,
             "unsent": 0,
             "refused_keys": 0,
+            "longest_gap_ms": 2.5,
             "throughput": 497.5,
             "errors": {
                 "not_found": 0, "aborted": 1, "rebalancing": 0, "no_servers": 0, "timeout": 0,
