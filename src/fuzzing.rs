@@ -1054,8 +1054,8 @@ impl Harness {
     }
 }
 
-/// Checks one datagram the endpoint emitted: no larger than `max_datagram`, its header
-/// decodes, an ack's body decodes, a fragment is exactly as long as its place in the message.
+/// Checks one datagram the endpoint emitted: no larger than `max_datagram`, and each datagram
+/// it carries (itself, or those of a bundle) well formed ([`check_one_transmit`]).
 fn check_transmit(step: usize, datagram: &[u8], max_datagram: usize) -> Result<(), Violation> {
     let bad = |detail: String| Violation::BadTransmit { step, detail };
     if datagram.len() > max_datagram {
@@ -1064,6 +1064,17 @@ fn check_transmit(step: usize, datagram: &[u8], max_datagram: usize) -> Result<(
             datagram.len()
         )));
     }
+    for part in codec::Bundle::new(datagram).parts() {
+        let part = part.map_err(|e| bad(format!("bundle does not split: {e}")))?;
+        check_one_transmit(step, part)?;
+    }
+    Ok(())
+}
+
+/// Checks one datagram (alone, or one of a bundle): its header decodes, an ack's body
+/// decodes, a fragment is exactly as long as its place in the message.
+fn check_one_transmit(step: usize, datagram: &[u8]) -> Result<(), Violation> {
+    let bad = |detail: String| Violation::BadTransmit { step, detail };
     let (header, payload) =
         Header::decode(datagram).map_err(|e| bad(format!("header does not decode: {e}")))?;
     match header.kind {

@@ -878,11 +878,45 @@ local function dissect(tvb, pinfo, root)
     end
 end
 
+-- Dissects a bundle ("TRIB", version, then a 2-byte length and the bytes of each datagram):
+-- each datagram as its own subtree; returns the Info texts joined by " | ".
+local function dissect_bundle(tvb, pinfo, root)
+    local len = tvb:len()
+    local tree = root:add(trireme, tvb(), "Trireme bundle")
+    if len < 5 then
+        malformed(tree, "bundle header truncated")
+        return "Trireme bundle"
+    end
+    if tvb(4, 1):uint() ~= VERSION then
+        malformed(tree, "bundle of unsupported protocol version " .. tvb(4, 1):uint())
+        return "Trireme bundle"
+    end
+    local infos = {}
+    local pos = 5
+    while pos < len do
+        if pos + 2 > len then
+            malformed(tree, "bundle length truncated")
+            break
+        end
+        local part_len = tvb(pos, 2):uint()
+        if part_len == 0 or pos + 2 + part_len > len then
+            malformed(tree, string.format("bundled datagram of %d bytes at offset %d does not fit", part_len, pos))
+            break
+        end
+        infos[#infos + 1] = dissect(tvb(pos + 2, part_len):tvb(), pinfo, tree)
+        pos = pos + 2 + part_len
+    end
+    tree:append_text(string.format(" (%d datagrams)", #infos))
+    return table.concat(infos, " | ")
+end
+
 -- The dissector proper (also what "Decode As" calls). No Lua error escapes it.
 local function dissector(tvb, pinfo, root)
     notes = {}
     pinfo.cols.protocol:set("TRIREME")
-    local ok, result = pcall(dissect, tvb, pinfo, root)
+    local entry = dissect
+    if tvb:len() >= 4 and tvb(0, 4):raw() == "TRIB" then entry = dissect_bundle end
+    local ok, result = pcall(entry, tvb, pinfo, root)
     local info
     if ok then
         info = result
@@ -895,8 +929,13 @@ local function dissector(tvb, pinfo, root)
     return tvb:len()
 end
 
--- Heuristic entry: the magic "TRIR", then protocol version 1 and a known kind.
+-- Heuristic entry: the magic "TRIR", then protocol version 1 and a known kind; or a bundle:
+-- "TRIB" and version 1.
 local function heuristic(tvb, pinfo, root)
+    if tvb:len() >= 5 and tvb(0, 4):raw() == "TRIB" and tvb(4, 1):uint() == VERSION then
+        dissector(tvb, pinfo, root)
+        return true
+    end
     if tvb:len() < 6 then return false end
     if tvb(0, 4):raw() ~= "TRIR" then return false end
     if tvb(4, 1):uint() ~= VERSION then return false end

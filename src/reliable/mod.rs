@@ -91,6 +91,10 @@ pub struct Config {
     pub max_attempts: u32,
     /// Fragments of one message in flight at once.
     pub window: u32,
+    /// Whether [`Endpoint::poll_transmit`] coalesces the datagrams queued for one peer into
+    /// one bundle of at most `max_datagram` bytes (see [`codec::bundle`]). Receiving
+    /// bundles works either way.
+    pub coalesce: bool,
     /// Largest message accepted or sent.
     pub max_message: usize,
     /// How long an answered request stays in the response cache.
@@ -141,6 +145,7 @@ impl Default for Config {
             max_rto: Duration::from_secs(2),
             max_attempts: 12,
             window: 64,
+            coalesce: true,
             max_message: codec::MAX_MESSAGE,
             dedup_ttl: Duration::from_secs(60),
             dedup_max_entries: 100_000,
@@ -245,8 +250,12 @@ pub enum RequestError {
 pub struct Stats {
     /// Datagrams handed to the wire.
     pub datagrams_sent: u64,
-    /// Datagrams received (valid or not).
+    /// Datagrams received (valid or not; each datagram of a bundle counts).
     pub datagrams_received: u64,
+    /// Bundles sent (each counts once here and each of its datagrams in `datagrams_sent`).
+    pub bundles_sent: u64,
+    /// Bundles received.
+    pub bundles_received: u64,
     /// Datagrams dropped because they did not decode or did not fit any state.
     pub bad_datagrams: u64,
     /// Requests started.
@@ -255,6 +264,9 @@ pub struct Stats {
     pub requests_executed: u64,
     /// Request or response fragments sent again.
     pub retransmissions: u64,
+    /// One-fragment requests sent again although the first copy arrived: their answer
+    /// echoes an earlier send (the round trip outgrew the timeout; nothing was lost).
+    pub needless_resends: u64,
     /// Probes sent for a fully delivered request.
     pub probes_sent: u64,
     /// Acks sent.
@@ -802,6 +814,23 @@ impl Endpoint {
     /// Handles one datagram received from `from` at `now`. Anything malformed or unexpected
     /// is counted and dropped; nothing a peer sends can make this panic.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let bundle = codec::Bundle::new(datagram);
+        if bundle.is_bundle() {
+            self.wire.stats.bundles_received += 1;
+        }
+        for part in bundle.parts() {
+            match part {
+                Ok(part) => self.handle_one(now, from, part),
+                Err(e) => {
+                    self.wire.stats.bad_datagrams += 1;
+                    debug!("dropping the rest of a bad bundle from {from}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Handles one datagram (alone, or one of a bundle) from `from`.
+    fn handle_one(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.tick(now);
         self.wire.stats.datagrams_received += 1;
         let (header, payload) = match Header::decode(datagram) {
@@ -1078,9 +1107,42 @@ impl Endpoint {
         }
     }
 
-    /// The next datagram to send, if any.
+    /// The next datagram to send, if any. With [`Config::coalesce`], the datagrams queued
+    /// for the same peer travel together as one bundle of at most [`Config::max_datagram`]
+    /// bytes; calling this after every turn of the event loop (all input handled) is what
+    /// makes that coalescing cost no latency.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.wire.queue.pop_front()
+        let first = self.wire.queue.pop_front()?;
+        if !self.config.coalesce {
+            return Some(first);
+        }
+        let limit = self.config.max_datagram;
+        let smallest = codec::bundled_len(codec::HEADER_LEN);
+        let mut room = limit
+            .saturating_sub(codec::BUNDLE_HEADER_LEN + codec::bundled_len(first.payload.len()));
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while room >= smallest && i < self.wire.queue.len() {
+            let next = &self.wire.queue[i];
+            let len = codec::bundled_len(next.payload.len());
+            if next.dst == first.dst && len <= room {
+                room -= len;
+                parts.push(self.wire.queue.remove(i).expect("index checked").payload);
+            } else {
+                i += 1;
+            }
+        }
+        if parts.is_empty() {
+            return Some(first);
+        }
+        self.wire.stats.bundles_sent += 1;
+        let payload = codec::bundle(
+            std::iter::once(first.payload.as_slice()).chain(parts.iter().map(Vec::as_slice)),
+        );
+        Some(Transmit {
+            dst: first.dst,
+            payload,
+        })
     }
 
     /// The next event for the application, if any.
@@ -1225,8 +1287,13 @@ impl Endpoint {
             );
             return;
         }
-        entry.last_rx_tx = header.transmission;
-        entry.last_rx_at = now;
+        // The answer echoes the send that the application is answering: a copy that arrives
+        // while it executes does not replace it, so a requester can tell from the echo that
+        // its resend was needless (see `Stats::needless_resends`).
+        if !matches!(entry.phase, InPhase::Executing) {
+            entry.last_rx_tx = header.transmission;
+            entry.last_rx_at = now;
+        }
         match &mut entry.phase {
             InPhase::Receiving(r) => {
                 let (insert, ack_now) = r.insert(header, payload, now);
@@ -1466,6 +1533,9 @@ impl Endpoint {
             && let Some(sample) = echo_sample(out, header.echo, now)
         {
             out.sampled_echo = header.echo;
+            if out.transfer.count() == 1 && out.transfer.echo_shows_needless_resend(header.echo) {
+                self.wire.stats.needless_resends += 1;
+            }
             self.rtt_of(from).sample(sample);
         }
         let Some(out) = self.outgoing.get_mut(&id) else {

@@ -126,17 +126,21 @@ impl Sim {
     }
 
     /// Puts one datagram on the network (unless the test's rule drops it first), counting
-    /// it by kind if it is lost.
+    /// it by kind if it is lost. The datagrams of a bundle travel (and are lost) one by one
+    /// here, so that the rules and counts see each.
     fn send(&mut self, from: SocketAddr, t: Transmit) {
-        let header = Header::decode(&t.payload)
-            .expect("endpoints send valid datagrams")
-            .0;
-        let ruled_out = self
-            .rule
-            .as_mut()
-            .is_some_and(|rule| rule(&header, from, t.dst));
-        if ruled_out || self.net.send(self.now, from, t.dst, t.payload) == 0 {
-            *self.dropped.entry(header.kind).or_default() += 1;
+        for part in codec::Bundle::new(&t.payload).parts() {
+            let part = part.expect("endpoints send valid bundles");
+            let header = Header::decode(part)
+                .expect("endpoints send valid datagrams")
+                .0;
+            let ruled_out = self
+                .rule
+                .as_mut()
+                .is_some_and(|rule| rule(&header, from, t.dst));
+            if ruled_out || self.net.send(self.now, from, t.dst, part.to_vec()) == 0 {
+                *self.dropped.entry(header.kind).or_default() += 1;
+            }
         }
     }
 
@@ -222,6 +226,74 @@ fn a_small_request_costs_two_datagrams() {
     assert_eq!(sim.node(addr(1)).stats().datagrams_sent, 1);
     assert_eq!(sim.node(addr(2)).stats().datagrams_sent, 1);
     assert_eq!(sim.executions(addr(2)), 1);
+}
+
+/// Issue 18: requests queued for one peer in one turn leave as one bundle, and so do their
+/// answers; other peers' datagrams, and a datagram too big to share one, go alone. Without
+/// [`Config::coalesce`] every request is its own datagram.
+#[test]
+fn datagrams_for_one_peer_in_one_turn_travel_as_one_bundle() {
+    let t0 = Instant::now();
+    let mut rng = Rng::seeded(43);
+    let mut a = Endpoint::new(Config::default(), &mut rng);
+    let mut b = Endpoint::new(Config::default(), &mut rng);
+    let big = vec![7u8; 1200];
+    for body in [&b"one"[..], b"two", b"three", &big] {
+        a.request(t0, addr(2), body.to_vec(), None).unwrap();
+    }
+    a.request(t0, addr(3), b"elsewhere".to_vec(), None).unwrap();
+    let transmits: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    let to_b: Vec<_> = transmits.iter().filter(|t| t.dst == addr(2)).collect();
+    // Until the peer has answered, requests are padded (so that their answers fit the
+    // anti-amplification limit): here two share a bundle, the third and the big one go alone.
+    let parts: Vec<usize> = to_b
+        .iter()
+        .map(|t| codec::Bundle::new(&t.payload).parts().count())
+        .collect();
+    assert_eq!(parts, [2, 1, 1]);
+    assert!(
+        to_b.iter()
+            .all(|t| t.payload.len() <= Config::default().max_datagram)
+    );
+    assert_eq!(a.stats().bundles_sent, 1);
+    assert_eq!(a.stats().datagrams_sent, 5);
+
+    for t in &to_b {
+        b.handle_datagram(t0, addr(1), &t.payload);
+    }
+    assert_eq!(b.stats().bundles_received, 1);
+    assert_eq!(b.stats().datagrams_received, 4);
+    let mut executed = Vec::new();
+    while let Some(Event::Request { id, body, .. }) = b.poll_event() {
+        b.respond(t0, id, answer_for(&body)).unwrap();
+        executed.push(body);
+    }
+    assert_eq!(executed.len(), 4, "every bundled request is executed once");
+    let answers: Vec<_> = std::iter::from_fn(|| b.poll_transmit()).collect();
+    assert!(
+        answers.len() < 4,
+        "the answers share datagrams: {}",
+        answers.len()
+    );
+    for t in &answers {
+        a.handle_datagram(t0, addr(2), &t.payload);
+    }
+    let mut answered = 0;
+    while let Some(event) = a.poll_event() {
+        assert!(matches!(event, Event::Response { result: Ok(_), .. }));
+        answered += 1;
+    }
+    assert_eq!(answered, 4);
+
+    let config = Config {
+        coalesce: false,
+        ..Config::default()
+    };
+    let mut c = Endpoint::new(config, &mut rng);
+    for body in [b"one", b"two"] {
+        c.request(t0, addr(2), body.to_vec(), None).unwrap();
+    }
+    assert_eq!(std::iter::from_fn(|| c.poll_transmit()).count(), 2);
 }
 
 /// A dropped request is retransmitted exactly once and the responder executes it once.
@@ -976,12 +1048,15 @@ fn a_forged_source_gets_at_most_three_times_what_it_sent() {
             b.handle_timeout(now + Duration::from_millis(900));
             while let Some(t) = b.poll_transmit() {
                 assert_eq!(t.dst, victim);
-                let kind = Header::decode(&t.payload).unwrap().0.kind;
-                assert_eq!(
-                    kind,
-                    Kind::Retry,
-                    "only retries go to an unvalidated address"
-                );
+                for part in codec::Bundle::new(&t.payload).parts() {
+                    let kind = Header::decode(part.unwrap()).unwrap().0.kind;
+                    assert_eq!(
+                        kind,
+                        Kind::Retry,
+                        "only retries go to an unvalidated address"
+                    );
+                }
+                // A bundle's own bytes count too.
                 sent += t.payload.len();
             }
         }

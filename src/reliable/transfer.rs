@@ -237,6 +237,14 @@ impl Transfer {
             .map(|&(_, at)| at)
     }
 
+    /// Whether an answer echoing transmission `tx` shows that a resend was needless: the
+    /// transfer was sent more than once and `tx` is one of its earlier sends, not the last.
+    pub fn echo_shows_needless_resend(&self, tx: u32) -> bool {
+        self.history.len() > 1
+            && self.history.back().is_some_and(|&(last, _)| last != tx)
+            && self.sent_at_of(tx).is_some()
+    }
+
     /// When the oldest fragment in flight times out under retransmission timeout `rto`.
     pub fn deadline(&self, rto: Duration) -> Option<Instant> {
         let sent = self.unacked_sent();

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use crate::faults::{FaultInjector, FaultSpec};
 use crate::reliable::{self, Endpoint, Event, IncomingId, RequestError, RequestId, Stats};
 use crate::runtime::trace::{Direction, Tracer};
 use crate::util::rng::Rng;
+use crate::wire::codec::Bundle;
 
 /// Settings of one driver.
 #[derive(Clone, Debug, Default)]
@@ -274,24 +276,44 @@ enum Waiter {
 /// with no wake-up at all.
 pub const REPLY_SPIN: Duration = Duration::from_micros(150);
 
-/// Receives from `rx`, polling it for up to [`REPLY_SPIN`] before blocking.
-pub fn recv_spinning<T>(rx: &Receiver<T>) -> Result<T, crossbeam_channel::RecvError> {
-    let spin_until = Instant::now() + REPLY_SPIN;
-    loop {
-        match rx.try_recv() {
-            Ok(value) => return Ok(value),
-            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                return Err(crossbeam_channel::RecvError);
-            }
-            Err(crossbeam_channel::TryRecvError::Empty) => {}
+/// How many callers of this process are polling for a reply right now (see [`SpinPermit`]).
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
+
+/// The right of one waiting caller to poll for its reply instead of sleeping. Polling pays
+/// only while a core is free to do it: with many callers waiting at once (a load generator's
+/// 64 workers), each would burn a core yielding to the others, and the replies would come no
+/// sooner. So at most half the machine's cores (at least one) poll at a time; the other
+/// callers sleep on their channel at once.
+struct SpinPermit;
+
+impl SpinPermit {
+    /// Takes a permit if fewer than the limit are taken.
+    fn take() -> Option<SpinPermit> {
+        static LIMIT: OnceLock<usize> = OnceLock::new();
+        let limit = *LIMIT.get_or_init(|| {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        });
+        let taken = SPINNERS.fetch_add(1, Ordering::AcqRel);
+        if taken < limit {
+            Some(SpinPermit)
+        } else {
+            SPINNERS.fetch_sub(1, Ordering::AcqRel);
+            None
         }
-        if Instant::now() >= spin_until {
-            return rx.recv();
-        }
-        // Yield rather than spin: where threads wait for the CPU (the driver this reply comes
-        // from, among them), they run first.
-        std::thread::yield_now();
     }
+}
+
+impl Drop for SpinPermit {
+    /// Gives the permit back.
+    fn drop(&mut self) {
+        SPINNERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Receives from `rx`, polling it for up to [`REPLY_SPIN`] before blocking (if a
+/// [`SpinPermit`] is free; else blocking at once).
+pub fn recv_spinning<T>(rx: &Receiver<T>) -> Result<T, crossbeam_channel::RecvError> {
+    recv_spinning_until(rx, None).and_then(|value| value.ok_or(crossbeam_channel::RecvError))
 }
 
 /// Receives from `rx` like [`recv_spinning`], but gives up at `until` (if given): `Ok(None)`
@@ -300,29 +322,53 @@ pub fn recv_spinning_until<T>(
     rx: &Receiver<T>,
     until: Option<Instant>,
 ) -> Result<Option<T>, crossbeam_channel::RecvError> {
-    let Some(until) = until else {
-        return recv_spinning(rx).map(Some);
-    };
-    let spin_until = (Instant::now() + REPLY_SPIN).min(until);
-    loop {
-        match rx.try_recv() {
-            Ok(value) => return Ok(Some(value)),
-            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                return Err(crossbeam_channel::RecvError);
-            }
-            Err(crossbeam_channel::TryRecvError::Empty) => {}
-        }
-        let now = Instant::now();
-        if now >= spin_until {
-            return match rx.recv_timeout(until.saturating_duration_since(now)) {
-                Ok(value) => Ok(Some(value)),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    Err(crossbeam_channel::RecvError)
+    if let Some(permit) = SpinPermit::take() {
+        let spin_until = Instant::now() + REPLY_SPIN;
+        let spin_until = until.map_or(spin_until, |until| until.min(spin_until));
+        loop {
+            match rx.try_recv() {
+                Ok(value) => return Ok(Some(value)),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Err(crossbeam_channel::RecvError);
                 }
-            };
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= spin_until {
+                break;
+            }
+            // Yield rather than spin: where threads wait for the CPU (the driver this reply
+            // comes from, among them), they run first.
+            std::thread::yield_now();
         }
-        std::thread::yield_now();
+        drop(permit);
+    }
+    let Some(until) = until else {
+        return rx.recv().map(Some);
+    };
+    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        Ok(value) => Ok(Some(value)),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(crossbeam_channel::RecvError),
+    }
+}
+
+/// Records a datagram in the trace: each datagram of a bundle as a record of its own (the
+/// trace shows what the protocol said; a bundle is only how it travelled), a damaged bundle's
+/// bytes whole.
+fn record(
+    tracer: &Tracer,
+    direction: Direction,
+    local: SocketAddr,
+    peer: SocketAddr,
+    bytes: &[u8],
+) {
+    let bundle = Bundle::new(bytes);
+    if !bundle.is_bundle() || bundle.parts().any(|part| part.is_err()) {
+        tracer.record(direction, local, peer, bytes);
+        return;
+    }
+    for part in bundle.parts().flatten() {
+        tracer.record(direction, local, peer, part);
     }
 }
 
@@ -747,7 +793,7 @@ impl Driver {
                     if self.tracer.is_some() {
                         let local = self.trace_source(from);
                         if let Some(tracer) = &self.tracer {
-                            tracer.record(Direction::Received, local, from, &self.buffer[..n]);
+                            record(tracer, Direction::Received, local, from, &self.buffer[..n]);
                         }
                     }
                     self.endpoint.handle_datagram(now, from, &self.buffer[..n]);
@@ -876,7 +922,13 @@ impl Driver {
             if self.tracer.is_some() {
                 let local = self.trace_source(transmit.dst);
                 if let Some(tracer) = &self.tracer {
-                    tracer.record(Direction::Sent, local, transmit.dst, &transmit.payload);
+                    record(
+                        tracer,
+                        Direction::Sent,
+                        local,
+                        transmit.dst,
+                        &transmit.payload,
+                    );
                 }
             }
             if self.faults.spec().is_none() {

@@ -29,6 +29,11 @@
 //! and its MAC covers every byte of the datagram with the MAC slot taken as zeros:
 //! [`seal`] writes it, [`verify`] checks it. Without a key the header is 60 bytes.
 //!
+//! Several datagrams for the same peer may travel as one **bundle** (coalesced by the reliable
+//! layer at the end of an event-loop turn): the magic `TRIB`, the version, then for each
+//! datagram its length (2 bytes, big-endian) and its bytes, each a whole datagram as above
+//! (sealed on its own with a cluster key). [`bundle`] builds one, [`Bundle::parts`] splits it.
+//!
 //! Decoding never panics on arbitrary bytes; errors tell [`DecodeError::Truncated`] (too
 //! short) from [`DecodeError::Malformed`] (the bytes are there but wrong).
 
@@ -40,6 +45,12 @@ use crate::wire::auth::{ClusterKey, macs_equal};
 
 /// The four bytes every trireme datagram starts with.
 pub const MAGIC: [u8; 4] = *b"TRIR";
+/// The four bytes a bundle of datagrams starts with.
+pub const BUNDLE_MAGIC: [u8; 4] = *b"TRIB";
+/// Bytes before a bundle's first datagram: magic and version.
+pub const BUNDLE_HEADER_LEN: usize = 5;
+/// Bytes of the length in front of each datagram of a bundle.
+pub const BUNDLE_LENGTH_LEN: usize = 2;
 /// The protocol version this codec speaks.
 pub const VERSION: u8 = 1;
 /// Size of the fixed header in bytes.
@@ -328,6 +339,99 @@ pub fn encode_datagram(header: &Header, payload: &[u8]) -> Vec<u8> {
     header.encode_into(&mut out);
     out.extend_from_slice(payload);
     out
+}
+
+/// Builds a bundle of `datagrams` (each a whole datagram, at most 65 535 bytes). Returns
+/// the bundle's bytes.
+pub fn bundle<'a>(datagrams: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&BUNDLE_MAGIC);
+    out.push(VERSION);
+    for datagram in datagrams {
+        let len = u16::try_from(datagram.len()).expect("a datagram fits in 64 KiB");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(datagram);
+    }
+    out
+}
+
+/// The bytes a datagram takes inside a bundle: its length prefix and itself.
+pub fn bundled_len(datagram_len: usize) -> usize {
+    BUNDLE_LENGTH_LEN + datagram_len
+}
+
+/// A received datagram seen as what it carries: one datagram, or a bundle of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Bundle<'a> {
+    /// The datagram as received.
+    bytes: &'a [u8],
+}
+
+impl<'a> Bundle<'a> {
+    /// Wraps a received datagram.
+    pub fn new(bytes: &'a [u8]) -> Bundle<'a> {
+        Bundle { bytes }
+    }
+
+    /// Whether the datagram is a bundle (starts with [`BUNDLE_MAGIC`]).
+    pub fn is_bundle(&self) -> bool {
+        self.bytes.starts_with(&BUNDLE_MAGIC)
+    }
+
+    /// The datagrams it carries, in order: itself if it is not a bundle. A bundle that is
+    /// cut short, names another version or holds an empty part yields the parts before the
+    /// damage and then one `Err` (and nothing after it).
+    pub fn parts(self) -> impl Iterator<Item = Result<&'a [u8], DecodeError>> {
+        let single = (!self.is_bundle()).then_some(Ok(self.bytes));
+        let mut rest = if self.is_bundle() {
+            match self.bytes.get(BUNDLE_MAGIC.len()) {
+                Some(&VERSION) => Ok(&self.bytes[BUNDLE_HEADER_LEN..]),
+                Some(version) => Err(DecodeError::Malformed(format!(
+                    "bundle of unsupported protocol version {version}"
+                ))),
+                None => Err(DecodeError::Truncated {
+                    needed: BUNDLE_HEADER_LEN,
+                    got: self.bytes.len(),
+                }),
+            }
+        } else {
+            Ok(&[][..])
+        };
+        let parts = std::iter::from_fn(move || {
+            let bytes = match &mut rest {
+                Ok([]) => return None,
+                Ok(bytes) => bytes,
+                Err(_) => {
+                    let error = std::mem::replace(&mut rest, Ok(&[][..]));
+                    return error.err().map(Err);
+                }
+            };
+            let part = match bytes {
+                [hi, lo, tail @ ..] => {
+                    let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+                    if len == 0 {
+                        Err(DecodeError::Malformed("empty datagram in a bundle".into()))
+                    } else if tail.len() < len {
+                        Err(DecodeError::Truncated {
+                            needed: len,
+                            got: tail.len(),
+                        })
+                    } else {
+                        let (part, after) = tail.split_at(len);
+                        *bytes = after;
+                        return Some(Ok(part));
+                    }
+                }
+                _ => Err(DecodeError::Truncated {
+                    needed: BUNDLE_LENGTH_LEN,
+                    got: bytes.len(),
+                }),
+            };
+            rest = Ok(&[][..]);
+            Some(part)
+        });
+        single.into_iter().chain(parts)
+    }
 }
 
 /// The byte range of fragment `index` in a message of `message_len` bytes cut into `count`
@@ -642,6 +746,52 @@ mod tests {
         assert_eq!(&bytes[36..40], &3u32.to_be_bytes(), "fragment count");
         assert_eq!(&bytes[40..44], &4000u32.to_be_bytes(), "message length");
         assert_eq!(&bytes[44..60], &[0; 16], "mac");
+    }
+
+    /// A bundle splits back into its datagrams, in order; a lone datagram is its own only
+    /// part; a damaged bundle yields the parts before the damage and then one error.
+    #[test]
+    fn a_bundle_splits_into_its_datagrams_and_damage_stops_the_split() {
+        let one = encode_datagram(&Header::new(Kind::Request, 1, 2, 0), b"first");
+        let two = encode_datagram(&Header::new(Kind::Response, 3, 4, 0), b"second");
+        let both = bundle([one.as_slice(), two.as_slice()]);
+        assert_eq!(
+            both.len(),
+            BUNDLE_HEADER_LEN + bundled_len(one.len()) + bundled_len(two.len())
+        );
+        let parts: Vec<_> = Bundle::new(&both).parts().collect();
+        assert_eq!(parts, vec![Ok(&one[..]), Ok(&two[..])]);
+        assert_eq!(
+            Bundle::new(&one).parts().collect::<Vec<_>>(),
+            vec![Ok(&one[..])]
+        );
+        assert!(!Bundle::new(&one).is_bundle());
+
+        // Cut inside the second datagram: the first, then Truncated.
+        let cut = &both[..both.len() - 3];
+        let parts: Vec<_> = Bundle::new(cut).parts().collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0], Ok(&one[..]));
+        assert!(matches!(parts[1], Err(DecodeError::Truncated { .. })));
+
+        // Another version, a zero length, and a lone byte of length: one error each.
+        let mut other = both.clone();
+        other[4] = VERSION + 1;
+        let zero = bundle(std::iter::empty())
+            .into_iter()
+            .chain([0, 0])
+            .collect::<Vec<_>>();
+        let stub = bundle(std::iter::empty())
+            .into_iter()
+            .chain([7])
+            .collect::<Vec<_>>();
+        for damaged in [other, zero, stub, BUNDLE_MAGIC.to_vec()] {
+            let parts: Vec<_> = Bundle::new(&damaged).parts().collect();
+            assert_eq!(parts.len(), 1, "{damaged:?}");
+            assert!(parts[0].is_err(), "{damaged:?}");
+        }
+        // An empty bundle carries nothing.
+        assert_eq!(Bundle::new(&bundle(std::iter::empty())).parts().count(), 0);
     }
 
     /// Decode errors tell truncated input (under 60 bytes) from malformed input: bad magic,

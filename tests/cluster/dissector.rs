@@ -270,7 +270,7 @@ fn datagram(kind: Kind, id: u64, body: &[u8]) -> Vec<u8> {
 
 /// Contract (README, the trace tools): the dissector decodes every request and response
 /// variant cleanly, the view-leader group's new ones and the leader hints included, and
-/// names each.
+/// names each; and a bundle of datagrams, each as its own.
 #[test]
 fn the_dissector_decodes_every_message_variant() {
     let Some(tshark) = tshark() else { return };
@@ -299,6 +299,20 @@ fn the_dissector_decodes_every_message_variant() {
         });
         names.push(name);
     }
+    // A bundle (issue 18: datagrams for one peer coalesced) of a request and a response:
+    // each decoded as its own subtree.
+    let (name, request) = every_request().remove(0);
+    let (_, response) = every_response().remove(0);
+    let first = datagram(Kind::Request, 1000, &request.encode().unwrap());
+    let second = datagram(Kind::Response, 1001, &response.encode().unwrap());
+    entries.push(Entry {
+        time: SystemTime::now(),
+        direction: Direction::Sent,
+        src: a,
+        dst: b,
+        payload: codec::bundle([first.as_slice(), second.as_slice()]),
+    });
+    names.push(name);
     let dir = ScratchDir::new("dissector-variants");
     let path = dir.file("variants.pcap");
     trace::write_file(std::path::Path::new(&path), &entries).unwrap();
