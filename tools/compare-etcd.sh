@@ -2,7 +2,17 @@
 # Compares trireme with etcd under equal loads, both measured by the same harness
 # (`client bench`), and prints one table side by side: setr vs etcd put and getr vs etcd
 # serializable get, at each concurrency and value size, plus the loopback UDP round trip
-# measured in the same run (the floor under any request of either system).
+# measured in the same run (the floor under any request of either system). etcd is reached as
+# its own clients reach it: through its native v3 gRPC API (the etcd-client crate, on tonic),
+# one HTTP/2 connection per worker, so the client binary is built with `--features etcd-grpc`
+# (which needs protoc: Debian's protobuf-compiler, installed if missing).
+#
+# Beside throughput and latency it gives the CPU each system spends per operation: the
+# utime+stime of every process of the system under test (trireme: the view leader and the 3
+# servers; etcd: its 3 members), read from /proc/PID/stat around each run, plus the bench
+# client's own CPU over the measured run (`client_cpu_us`), divided by the operations. The
+# cluster side of a getr run has the cost of its preload (every key written once, before
+# measuring) taken off, measured by an equal write-only run just before.
 #
 # It starts, on loopback: a 3-member etcd cluster (data directories on tmpfs) and a trireme
 # cluster of a view leader and 3 servers (release build, replicas 3). Every run is closed-loop
@@ -31,7 +41,7 @@ keys=1000
 etcd_port=23790
 out=""
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,7 +59,8 @@ done
 cd "$(dirname "$0")/.."
 
 # ---------------------------------------------------------------------------------------
-# What this needs: etcd, etcdctl and jq from Debian's packages; trireme's release binaries.
+# What this needs: etcd, etcdctl and jq from Debian's packages; trireme's release binaries,
+# built with etcd's gRPC client (protoc from Debian's protobuf-compiler at build time).
 # ---------------------------------------------------------------------------------------
 
 # Installs Debian packages, running apt-get update first if the package lists are empty.
@@ -72,6 +83,7 @@ if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   apt_install etcd-server etcd-client
 fi
 command -v jq >/dev/null || apt_install jq
+command -v protoc >/dev/null || apt_install protobuf-compiler
 
 # etcd 3.4 refuses to start on architectures it does not support officially unless told.
 arch=$(dpkg --print-architecture 2>/dev/null || uname -m)
@@ -83,8 +95,8 @@ case "$arch" in
   *) export ETCD_UNSUPPORTED_ARCH="$arch" ;;
 esac
 
-echo "building the release binaries" >&2
-cargo build --release --locked --quiet --bin viewleader --bin server --bin client
+echo "building the release binaries (with etcd's gRPC client)" >&2
+cargo build --release --locked --quiet --features etcd-grpc --bin viewleader --bin server --bin client
 bin="${CARGO_TARGET_DIR:-target}/release"
 
 # ---------------------------------------------------------------------------------------
@@ -96,6 +108,8 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 : >"$results"
 pids=()
+etcd_pids=()
+trireme_pids=()
 data=""
 mounted=false
 
@@ -180,6 +194,7 @@ for i in 0 1 2; do
     --initial-cluster-state new --logger zap --log-outputs stderr \
     >"$out/etcd-m$i.log" 2>&1 &
   pids+=($!)
+  etcd_pids+=($!)
 done
 endpoints=$(IFS=,; echo "${client_urls[*]}")
 wait_for "etcd" etcdctl --endpoints="$endpoints" endpoint health
@@ -203,6 +218,7 @@ start() {
   local name=$1; shift
   "$@" >"$out/$name.out" 2>"$out/$name.err" &
   pids+=($!)
+  trireme_pids+=($!)
   wait_for "$name" grep -q "listening on" "$out/$name.out"
 }
 
@@ -223,14 +239,64 @@ wait_for "trireme" trireme_ready
 # The runs.
 # ---------------------------------------------------------------------------------------
 
-# Runs `client bench --json` with "$@", appends its object (tagged with SYSTEM $1) to the
+clk_tck=$(getconf CLK_TCK)
+
+# Prints the CPU time (utime + stime, in µs) that processes "$@" have used so far, from
+# /proc/PID/stat (0 for no process).
+cpu_us() {
+  local pid stat fields ticks=0
+  for pid in "$@"; do
+    stat=$(<"/proc/$pid/stat") || { echo "process $pid is gone" >&2; exit 1; }
+    # The fields after the command name (which may hold spaces): state is the first, utime
+    # the 12th and stime the 13th.
+    read -ra fields <<<"${stat##*) }"
+    ticks=$((ticks + fields[11] + fields[12]))
+  done
+  echo $((ticks * 1000000 / clk_tck))
+}
+
+# The PIDs of the processes of system $1 (none for the echo).
+system_pids() {
+  case "$1" in
+    trireme) echo "${trireme_pids[*]}" ;;
+    etcd) echo "${etcd_pids[*]}" ;;
+  esac
+}
+
+# Prints the CPU (µs) system $1 spends on a getr run's preload: a write-only run of the same
+# shape, every key written once by 16 workers (the preload's concurrency, PRELOAD_CONCURRENCY
+# in src/cli/bench/mod.rs), with the target flags "${@:2}".
+preload_cpu() {
+  local system=$1; shift
+  local -a cpu_pids
+  read -ra cpu_pids <<<"$(system_pids "$system")"
+  local before after
+  before=$(cpu_us "${cpu_pids[@]}")
+  "$bin/client" -q --viewleader "$vl" bench --op setr --ops "$keys" --concurrency 16 \
+    --keys "$keys" --json "$@" >/dev/null 2>>"$out/bench.err" ||
+    { echo "preload of $system $* failed" >&2; exit 1; }
+  after=$(cpu_us "${cpu_pids[@]}")
+  echo $((after - before))
+}
+
+# Runs `client bench --json` with "${@:3}" on system $1, reads around it the CPU of the
+# system's processes (less $2 µs: the preload's share), appends its object (tagged with the
+# system, the cluster's CPU and the CPU per operation, cluster's and client's) to the
 # results, and echoes it.
 bench() {
-  local system=$1; shift
-  local line
+  local system=$1 preload=$2; shift 2
+  local -a cpu_pids
+  read -ra cpu_pids <<<"$(system_pids "$system")"
+  local line before after cluster
+  before=$(cpu_us "${cpu_pids[@]}")
   line=$("$bin/client" -q --viewleader "$vl" bench --duration "$duration" --keys "$keys" --json "$@" \
     2>>"$out/bench.err") || { echo "bench $* failed: $line" >&2; exit 1; }
-  line=$(jq -c --arg system "$system" '. + {system: $system}' <<<"$line")
+  after=$(cpu_us "${cpu_pids[@]}")
+  cluster=$((after - before - preload))
+  if [ "$cluster" -lt 0 ]; then cluster=0; fi
+  line=$(jq -c --arg system "$system" --argjson cluster "$cluster" --argjson preload "$preload" '
+    . + {system: $system, cluster_cpu_us: $cluster, preload_cpu_us: $preload,
+         cpu_us_per_op: (if .ops > 0 then ($cluster + (.client_cpu_us // 0)) / .ops else null end)}' <<<"$line")
   echo "$line" >>"$results"
   echo "$line"
 }
@@ -242,15 +308,23 @@ if awk -v l="$load_before" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
 fi
 
 runs=$(( $(wc -w <<<"$concurrency") * $(wc -w <<<"$sizes") * 4 + 1 ))
-echo "measuring: $runs runs of $duration s (plus preloads); raw results in $results" >&2
+echo "measuring: $runs runs of $duration s (plus preloads, and for every getr run a preload-only" >&2
+echo "  run to weigh its CPU); raw results in $results" >&2
 echo "  loopback udp echo" >&2
-echo_json=$(bench echo --op udp-echo --concurrency 1)
+echo_json=$(bench echo 0 --op udp-echo --concurrency 1)
 for size in $sizes; do
   for conc in $concurrency; do
     for op in setr getr; do
       echo "  $op, $size B, concurrency $conc: trireme, then etcd" >&2
-      bench trireme --op "$op" --value-size "$size" --concurrency "$conc" >/dev/null
-      bench etcd --target etcd --etcd-endpoint "$endpoints" \
+      tri_preload=0
+      etcd_preload=0
+      if [ "$op" = getr ]; then
+        tri_preload=$(preload_cpu trireme --value-size "$size")
+        etcd_preload=$(preload_cpu etcd --target etcd --etcd-api grpc \
+          --etcd-endpoint "$endpoints" --value-size "$size")
+      fi
+      bench trireme "$tri_preload" --op "$op" --value-size "$size" --concurrency "$conc" >/dev/null
+      bench etcd "$etcd_preload" --target etcd --etcd-api grpc --etcd-endpoint "$endpoints" \
         --op "$op" --value-size "$size" --concurrency "$conc" >/dev/null
     done
   done
@@ -266,12 +340,15 @@ echo "trireme vs etcd $etcd_version, closed loop, $duration s per run, $keys key
 echo "load generator and clusters (1-minute load average before measuring: $load_before)."
 echo "trireme: view leader + 3 servers, replicas 3, release build;"
 echo "etcd: 3 members on 127.0.0.1, data directories on $storage, so fsync costs next to nothing;"
-echo "client: \`client bench\` for both (etcd through its v3 JSON gateway, one HTTP/1.1 keep-alive"
-echo "connection per worker, workers spread over the 3 members, leader first, so 1 worker talks to the"
-echo "leader: etcd's best case). setr = 2PC on 3 replicas vs etcd put;"
-echo "getr = read from one replica vs etcd serializable get. Latencies in µs; ratios trireme/etcd."
-echo "Caveat: the JSON gateway turns each request into a gRPC call inside the member, a hop a native"
-echo "gRPC client would not pay, so etcd's figures here are somewhat below what its own clients see."
+echo "client: \`client bench\` for both; etcd through its native gRPC API (etcd-client on tonic, one"
+echo "HTTP/2 connection per worker, each driven by the worker's own current-thread tokio runtime),"
+echo "workers spread over the 3 members, leader first, so 1 worker talks to the leader: etcd's best"
+echo "case. setr = 2PC on 3 replicas vs etcd put; getr = read from one replica vs etcd serializable"
+echo "get. Latencies in µs; ratios trireme/etcd."
+echo "CPU/op (µs): utime+stime of the system's processes read from /proc around each run (connection"
+echo "set-up included; a getr run's preload taken off, as measured by an equal write-only run), plus"
+echo "the bench client's own CPU over the measured run, divided by the operations. Clock ticks of"
+echo "$((1000 / clk_tck)) ms make short runs coarse."
 jq -r '"loopback UDP round trip (udp echo, 1 worker): p50 \(.latency_us.p50), mean \(.latency_us.mean), p99 \(.latency_us.p99) µs.",
   "With the view cached (client bench keeps it), a getr makes 1 round trip (the read): \(.latency_us.mean | round) µs of bare loopback at the mean;",
   "a setr 3 (the prepares, the primary'"'"'s commit, the other commits): \(.latency_us.mean * 3 | round) µs."' <<<"$echo_json"
@@ -281,18 +358,34 @@ jq -rs '
   def fmt(w): tostring | (" " * ([w - length, 0] | max)) + .;
   def num(w): if . == null then "-" | fmt(w) else (. * 10 | round / 10 | tostring) | fmt(w) end;
   def int(w): if . == null then "-" | fmt(w) else (round | tostring) | fmt(w) end;
+  def ratio(a; b): if a == null or b == null or b == 0 then "-" else (a / b * 100 | round / 100 | tostring) end;
   def target(op; conc): if op == "setr" then (if conc == 1 then 5 else 3 end) else 3 end;
+  def opname: if .op == "setr" then "setr/put" else "getr/get" end;
   (map(select(.system == "trireme")) | map({key: key, value: .}) | from_entries) as $t
   | (map(select(.system == "etcd")) | map({key: key, value: .}) | from_entries) as $e
-  | (["op", "bytes", "conc", "tri ops/s", "p50", "p99", "err", "etcd ops/s", "p50", "p99", "err",
-      "ops ×", "p50 ×", "target"]
-     | "\(.[0] | fmt(9)) \(.[1] | fmt(5)) \(.[2] | fmt(4)) | \(.[3] | fmt(9)) \(.[4] | fmt(7)) \(.[5] | fmt(7)) \(.[6] | fmt(3)) | \(.[7] | fmt(10)) \(.[8] | fmt(7)) \(.[9] | fmt(7)) \(.[10] | fmt(3)) | \(.[11] | fmt(6)) \(.[12] | fmt(6)) | \(.[13])"),
+  | (["op", "bytes", "conc", "tri ops/s", "p50", "p99", "err", "cpu/op", "etcd ops/s", "p50", "p99",
+      "err", "cpu/op", "ops ×", "p50 ×", "cpu ×", "target"]
+     | "\(.[0] | fmt(9)) \(.[1] | fmt(5)) \(.[2] | fmt(4)) | \(.[3] | fmt(9)) \(.[4] | fmt(7)) \(.[5] | fmt(7)) \(.[6] | fmt(3)) \(.[7] | fmt(6)) | \(.[8] | fmt(10)) \(.[9] | fmt(7)) \(.[10] | fmt(7)) \(.[11] | fmt(3)) \(.[12] | fmt(6)) | \(.[13] | fmt(6)) \(.[14] | fmt(6)) \(.[15] | fmt(6)) | \(.[16])"),
     (map(select(.system == "trireme")) | .[]
      | . as $tri | $e[key] as $etcd
      | ($tri.throughput / $etcd.throughput) as $ratio
      | target($tri.op; $tri.concurrency) as $goal
-     | "\((if $tri.op == "setr" then "setr/put" else "getr/get" end) | fmt(9)) \($tri.value_size | int(5)) \($tri.concurrency | int(4)) | \($tri.throughput | int(9)) \($tri.latency_us.p50 | num(7)) \($tri.latency_us.p99 | num(7)) \($tri.failed | int(3)) | \($etcd.throughput | int(10)) \($etcd.latency_us.p50 | num(7)) \($etcd.latency_us.p99 | num(7)) \($etcd.failed | int(3)) | \(($ratio * 100 | round / 100 | tostring) | fmt(6)) \((($tri.latency_us.p50 / $etcd.latency_us.p50) * 100 | round / 100 | tostring) | fmt(6)) | ≥\($goal)× \(if $ratio >= $goal then "met" else "missed" end)")
+     | "\($tri | opname | fmt(9)) \($tri.value_size | int(5)) \($tri.concurrency | int(4)) | \($tri.throughput | int(9)) \($tri.latency_us.p50 | num(7)) \($tri.latency_us.p99 | num(7)) \($tri.failed | int(3)) \($tri.cpu_us_per_op | num(6)) | \($etcd.throughput | int(10)) \($etcd.latency_us.p50 | num(7)) \($etcd.latency_us.p99 | num(7)) \($etcd.failed | int(3)) \($etcd.cpu_us_per_op | num(6)) | \(ratio($tri.throughput; $etcd.throughput) | fmt(6)) \(ratio($tri.latency_us.p50; $etcd.latency_us.p50) | fmt(6)) \(ratio($tri.cpu_us_per_op; $etcd.cpu_us_per_op) | fmt(6)) | ≥\($goal)× \(if $ratio >= $goal then "met" else "missed" end)")
+' "$results"
+echo
+echo "CPU per operation in µs, split into the cluster's processes and the bench client:"
+jq -rs '
+  def fmt(w): tostring | (" " * ([w - length, 0] | max)) + .;
+  def key: "\(.op) \(.value_size) \(.concurrency)";
+  def per(x): if .ops > 0 then (x / .ops * 10 | round / 10) else "-" end;
+  def opname: if .op == "setr" then "setr/put" else "getr/get" end;
+  (["op", "bytes", "conc", "tri cluster", "tri client", "etcd cluster", "etcd client"]
+   | "\(.[0] | fmt(9)) \(.[1] | fmt(5)) \(.[2] | fmt(4)) | \(.[3] | fmt(11)) \(.[4] | fmt(10)) | \(.[5] | fmt(12)) \(.[6] | fmt(11))"),
+  (map(select(.system == "etcd")) | map({key: key, value: .}) | from_entries) as $e
+  | (map(select(.system == "trireme")) | .[] | . as $tri | $e[key] as $etcd
+   | "\($tri | opname | fmt(9)) \($tri.value_size | fmt(5)) \($tri.concurrency | fmt(4)) | \($tri | per(.cluster_cpu_us) | fmt(11)) \($tri | per(.client_cpu_us // 0) | fmt(10)) | \($etcd | per(.cluster_cpu_us) | fmt(12)) \($etcd | per(.client_cpu_us // 0) | fmt(11))")
 ' "$results"
 echo
 echo "ops × = trireme throughput / etcd throughput (higher favours trireme); p50 × = trireme p50 /"
-echo "etcd p50 (lower favours trireme); target: the issue's throughput goal. Raw results: $results"
+echo "etcd p50 and cpu × = trireme CPU/op / etcd CPU/op (lower favours trireme); target: the issue's"
+echo "throughput goal. Raw results: $results"

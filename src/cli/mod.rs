@@ -18,6 +18,8 @@ use serde_json::json;
 
 use crate::cli::bench::echo::UdpEcho;
 use crate::cli::bench::etcd::{Endpoint, Etcd};
+#[cfg(feature = "etcd-grpc")]
+use crate::cli::bench::etcd_grpc::EtcdGrpc;
 use crate::cli::bench::trireme::{NetMode, Trireme};
 use crate::cli::bench::{BenchConfig, Length, Rate, ReadRatio, Report, Schedule, Workload};
 use crate::client::{Client, GetrOutcome, GroupInfo, ServersInfo, SetrHooks, SetrOutcome};
@@ -414,8 +416,39 @@ pub enum BenchOp {
 pub enum BenchTarget {
     /// The trireme cluster of --viewleader.
     Trireme,
-    /// etcd, through the v3 JSON gateway of --etcd-endpoint.
+    /// etcd at --etcd-endpoint, through the API --etcd-api names.
     Etcd,
+}
+
+/// `client bench --etcd-api`: how the etcd target is reached.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdApi {
+    /// etcd's native v3 gRPC API through the etcd-client crate, as etcd's own clients reach
+    /// it (needs a build with the `etcd-grpc` feature).
+    Grpc,
+    /// etcd's v3 JSON gateway (HTTP/1.1), which costs each request a hop inside the member.
+    Gateway,
+}
+
+/// `--etcd-api`'s default: gRPC where this build has the client for it, else the gateway.
+const DEFAULT_ETCD_API: &str = if cfg!(feature = "etcd-grpc") {
+    "grpc"
+} else {
+    "gateway"
+};
+
+/// Parses `--etcd-api`; `grpc` is a usage error in a build without the `etcd-grpc` feature.
+fn parse_etcd_api(text: &str) -> Result<EtcdApi, String> {
+    let api = EtcdApi::from_str(text, true)
+        .map_err(|_| format!("{text:?} is not an etcd API: give grpc or gateway"))?;
+    if api == EtcdApi::Grpc && !cfg!(feature = "etcd-grpc") {
+        return Err(
+            "this client was built without etcd's gRPC client: rebuild it with \
+                    `cargo build --release --features etcd-grpc`, or pass --etcd-api gateway"
+                .into(),
+        );
+    }
+    Ok(api)
 }
 
 /// The default length of a `client bench` run without `--duration` or `--ops`.
@@ -492,6 +525,12 @@ pub struct BenchArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd_endpoint: Vec<Endpoint>,
+    /// How the etcd target is reached: grpc (etcd-client over tonic, one HTTP/2 connection
+    /// per worker; builds with the `etcd-grpc` feature only) or gateway (the v3 JSON gateway,
+    /// one HTTP/1.1 connection per worker). Default: grpc in a build with `etcd-grpc`, else
+    /// gateway.
+    #[arg(long, value_name = "grpc|gateway", default_value = DEFAULT_ETCD_API, value_parser = parse_etcd_api)]
+    pub etcd_api: EtcdApi,
     /// trireme: one network driver (socket and thread) for all workers, or one per worker.
     /// Shared is the default: on 2 cores it carried 1.4-1.6 times the throughput of
     /// per-worker drivers from 16 workers on (fewer threads to wake), and the same at 1.
@@ -1085,7 +1124,23 @@ fn run_bench(
             bench::run(&echo, &config)
         }
         (_, BenchTarget::Etcd) => {
-            bench::run(&Etcd::new(bench.etcd_endpoint.clone(), timeout), &config)
+            let endpoints = bench.etcd_endpoint.clone();
+            match bench.etcd_api {
+                EtcdApi::Gateway => bench::run(&Etcd::new(endpoints, timeout), &config),
+                #[cfg(feature = "etcd-grpc")]
+                EtcdApi::Grpc => bench::run(&EtcdGrpc::new(endpoints, timeout), &config),
+                // `parse_etcd_api` refuses grpc in this build; say the same if it got here.
+                #[cfg(not(feature = "etcd-grpc"))]
+                EtcdApi::Grpc => {
+                    return Err(OpError {
+                        kind: ErrorKind::BadInput,
+                        message: "this client was built without etcd's gRPC client: rebuild \
+                                  it with --features etcd-grpc"
+                            .into(),
+                        cycle: Vec::new(),
+                    });
+                }
+            }
         }
         (_, BenchTarget::Trireme) => {
             let trireme = Trireme::connect(
@@ -1275,6 +1330,9 @@ mod tests {
         .unwrap();
         assert_eq!(etcd.target, Some(BenchTarget::Etcd));
         assert_eq!(etcd.etcd_endpoint.len(), 2);
+        let gateway = bench(&["--target", "etcd", "--etcd-api", "gateway"]).unwrap();
+        assert_eq!(gateway.etcd_api, EtcdApi::Gateway);
+        assert!(bench(&["--etcd-api", "rest"]).is_err());
 
         for bad in [
             &["--duration", "1", "--ops", "5"][..],
@@ -1287,6 +1345,33 @@ mod tests {
             &["--etcd-endpoint", "https://127.0.0.1:2379"],
         ] {
             assert!(bench(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    /// Issue 18: `--etcd-api` defaults to gRPC in a build with the `etcd-grpc` feature; in one
+    /// without, the default is the gateway and asking for gRPC is a usage error (exit 2) that
+    /// says how to rebuild.
+    #[test]
+    fn etcd_api_follows_the_build() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["client", "bench", "--target", "etcd"];
+            all.extend_from_slice(args);
+            ClientArgs::try_parse_from(all).map(|parsed| match parsed.command {
+                ClientCommand::Bench(bench) => bench.etcd_api,
+                other => panic!("parsed as {other:?}"),
+            })
+        };
+        if cfg!(feature = "etcd-grpc") {
+            assert_eq!(parse(&[]).unwrap(), EtcdApi::Grpc);
+            assert_eq!(parse(&["--etcd-api", "grpc"]).unwrap(), EtcdApi::Grpc);
+        } else {
+            assert_eq!(parse(&[]).unwrap(), EtcdApi::Gateway);
+            let refused = parse(&["--etcd-api", "grpc"]).unwrap_err();
+            assert_eq!(refused.exit_code(), 2);
+            assert!(
+                refused.to_string().contains("--features etcd-grpc"),
+                "{refused}"
+            );
         }
     }
 

@@ -47,6 +47,13 @@ pub struct Endpoint {
     host: String,
 }
 
+impl Endpoint {
+    /// The URL: `http://HOST:PORT`, HOST as given.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host)
+    }
+}
+
 impl FromStr for Endpoint {
     type Err = String;
 
@@ -97,11 +104,7 @@ impl Etcd {
 impl Target for Etcd {
     /// "etcd at http://A, http://B (v3 JSON gateway)".
     fn describe(&self) -> String {
-        let urls: Vec<String> = self
-            .endpoints
-            .iter()
-            .map(|e| format!("http://{}", e.host))
-            .collect();
+        let urls: Vec<String> = self.endpoints.iter().map(Endpoint::url).collect();
         format!("etcd at {} (v3 JSON gateway)", urls.join(", "))
     }
 

@@ -4,7 +4,8 @@
 //! operation gets, when it is due, the worker threads, and the [`Report`]. What the load is put
 //! on is a [`Target`], in a submodule each: [`trireme`] (`setr`/`getr` through
 //! [`crate::client::Client`], the code the `client` commands run), [`etcd`] (put and
-//! serializable get through etcd's v3 JSON gateway, for comparison) and [`echo`] (a datagram to
+//! serializable get through etcd's v3 JSON gateway, for comparison), `etcd_grpc` (the same
+//! through etcd's native gRPC API, with the `etcd-grpc` feature) and [`echo`] (a datagram to
 //! an echo thread in this process and back: the floor any UDP protocol pays on this machine).
 //!
 //! Every operation has an index `i`, drawn from a counter the workers share. The index alone
@@ -21,11 +22,15 @@
 //! Failed operations do not stop the run: they are counted by the contract's error kinds
 //! ([`ErrorCounts`]). Latency percentiles cover the successful operations, recorded in an HDR
 //! histogram per worker (3 significant digits from 1 ns to 60 s, in bounded memory whatever
-//! the run's length), merged at the end.
+//! the run's length), merged at the end. The report also gives the CPU time this process
+//! spent over the measured run (`getrusage`, every thread: workers, network drivers, async
+//! runtimes), so a comparison can weigh what each system's client costs per operation.
 
 pub mod churn;
 pub mod echo;
 pub mod etcd;
+#[cfg(feature = "etcd-grpc")]
+pub mod etcd_grpc;
 pub mod trireme;
 
 use std::collections::BTreeSet;
@@ -542,6 +547,9 @@ pub struct Report {
     pub longest_gap: Duration,
     /// Latency of the successful operations; `None` if none succeeded.
     pub latency: Option<Latency>,
+    /// CPU time (user + system) this process spent over the measured run, every thread
+    /// counted (workers, network drivers, async runtimes); `None` if the OS did not tell.
+    pub client_cpu: Option<Duration>,
 }
 
 /// Microseconds, for the report.
@@ -620,6 +628,7 @@ impl Report {
             "throughput": tenth(self.throughput()),
             "errors": errors,
             "latency_us": latency,
+            "client_cpu_us": self.client_cpu.map(|cpu| u64::try_from(cpu.as_micros()).unwrap_or(u64::MAX)),
         })
     }
 
@@ -687,6 +696,22 @@ impl Report {
             None => "no operation succeeded".to_owned(),
         };
         rows.push(("latency", latency));
+        let ops = self.succeeded + self.failed();
+        rows.push((
+            "client cpu",
+            match self.client_cpu {
+                Some(cpu) if ops > 0 => format!(
+                    "{:.1} ms user+sys in this process over the run, {:.1} µs per operation",
+                    cpu.as_secs_f64() * 1e3,
+                    micros(cpu) / ops as f64
+                ),
+                Some(cpu) => format!(
+                    "{:.1} ms user+sys in this process over the run",
+                    cpu.as_secs_f64() * 1e3
+                ),
+                None => "unknown (getrusage failed)".to_owned(),
+            },
+        ));
         let errors: Vec<String> = self
             .errors
             .iter()
@@ -867,6 +892,21 @@ impl Plan<'_> {
     }
 }
 
+/// The CPU time (user + system) this process has used so far, all threads counted; `None` if
+/// `getrusage` fails.
+fn process_cpu() -> Option<Duration> {
+    // SAFETY: getrusage writes one `rusage` into the zeroed value it is given, nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        (libc::getrusage(libc::RUSAGE_SELF, &mut usage) == 0).then_some(usage)
+    }?;
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).ok()?)
+            .checked_add(Duration::from_micros(u64::try_from(t.tv_usec).ok()?))
+    };
+    time(usage.ru_utime)?.checked_add(time(usage.ru_stime)?)
+}
+
 /// Sleeps until `instant` (at once if it has passed).
 fn sleep_until(instant: Instant) {
     let now = Instant::now();
@@ -890,6 +930,7 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
         target.describe(),
         config.concurrency
     );
+    let cpu_before = process_cpu();
     let plan = Plan {
         config,
         keys: &keys,
@@ -913,6 +954,9 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
             .collect()
     });
     let ended = Instant::now();
+    let client_cpu = cpu_before
+        .zip(process_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     let elapsed = ended.saturating_duration_since(plan.start);
     let longest_gap = plan.longest_gap(ended);
     let mut total = Tally::new();
@@ -945,6 +989,7 @@ pub fn run(target: &dyn Target, config: &BenchConfig) -> Result<Report, BenchErr
         refused_keys: total.refused_keys.len() as u64,
         longest_gap,
         latency: Latency::of(&total.latency),
+        client_cpu,
     })
 }
 
@@ -1148,6 +1193,7 @@ mod tests {
         assert!(l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max);
         assert_eq!(report.unsent, 0);
         assert!(report.longest_gap <= report.elapsed, "{report:?}");
+        assert!(report.client_cpu.is_some(), "getrusage answers on Linux");
     }
 
     /// Without a preload every read would miss: a write-only load does not preload, and a
@@ -1218,6 +1264,7 @@ mod tests {
                 max: Duration::from_micros(1200),
                 mean: Duration::from_nanos(120_050),
             }),
+            client_cpu: Some(Duration::from_micros(31_000)),
         };
         let json = report.json();
         let expected = json!({
@@ -1251,11 +1298,33 @@ mod tests {
                 "p50": 100.0, "p90": 150.0, "p99": 300.0, "p999": 900.0, "max": 1200.0,
                 "mean": 120.1
             },
+            "client_cpu_us": 31_000,
         });
         assert_eq!(json, expected);
         let table = report.table();
         assert!(table.contains("aborted 1"), "{table}");
         assert!(table.contains("497.5 ops/s"), "{table}");
+        assert!(
+            table.contains("31.0 ms user+sys in this process over the run, 155.0 µs per operation"),
+            "{table}"
+        );
+    }
+
+    /// The CPU clock this process reads around a run moves with work done on any thread.
+    #[test]
+    fn process_cpu_counts_work_on_other_threads() {
+        let before = process_cpu().expect("getrusage answers on Linux");
+        std::thread::spawn(|| {
+            let started = Instant::now();
+            let mut x = 1u64;
+            while started.elapsed() < Duration::from_millis(50) {
+                x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+            }
+        })
+        .join()
+        .unwrap();
+        let spent = process_cpu().unwrap().saturating_sub(before);
+        assert!(spent >= Duration::from_millis(25), "{spent:?}");
     }
 
     /// Issue 17: the report counts the distinct keys refused with `rebalancing`, across
