@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -107,6 +107,10 @@ struct HandleInner {
     commands: Sender<Command>,
     /// Wakes the driver's poll when a command is queued.
     waker: Waker,
+    /// Whether the driver may be asleep in its poll (or about to be): only then does a
+    /// queued command need the waker's system call. A busy driver (many workers' requests)
+    /// takes the commands on its next turn anyway.
+    sleepy: Arc<AtomicBool>,
     /// The socket's bound address.
     local_addr: SocketAddr,
 }
@@ -134,12 +138,19 @@ impl Handle {
         self.inner.local_addr
     }
 
-    /// Queues a command and wakes the driver; fails only if the driver has stopped.
+    /// Queues a command and wakes the driver if it may be asleep; fails only if the driver
+    /// has stopped.
     fn send(&self, command: Command) -> io::Result<()> {
         self.inner.commands.send(command).map_err(|_| {
             io::Error::new(io::ErrorKind::BrokenPipe, "the network driver has stopped")
         })?;
-        self.inner.waker.wake()
+        // Pairs with the driver's fence between setting `sleepy` and its last look at the
+        // queue: either that look finds this command, or this load finds the flag set.
+        fence(Ordering::SeqCst);
+        if self.inner.sleepy.load(Ordering::SeqCst) {
+            self.inner.waker.wake()?;
+        }
+        Ok(())
     }
 
     /// Starts a request to `dst`; its [`Reply`] (carrying `tag`) arrives on `reply`.
@@ -577,6 +588,7 @@ fn spawn_driver(
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
     let waker = Waker::new(poll.registry(), WAKER)?;
+    let sleepy = Arc::new(AtomicBool::new(true));
     let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
     let mut rng = match config.seed {
         Some(seed) => Rng::seeded(seed),
@@ -606,6 +618,7 @@ fn spawn_driver(
         delayed_seq: 0,
         pending: HashMap::new(),
         commands: commands_rx,
+        sleepy: Arc::clone(&sleepy),
         inbound,
         buffer: vec![0; 65536],
         drops_reported: (Instant::now(), Stats::default()),
@@ -616,6 +629,7 @@ fn spawn_driver(
     let inner = HandleInner {
         commands: commands_tx,
         waker,
+        sleepy,
         local_addr,
     };
     Ok((
@@ -652,6 +666,8 @@ struct Driver {
     pending: HashMap<RequestId, Waiter>,
     /// Commands from handles.
     commands: Receiver<Command>,
+    /// Set while the driver may be asleep in its poll (see `HandleInner::sleepy`).
+    sleepy: Arc<AtomicBool>,
     /// Where requests addressed to this node go.
     inbound: Inbound,
     /// Receive buffer.
@@ -688,7 +704,11 @@ impl Driver {
             .min();
             // Datagrams left unread by a capped batch get no new readiness event (epoll is
             // edge-triggered), so come straight back for them.
-            let timeout = if backlog {
+            // Say it may sleep before the last look at the command queue: a command queued
+            // after that look finds the flag set and wakes the poll.
+            self.sleepy.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let timeout = if backlog || !self.commands.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 next.map(|t| t.saturating_duration_since(now))
@@ -699,6 +719,7 @@ impl Driver {
                 warn!("poll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
+            self.sleepy.store(false, Ordering::SeqCst);
             let now = Instant::now();
             backlog = self.receive(now);
             if !self.take_commands(now) {
