@@ -97,6 +97,12 @@ pub struct Client {
     wait: bool,
     /// A view kept across operations by a long-lived caller, if any.
     cache: Option<ViewCache>,
+    /// Whether replicated operations run on the network driver's thread ([`net::Job`]) rather
+    /// than on the caller's (see [`Client::with_operations_on_driver`]).
+    on_driver: bool,
+    /// The operation being run has test hooks (pauses the caller sleeps through), so it runs
+    /// on the caller's thread even with `on_driver`.
+    hooked: bool,
     /// The epoch of the view the current operation used, and whether a replica refused it
     /// or could not be reached (then a cached view of that epoch is dropped).
     view_used: Option<(Epoch, bool)>,
@@ -228,6 +234,8 @@ impl Client {
             timeout,
             wait: false,
             cache: None,
+            on_driver: false,
+            hooked: false,
             view_used: None,
             epoch_floor: Epoch(0),
         }
@@ -236,6 +244,14 @@ impl Client {
     /// Keeps the view in `cache` across operations (see [`ViewCache`]).
     pub fn with_view_cache(mut self, cache: ViewCache) -> Client {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Runs replicated operations on the network driver's thread: the caller sleeps until the
+    /// outcome instead of waking for every answer (a `setr` gets six). Test hooks' pauses
+    /// would then stall the driver, so an operation with hooks still runs on the caller.
+    pub fn with_operations_on_driver(mut self) -> Client {
+        self.on_driver = true;
         self
     }
 
@@ -721,7 +737,7 @@ impl Client {
     fn replicated<O: Operation>(
         &mut self,
         retry: bool,
-        build: impl FnMut(Instant, &Placement) -> O + Clone + 'static,
+        build: impl FnMut(Instant, &Placement) -> O + Clone + Send + 'static,
     ) -> (Result<O::Output, OpError>, Option<Replicated<O>>) {
         let mut retries = GROUP_RETRIES_WITHOUT_DEADLINE;
         loop {
@@ -755,7 +771,7 @@ impl Client {
     fn replicated_once<O: Operation>(
         &mut self,
         retry: bool,
-        build: impl FnMut(Instant, &Placement) -> O + 'static,
+        build: impl FnMut(Instant, &Placement) -> O + Send + 'static,
     ) -> (Result<O::Output, OpError>, Option<Replicated<O>>) {
         let viewleader = match self.viewleader() {
             Ok(addr) => addr,
@@ -775,7 +791,20 @@ impl Client {
         if !fallbacks.is_empty() {
             operation = operation.with_fallbacks(now, fallbacks, VIEWLEADER_ATTEMPT);
         }
-        let outcome = self.run(&mut operation);
+        let outcome = if self.on_driver && !self.hooked {
+            match self.run_on_driver(operation) {
+                Some((outcome, finished)) => {
+                    operation = finished;
+                    outcome
+                }
+                None => {
+                    let stopped = op_error(ErrorKind::Timeout, "the network driver stopped");
+                    return (Err(stopped), None);
+                }
+            }
+        } else {
+            self.run(&mut operation)
+        };
         for &member in operation.failed_viewleaders() {
             self.forget_viewleader(member);
         }
@@ -790,6 +819,19 @@ impl Client {
             self.view_used = Some((placement.view.epoch, false));
         }
         (outcome, Some(operation))
+    }
+
+    /// Runs `operation` on the network driver's own thread ([`OnDriver`]) and sleeps until it
+    /// finishes; returns its result and the finished machine, or `None` if the driver
+    /// stopped (taking the operation with it).
+    fn run_on_driver<O: Operation>(&self, operation: O) -> Option<(Result<O::Output, OpError>, O)> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job = OnDriver {
+            operation: Some(operation),
+            done: tx,
+        };
+        self.handle.run(Box::new(job)).ok()?;
+        net::recv_spinning(&rx).ok()
     }
 
     /// Runs a replicated `operation` on the network driver until it finishes: hands its
@@ -880,7 +922,16 @@ impl Client {
             let txid = TxId::random(&mut rng);
             Setr::new(now, &key, &value, placement, txid, deadline, timeout, hooks)
         };
-        self.replicated(true, build).0
+        self.hooked = [
+            hooks.pause_after_view,
+            hooks.pause_before_commit,
+            hooks.pause_after_primary_commit,
+        ]
+        .iter()
+        .any(|pause| !pause.is_zero());
+        let outcome = self.replicated(true, build).0;
+        self.hooked = false;
+        outcome
     }
 
     /// `getr KEY`: a replicated read. Tries the key's replicas in ring order until one has
@@ -1114,6 +1165,69 @@ fn probe(
         ErrorKind::Timeout
     };
     Err(Failure::Down(op_error(kind, message)))
+}
+
+/// A replicated operation run on the network driver's thread (a [`net::Job`]): it encodes the
+/// operation's requests, decodes their answers, and hands the outcome and the finished
+/// machine back on `done`.
+struct OnDriver<O: Operation> {
+    /// The operation, until it finishes.
+    operation: Option<O>,
+    /// Where the outcome and the machine go.
+    done: crossbeam_channel::Sender<(Result<O::Output, OpError>, O)>,
+}
+
+impl<O: Operation> net::Job for OnDriver<O> {
+    /// The operation's next request, encoded; one that does not encode is failed at once.
+    fn poll_send(&mut self) -> Option<net::JobSend> {
+        let operation = self.operation.as_mut()?;
+        loop {
+            let send = operation.poll_send()?;
+            match replicated::encode(&send) {
+                Ok(body) => {
+                    return Some(net::JobSend {
+                        dst: send.dst,
+                        body,
+                        deadline: send.deadline,
+                        unacked_attempts: send.unacked_attempts,
+                        token: send.token,
+                    });
+                }
+                Err(error) => operation.handle_response(Instant::now(), send.token, Err(error)),
+            }
+        }
+    }
+
+    /// Decodes an answer for the operation.
+    fn handle_response(&mut self, now: Instant, token: u64, result: Result<Vec<u8>, RequestError>) {
+        if let Some(operation) = &mut self.operation {
+            let result = result.map(|bytes| Response::decode_or_error(&bytes));
+            operation.handle_response(now, token, result);
+        }
+    }
+
+    /// Fires the operation's timer.
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Some(operation) = &mut self.operation {
+            operation.handle_timeout(now);
+        }
+    }
+
+    /// The operation's timer.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.operation.as_ref().and_then(Operation::poll_timeout)
+    }
+
+    /// Hands the outcome back once there is one.
+    fn is_done(&mut self) -> bool {
+        let Some(outcome) = self.operation.as_mut().and_then(Operation::poll_outcome) else {
+            return self.operation.is_none();
+        };
+        let operation = self.operation.take().expect("checked above");
+        // The caller may have stopped waiting (it is gone): then nobody wants the outcome.
+        let _ = self.done.send((outcome, operation));
+        true
+    }
 }
 
 #[cfg(test)]

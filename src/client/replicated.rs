@@ -39,7 +39,7 @@ const ATTEMPT_SHIFT: u32 = 20;
 const VIEW_TOKEN: u64 = 0;
 
 /// Builds the coordinator for one attempt on a view, at an instant.
-type Build<O> = Box<dyn FnMut(Instant, &Placement) -> O>;
+type Build<O> = Box<dyn FnMut(Instant, &Placement) -> O + std::marker::Send>;
 
 /// Where a [`Replicated`] operation stands.
 enum Stage<O> {
@@ -110,7 +110,7 @@ impl<O: Operation> Replicated<O> {
         wait: bool,
         retry: bool,
         floor: Epoch,
-        build: impl FnMut(Instant, &Placement) -> O + 'static,
+        build: impl FnMut(Instant, &Placement) -> O + std::marker::Send + 'static,
     ) -> Replicated<O> {
         let mut operation = Replicated {
             viewleader,
@@ -189,7 +189,7 @@ impl<O: Operation> Replicated<O> {
         wait: bool,
         retry: bool,
         floor: Epoch,
-        build: impl FnMut(Instant, &Placement) -> O + 'static,
+        build: impl FnMut(Instant, &Placement) -> O + std::marker::Send + 'static,
     ) -> Replicated<O> {
         let mut operation = Replicated {
             viewleader,

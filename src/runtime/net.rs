@@ -63,6 +63,39 @@ pub struct Reply {
     pub result: Result<Vec<u8>, RequestError>,
 }
 
+/// A request a [`Job`] wants sent.
+#[derive(Debug)]
+pub struct JobSend {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Request body.
+    pub body: Vec<u8>,
+    /// Give up at this instant.
+    pub deadline: Option<Instant>,
+    /// Give up after this many timeouts while the peer acknowledged nothing.
+    pub unacked_attempts: Option<u32>,
+    /// The job's own tag for the request, handed back with its outcome.
+    pub token: u64,
+}
+
+/// A sans-IO operation run on the driver thread itself ([`Handle::run`]): its requests go out
+/// and their outcomes come back without waking the thread that submitted it, which learns
+/// only the job's end (through whatever the job itself holds, typically a channel). Called
+/// in this order: `poll_send` until `None`, then `is_done`; after each outcome or timer,
+/// again. Time never goes backwards between calls.
+pub trait Job: std::marker::Send {
+    /// The next request to send, if any.
+    fn poll_send(&mut self) -> Option<JobSend>;
+    /// The outcome of request `token` (its response body, or why none came) at `now`.
+    fn handle_response(&mut self, now: Instant, token: u64, result: Result<Vec<u8>, RequestError>);
+    /// The job's timer fired at `now`.
+    fn handle_timeout(&mut self, now: Instant);
+    /// When the job wants its timer.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Whether the job has finished (having delivered its outcome); it is then dropped.
+    fn is_done(&mut self) -> bool;
+}
+
 /// What applications ask of the driver thread.
 enum Command {
     /// Send a request; deliver its outcome on `reply` with `tag`.
@@ -87,6 +120,8 @@ enum Command {
         /// The response body.
         body: Vec<u8>,
     },
+    /// Run a job on the driver thread until it is done.
+    Run(Box<dyn Job>),
     /// Report the endpoint's counters.
     Stats(Sender<Stats>),
     /// Stop the thread.
@@ -204,6 +239,12 @@ impl Handle {
         }
     }
 
+    /// Hands `job` to the driver thread, which runs it until it is done; fails only if the
+    /// driver has stopped.
+    pub fn run(&self, job: Box<dyn Job>) -> io::Result<()> {
+        self.send(Command::Run(job))
+    }
+
     /// Answers request `id` with `body`.
     pub fn respond(&self, id: IncomingId, body: Vec<u8>) -> io::Result<()> {
         self.send(Command::Respond { id, body })
@@ -279,6 +320,8 @@ enum Waiter {
     Channel(Sender<Reply>, u64),
     /// The driver thread's own [`Service`], with its tag.
     Service(u64),
+    /// A [`Job`] on the driver thread (by its number), with its token.
+    Job(u64, u64),
 }
 
 /// How long a caller waiting for a reply polls its channel (yielding the CPU between polls)
@@ -617,6 +660,8 @@ fn spawn_driver(
         delayed: BTreeMap::new(),
         delayed_seq: 0,
         pending: HashMap::new(),
+        jobs: HashMap::new(),
+        next_job: 0,
         commands: commands_rx,
         sleepy: Arc::clone(&sleepy),
         inbound,
@@ -664,6 +709,10 @@ struct Driver {
     delayed_seq: u64,
     /// Where each outstanding request's outcome goes.
     pending: HashMap<RequestId, Waiter>,
+    /// The jobs running on this thread, by number.
+    jobs: HashMap<u64, Box<dyn Job>>,
+    /// The number of the next job.
+    next_job: u64,
     /// Commands from handles.
     commands: Receiver<Command>,
     /// Set while the driver may be asleep in its poll (see `HandleInner::sleepy`).
@@ -698,6 +747,10 @@ impl Driver {
                 self.endpoint.poll_timeout(),
                 self.delayed.keys().next().map(|k| k.0),
                 self.service_timeout(),
+                self.jobs
+                    .values()
+                    .filter_map(|job| job.poll_timeout())
+                    .min(),
             ]
             .into_iter()
             .flatten()
@@ -741,6 +794,20 @@ impl Driver {
             }
             if timers_deferred == 0 && self.service_timeout().is_some_and(|t| t <= now) {
                 self.with_service(now, |service, net| service.handle_timeout(now, net));
+            }
+            if timers_deferred == 0 {
+                let due: Vec<u64> = self
+                    .jobs
+                    .iter()
+                    .filter(|(_, job)| job.poll_timeout().is_some_and(|t| t <= now))
+                    .map(|(&number, _)| number)
+                    .collect();
+                for number in due {
+                    if let Some(job) = self.jobs.get_mut(&number) {
+                        job.handle_timeout(now);
+                    }
+                    self.pump_job(now, number);
+                }
             }
             self.flush(now);
             self.report_drops(now);
@@ -849,6 +916,31 @@ impl Driver {
         }
     }
 
+    /// Starts the requests job `number` wants sent (a request the endpoint refuses is
+    /// answered at once with its error), and drops the job once it is done.
+    fn pump_job(&mut self, now: Instant, number: u64) {
+        let Some(job) = self.jobs.get_mut(&number) else {
+            return;
+        };
+        while let Some(send) = job.poll_send() {
+            match self.endpoint.request_with(
+                now,
+                send.dst,
+                send.body,
+                send.deadline,
+                send.unacked_attempts,
+            ) {
+                Ok(id) => {
+                    self.pending.insert(id, Waiter::Job(number, send.token));
+                }
+                Err(e) => job.handle_response(now, send.token, Err(e)),
+            }
+        }
+        if job.is_done() {
+            self.jobs.remove(&number);
+        }
+    }
+
     /// Executes every queued command; false when the thread must stop.
     fn take_commands(&mut self, now: Instant) -> bool {
         loop {
@@ -878,6 +970,12 @@ impl Driver {
                     if let Err(e) = self.endpoint.respond(now, id, body) {
                         warn!("cannot send a response: {e}");
                     }
+                }
+                Ok(Command::Run(job)) => {
+                    let number = self.next_job;
+                    self.next_job += 1;
+                    self.jobs.insert(number, job);
+                    self.pump_job(now, number);
                 }
                 Ok(Command::Stats(reply)) => {
                     let _ = reply.send(self.endpoint.stats().clone());
@@ -929,6 +1027,12 @@ impl Driver {
                 Some(Waiter::Service(tag)) => self.with_service(now, |service, net| {
                     service.handle_reply(now, Reply { tag, result }, net)
                 }),
+                Some(Waiter::Job(number, token)) => {
+                    if let Some(job) = self.jobs.get_mut(&number) {
+                        job.handle_response(now, token, result);
+                    }
+                    self.pump_job(now, number);
+                }
                 None => {}
             },
         }
@@ -993,5 +1097,152 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that asks `peer` twice in a row (the second request only after the first
+    /// answer, as a `setr`'s commit follows its votes) and reports both answers, or its
+    /// first failure, on `done`.
+    struct TwoAsks {
+        /// The peer asked.
+        peer: SocketAddr,
+        /// Requests sent so far.
+        sent: u64,
+        /// Answers received so far.
+        answers: Vec<Vec<u8>>,
+        /// The first failure, if any.
+        failed: Option<RequestError>,
+        /// Where the outcome goes.
+        done: Sender<Result<Vec<Vec<u8>>, RequestError>>,
+    }
+
+    impl Job for TwoAsks {
+        /// The next question, once the previous one is answered.
+        fn poll_send(&mut self) -> Option<JobSend> {
+            if self.failed.is_some() || self.sent >= 2 || self.answers.len() as u64 != self.sent {
+                return None;
+            }
+            self.sent += 1;
+            Some(JobSend {
+                dst: self.peer,
+                body: format!("question {}", self.sent).into_bytes(),
+                deadline: Some(Instant::now() + Duration::from_secs(5)),
+                unacked_attempts: None,
+                token: self.sent,
+            })
+        }
+
+        /// Keeps the answer, or the failure.
+        fn handle_response(
+            &mut self,
+            _: Instant,
+            token: u64,
+            result: Result<Vec<u8>, RequestError>,
+        ) {
+            assert_eq!(
+                token,
+                self.answers.len() as u64 + 1,
+                "answers come in order"
+            );
+            match result {
+                Ok(body) => self.answers.push(body),
+                Err(e) => self.failed = Some(e),
+            }
+        }
+
+        /// No timer.
+        fn handle_timeout(&mut self, _: Instant) {}
+
+        /// No timer.
+        fn poll_timeout(&self) -> Option<Instant> {
+            None
+        }
+
+        /// Done after two answers or a failure.
+        fn is_done(&mut self) -> bool {
+            let outcome = match (&self.failed, self.answers.len()) {
+                (Some(e), _) => Err(e.clone()),
+                (None, 2) => Ok(std::mem::take(&mut self.answers)),
+                _ => return false,
+            };
+            let _ = self.done.send(outcome);
+            true
+        }
+    }
+
+    /// Issue 18: a job runs on the driver thread, sending its requests and taking their
+    /// answers there; the thread that handed it over only sees the outcome.
+    #[test]
+    fn a_job_runs_on_the_driver_thread_to_its_outcome() {
+        let (asker, _asked, _a) = spawn(
+            bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+            NetConfig::default(),
+        )
+        .unwrap();
+        let (answerer, requests, _b) = spawn(
+            bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+            NetConfig::default(),
+        )
+        .unwrap();
+        let echo = {
+            let answerer = answerer.clone();
+            std::thread::spawn(move || {
+                for request in requests.iter().take(2) {
+                    let mut body = b"answer to ".to_vec();
+                    body.extend_from_slice(&request.body);
+                    answerer.respond(request.id, body).unwrap();
+                }
+            })
+        };
+        let (done, outcome) = crossbeam_channel::bounded(1);
+        let job = TwoAsks {
+            peer: answerer.local_addr(),
+            sent: 0,
+            answers: Vec::new(),
+            failed: None,
+            done,
+        };
+        asker.run(Box::new(job)).unwrap();
+        let answers = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job finishes")
+            .expect("both questions answered");
+        assert_eq!(
+            answers,
+            [
+                b"answer to question 1".to_vec(),
+                b"answer to question 2".to_vec()
+            ]
+        );
+        echo.join().unwrap();
+
+        // A job whose peer is gone ends with the failure.
+        let (done, outcome) = crossbeam_channel::bounded(1);
+        let gone = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = gone.local_addr().unwrap();
+        drop(gone);
+        let job = TwoAsks {
+            peer,
+            sent: 0,
+            answers: Vec::new(),
+            failed: None,
+            done,
+        };
+        asker.run(Box::new(job)).unwrap();
+        let failure = outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job finishes")
+            .expect_err("nobody answers");
+        assert!(
+            matches!(
+                failure,
+                RequestError::Unreachable { .. } | RequestError::Timeout { .. }
+            ),
+            "{failure:?}"
+        );
     }
 }

@@ -101,9 +101,11 @@ pub struct Send {
 
 /// A replicated operation as a sans-IO state machine (see the module documentation for the
 /// calling contract).
-pub trait Operation {
+/// Operations are `Send` so that a long-lived client can run them on its network driver's
+/// thread (`client::Client::with_operations_on_driver`).
+pub trait Operation: std::marker::Send + 'static {
     /// What the operation yields when it succeeds.
-    type Output;
+    type Output: std::marker::Send;
 
     /// The next request to send, if any.
     fn poll_send(&mut self) -> Option<Send>;

@@ -17,10 +17,9 @@
 //! each server process, client incarnation and group member saw, the view each member applied
 //! at each epoch, and when each lock client learned it holds a lock and when it let go.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use trireme::client::{self, Placement, Replicated, VIEWLEADER_ATTEMPT};
@@ -681,8 +680,9 @@ struct ClientActor {
     /// last: asked last.
     failed: Vec<SocketAddr>,
     /// Its random source (keys, values, think times, and, when a setr's coordinator is
-    /// built on a view, its pause and txid: shared with that build).
-    rng: Rc<RefCell<Rng>>,
+    /// built on a view, its pause and txid: shared with that build, which must be `Send`
+    /// like every operation, hence a mutex in this single-threaded world).
+    rng: Arc<Mutex<Rng>>,
     /// When to start the next operation (`None`: running one, or stopped).
     next_op: Option<Instant>,
     /// The operation in progress.
@@ -739,7 +739,7 @@ impl ClientActor {
     /// of them with `--wait`.
     fn start(&mut self, now: Instant) {
         self.seq += 1;
-        let mut rng = self.rng.borrow_mut();
+        let mut rng = self.rng.lock().expect("one thread");
         let key = format!("k{}", rng.below(self.params.keys as u64));
         let value = rng
             .chance(0.5)
@@ -753,10 +753,10 @@ impl ClientActor {
         let op = match &value {
             Some(value) => {
                 let pause = self.params.pause_before_commit;
-                let (key, value, rng) = (key.clone(), value.clone(), Rc::clone(&self.rng));
+                let (key, value, rng) = (key.clone(), value.clone(), Arc::clone(&self.rng));
                 // The pause and the txid are drawn when the view step hands over a view.
                 let build = move |now: Instant, placement: &Placement| {
-                    let mut rng = rng.borrow_mut();
+                    let mut rng = rng.lock().expect("one thread");
                     let hooks = SetrHooks {
                         pause_before_commit: if pause.is_zero() {
                             Duration::ZERO
@@ -936,7 +936,8 @@ impl ClientActor {
         }
         let think = Duration::from_micros(
             self.rng
-                .borrow_mut()
+                .lock()
+                .expect("one thread")
                 .below(self.params.think.as_micros() as u64 + 1),
         );
         self.next_op = (!self.stopped).then_some(now + think);
@@ -1439,7 +1440,7 @@ impl World {
             viewleader: self.addrs[index % self.params.group],
             members: self.members(),
             failed: Vec::new(),
-            rng: Rc::new(RefCell::new(client_rng)),
+            rng: Arc::new(Mutex::new(client_rng)),
             next_op: Some(first),
             running: None,
             seq: 0,

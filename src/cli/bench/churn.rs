@@ -129,7 +129,8 @@ fn work(
             Vec::new(),
             viewleader,
             Some(timeout),
-        );
+        )
+        .with_operations_on_driver();
         let start = Instant::now();
         let failure = if write {
             let value = format!("{round:0>value_len$}");

@@ -171,7 +171,8 @@ impl Connection for TriremeConnection {
             self.server,
             self.timeout,
         )
-        .with_view_cache(self.views.clone());
+        .with_view_cache(self.views.clone())
+        .with_operations_on_driver();
         match op {
             Op::Write => client.setr(key, value, SetrHooks::default()).map(drop),
             Op::Read => client.getr(key).map(drop),
