@@ -441,6 +441,7 @@ pub fn templates() -> &'static [Vec<u8>] {
                         key: format!("key-{i}"),
                         value: "x".repeat(100),
                         version: i,
+                        txid: None,
                     })
                     .collect(),
             },

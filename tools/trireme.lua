@@ -490,6 +490,8 @@ local REQUEST_BODY = {
             local key = rr:str(es, F.key, { label = "key" })
             rr:str(es, F.value, { label = "value", len_field = F.value_len })
             rr:u64(es, F.value_version)
+            -- The transaction that wrote it (an Option: absent for a raw set).
+            if rr:bool(es, F.present) then rr:u128(es, F.txid) end
             es:set_len(rr.pos - start)
             es:append_text(": " .. key)
         end, 3)

@@ -172,7 +172,7 @@ impl Bucket {
             let stored = Stored {
                 version: entry.version,
                 value: entry.value,
-                txid: None,
+                txid: entry.txid,
                 stray: false,
                 candidate: false,
             };
@@ -269,6 +269,7 @@ mod tests {
             key: "k".into(),
             value: "older".into(),
             version: 3,
+            txid: None,
         };
         assert_eq!(bucket.receive(vec![entry]), (1, 6));
         assert_eq!(

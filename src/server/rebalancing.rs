@@ -265,6 +265,7 @@ impl Rebalancing {
                     key: key.clone(),
                     value: stored.value.clone(),
                     version: stored.version,
+                    txid: stored.txid,
                 });
             }
             if !batch.is_empty() {

@@ -197,11 +197,13 @@ fn candidates_are_sent_to_their_replicas_and_served_once_reconciled() {
                 key: "old".into(),
                 value: "kept".into(),
                 version: 5,
+                txid: None,
             },
             Entry {
                 key: "newer".into(),
                 value: "stale".into(),
                 version: 5,
+                txid: None,
             },
         ],
     };
@@ -244,6 +246,7 @@ fn candidates_are_sent_to_their_replicas_and_served_once_reconciled() {
             key: "newer".into(),
             value: "current".into(),
             version: Epoch(3).version_floor() + 1,
+            txid: None,
         }],
     };
     assert_eq!(ask_from(&mut s, peer, newer), Response::Done);
@@ -430,6 +433,7 @@ fn a_transfer_for_an_older_epoch_is_refused() {
         key: key.into(),
         value: "v".into(),
         version: 1,
+        txid: None,
     };
     let ask = |s: &mut Server, request| ask_from(s, PEER.parse().unwrap(), request);
     let stale = ask(
@@ -508,7 +512,8 @@ fn rebalancing_waits_for_undecided_transactions() {
         vec![Entry {
             key: "k".into(),
             value: "new".into(),
-            version: 1
+            version: 1,
+            txid: Some(TxId(7)),
         }],
         "the committed value goes to the new replica"
     );
@@ -648,6 +653,7 @@ fn a_transfer_from_a_non_member_is_refused() {
             key: "forged".into(),
             value: "v".into(),
             version: 99,
+            txid: None,
         }],
     };
     let refused = ask(&mut s, transfer());

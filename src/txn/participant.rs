@@ -28,15 +28,19 @@
 //!   information), except the primary, which records and answers `Aborted`. If the primary has
 //!   left the view, the asker sends its queries with `close`: a peer still undecided then
 //!   refuses any later commit from the coordinator, and ignores a `Committed` answer from the
-//!   primary (a late one, sent before the primary left). Once every other participant still in
-//!   the view answered a closing round and none committed, the asker aborts. Otherwise it asks
-//!   again.
+//!   primary (a late one, sent before the primary left). A closing round also asks every
+//!   other server of the view: rebalancing may have copied a departed participant's bucket,
+//!   this transaction's commit included, to a server that was never a participant (found by
+//!   the simulator, seed 863), and transfers carry each entry's transaction id so that such a
+//!   holder answers `Committed` from its bucket. Once every other server still in the view
+//!   answered a closing round and none committed, the asker aborts. Otherwise it asks again.
 //!
 //! Safety in brief: only the primary decides; a non-primary commits only after the primary
 //! committed, and never aborts while a peer could still commit (every peer either answered
-//! without a commit and is closed, or is gone with its bucket). The one loss is a commit that
-//! exists only at participants that left the view (the primary among them): their buckets
-//! leave with them.
+//! without a commit and is closed, or is gone with its bucket, and no server of the view holds
+//! the commit). The one loss is a commit that exists only at servers that left the view (the
+//! primary among them): their buckets leave with them. The model checker does not model
+//! rebalancing; the simulator does.
 //!
 //! `tests/model.rs` checks these properties exhaustively (within bounds) on this code.
 
@@ -678,6 +682,19 @@ impl Participant {
                 continue;
             };
             let close = view.is_some_and(|v| !v.contains(primary.id));
+            // A closing round also asks every other server of the view: a participant that
+            // left the view is not gone with its bucket if rebalancing copied its bucket (a
+            // commit of this transaction included) to another server meanwhile. Such a
+            // holder answers `Committed` from its bucket (transfers carry the txid).
+            let others: Vec<Member> = match view {
+                Some(v) if close => v
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|m| m.id != me && !pending.participants.iter().any(|p| p.id == m.id))
+                    .collect(),
+                _ => Vec::new(),
+            };
             pending.next_query = now + TERMINATION_RETRY;
             pending.round = Round {
                 asked: BTreeMap::new(),
@@ -686,6 +703,7 @@ impl Participant {
                     .iter()
                     .map(|m| m.id)
                     .filter(|&id| id != me && id != primary.id)
+                    .chain(others.iter().map(|m| m.id))
                     .collect(),
                 answered: Vec::new(),
                 close,
@@ -695,6 +713,7 @@ impl Participant {
                 .iter()
                 .copied()
                 .filter(|m| m.id != me)
+                .chain(others)
                 .collect();
             debug!(
                 "transaction {txid}: no decision yet; asking {} peers (close: {close})",
@@ -1294,6 +1313,45 @@ mod tests {
         assert_eq!(effects, vec![Effect::Release("k".into())]);
     }
 
+    /// Seed 863: every other participant left the view, but rebalancing copied one's bucket
+    /// (with this transaction's commit) to a server that is no participant. The closing round
+    /// asks it too, and follows its `Committed`; an `Unknown` from it allows the abort.
+    #[test]
+    fn a_closing_round_asks_the_other_servers_of_the_view() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(3);
+        let v = view(&[2, 4]);
+        let mut p = Participant::new();
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
+            .unwrap();
+        let effects = p.handle_timeout(later, ServerId(2), Some(&v));
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::Release(_))),
+            "server 4 not heard yet: {effects:?}"
+        );
+        let mut p = Participant::new();
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
+            .unwrap();
+        let tokens = start_round(&mut p, 2, later, &v);
+        assert!(tokens.contains_key(&4), "{tokens:?}");
+        let effects = p.handle_query_answer(
+            later,
+            tokens[&4],
+            Some(TxOutcome::Committed { version: 9 }),
+            Some(&v),
+        );
+        assert!(
+            matches!(&effects[..], [Effect::Apply(w)] if w.version == 9),
+            "{effects:?}"
+        );
+        let mut p = Participant::new();
+        p.prepare(now, &ctx(2, 4), prepare(7, "k", 2), None)
+            .unwrap();
+        let tokens = start_round(&mut p, 2, later, &v);
+        let effects = p.handle_query_answer(later, tokens[&4], Some(TxOutcome::Unknown), Some(&v));
+        assert_eq!(effects, vec![Effect::Release("k".into())]);
+    }
+
     /// Regression (review B): the primary gone and a peer's answer lost: keep asking; a peer
     /// that committed is followed, never contradicted.
     #[test]
@@ -1480,7 +1538,7 @@ mod tests {
         p.prepare(now, &ctx(3, 4), prepare(7, "k", 3), None)
             .unwrap();
         let later = now + Duration::from_secs(3);
-        let effects = p.handle_timeout(later, ServerId(3), Some(&view(&[3, 4])));
+        let effects = p.handle_timeout(later, ServerId(3), Some(&view(&[3])));
         assert!(
             effects.contains(&Effect::Release("k".into())),
             "{effects:?}"

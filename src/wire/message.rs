@@ -327,6 +327,9 @@ pub struct Entry {
     pub value: String,
     /// Its version (the receiver keeps the higher one).
     pub version: u64,
+    /// The transaction that wrote it (`None` for a raw `set`), so the receiver can answer a
+    /// termination query about it from its bucket.
+    pub txid: Option<TxId>,
 }
 
 /// A transaction id: 128 random bits, printed as 32 hex characters.
@@ -546,6 +549,7 @@ mod tests {
                     key: "k".into(),
                     value: "v".into(),
                     version: 2,
+                    txid: None,
                 }],
             },
             Request::QueryServers,

@@ -122,6 +122,7 @@ fn every_request() -> Vec<(&'static str, Request)> {
                     key: "k".into(),
                     value: "v".into(),
                     version: 2,
+                    txid: Some(TxId(0x5eed)),
                 }],
             },
         ),

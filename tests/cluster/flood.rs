@@ -97,6 +97,7 @@ fn hostile(target: &Target, rand: &mut Rng, i: u32) -> Request {
                 key,
                 value: "forged".into(),
                 version: u64::MAX,
+                txid: None,
             }],
         },
         1 => Request::Commit {
