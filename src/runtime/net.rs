@@ -1120,6 +1120,19 @@ mod tests {
         done: Sender<Result<Vec<Vec<u8>>, RequestError>>,
     }
 
+    impl TwoAsks {
+        /// A job asking `peer`, reporting on `done`.
+        fn to(peer: SocketAddr, done: Sender<Result<Vec<Vec<u8>>, RequestError>>) -> TwoAsks {
+            TwoAsks {
+                peer,
+                sent: 0,
+                answers: Vec::new(),
+                failed: None,
+                done,
+            }
+        }
+    }
+
     impl Job for TwoAsks {
         /// The next question, once the previous one is answered.
         fn poll_send(&mut self) -> Option<JobSend> {
@@ -1174,6 +1187,16 @@ mod tests {
         }
     }
 
+    /// Runs a [`TwoAsks`] toward `peer` on `asker`'s driver and waits (10 s at most) for its
+    /// outcome.
+    fn run_two_asks(asker: &Handle, peer: SocketAddr) -> Result<Vec<Vec<u8>>, RequestError> {
+        let (done, outcome) = crossbeam_channel::bounded(1);
+        asker.run(Box::new(TwoAsks::to(peer, done))).unwrap();
+        outcome
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job finishes")
+    }
+
     /// Issue 18: a job runs on the driver thread, sending its requests and taking their
     /// answers there; the thread that handed it over only sees the outcome.
     #[test]
@@ -1198,19 +1221,7 @@ mod tests {
                 }
             })
         };
-        let (done, outcome) = crossbeam_channel::bounded(1);
-        let job = TwoAsks {
-            peer: answerer.local_addr(),
-            sent: 0,
-            answers: Vec::new(),
-            failed: None,
-            done,
-        };
-        asker.run(Box::new(job)).unwrap();
-        let answers = outcome
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the job finishes")
-            .expect("both questions answered");
+        let answers = run_two_asks(&asker, answerer.local_addr()).expect("both questions answered");
         assert_eq!(
             answers,
             [
@@ -1221,22 +1232,10 @@ mod tests {
         echo.join().unwrap();
 
         // A job whose peer is gone ends with the failure.
-        let (done, outcome) = crossbeam_channel::bounded(1);
         let gone = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let peer = gone.local_addr().unwrap();
         drop(gone);
-        let job = TwoAsks {
-            peer,
-            sent: 0,
-            answers: Vec::new(),
-            failed: None,
-            done,
-        };
-        asker.run(Box::new(job)).unwrap();
-        let failure = outcome
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the job finishes")
-            .expect_err("nobody answers");
+        let failure = run_two_asks(&asker, peer).expect_err("nobody answers");
         assert!(
             matches!(
                 failure,

@@ -78,13 +78,49 @@ impl FromStr for Endpoint {
     }
 }
 
+/// The members' client URLs, handed to workers in turn (shared by both etcd targets).
+#[derive(Debug)]
+pub struct Endpoints {
+    /// The URLs.
+    list: Vec<Endpoint>,
+    /// The one the next worker connects to.
+    next: AtomicUsize,
+}
+
+impl Endpoints {
+    /// The rota of `list`.
+    pub fn new(list: Vec<Endpoint>) -> Endpoints {
+        Endpoints {
+            list,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next endpoint in turn, or `bad_input` if none was given.
+    pub fn take_turn(&self) -> Result<&Endpoint, OpError> {
+        if self.list.is_empty() {
+            return Err(OpError {
+                kind: ErrorKind::BadInput,
+                message: "no etcd endpoint given".into(),
+                cycle: Vec::new(),
+            });
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.list.len();
+        Ok(&self.list[turn])
+    }
+
+    /// The URLs joined by ", ", for a target's description.
+    pub fn describe(&self) -> String {
+        let urls: Vec<String> = self.list.iter().map(Endpoint::url).collect();
+        urls.join(", ")
+    }
+}
+
 /// A running etcd cluster, reached through the v3 JSON gateway of its members.
 #[derive(Debug)]
 pub struct Etcd {
     /// The members' client URLs; workers take them in turn.
-    endpoints: Vec<Endpoint>,
-    /// The endpoint the next worker connects to.
-    next: AtomicUsize,
+    endpoints: Endpoints,
     /// The bound on connecting and on each read or write.
     timeout: Duration,
 }
@@ -94,8 +130,7 @@ impl Etcd {
     /// `timeout` (`None`: 5 s).
     pub fn new(endpoints: Vec<Endpoint>, timeout: Option<Duration>) -> Etcd {
         Etcd {
-            endpoints,
-            next: AtomicUsize::new(0),
+            endpoints: Endpoints::new(endpoints),
             timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
         }
     }
@@ -104,21 +139,12 @@ impl Etcd {
 impl Target for Etcd {
     /// "etcd at http://A, http://B (v3 JSON gateway)".
     fn describe(&self) -> String {
-        let urls: Vec<String> = self.endpoints.iter().map(Endpoint::url).collect();
-        format!("etcd at {} (v3 JSON gateway)", urls.join(", "))
+        format!("etcd at {} (v3 JSON gateway)", self.endpoints.describe())
     }
 
     /// Opens a connection to the next endpoint in turn.
     fn connect(&self) -> Result<Box<dyn Connection>, OpError> {
-        if self.endpoints.is_empty() {
-            return Err(OpError {
-                kind: ErrorKind::BadInput,
-                message: "no etcd endpoint given".into(),
-                cycle: Vec::new(),
-            });
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        let endpoint = self.endpoints[turn].clone();
+        let endpoint = self.endpoints.take_turn()?.clone();
         let mut connection = EtcdConnection {
             endpoint,
             timeout: self.timeout,

@@ -20,7 +20,6 @@
 //! `unreachable`; no answer within the command's bound `timeout`.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions};
@@ -28,7 +27,7 @@ use thiserror::Error;
 use tokio::runtime::{Builder, Runtime};
 use tonic::Code;
 
-use crate::cli::bench::etcd::Endpoint;
+use crate::cli::bench::etcd::{Endpoint, Endpoints};
 use crate::cli::bench::{Connection, Op, Target};
 use crate::wire::message::{ErrorKind, OpError};
 
@@ -39,9 +38,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct EtcdGrpc {
     /// The members' client URLs; workers take them in turn.
-    endpoints: Vec<Endpoint>,
-    /// The endpoint the next worker connects to.
-    next: AtomicUsize,
+    endpoints: Endpoints,
     /// The bound on connecting and on each operation.
     timeout: Duration,
 }
@@ -51,8 +48,7 @@ impl EtcdGrpc {
     /// `timeout` (`None`: 5 s).
     pub fn new(endpoints: Vec<Endpoint>, timeout: Option<Duration>) -> EtcdGrpc {
         EtcdGrpc {
-            endpoints,
-            next: AtomicUsize::new(0),
+            endpoints: Endpoints::new(endpoints),
             timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
         }
     }
@@ -62,25 +58,16 @@ impl Target for EtcdGrpc {
     /// "etcd at http://A, http://B (gRPC: etcd-client/tonic, one HTTP/2 connection per
     /// worker)".
     fn describe(&self) -> String {
-        let urls: Vec<String> = self.endpoints.iter().map(Endpoint::url).collect();
         format!(
             "etcd at {} (gRPC: etcd-client/tonic, one HTTP/2 connection per worker)",
-            urls.join(", ")
+            self.endpoints.describe()
         )
     }
 
     /// Opens a client on the next endpoint in turn, and its HTTP/2 connection (a first call,
     /// so the measured run does not pay for it and an unreachable member fails here).
     fn connect(&self) -> Result<Box<dyn Connection>, OpError> {
-        if self.endpoints.is_empty() {
-            return Err(OpError {
-                kind: ErrorKind::BadInput,
-                message: "no etcd endpoint given".into(),
-                cycle: Vec::new(),
-            });
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        let url = self.endpoints[turn].url();
+        let url = self.endpoints.take_turn()?.url();
         GrpcConnection::open(url.clone(), self.timeout)
             .map(|connection| Box::new(connection) as Box<dyn Connection>)
             .map_err(|e| e.into_op_error(&url))
