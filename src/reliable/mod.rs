@@ -686,11 +686,11 @@ impl Endpoint {
 
     /// [`Endpoint::request`], giving up with `Timeout` after `unacked_attempts` consecutive
     /// retransmission timeouts while the peer has acknowledged nothing of the whole request
-    /// (`None`: the configured `max_attempts`). With a peer whose round trip is known the
-    /// retransmission timeout is milliseconds, so a small budget tells a silent peer (frozen,
-    /// cut off) quickly; with an unknown one it starts at `initial_rto` and doubles, so the
-    /// same budget stays patient, and the deadline bounds it anyway. Once the peer has the
-    /// whole request (it is working on it) the usual limit applies.
+    /// (`None`: the configured `max_attempts`). The budget applies only to a peer whose round
+    /// trip is known: its retransmission timeout is milliseconds, so a small budget tells a
+    /// silent peer (frozen, cut off) quickly. With an unknown peer the usual limit applies
+    /// (and the deadline bounds it anyway), as it does once the peer has the whole request
+    /// (it is working on it).
     pub fn request_with(
         &mut self,
         now: Instant,
@@ -1760,11 +1760,21 @@ impl Endpoint {
         match &mut out.phase {
             OutPhase::Sending => {
                 let (backoff, fragments) = (out.transfer.backoff, out.transfer.count());
+                let budget = out.unacked_attempts;
                 let floor = self.request_floor(fragments);
-                let rto = self.rtt_of(peer).rto_with_floor(backoff, floor);
+                let rtt = self.rtt_of(peer);
+                let rto = rtt.rto_with_floor(backoff, floor);
+                // The budget judges a peer whose round trip is known: an unknown one (a
+                // fresh process's first contact) keeps the usual limit, since under heavy
+                // loss (20% each way) eight attempts in a row fail once in 3 600.
+                let limit = if rtt.srtt().is_some() {
+                    budget
+                } else {
+                    max_attempts
+                };
                 let out = self.outgoing.get_mut(&id).expect("checked above");
                 out.transfer.on_timeout(now, rto);
-                if out.transfer.backoff > out.unacked_attempts {
+                if out.transfer.backoff > limit {
                     self.fail(id, RequestError::Timeout { peer });
                     return;
                 }
