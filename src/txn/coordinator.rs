@@ -36,9 +36,9 @@ const ABORT_RESERVE: Duration = Duration::from_millis(500);
 /// aborted everywhere (kind `aborted`) instead of holding the caller until its deadline. The
 /// timeouts grow from the reliable layer's retransmission timeout for that peer: with a
 /// round trip already measured (a long-lived client, `client bench`) that is milliseconds,
-/// and a frozen or cut-off replica is given up on within about a quarter of a second; a
-/// fresh client (one `client` command) starts from the layer's initial 100 ms and doubles,
-/// so under loss it stays as patient as before, bounded by `--timeout-ms`. A replica that
+/// and a frozen or cut-off replica is given up on within about a quarter of a second. The
+/// layer applies the budget only to a peer whose round trip it knows: a fresh client (one
+/// `client` command) keeps the usual limit, bounded by `--timeout-ms`. A replica that
 /// acknowledged the prepare is working on it and is waited for as usual.
 pub const SILENT_PEER_ATTEMPTS: u32 = 8;
 
