@@ -507,50 +507,37 @@ fn a_silent_peer_times_out_after_bounded_attempts() {
 #[test]
 fn a_budget_of_unacknowledged_attempts_gives_up_on_a_silent_peer_sooner() {
     let mut sim = Sim::new(2, Config::default(), 12);
+    // Sends `body` from 1 to 2 with a budget of 3 and runs it to its outcome; returns the
+    // outcome and the resends it took.
+    let budgeted = |sim: &mut Sim, body: &[u8]| {
+        let before = sim.node(addr(1)).stats().retransmissions;
+        let now = sim.now;
+        let id = sim
+            .node(addr(1))
+            .request_with(now, addr(2), body.to_vec(), None, Some(3))
+            .expect("request");
+        sim.flush();
+        let outcome = sim.outcome((addr(1), id));
+        (outcome, sim.node(addr(1)).stats().retransmissions - before)
+    };
+    let timeout = Err(RequestError::Timeout { peer: addr(2) });
     sim.set_faults("loss=1,delay=1ms");
-    let now = sim.now;
-    let id = sim
-        .node(addr(1))
-        .request_with(now, addr(2), b"first contact".to_vec(), None, Some(3))
-        .expect("request");
-    sim.flush();
+    let (outcome, resends) = budgeted(&mut sim, b"first contact");
+    assert_eq!(outcome, timeout);
     assert_eq!(
-        sim.outcome((addr(1), id)),
-        Err(RequestError::Timeout { peer: addr(2) })
-    );
-    let unknown = sim.node(addr(1)).stats().retransmissions;
-    assert_eq!(
-        unknown,
+        resends,
         u64::from(Config::default().max_attempts),
         "no budget for an unknown peer"
     );
     // Once a round trip is measured, the budget applies.
     sim.set_faults("");
-    let now = sim.now;
     let id = sim.request(addr(1), addr(2), b"measure".to_vec()).1;
     assert!(sim.outcome((addr(1), id)).is_ok());
     sim.set_faults("loss=1,delay=1ms");
-    let before = sim.node(addr(1)).stats().retransmissions;
-    let now = sim.now.max(now);
-    let id = sim
-        .node(addr(1))
-        .request_with(now, addr(2), b"anyone?".to_vec(), None, Some(3))
-        .expect("request");
-    sim.flush();
-    assert_eq!(
-        sim.outcome((addr(1), id)),
-        Err(RequestError::Timeout { peer: addr(2) })
-    );
-    assert_eq!(sim.node(addr(1)).stats().retransmissions - before, 3);
+    assert_eq!(budgeted(&mut sim, b"anyone?"), (timeout, 3));
     // A live peer answers within the same budget.
     sim.set_faults("");
-    let now = sim.now;
-    let id = sim
-        .node(addr(1))
-        .request_with(now, addr(2), b"there?".to_vec(), None, Some(3))
-        .expect("request");
-    sim.flush();
-    assert!(sim.outcome((addr(1), id)).is_ok());
+    assert!(budgeted(&mut sim, b"there?").0.is_ok());
 }
 
 /// A caller's deadline ends a request with `Timeout` at that deadline, not later.
